@@ -1,0 +1,89 @@
+"""The itera command line: one module per subcommand, one place that turns errors into exit codes.
+
+Command modules import only typer and light parts of the library at module level; torch,
+onnxruntime and llama_cpp are imported inside the functions that need them, so
+``itera --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from itera import __version__
+from itera.commands import evaluate, schema
+
+app = typer.Typer(
+    name="itera",
+    help="Take a small Llama-family language model from checkpoint to a compressed, validated, "
+    "versioned edge deployment. Each command prints one JSON record on stdout; the next command "
+    "reads it from stdin.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# The one list of commands. A test checks that `itera --help` shows exactly these.
+COMMANDS = {
+    "evaluate": evaluate.evaluate,
+    "schema": schema.schema,
+}
+for _name, _fn in COMMANDS.items():
+    app.command(_name)(_fn)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"itera {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """itera: distill, quantize, export, evaluate and version small language models."""
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"itera: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app and map exceptions to one line and an exit code."""
+    from itera.errors import IteraError
+
+    debug = os.environ.get("ITERA_DEBUG", "") not in ("", "0")
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="itera", standalone_mode=False)
+    except IteraError as e:
+        if debug:
+            raise
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        # Typer's exceptions (its own or click's, depending on the version) are matched by shape.
+        kind = type(e).__name__
+        if kind == "Exit":
+            raise SystemExit(getattr(e, "exit_code", 0)) from None
+        if kind == "Abort":
+            _fail("aborted", 130)
+        if kind == "NoArgsIsHelpError":  # help was already printed
+            raise SystemExit(2) from None
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # a usage error from the parser
+            msg = " ".join(e.format_message().split())
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "itera"
+            _fail(f"{msg} (see `{where} --help`)", e.exit_code)
+        if debug:
+            raise
+        _fail(f"unexpected {kind}: {e} (run with ITERA_DEBUG=1 for the traceback)", 1)
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -1,0 +1,25 @@
+"""Option aliases shared by commands, so help texts read the same everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+MetricsOut = Annotated[Optional[Path], typer.Option(
+    "--metrics-out", help="Also write the record to this file.", dir_okay=False)]
+ModelPath = Annotated[Optional[Path], typer.Option(
+    "--model", "-m", help="Checkpoint directory. Default: the artifact of the record on stdin.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (cuda when available).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the runtime (default: its own).", min=1)]
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes cuda when torch sees a GPU, else cpu. Imports torch, so call it late."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

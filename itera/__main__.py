@@ -1,0 +1,3 @@
+from itera.commands import main
+
+main()

@@ -1,0 +1,231 @@
+"""Text data sources (DESIGN.md §4).
+
+A source spec is one of:
+
+- a local file: ``.txt`` (one text), ``.jsonl`` (one JSON object per line with a ``text``
+  field) or ``.parquet`` (a ``text`` column);
+- ``pydocs[@train|@test|@all]``: the built-in corpus, the docstrings of the running
+  Python's standard library (read with ``ast``, never imported). Python itself carries it, so
+  the demo needs no download and no third-party data. ``test`` is a fixed ~10% of modules;
+- ``wikitext-2`` (``wikitext``/``wikitext-2-raw-v1``), ``tinystories``
+  (``roneneldan/TinyStories``), or any Hugging Face ``datasets`` name as
+  ``name[:config][@split]``.
+
+Rows are joined with a blank line into one text. Without network and without a local cache a
+hub name fails within seconds with a message that says how to pass a local file instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import socket
+import sys
+import sysconfig
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from itera.errors import DataError
+from itera.paths import cache_dir
+
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+ROW_SEPARATOR = "\n\n"
+BUILTIN = "pydocs"
+# alias -> (hub path, config, split for training, split for evaluation)
+HUB_ALIASES = {
+    "wikitext-2": ("wikitext", "wikitext-2-raw-v1", "train", "test"),
+    "tinystories": ("roneneldan/TinyStories", None, "train", "validation"),
+}
+_LOCAL_HINT = ("pass a local file instead (.txt, .jsonl with a \"text\" field, or .parquet with a "
+               "\"text\" column), e.g. --dataset path/to/text.txt")
+
+
+@dataclass
+class TextSource:
+    """Rows of text from one source; ``text`` joins them with a blank line."""
+
+    spec: str
+    rows: list[str]
+    description: str
+
+    @property
+    def text(self) -> str:
+        return ROW_SEPARATOR.join(self.rows)
+
+
+def load_text(spec: str, purpose: str = "eval") -> TextSource:
+    """Read the source named by ``spec``. ``purpose`` ("train" or "eval") picks the default split."""
+    spec = str(spec).strip()
+    if not spec:
+        raise DataError("empty data source; pass a file path or a dataset name")
+    path = Path(spec)
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or os.sep in spec:
+        return _load_local(path)
+    name, _, split = spec.partition("@")
+    if name == BUILTIN:
+        return _load_pydocs(split or ("test" if purpose == "eval" else "train"), spec)
+    return _load_hub(spec, name, split or None, purpose)
+
+
+def _nonempty(source: TextSource) -> TextSource:
+    if not any(r.strip() for r in source.rows):
+        raise DataError(f"data source {source.spec} holds no text; pass a file or dataset with text in it")
+    return source
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def _load_local(path: Path) -> TextSource:
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist; pass an existing .txt, .jsonl or .parquet file")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; pass a .txt, .jsonl or .parquet file")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        try:
+            rows = [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    elif suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif suffix == ".parquet":
+        rows = _read_parquet(path)
+    else:
+        raise DataError(f"{path} has an unsupported extension {suffix or '(none)'}; use .txt, .jsonl or .parquet")
+    return _nonempty(TextSource(str(path), rows, f"local {suffix[1:]} file"))
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise DataError(f"{path} line {lineno} is not a JSON object; each line needs {{\"text\": ...}}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise DataError(f"{path} line {lineno} has no string \"text\" field; each line needs {{\"text\": ...}}")
+            rows.append(obj["text"])
+    return rows
+
+
+def _read_parquet(path: Path) -> list[str]:
+    import pyarrow.parquet as pq  # installed with `datasets`
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise DataError(f"{path} is not a readable parquet file ({e})") from None
+    if "text" not in table.column_names:
+        raise DataError(f"{path} has no \"text\" column (columns: {', '.join(table.column_names)})")
+    return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
+
+
+# --------------------------------------------------------------------------- built-in corpus
+
+
+def _load_pydocs(split: str, spec: str) -> TextSource:
+    if split not in ("train", "test", "all"):
+        raise DataError(f"unknown split {split!r} for {BUILTIN}; use {BUILTIN}@train, {BUILTIN}@test or {BUILTIN}@all")
+    docs = pydocs_corpus()
+    rows = [d for module, d in docs if split == "all" or (split == "test") == _is_test_module(module)]
+    desc = f"docstrings of the Python {sys.version_info.major}.{sys.version_info.minor} standard library ({split})"
+    return _nonempty(TextSource(spec, rows, desc))
+
+
+def _is_test_module(module: str) -> bool:
+    return zlib.crc32(module.encode()) % 10 == 0
+
+
+def pydocs_corpus() -> list[tuple[str, str]]:
+    """(module path, docstring) pairs from the standard library, cached under ``$ITERA_HOME/cache``."""
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    cache = cache_dir() / f"pydocs-{ver}.json"
+    if cache.is_file():
+        try:
+            return [tuple(x) for x in json.loads(cache.read_text("utf-8"))]
+        except (ValueError, UnicodeDecodeError):
+            pass  # a damaged cache is rebuilt below
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root).as_posix()
+        if rel.startswith(("site-packages/", "test/", "idlelib/")) or "/test" in rel or "/tests/" in rel:
+            continue
+        try:
+            tree = ast.parse(p.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 40:
+                    docs.append((rel, doc))
+    from itera.record import write_text_atomic
+
+    write_text_atomic(cache, json.dumps(docs))
+    return docs
+
+
+# --------------------------------------------------------------------------- Hugging Face hub
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection within ``timeout`` seconds (DNS included)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    result = [False]
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result[0] = True
+        except OSError:
+            pass
+
+    # getaddrinfo ignores socket timeouts, so the whole probe runs in a thread we stop waiting for.
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0]
+
+
+def _load_hub(spec: str, name: str, split: str | None, purpose: str) -> TextSource:
+    config = None
+    if name in HUB_ALIASES:
+        hub, config, train_split, eval_split = HUB_ALIASES[name]
+    else:
+        hub, _, config = name.partition(":")
+        config = config or None
+        train_split, eval_split = "train", "test"
+        if not hub or any(c in hub for c in " \t\n"):
+            raise DataError(f"invalid dataset name {spec!r}; use name[:config][@split] or a local file")
+    split = split or (train_split if purpose == "train" else eval_split)
+    online = _hub_reachable()
+    if not online:
+        # Let `datasets` look in its local cache only; it reads these at import time.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(hub, config, split=split)
+    except Exception as e:
+        if not online:
+            raise DataError(
+                f"dataset {spec!r} is not in the local cache and the Hugging Face Hub is unreachable; {_LOCAL_HINT}"
+            ) from None
+        raise DataError(f"dataset {spec!r} could not be loaded ({type(e).__name__}: {e}); {_LOCAL_HINT}") from None
+    if "text" not in ds.column_names:
+        raise DataError(f"dataset {spec!r} has no \"text\" column (columns: {', '.join(ds.column_names)})")
+    rows = [t for t in ds["text"] if isinstance(t, str)]
+    return _nonempty(TextSource(spec, rows, f"hub dataset {hub}" + (f":{config}" if config else "") + f"@{split}"))

@@ -1,0 +1,312 @@
+"""Hugging Face-layout checkpoint directories: read, check and write.
+
+A checkpoint is a directory with ``config.json``, ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``) using Hugging Face tensor names, and ``tokenizer.json``
+(+ ``tokenizer_config.json``). Weights are only ever read from safetensors: pickled
+``.bin``/``.pt`` files are refused, never unpickled.
+
+Every safetensors header is checked by hand before the library maps the file, so a truncated
+file, overlapping offsets or a shape that disagrees with config.json is a one-line
+:class:`CheckpointError` naming the file and tensor, not a crash inside a C extension.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from itera.errors import CheckpointError
+from itera.model.config import ModelConfig
+from itera.record import atomic_dir
+
+if TYPE_CHECKING:
+    import torch
+
+    from itera.model.llama import LlamaForCausalLM
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# Buffers that some older checkpoints saved and that are recomputed from the config.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise CheckpointError(
+        f"{path} is a pickled PyTorch checkpoint; itera never unpickles weights — convert it to "
+        "safetensors (e.g. save_pretrained(..., safe_serialization=True)) and pass the directory"
+    )
+
+
+def safetensors_header(path: Path) -> dict:
+    """Read and check a safetensors header: size, JSON, dtypes, offsets in bounds, no overlap."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path} is truncated ({size} bytes); re-copy or re-save the checkpoint")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CheckpointError(
+                f"{path} is truncated or corrupt: header claims {n} bytes but the file has {size}; "
+                "re-copy or re-save the checkpoint"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not JSON); re-save the checkpoint") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not an object)")
+    data_size = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name} has a malformed header entry") from None
+        if dtype not in DTYPE_BYTES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise CheckpointError(f"{path}: tensor {name} has invalid data offsets {[begin, end]}")
+        if end > data_size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name} ends at byte {end} of a {data_size}-byte data section; "
+                "re-copy or re-save the checkpoint"
+            )
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes but shape {shape} needs "
+                                  f"{math.prod(shape) * DTYPE_BYTES[dtype]}")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path} is corrupt: tensors {n0} and {n1} overlap in the file; re-save the checkpoint")
+    return header
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, validated to exist."""
+    index = ckpt / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs a weight_map)") from None
+        for name in files:
+            if "/" in name or name.startswith("."):
+                raise CheckpointError(f"{index} names an invalid shard {name!r}")
+            if not (ckpt / name).is_file():
+                raise CheckpointError(f"{ckpt} is missing shard {name} listed in {INDEX_NAME}")
+        return [ckpt / f for f in files]
+    if (ckpt / WEIGHTS_NAME).is_file():
+        return [ckpt / WEIGHTS_NAME]
+    pickles = [p for p in sorted(ckpt.iterdir()) if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        _refuse_pickle(pickles[0])
+    raise CheckpointError(f"{ckpt} has no {WEIGHTS_NAME}; pass a checkpoint directory with safetensors weights")
+
+
+def check_checkpoint_dir(path: Path) -> Path:
+    """Cheap checks that ``path`` is a loadable checkpoint directory; returns it."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass a checkpoint directory")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            _refuse_pickle(path)
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+    if not (path / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{path} has no config.json; pass a Hugging Face-style checkpoint directory")
+    return path
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that config.json implies (Hugging Face names)."""
+    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })
+        if cfg.attention_bias or cfg.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if cfg.attention_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if cfg.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (f,), p + "mlp.up_proj.bias": (f,), p + "mlp.down_proj.bias": (h,)})
+    return shapes
+
+
+def read_headers(ckpt: Path) -> dict[str, tuple[Path, dict]]:
+    """Tensor name -> (file, header entry) over all weight files, each header validated."""
+    out: dict[str, tuple[Path, dict]] = {}
+    for f in weight_files(ckpt):
+        for name, info in safetensors_header(f).items():
+            if name == "__metadata__":
+                continue
+            if name in out:
+                raise CheckpointError(f"{ckpt}: tensor {name} appears in both {out[name][0].name} and {f.name}")
+            out[name] = (f, info)
+    return out
+
+
+def check_against_config(cfg: ModelConfig, headers: dict[str, tuple[Path, dict]], ckpt: Path) -> None:
+    """Every tensor config.json implies is present with the implied shape; nothing unexplained."""
+    want = expected_shapes(cfg)
+    have = {n: tuple(info["shape"]) for n, (_, info) in headers.items() if not n.endswith(_IGNORED_SUFFIXES)}
+    if cfg.tie_word_embeddings:
+        have.pop("lm_head.weight", None)  # some writers store the tied head anyway
+    for name, shape in want.items():
+        if name not in have:
+            raise CheckpointError(f"{ckpt} is missing tensor {name} that config.json implies; "
+                                  "the config does not match the weights")
+        if have[name] != shape:
+            raise CheckpointError(
+                f"{ckpt}: tensor {name} has shape {list(have[name])} but config.json implies {list(shape)}; "
+                "the config does not match the weights"
+            )
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise CheckpointError(f"{ckpt} has tensor {extra[0]} that config.json does not explain "
+                              f"({len(extra)} unexpected in all); the config does not match the weights")
+
+
+def load_config(path: Path) -> ModelConfig:
+    return ModelConfig.from_file(check_checkpoint_dir(path) / CONFIG_NAME)
+
+
+def load_state_dict(ckpt: Path, headers: dict[str, tuple[Path, dict]] | None = None) -> dict[str, "torch.Tensor"]:
+    from safetensors import safe_open
+
+    headers = headers if headers is not None else read_headers(ckpt)
+    by_file: dict[Path, list[str]] = {}
+    for name, (f, _) in headers.items():
+        by_file.setdefault(f, []).append(name)
+    tensors = {}
+    for f, names in by_file.items():
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in names:
+                    tensors[name] = st.get_tensor(name)
+        except Exception as e:  # the header passed our checks, so this is corruption we did not foresee
+            raise CheckpointError(f"{f} could not be read ({e}); re-save the checkpoint") from None
+    return tensors
+
+
+def load_model(path: Path, dtype: "torch.dtype | str | None" = None, device: str = "cpu"
+               ) -> tuple["LlamaForCausalLM", ModelConfig]:
+    """Load a checkpoint directory into an itera model on ``device`` in ``dtype`` (default fp32)."""
+    import torch
+
+    from itera.model.llama import LlamaForCausalLM, rope_inv_freq
+
+    path = check_checkpoint_dir(path)
+    cfg = load_config(path)
+    headers = read_headers(path)
+    check_against_config(cfg, headers, path)
+    state = load_state_dict(path, headers)
+    dtype = resolve_dtype(dtype)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model.to_empty(device=device)
+    for name, tensor in state.items():
+        if name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        param = model.get_parameter(name)
+        with torch.no_grad():
+            param.copy_(tensor.to(device=device, dtype=param.dtype))
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # to_empty left the buffer uninitialised
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.to(dtype=dtype)
+    model.eval()
+    return model, cfg
+
+
+def resolve_dtype(dtype: "torch.dtype | str | None") -> "torch.dtype":
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def save_model(model: "LlamaForCausalLM", out: Path, tokenizer_from: Path | None = None,
+               dtype: "torch.dtype | str | None" = None, max_shard_bytes: int | None = None,
+               extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``model`` as a Hugging Face-layout directory at ``out``, atomically.
+
+    ``tokenizer_from`` copies tokenizer files from another checkpoint or directory;
+    ``max_shard_bytes`` splits weights into ``model-0000i-of-0000n.safetensors`` shards with an
+    index; ``extra_files`` are written as text next to the weights (e.g. resolved options).
+    """
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    dtype = resolve_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
+    state = {}
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        state[name] = t.detach().to("cpu", dtype).contiguous()
+    config = cfg.to_dict()
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with atomic_dir(Path(out)) as tmp:
+        if max_shard_bytes is None:
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            shards: list[dict] = [{}]
+            size = 0
+            for name, t in state.items():
+                nbytes = t.numel() * t.element_size()
+                if shards[-1] and size + nbytes > max_shard_bytes:
+                    shards.append({})
+                    size = 0
+                shards[-1][name] = t
+                size += nbytes
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({name: fname for name in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_from is not None:
+            for fname in TOKENIZER_FILES:
+                src = Path(tokenizer_from) / fname
+                if src.is_file():
+                    shutil.copyfile(src, tmp / fname)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+    return Path(out)

@@ -1,0 +1,34 @@
+"""The torch backend: itera's own Llama implementation on CPU or CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from itera.model.checkpoint import load_model
+from itera.tokenizer import Tokenizer
+
+
+class TorchRuntime:
+    name = "torch"
+
+    def __init__(self, model, tokenizer: Tokenizer, device: str):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.max_context = model.config.max_position_embeddings
+
+    @classmethod
+    def load(cls, path: Path, dtype: str = "float32", device: str = "cpu", threads: int | None = None) -> "TorchRuntime":
+        if threads:
+            torch.set_num_threads(threads)
+        tokenizer = Tokenizer.from_dir(path)
+        model, _ = load_model(path, dtype=dtype, device=device)
+        return cls(model, tokenizer, device)
+
+    @torch.inference_mode()
+    def nll(self, ids: Sequence[int], n_score: int) -> list[float]:
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
+        logits = self.model(x[:, :-1])[0, -n_score:].float()  # (n_score, V): predictions for the last n_score tokens
+        targets = x[0, -n_score:]
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none").tolist()

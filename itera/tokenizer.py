@@ -1,0 +1,120 @@
+"""Tokenizers through the `tokenizers` library (``tokenizer.json``).
+
+BOS/EOS come from ``tokenizer_config.json`` (``bos_token``, ``eos_token``, ``add_bos_token``),
+falling back to ``config.json``'s ``bos_token_id``/``eos_token_id``. :func:`train_bpe` trains
+the byte-level BPE (GPT-2 pre-tokenizer) used by the demo and the tests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from itera.errors import CheckpointError
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+
+def _token_content(tok) -> str | None:
+    if isinstance(tok, dict):  # {"content": "<s>", ...} in older tokenizer_config files
+        return tok.get("content")
+    return tok
+
+
+@dataclass
+class Tokenizer:
+    backend: object  # tokenizers.Tokenizer
+    bos_id: int | None = None
+    eos_id: int | None = None
+    add_bos: bool = False
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text`` without the tokenizer's own special-token template;
+        BOS is put in front when ``add_bos`` (default: the tokenizer's setting)."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos):
+            if self.bos_id is None:
+                raise CheckpointError("the tokenizer has no BOS token; pass --no-bos")
+            ids = [self.bos_id] + ids
+        return ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise CheckpointError(f"{path} has no tokenizer.json; copy the model's tokenizer.json into the directory")
+        try:
+            backend = HFTokenizer.from_file(str(tj))
+        except Exception as e:
+            raise CheckpointError(f"{tj} could not be loaded by the tokenizers library: {e}") from None
+        tcfg, mcfg = _read_json(path / "tokenizer_config.json"), _read_json(path / "config.json")
+
+        def token_id(key: str) -> int | None:
+            content = _token_content(tcfg.get(key))
+            if content is not None and backend.token_to_id(content) is not None:
+                return backend.token_to_id(content)
+            v = mcfg.get(f"{key}_id")
+            return v[0] if isinstance(v, list) and v else v
+
+        bos, eos = token_id("bos_token"), token_id("eos_token")
+        return cls(backend, bos_id=bos, eos_id=eos, add_bos=bool(tcfg.get("add_bos_token", False)) and bos is not None)
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path / "tokenizer.json"))
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.backend.id_to_token(self.bos_id) if self.bos_id is not None else None,
+            "eos_token": self.backend.id_to_token(self.eos_id) if self.eos_id is not None else None,
+            "add_bos_token": self.add_bos,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+        }
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    return d if isinstance(d, dict) else {}
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, add_bos: bool = True, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 style pre-tokenization) with ``<s>``, ``</s>``, ``<pad>``."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tok, bos_id=tok.token_to_id(BOS), eos_id=tok.token_to_id(EOS), add_bos=add_bos)
