@@ -36,7 +36,7 @@ lint: install
 	$(PYTHON) -m compileall -q itera commands scripts tests
 
 bench: install
-	$(PYTHON) scripts/bench_startup.py
+	@for b in scripts/bench_*.py; do $(PYTHON) $$b; done
 
 clean:
 	rm -rf runs .pytest_cache

@@ -6,7 +6,7 @@ A source spec is one of:
   field) or ``.parquet`` (a ``text`` column);
 - ``pydocs[@train|@test|@all]``: the built-in corpus, the docstrings of the running
   Python's standard library (read with ``ast``, never imported). Python itself carries it, so
-  the demo needs no download and no third-party data. ``test`` is a fixed ~10% of modules;
+  the demo needs no download and no third-party data. ``test`` is a fixed ~10% of docstrings;
 - ``wikitext-2`` (``wikitext``/``wikitext-2-raw-v1``), ``tinystories``
   (``roneneldan/TinyStories``), or any Hugging Face ``datasets`` name as
   ``name[:config][@split]``.
@@ -63,8 +63,9 @@ def load_text(spec: str, purpose: str = "eval") -> TextSource:
     if not spec:
         raise DataError("empty data source; pass a file path or a dataset name")
     path = Path(spec)
-    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or os.sep in spec:
-        return _load_local(path)
+    # A hub name can hold a slash (org/name), so only these count as paths when nothing exists there.
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or spec.startswith(("/", "./", "../", "~")):
+        return _load_local(path.expanduser())
     name, _, split = spec.partition("@")
     if name == BUILTIN:
         return _load_pydocs(split or ("test" if purpose == "eval" else "train"), spec)
@@ -134,14 +135,15 @@ def _read_parquet(path: Path) -> list[str]:
 def _load_pydocs(split: str, spec: str) -> TextSource:
     if split not in ("train", "test", "all"):
         raise DataError(f"unknown split {split!r} for {BUILTIN}; use {BUILTIN}@train, {BUILTIN}@test or {BUILTIN}@all")
-    docs = pydocs_corpus()
-    rows = [d for module, d in docs if split == "all" or (split == "test") == _is_test_module(module)]
+    docs = dict.fromkeys(d for _, d in pydocs_corpus())  # de-duplicated: some modules share docstrings
+    rows = [d for d in docs if split == "all" or (split == "test") == _is_test_row(d)]
     desc = f"docstrings of the Python {sys.version_info.major}.{sys.version_info.minor} standard library ({split})"
     return _nonempty(TextSource(spec, rows, desc))
 
 
-def _is_test_module(module: str) -> bool:
-    return zlib.crc32(module.encode()) % 10 == 0
+def _is_test_row(doc: str) -> bool:
+    """A fixed ~10% of docstrings, chosen by a hash of their text, are held out."""
+    return zlib.crc32(doc.encode()) % 10 == 0
 
 
 def pydocs_corpus() -> list[tuple[str, str]]:

@@ -1,0 +1,62 @@
+"""The CLI root: the command list, start-up imports, version."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from conftest import REPO, run_itera
+from itera.commands import COMMANDS
+
+HEAVY = ("torch", "onnxruntime", "llama_cpp", "transformers")
+
+
+def _listed_commands(help_text: str) -> set[str]:
+    # Rows of the "Commands" panel look like "│ evaluate  Perplexity and ..."
+    section = help_text.split("Commands", 1)[1]
+    return set(re.findall(r"^[│|]\s+([a-z][a-z-]+)\s{2,}", section, flags=re.M))
+
+
+def test_help_lists_exactly_the_registered_commands():
+    res = run_itera("--help", env={"COLUMNS": "100"})
+    assert res.returncode == 0
+    assert _listed_commands(res.stdout) == set(COMMANDS)
+
+
+def _modules_after(argv: list[str]) -> set[str]:
+    code = (
+        "import sys\n"
+        f"sys.argv = ['itera'] + {argv!r}\n"
+        "from itera.commands import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    return set(filter(None, p.stderr.strip().splitlines()[-1].split(","))) if p.stderr.strip() else set()
+
+
+def test_help_and_version_import_no_heavy_packages():
+    for argv in (["--help"], ["--version"], ["evaluate", "--help"], ["schema"]):
+        assert _modules_after(argv) == set(), argv
+
+
+def test_version():
+    res = run_itera("--version")
+    assert res.returncode == 0 and re.fullmatch(r"itera \d+\.\d+\.\d+\n", res.stdout)
+
+
+def test_schema_command_prints_the_published_schema():
+    from itera.record import schema
+
+    res = run_itera("schema")
+    assert res.returncode == 0 and json.loads(res.stdout) == schema()
+
+
+def test_python_dash_m_and_console_script_agree():
+    exe = REPO / ".venv" / "bin" / "itera"
+    if not exe.exists():
+        return
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
+    assert out.stdout == run_itera("--version").stdout
