@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from itera import __version__
-from itera.commands import evaluate, schema
+from itera.commands import evaluate, registry, schema
 
 app = typer.Typer(
     name="itera",
@@ -26,13 +26,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# The one list of commands. A test checks that `itera --help` shows exactly these.
+# The one list of commands (and command groups). A test checks that `itera --help` shows exactly these.
 COMMANDS = {
     "evaluate": evaluate.evaluate,
     "schema": schema.schema,
 }
+GROUPS = {
+    "registry": registry.app,
+}
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)
+for _name, _group in GROUPS.items():
+    app.add_typer(_group, name=_name)
 
 
 def _version(value: bool) -> None:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from conftest import REPO, run_itera
-from itera.commands import COMMANDS
+from itera.commands import COMMANDS, GROUPS
 
 HEAVY = ("torch", "onnxruntime", "llama_cpp", "transformers")
 
@@ -22,7 +22,7 @@ def _listed_commands(help_text: str) -> set[str]:
 def test_help_lists_exactly_the_registered_commands():
     res = run_itera("--help", env={"COLUMNS": "100"})
     assert res.returncode == 0
-    assert _listed_commands(res.stdout) == set(COMMANDS)
+    assert _listed_commands(res.stdout) == set(COMMANDS) | set(GROUPS)
 
 
 def _modules_after(argv: list[str]) -> set[str]:

@@ -1,0 +1,257 @@
+"""`itera registry ...`: versions, aliases, promotion gates and rollback on SQLite.
+
+Changing subcommands (register, activate, mark-good, rollback, promote) print an itera record;
+reading subcommands (list, show, compare, history) print one JSON object and a table on
+stderr; resolve prints a bare path for shell use. None of them imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from itera.commands._options import MetricsOut
+
+app = typer.Typer(help="Versioned models with lineage, aliases (active, last-good), promotion gates and rollback.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+RegistryPath = Annotated[Optional[Path], typer.Option(
+    "--registry", envvar="ITERA_REGISTRY", help="SQLite file. Default: $ITERA_HOME/registry.db (~/.itera).",
+    dir_okay=False)]
+RefArg = Annotated[str, typer.Argument(help="NAME, NAME@N, NAME@active, NAME@last-good or NAME@latest.")]
+Tags = Annotated[Optional[list[str]], typer.Option("--tag", help="key=value; repeat for several.")]
+
+
+def _open(path: Path | None):
+    from itera.registry import Registry
+
+    return Registry(path)
+
+
+def _print_json(obj) -> None:
+    indent = 2 if sys.stdout.isatty() else None
+    sys.stdout.write(json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*("" if x is None else str(x) for x in r))
+    Console(stderr=True).print(t)
+
+
+def _summary(v: dict) -> dict:
+    """A version without its bulky stored record."""
+    return {k: v[k] for k in v if k != "record"}
+
+
+def _emit_version(sub: str, v: dict, reg, extra_params: dict | None = None, metrics_out: Path | None = None,
+                  parent: dict | None = None) -> None:
+    from itera import record
+
+    run = record.Run(f"registry {sub}", parent=parent)
+    artifact = {k: v[k] for k in ("path", "kind", "format", "bytes", "sha256")}
+    params = {"name": v["name"], "version": v["version"], "registry": str(reg.path),
+              "aliases": v["aliases"], **(extra_params or {})}
+    record.emit(run.record(artifact, {}, params), metrics_out=metrics_out)
+
+
+@app.command()
+def register(
+    name: Annotated[str, typer.Option("--name", "-n", help="Model name: letters, digits, '.', '_', '-'.")],
+    record_file: Annotated[Optional[Path], typer.Option("--record", help="Read the record from this file "
+                                                        "instead of stdin.")] = None,
+    path: Annotated[Optional[Path], typer.Option("--path", help="Register a bare artifact (file or "
+                                                 "directory) without a record.")] = None,
+    tag: Tags = None,
+    registry: RegistryPath = None,
+    metrics_out: MetricsOut = None,
+) -> None:
+    """Add the next version of NAME from the record on stdin, --record FILE or --path ARTIFACT.
+
+    Stores the artifact's path, kind, format, size and sha256 (verified against the record), the
+    record's params, the metrics measured on this artifact along the lineage, the lineage itself,
+    tags, the git commit of the working directory and the time.
+    """
+    from itera import record as rec
+    from itera.errors import InputError, UsageError
+    from itera.registry import git_commit, parse_tags, validate_name
+
+    validate_name(name)
+    tags = parse_tags(tag or [])
+    if record_file is not None and path is not None:
+        raise UsageError("pass either --record FILE or --path ARTIFACT, not both")
+    if path is not None:
+        parent = None
+        if not path.exists():
+            raise InputError(f"{path} does not exist; pass an existing file or directory with --path")
+        kind = "checkpoint" if path.is_dir() else "file"
+        fmt = "safetensors" if (path / "config.json").is_file() else (path.suffix[1:] or "directory")
+        artifact = rec.describe_artifact(path, kind, fmt)
+    else:
+        parent = rec.read_record_file(record_file) if record_file is not None else rec.read_parent()
+        if parent is None:
+            raise InputError("no input: pipe an itera record on stdin, or pass --record FILE or --path ARTIFACT")
+        artifact = parent.get("artifact")
+        if not artifact:
+            raise InputError(f"the record from `itera {parent.get('command')}` names no artifact to register")
+        p = Path(artifact["path"])
+        if not p.exists():
+            raise InputError(f"the record's artifact {p} does not exist; register from the directory the pipeline ran in")
+        size, digest = rec.artifact_digest(p)
+        if artifact.get("sha256") and artifact["sha256"] != digest:
+            raise InputError(f"{p} changed since the record was written (sha256 differs); re-run the command that made it")
+        artifact = {**artifact, "bytes": size, "sha256": digest}
+    with _open(registry) as reg:
+        v = reg.register(name, artifact, parent, tags=tags, commit=git_commit())
+        print(f"registered {name}@{v['version']} ({artifact['path']})", file=sys.stderr)
+        _emit_version("register", v, reg, {"tags": tags, "git_commit": v["git_commit"]}, metrics_out, parent)
+
+
+@app.command("list")
+def list_(
+    name: Annotated[Optional[str], typer.Option("--name", "-n")] = None,
+    tag: Tags = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="Artifact format, e.g. safetensors, gguf.")] = None,
+    quantization: Annotated[Optional[str], typer.Option(help="e.g. gptq-4bit, Q4_0.")] = None,
+    registry: RegistryPath = None,
+) -> None:
+    """List registered versions, optionally filtered by name, tag, format or quantization."""
+    from itera.registry import parse_tags
+
+    with _open(registry) as reg:
+        versions = reg.list(name, parse_tags(tag or []), fmt, quantization)
+        _table("itera registry", ["name", "version", "aliases", "format", "quantization", "bytes", "created", "path"],
+               [[v["name"], v["version"], ",".join(v["aliases"]), v["format"], v["quantization"], v["bytes"],
+                 v["created_at"][:19], v["path"]] for v in versions])
+        _print_json({"registry": str(reg.path), "versions": [_summary(v) for v in versions]})
+
+
+@app.command()
+def show(ref: RefArg, registry: RegistryPath = None) -> None:
+    """Everything stored about one version, including its lineage and the full record."""
+    from itera.registry import Ref
+
+    with _open(registry) as reg:
+        _print_json(reg.get(Ref.parse(ref)))
+
+
+@app.command()
+def compare(refs: Annotated[list[str], typer.Argument(help="Two or more versions, e.g. demo@1 demo@2.")],
+            registry: RegistryPath = None) -> None:
+    """Metrics of several versions side by side, with deltas against the first."""
+    from itera.errors import UsageError
+    from itera.registry import Ref
+
+    if len(refs) < 2:
+        raise UsageError("compare needs at least two versions, e.g. demo@1 demo@2")
+    with _open(registry) as reg:
+        result = reg.compare([Ref.parse(r) for r in refs])
+        cols = result["versions"]
+        rows = []
+        for key, row in result["metrics"].items():
+            cells = []
+            for c in cols:
+                e = row[c]
+                cell = "" if e["value"] is None else f"{e['value']:.6g}"
+                if e.get("relative") is not None:
+                    cell += f" ({e['relative']:+.2%})"
+                cells.append(cell)
+            rows.append([key, *cells])
+        _table("compare", ["metric", *cols], rows)
+        _print_json(result)
+
+
+@app.command()
+def history(name: Annotated[str, typer.Argument()], registry: RegistryPath = None) -> None:
+    """The audit log of NAME: registrations, alias changes, refused promotions and rollbacks."""
+    with _open(registry) as reg:
+        events = reg.history(name)
+        _table(f"history of {name}", ["at", "event", "version", "ok", "detail"],
+               [[e["at"][:19], e["event"], e["version"], e["ok"], json.dumps(e["detail"])] for e in events])
+        _print_json({"name": name, "events": events})
+
+
+@app.command()
+def activate(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOut = None) -> None:
+    """Point NAME@active at a version."""
+    from itera.registry import Ref
+
+    with _open(registry) as reg:
+        _emit_version("activate", reg.activate(Ref.parse(ref)), reg, metrics_out=metrics_out)
+
+
+@app.command("mark-good")
+def mark_good(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOut = None) -> None:
+    """Point NAME@last-good at a version: the one rollback returns to."""
+    from itera.registry import Ref
+
+    with _open(registry) as reg:
+        _emit_version("mark-good", reg.mark_good(Ref.parse(ref)), reg, metrics_out=metrics_out)
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument()],
+    to: Annotated[Optional[int], typer.Option("--to", help="Version to roll back to. Default: last-good.")] = None,
+    registry: RegistryPath = None,
+    metrics_out: MetricsOut = None,
+) -> None:
+    """Point NAME@active back at last-good (or --to V) after checking its artifact's sha256.
+
+    Refused (exit 3, aliases unchanged, an event logged) when the version does not exist, there
+    is no last-good, or the artifact's bytes changed or are gone.
+    """
+    from itera.registry import validate_name
+
+    with _open(registry) as reg:
+        v = reg.rollback(validate_name(name), to)
+        print(f"{name}@active -> version {v['version']}", file=sys.stderr)
+        _emit_version("rollback", v, reg, metrics_out=metrics_out)
+
+
+@app.command()
+def promote(
+    ref: RefArg,
+    metric: Annotated[str, typer.Option(help="Metric to gate on, e.g. perplexity or datasets.x.perplexity.")],
+    max_regression: Annotated[str, typer.Option(help="Allowed worsening against active: 2% or 0.02.")] = "0%",
+    higher_is_better: Annotated[Optional[bool], typer.Option(
+        "--higher-is-better/--lower-is-better", help="Direction, for metrics itera does not know.")] = None,
+    registry: RegistryPath = None,
+    metrics_out: MetricsOut = None,
+) -> None:
+    """Activate a version only if METRIC is no worse than the active version's by more than the margin.
+
+    Exit 3 with the reason when the gate fails: the CI step that keeps a worse model from going live.
+    """
+    from itera.registry import Ref, parse_margin
+
+    margin = parse_margin(max_regression)
+    direction = None if higher_is_better is None else ("higher" if higher_is_better else "lower")
+    with _open(registry) as reg:
+        v = reg.promote(Ref.parse(ref), metric, margin, direction)
+        gate = v.pop("gate")
+        print(f"promoted {v['name']}@{v['version']}: {gate['metric']} {gate['candidate']:.6g}"
+              + (f" vs {gate['active']:.6g}" if "active" in gate else f" ({gate['reason']})"), file=sys.stderr)
+        _emit_version("promote", v, reg, {"gate": gate}, metrics_out)
+
+
+@app.command()
+def resolve(ref: RefArg, registry: RegistryPath = None) -> None:
+    """Print the artifact path of a version, for shell use:
+
+    itera evaluate --model "$(itera registry resolve stories@active)" -d notes.txt
+    """
+    from itera.registry import Ref
+
+    with _open(registry) as reg:
+        print(reg.get(Ref.parse(ref))["path"])

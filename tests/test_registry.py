@@ -1,0 +1,250 @@
+"""The registry on real SQLite: concurrency, crash safety, aliases, gates, rollback, lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import REPO, assert_usage_error, run_itera
+from itera.registry import MIGRATIONS, Ref, RefusedError, Registry, metric_direction, parse_margin
+from itera.errors import UsageError
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"weights v1")
+    return f
+
+
+def reg_cli(db, *args, stdin=None):
+    return run_itera("registry", *args, "--registry", db, stdin=stdin)
+
+
+def test_sixteen_concurrent_writers_get_versions_1_to_16(tmp_path, artifact):
+    db = tmp_path / "r.db"
+    env = {**os.environ, "ITERA_REGISTRY": str(db)}
+    procs = [subprocess.Popen([sys.executable, "-m", "itera", "registry", "register", "--name", "same",
+                               "--path", str(artifact), "--tag", f"writer={i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+             for i in range(16)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1].decode() for o in outs]
+    versions = sorted(json.loads(o[0])["params"]["version"] for o in outs)
+    assert versions == list(range(1, 17))
+    with Registry(db) as reg:
+        rows = reg.list("same")
+        assert [v["version"] for v in rows] == list(range(1, 17))
+        assert sorted(v["tags"]["writer"] for v in rows) == sorted(str(i) for i in range(16))
+        assert reg.integrity_ok()
+
+
+def test_sigkill_mid_write_leaves_a_consistent_database(tmp_path, artifact):
+    db = tmp_path / "r.db"
+    Registry(db).close()
+    # A writer that registers as fast as it can, with a big record so each write takes a while.
+    script = textwrap.dedent(f"""
+        from itera.registry import Registry
+        from itera.record import describe_artifact
+        reg = Registry({str(db)!r})
+        art = describe_artifact({str(artifact)!r}, "file", "gguf")
+        big = {{"itera": 1, "command": "x", "params": {{"blob": "x" * 2_000_000}}, "metrics": {{}}}}
+        print("ready", flush=True)
+        while True:
+            reg.register("crash", art, big, tags={{"a": "1", "b": "2"}})
+    """)
+    for delay in (0.3, 0.7, 1.1):
+        p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=REPO)
+        assert p.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        con = sqlite3.connect(db)
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        versions = [r[0] for r in con.execute("SELECT version FROM versions WHERE name='crash' ORDER BY version")]
+        assert versions == list(range(1, len(versions) + 1))  # no gaps, no half-written version
+        for v in versions:  # each version is complete: its tags and its event landed with it
+            assert con.execute("SELECT COUNT(*) FROM tags WHERE name='crash' AND version=?", (v,)).fetchone()[0] == 2
+            assert con.execute("SELECT COUNT(*) FROM events WHERE name='crash' AND version=? AND event='register'",
+                               (v,)).fetchone()[0] == 1
+        con.close()
+    assert versions, "the writer never committed a version; the test proved nothing"
+
+
+def test_activate_mark_good_rollback_and_audit_log(tmp_path, artifact):
+    db = tmp_path / "r.db"
+    assert reg_cli(db, "register", "--name", "m", "--path", artifact).returncode == 0
+    other = tmp_path / "v2.gguf"
+    other.write_bytes(b"weights v2")
+    assert reg_cli(db, "register", "--name", "m", "--path", other).returncode == 0
+    assert reg_cli(db, "activate", "m@1").returncode == 0
+    assert reg_cli(db, "mark-good", "m@1").returncode == 0
+    assert reg_cli(db, "activate", "m@2").returncode == 0
+    assert reg_cli(db, "resolve", "m@active").stdout.strip() == str(other.resolve())
+    res = reg_cli(db, "rollback", "m")
+    assert res.record["params"]["version"] == 1 and "active" in res.record["params"]["aliases"]
+    assert reg_cli(db, "resolve", "m@active").stdout.strip() == str(artifact.resolve())
+    events = json.loads(reg_cli(db, "history", "m").stdout)["events"]
+    assert [e["event"] for e in events] == ["register", "register", "activate", "mark-good", "activate", "rollback"]
+    assert events[-1]["detail"] == {"alias": "active", "previous": 2}
+
+
+def _aliases(db, name="m"):
+    with Registry(db) as reg:
+        return {a: reg.alias(name, a) for a in ("active", "last-good")}
+
+
+def test_rollback_refusals_leave_aliases_and_log_an_event(tmp_path, artifact):
+    db = tmp_path / "r.db"
+    with Registry(db) as reg:
+        from itera.record import describe_artifact
+
+        reg.register("m", describe_artifact(artifact, "file", "gguf"), None)
+        reg.activate(Ref.parse("m@1"))
+    # No last-good yet.
+    before = _aliases(db)
+    res = reg_cli(db, "rollback", "m")
+    assert res.returncode == 3 and "no last-good version" in res.stderr and res.stdout == ""
+    # A version that does not exist.
+    res = reg_cli(db, "rollback", "m", "--to", "9")
+    assert res.returncode == 3 and "has no version 9" in res.stderr
+    # The artifact's bytes changed after registration.
+    assert reg_cli(db, "mark-good", "m@1").returncode == 0
+    before = _aliases(db)
+    artifact.write_bytes(b"tampered")
+    res = reg_cli(db, "rollback", "m")
+    assert res.returncode == 3 and "changed since it was registered" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert _aliases(db) == before
+    with Registry(db) as reg:
+        refused = [e for e in reg.history("m") if e["event"] == "rollback-refused"]
+    assert len(refused) == 3 and all(not e["ok"] and e["detail"]["reason"] for e in refused)
+
+
+def test_names_reach_sql_only_as_parameters(tmp_path, artifact):
+    db = tmp_path / "r.db"
+    evil = "x'; DROP TABLE versions; --"
+    assert_usage_error(reg_cli(db, "register", "--name", evil, "--path", artifact), "invalid model name")
+    assert_usage_error(reg_cli(db, "show", evil + "@1"), "invalid model name")
+    # Values that are not validated (tag values) are stored literally, never executed.
+    res = reg_cli(db, "register", "--name", "ok", "--path", artifact, "--tag", f"note={evil}")
+    assert res.returncode == 0
+    listed = json.loads(reg_cli(db, "list", "--tag", f"note={evil}").stdout)["versions"]
+    assert [v["tags"]["note"] for v in listed] == [evil]
+    con = sqlite3.connect(db)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"versions", "tags", "aliases", "events"} <= tables
+
+
+def _register_with_metric(reg, tmp_path, name, i, metrics):
+    from itera.record import Run, describe_artifact
+
+    f = tmp_path / f"{name}-{i}.bin"
+    f.write_bytes(f"{name} {i}".encode())
+    art = describe_artifact(f, "file", "bin")
+    rec = Run("benchmark-power").record(art, metrics, {})
+    return reg.register(name, art, rec)
+
+
+@pytest.mark.parametrize("metric,active,ok,bad", [
+    ("perplexity", 10.0, 10.19, 10.21),  # lower is better: +1.9% passes, +2.1% fails
+    ("tokens_per_s", 100.0, 98.1, 97.9),  # higher is better: -1.9% passes, -2.1% fails
+])
+def test_promote_gate_on_both_sides_of_the_margin(tmp_path, metric, active, ok, bad):
+    db = tmp_path / "r.db"
+    with Registry(db) as reg:
+        _register_with_metric(reg, tmp_path, "g", 1, {metric: active})
+        _register_with_metric(reg, tmp_path, "g", 2, {metric: bad})
+        _register_with_metric(reg, tmp_path, "g", 3, {metric: ok})
+    assert reg_cli(db, "promote", "g@1", "--metric", metric, "--max-regression", "2%").returncode == 0
+    res = reg_cli(db, "promote", "g@2", "--metric", metric, "--max-regression", "2%")
+    assert res.returncode == 3 and "promotion refused" in res.stderr and res.stdout == ""
+    assert _aliases(db, "g")["active"] == 1
+    res = reg_cli(db, "promote", "g@3", "--metric", metric, "--max-regression", "2%")
+    assert res.returncode == 0 and res.record["params"]["gate"]["passed"] is True
+    assert _aliases(db, "g")["active"] == 3
+    with Registry(db) as reg:
+        assert [e["event"] for e in reg.history("g")][-3:] == ["promote", "promote-refused", "promote"]
+
+
+def test_metric_directions_and_margins():
+    assert metric_direction("datasets.x.perplexity") == "lower"
+    assert metric_direction("decode_tokens_per_s") == "higher"
+    assert metric_direction("latency_p95_ms") == "lower"
+    with pytest.raises(UsageError, match="--higher-is-better"):
+        metric_direction("mystery")
+    assert parse_margin("2%") == pytest.approx(0.02) and parse_margin("0.05") == 0.05
+    with pytest.raises(UsageError):
+        parse_margin("-1%")
+
+
+def test_pipeline_register_stores_evaluate_metrics_and_lineage(tmp_path, tiny_ckpt, corpus_file):
+    db = tmp_path / "r.db"
+    ev = run_itera("evaluate", "--model", tiny_ckpt, "-d", corpus_file, "--window", "32", "--stride", "16",
+                   "--max-tokens", "200")
+    res = reg_cli(db, "register", "--name", "demo", "--tag", "stage=ci", stdin=ev.stdout)
+    rec = res.record
+    assert rec["command"] == "registry register" and rec["parent"] == ev.record
+    show = json.loads(reg_cli(db, "show", "demo@latest").stdout)
+    want = ev.record["metrics"]["datasets"][str(corpus_file)]["perplexity"]
+    assert show["metrics"][f"datasets.{corpus_file}.perplexity"] == want
+    assert show["lineage"][0]["command"] == "evaluate" and show["lineage"][0]["sha256"] == ev.record["artifact"]["sha256"]
+    assert show["tags"] == {"stage": "ci"} and show["path"] == str(tiny_ckpt.resolve())
+    assert show["git_commit"] is None or len(show["git_commit"]) == 40
+    # promote with the short metric name works when it is unambiguous
+    assert reg_cli(db, "promote", "demo@1", "--metric", "perplexity").returncode == 0
+
+
+def test_register_refuses_a_changed_artifact(tmp_path, artifact):
+    from itera.record import Run, describe_artifact, dumps
+
+    rec = Run("export").record(describe_artifact(artifact, "file", "gguf"), {}, {})
+    artifact.write_bytes(b"changed after export")
+    res = reg_cli(tmp_path / "r.db", "register", "--name", "x", stdin=dumps(rec))
+    assert_usage_error(res, "changed since the record was written")
+
+
+def test_read_commands_do_not_import_torch(tmp_path, artifact):
+    db = tmp_path / "r.db"
+    reg_cli(db, "register", "--name", "m", "--path", artifact)
+    for argv in (["list"], ["show", "m@1"], ["resolve", "m@1"]):
+        code = ("import sys\n"
+                f"sys.argv = ['itera', 'registry'] + {argv!r} + ['--registry', {str(db)!r}]\n"
+                "from itera.commands import main\n"
+                "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+                "print('HEAVY=' + ','.join(m for m in ('torch', 'onnxruntime', 'llama_cpp') if m in sys.modules),"
+                " file=sys.stderr)\n")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+        assert p.returncode == 0, p.stderr
+        assert p.stderr.strip().splitlines()[-1] == "HEAVY=", argv
+
+
+def test_schema_is_migrated_once_and_versioned(tmp_path):
+    db = tmp_path / "r.db"
+    Registry(db).close()
+    with Registry(db) as reg:
+        assert reg.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert reg.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_not_a_database(tmp_path):
+    bad = tmp_path / "r.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    assert_usage_error(reg_cli(bad, "list"), "not a usable SQLite database")
+
+
+def test_show_missing_things(tmp_path, artifact):
+    db = tmp_path / "r.db"
+    assert_usage_error(reg_cli(db, "show", "nobody"), "no model named 'nobody'")
+    reg_cli(db, "register", "--name", "m", "--path", artifact)
+    assert_usage_error(reg_cli(db, "show", "m@7"), "has no version 7")
+    assert_usage_error(reg_cli(db, "show", "m@active"), "has no 'active' version")
+    assert_usage_error(reg_cli(db, "show", "m@0"), "invalid version")
