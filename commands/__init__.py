@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from itera import __version__
-from itera.commands import evaluate, registry, schema
+from itera.commands import distill, evaluate, registry, schema
 
 app = typer.Typer(
     name="itera",
@@ -28,6 +28,7 @@ app = typer.Typer(
 
 # The one list of commands (and command groups). A test checks that `itera --help` shows exactly these.
 COMMANDS = {
+    "distill": distill.distill,
     "evaluate": evaluate.evaluate,
     "schema": schema.schema,
 }

@@ -23,3 +23,13 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def progress_bar(enabled: bool = True):
+    """A rich progress bar on stderr with loss and tokens/s columns (a no-op when disabled)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                    TimeRemainingColumn(), console=Console(stderr=True), transient=True, disable=not enabled)

@@ -52,11 +52,21 @@ class Tokenizer:
         return self.backend.decode(ids, skip_special_tokens=False)
 
     @classmethod
-    def from_dir(cls, path: Path) -> "Tokenizer":
+    def from_path(cls, path: Path) -> "Tokenizer":
+        """A tokenizer.json file (settings from a tokenizer_config.json beside it) or a directory."""
+        path = Path(path)
+        if path.is_dir():
+            return cls.from_dir(path)
+        if not path.is_file():
+            raise CheckpointError(f"tokenizer {path} does not exist; pass a tokenizer.json or a directory holding one")
+        return cls.from_dir(path.parent, tokenizer_file=path)
+
+    @classmethod
+    def from_dir(cls, path: Path, tokenizer_file: Path | None = None) -> "Tokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
-        tj = path / "tokenizer.json"
+        tj = tokenizer_file or path / "tokenizer.json"
         if not tj.is_file():
             raise CheckpointError(f"{path} has no tokenizer.json; copy the model's tokenizer.json into the directory")
         try:

@@ -1,17 +1,27 @@
-"""A small, deterministic language-model training loop (AdamW, warm-up + cosine schedule).
+"""The training loop shared by ``distill`` (and later ``dpo-train``).
 
-Used by the demo to make its model from scratch; ``distill`` builds on it.
+- AdamW, linear warm-up then cosine decay, gradient accumulation, gradient clipping.
+- Deterministic on CPU: the batch of step ``s`` is a pure function of ``(seed, s)``, so a run
+  resumed from a checkpoint at step ``k`` sees exactly the batches the uninterrupted run saw.
+- Resumable: every ``save_every`` steps the model, optimizer and step go to ``state_dir``
+  (written to a temporary file, then renamed), and ``resume=True`` continues from there.
+- Distributed: under ``torchrun`` the model is wrapped in DistributedDataParallel (gloo on CPU,
+  nccl on GPU); each rank takes its share of every global batch's rows, so N processes with
+  the same global batch compute the same update as one.
+- bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from itera.errors import DataError, UsageError
 
@@ -19,7 +29,8 @@ from itera.errors import DataError, UsageError
 @dataclass
 class TrainOptions:
     steps: int = 300
-    batch_size: int = 16
+    batch_size: int = 16  # sequences per optimizer step, over all processes and micro-batches
+    grad_accum: int = 1  # micro-batches per step on each process
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -27,13 +38,20 @@ class TrainOptions:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
+    eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
+    save_every: int = 0  # steps between resumable checkpoints (0: none)
 
-    def validate(self) -> "TrainOptions":
-        for name in ("steps", "batch_size", "seq_len"):
+    def validate(self, world_size: int = 1) -> "TrainOptions":
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive (got {self.lr})")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
+            raise UsageError("--warmup-steps, --eval-every and --save-every must not be negative")
+        if self.batch_size % (world_size * self.grad_accum):
+            raise UsageError(f"--batch-size {self.batch_size} must be divisible by processes x --grad-accum "
+                             f"({world_size} x {self.grad_accum})")
         return self
 
     def as_params(self) -> dict:
@@ -49,41 +67,206 @@ def lr_at(step: int, opts: TrainOptions) -> float:
     return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def random_crops(ids: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
-    """(batch_size, seq_len + 1) windows cut at random offsets of a 1-D token stream."""
+def batch_for_step(ids: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    """The global batch of ``step``: (batch_size, seq_len + 1) windows at offsets drawn from (seed, step)."""
     if ids.numel() < seq_len + 2:
         raise DataError(f"the training text has {ids.numel()} tokens; at least --seq-len + 2 = {seq_len + 2} are needed")
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, ids.numel() - seq_len - 1, (batch_size,), generator=gen)
     return torch.stack([ids[s: s + seq_len + 1] for s in starts.tolist()])
 
 
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "cpu") -> Dist:
+    """Join the process group that torchrun set up (WORLD_SIZE > 1), else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=device)
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local, device=device)
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------- resumable state
+
+
+def run_fingerprint(opts: TrainOptions, world: int, n_params: int, n_tokens: int) -> str:
+    """What must match for a resumed run to continue the same run (logging cadence may change)."""
+    o = asdict(opts)
+    o.pop("eval_every")
+    o.pop("save_every")
+    return json.dumps({"options": o, "world": world, "params": n_params, "tokens": n_tokens}, sort_keys=True)
+
+
+def check_resumable(state_dir: Path, fingerprint: str, state: dict | None = None) -> bool:
+    """True if ``state_dir`` holds a checkpoint of the run with this fingerprint, False if it holds
+    none; UsageError if it holds another run's. Cheap enough to call before loading any model."""
+    path = Path(state_dir) / "state.pt"
+    if not path.is_file():
+        return False
+    if state is None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        raise UsageError(f"the checkpoint in {state_dir} is from a run with other options or data; "
+                         "pass the same options to --resume, or remove that directory to start over")
+    return True
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+class Trainer:
+    """Runs ``opts.steps`` optimizer steps of ``loss_fn`` over batches cut from ``train_ids``.
+
+    ``loss_fn(model, batch)`` returns the mean loss over the batch's rows and a dict of floats
+    to log. ``on_step(step, logs)`` and ``on_eval(step)`` are called on every process.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, train_ids: torch.Tensor, opts: TrainOptions,
+                 dist: Dist | None = None, state_dir: Path | None = None,
+                 on_step: Callable[[int, dict], None] | None = None, on_eval: Callable[[int], None] | None = None):
+        self.dist = dist or Dist()
+        self.opts = opts.validate(self.dist.world)
+        self.model, self.loss_fn, self.train_ids = model, loss_fn, train_ids
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.on_step, self.on_eval = on_step, on_eval
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        self.optim = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                                        {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
+        self.wrapped = model
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.wrapped = DDP(model, device_ids=[self.dist.local_rank] if self.dist.device.startswith("cuda") else None)
+        self.step = 0
+        self.losses: list[float] = []
+        self.train_seconds = 0.0
+
+    # ------------------------------------------------------------------ state
+
+    def fingerprint(self) -> str:
+        return run_fingerprint(self.opts, self.dist.world, sum(p.numel() for p in self.model.parameters()),
+                               int(self.train_ids.numel()))
+
+    def save_state(self) -> None:
+        if not (self.state_dir and self.dist.main):
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / "state.pt.tmp"
+        # One file, renamed into place: a kill at any moment leaves the previous checkpoint whole.
+        torch.save({"step": self.step, "model": self.model.state_dict(), "optim": self.optim.state_dict(),
+                    "losses": self.losses, "train_seconds": self.train_seconds,
+                    "fingerprint": self.fingerprint()}, tmp)
+        os.replace(tmp, self.state_dir / "state.pt")
+
+    def load_state(self) -> bool:
+        """Continue from ``state_dir`` if it holds a checkpoint of this same run; False if it holds none."""
+        if not self.state_dir or not (self.state_dir / "state.pt").is_file():
+            return False
+        state = torch.load(self.state_dir / "state.pt", map_location=self.dist.device, weights_only=True)
+        check_resumable(self.state_dir, self.fingerprint(), state)
+        self.model.load_state_dict(state["model"])
+        self.optim.load_state_dict(state["optim"])
+        self.step, self.losses, self.train_seconds = state["step"], list(state["losses"]), state["train_seconds"]
+        return True
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> dict:
+        o, d = self.opts, self.dist
+        per_rank = o.batch_size // d.world
+        micro = per_rank // o.grad_accum
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.startswith("cuda") else None
+        self.model.train()
+        while self.step < o.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(self.step, o)
+            for group in self.optim.param_groups:
+                group["lr"] = lr
+            batch = batch_for_step(self.train_ids, self.step, o.batch_size, o.seq_len, o.seed)
+            rows = batch[d.rank * per_rank:(d.rank + 1) * per_rank].to(d.device)
+            self.optim.zero_grad(set_to_none=True)
+            step_loss, logs = 0.0, {}
+            for k in range(o.grad_accum):
+                mb = rows[k * micro:(k + 1) * micro]
+                sync = k == o.grad_accum - 1 or d.world == 1
+                ctx = self.wrapped.no_sync() if not sync else _null()
+                with ctx, (autocast or _null()):
+                    loss, logs = self.loss_fn(self.wrapped, mb)
+                    (loss / o.grad_accum).backward()
+                step_loss += loss.item() / o.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            self.optim.step()
+            self.train_seconds += time.perf_counter() - t0
+            self.losses.append(step_loss)
+            self.step += 1
+            if self.on_step:
+                self.on_step(self.step, {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), **logs})
+            if o.eval_every and self.step % o.eval_every == 0 and self.step < o.steps and self.on_eval:
+                self.model.eval()
+                self.on_eval(self.step)
+                self.model.train()
+            if o.save_every and self.step % o.save_every == 0 and self.step < o.steps:
+                self.save_state()
+                barrier(d)
+        self.model.eval()
+        tokens = o.steps * o.batch_size * o.seq_len
+        tail = self.losses[-10:]
+        return {"tokens_seen": tokens, "train_seconds": self.train_seconds,
+                "tokens_per_s": tokens / self.train_seconds if self.train_seconds else None,
+                "first_loss": self.losses[0], "final_loss": sum(tail) / len(tail)}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Next-token cross-entropy, mean over the batch's tokens."""
+    logits = model(batch[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+    return loss, {}
+
+
 def train_lm(model: torch.nn.Module, ids: torch.Tensor, opts: TrainOptions,
              progress: Callable[[int, float], None] | None = None) -> dict:
-    """Train ``model`` on next-token cross-entropy over random crops of ``ids``; returns measured figures."""
-    opts.validate()
-    gen = torch.Generator().manual_seed(opts.seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
-    model.train()
-    losses = []
-    t0 = time.perf_counter()
-    for step in range(opts.steps):
-        for group in optim.param_groups:
-            group["lr"] = lr_at(step, opts)
-        batch = random_crops(ids, opts.batch_size, opts.seq_len, gen)
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
-        optim.step()
-        losses.append(loss.item())
-        if progress:
-            progress(step + 1, losses[-1])
-    seconds = time.perf_counter() - t0
-    model.eval()
-    tokens = opts.steps * opts.batch_size * opts.seq_len
-    return {"final_loss": sum(losses[-10:]) / len(losses[-10:]), "first_loss": losses[0],
-            "tokens_seen": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds}
+    """Plain language-model training on one process: the loop with :func:`lm_loss`."""
+    on_step = (lambda step, logs: progress(step, logs["loss"])) if progress else None
+    stats = Trainer(model, lm_loss, ids, opts, on_step=on_step).run()
+    stats["seconds"] = stats["train_seconds"]
+    return stats

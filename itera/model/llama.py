@@ -205,8 +205,11 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden(input_ids, cache, attention_mask))
+                attention_mask: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab), or with ``return_hidden`` the final hidden states (B, T, hidden)
+        so that a caller can apply ``lm_head`` in chunks (long vocabularies, distillation)."""
+        h = self.hidden(input_ids, cache, attention_mask)
+        return h if return_hidden else self.lm_head(h)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights counted once

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from itera.commands._options import Device, MetricsOut, progress_bar, resolve_device
+
+Int = Optional[int]
+
+
+def distill(
+    data: Annotated[str, typer.Option("--data", help="Training text: a file, pydocs[@split] or a datasets name. "
+                                      "Its tail (--holdout) is held out for evaluation.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the student checkpoint.")],
+    teacher: Annotated[Optional[Path], typer.Option(help="Teacher checkpoint. Default: the record on stdin. "
+                                                    "Omit with --alpha 0 --tokenizer to train from scratch.")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Preset from configs/students/ (half, quarter, narrow, ...) "
+                                                   "or a YAML file.")] = None,
+    layers: Annotated[Int, typer.Option(help="Student layers (overrides the preset).")] = None,
+    hidden: Annotated[Int, typer.Option(help="Student hidden size.")] = None,
+    heads: Annotated[Int, typer.Option(help="Student attention heads.")] = None,
+    kv_heads: Annotated[Int, typer.Option(help="Student key/value heads.")] = None,
+    ffn: Annotated[Int, typer.Option(help="Student FFN (intermediate) size.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="random | layers | prune. Default: layers when the student "
+                                                "has the teacher's width, else prune; random without a teacher.")] = None,
+    layer_ids: Annotated[Optional[str], typer.Option(help="Teacher layers to keep, e.g. 0,2,5 (default evenly spaced).")] = None,
+    alpha: Annotated[float, typer.Option(help="Weight of the KL term; 0 trains on cross-entropy alone.")] = 0.5,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 2.0,
+    kl: Annotated[str, typer.Option(help="forward: KL(teacher||student); reverse: KL(student||teacher).")] = "forward",
+    tokenizer: Annotated[Optional[str], typer.Option(help="Without a teacher: a tokenizer.json, or bpe:VOCAB_SIZE "
+                                                     "to train a byte-level BPE on the training text.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step, over all processes.")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step on each process.")] = 1,
+    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps before cosine decay.")] = 10,
+    weight_decay: Annotated[float, typer.Option()] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm.")] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    holdout: Annotated[float, typer.Option(help="Fraction of the text held out.")] = 0.05,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens scored for the record.")] = 8192,
+    eval_every: Annotated[int, typer.Option(help="Steps between held-out evaluations (0: end only).")] = 0,
+    save_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints in OUT.train-state/.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.train-state/ where a run stopped.")] = False,
+    device: Device = "cpu",
+    metrics_out: MetricsOut = None,
+) -> None:
+    """Distill a teacher into a smaller student (or, with --alpha 0 and no teacher, train from scratch).
+
+    loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE. Runs unchanged under
+    `torchrun --nproc-per-node N -m itera distill ...` (DistributedDataParallel; only rank 0 writes).
+    """
+    from itera import record
+    from itera.distill import DistillOptions, run_distill
+    from itera.errors import UsageError
+    from itera.train import TrainOptions, init_distributed
+
+    try:
+        ids = [int(x) for x in layer_ids.split(",")] if layer_ids else None
+    except ValueError:
+        raise UsageError(f"--layer-ids must be comma-separated integers, e.g. 0,2,5 (got {layer_ids!r})") from None
+    train = TrainOptions(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
+                         warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
+                         eval_every=eval_every, save_every=save_every).validate()
+    parent = record.read_parent() if teacher is None and tokenizer is None else None
+    if parent is not None:
+        teacher = record.input_path(None, parent, "--teacher")
+    opts = DistillOptions(data=data, out=out, teacher=teacher, student=student, layers=layers, hidden=hidden,
+                          heads=heads, kv_heads=kv_heads, ffn=ffn, init=init, layer_ids=ids, alpha=alpha,
+                          temperature=temperature, kl=kl, tokenizer=tokenizer, holdout=holdout, eval_tokens=eval_tokens,
+                          resume=resume).validate()
+    if opts.teacher is None and opts.student is None and None in (layers, hidden, heads):
+        raise UsageError("pass --student PRESET or --layers/--hidden/--heads for the model to train")
+    if opts.teacher is not None and opts.student is None and not any((layers, hidden, heads, kv_heads, ffn)):
+        raise UsageError("pass --student PRESET (e.g. half, quarter) or explicit --layers/--hidden/--heads")
+    dist = init_distributed(resolve_device(device))
+    opts.device = dist.device
+    run = record.Run("distill", parent=parent, device=dist.device)
+    say = (lambda msg: print(msg, file=sys.stderr)) if dist.main else (lambda msg: None)
+
+    with progress_bar(enabled=dist.main) as bar:
+        task = bar.add_task("distill", total=steps, loss=float("nan"), tps=0.0)
+        tokens_per_step = batch_size * seq_len
+
+        def on_step(step: int, logs: dict) -> None:
+            elapsed = bar.tasks[task].elapsed or 0.0
+            bar.update(task, completed=step, loss=logs["loss"], tps=step * tokens_per_step / elapsed if elapsed else 0.0)
+
+        result = run_distill(opts, train, dist=dist, on_step=on_step, log=say)
+    if not dist.main:
+        return
+    m = result["metrics"]
+    say(f"student perplexity {m['student_perplexity']:.3f} (from {m['init_student_perplexity']:.3f} at step 0)"
+        + (f", teacher {m['teacher_perplexity']:.3f}, top-1 agreement {m['top1_agreement']:.3f}"
+           if "teacher_perplexity" in m else ""))
+    rec = run.record(record.describe_artifact(out, "checkpoint", "safetensors"), m, result["params"])
+    record.emit(rec, metrics_out=metrics_out)

@@ -1,0 +1,247 @@
+"""itera distill: the loss, student construction, quality against a CE-only baseline,
+exact resume after SIGKILL, torchrun with 2 processes, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import REPO, assert_usage_error, make_corpus, run_itera
+from itera.distill import DistillLoss, StudentSpec, evenly_spaced, init_from_pruning
+from itera.model.checkpoint import load_model
+from itera.model.config import ModelConfig
+from itera.model.llama import LlamaForCausalLM
+from itera.record import validate
+
+SMALL = ["--batch-size", "8", "--seq-len", "48", "--lr", "3e-3", "--warmup-steps", "5"]
+
+
+@pytest.fixture(scope="session")
+def distill_corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("distill") / "stories.txt"
+    p.write_text(make_corpus(2500, seed=5))
+    return p
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory, distill_corpus):
+    """A teacher trained from scratch by the CLI itself (the --alpha 0 --tokenizer bpe:N path)."""
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    res = run_itera("distill", "--alpha", "0", "--tokenizer", "bpe:400", "--layers", "4", "--hidden", "64",
+                    "--heads", "4", "--kv-heads", "2", "--data", distill_corpus, "--out", out, "--steps", "150",
+                    *SMALL)
+    rec = res.record
+    validate(rec)
+    m = rec["metrics"]
+    assert m["student_perplexity"] < m["init_student_perplexity"] / 5  # it learned the grammar
+    assert "teacher_perplexity" not in m and rec["params"]["init"] == "random"
+    return out
+
+
+def _distill(teacher, corpus, out, *args):
+    return run_itera("distill", "--teacher", teacher, "--data", corpus, "--out", out, *SMALL, *args).record
+
+
+# ------------------------------------------------------------------------------- quality
+
+
+def test_distilled_student_beats_cross_entropy_only_student(teacher, distill_corpus, tmp_path):
+    common = ["--student", "quarter", "--init", "prune", "--steps", "60"]
+    kd = _distill(teacher, distill_corpus, tmp_path / "kd", "--alpha", "0.7", *common)["metrics"]
+    ce = _distill(teacher, distill_corpus, tmp_path / "ce", "--alpha", "0", *common)["metrics"]
+    assert kd["tokens_seen"] == ce["tokens_seen"]
+    assert kd["student_perplexity"] < ce["student_perplexity"], (kd["student_perplexity"], ce["student_perplexity"])
+    assert kd["kl_to_teacher"] < ce["kl_to_teacher"]
+    assert kd["compression_ratio"] > 2 and kd["compression_ratio_bytes"] > 2
+    assert kd["teacher_perplexity"] > 1 and 0 <= kd["top1_agreement"] <= 1
+
+
+def test_layer_and_prune_init_start_better_than_random(teacher, distill_corpus, tmp_path):
+    step0 = {}
+    for preset, init in (("half", "layers"), ("half", "random"), ("quarter", "prune"), ("quarter", "random")):
+        rec = _distill(teacher, distill_corpus, tmp_path / f"{preset}-{init}", "--student", preset, "--init", init,
+                       "--steps", "1")
+        step0[preset, init] = rec["metrics"]["init_student_perplexity"]
+    assert step0["half", "layers"] < step0["half", "random"]
+    assert step0["quarter", "prune"] < step0["quarter", "random"]
+
+
+def test_written_student_loads_in_transformers_with_same_logits(teacher, distill_corpus, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    _distill(teacher, distill_corpus, tmp_path / "s", "--student", "quarter", "--steps", "2")
+    ours, cfg = load_model(tmp_path / "s")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "s", dtype=torch.float32).eval()
+    x = torch.randint(0, cfg.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert (ours(x) - theirs(x).logits).abs().max() < 1e-4
+    assert json.loads((tmp_path / "s" / "distill_config.json").read_text())["init"] == "prune"
+
+
+# ------------------------------------------------------------------------------- resume and scale-out
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_killed_run_resumes_to_the_same_weights(teacher, distill_corpus, tmp_path):
+    args = ["--student", "half", "--steps", "16", "--save-every", "4", "--alpha", "0.5"]
+    _distill(teacher, distill_corpus, tmp_path / "whole", *args)
+    out = tmp_path / "killed"
+    state = tmp_path / "killed.train-state" / "state.pt"
+    p = subprocess.Popen([sys.executable, "-m", "itera", "distill", "--teacher", str(teacher), "--data",
+                          str(distill_corpus), "--out", str(out), *SMALL, *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert state.exists(), "no checkpoint was written before the run ended"
+    saved_step = torch.load(state, weights_only=True)["step"]
+    assert 4 <= saved_step < 16 and not out.exists()  # killed mid-run: no partial student
+    rec = _distill(teacher, distill_corpus, out, *args, "--resume")
+    a, b = _weights(tmp_path / "whole"), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rec["metrics"]["tokens_seen"] == 16 * 8 * 48
+    assert not (tmp_path / "killed.train-state").exists()
+
+
+def test_resume_refuses_a_checkpoint_from_other_options(teacher, distill_corpus, tmp_path):
+    args = ["--student", "half", "--steps", "6", "--save-every", "2"]
+    out = tmp_path / "s"
+    state_dir = tmp_path / "s.train-state"
+    p = subprocess.Popen([sys.executable, "-m", "itera", "distill", "--teacher", str(teacher), "--data",
+                          str(distill_corpus), "--out", str(out), *SMALL, *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    while not (state_dir / "state.pt").exists() and p.poll() is None:
+        time.sleep(0.02)
+    p.kill()
+    p.communicate()
+    if not (state_dir / "state.pt").exists():
+        pytest.skip("the run finished before it could be killed")
+    res = run_itera("distill", "--teacher", teacher, "--data", distill_corpus, "--out", out, *SMALL, *args,
+                    "--lr", "1e-4", "--resume")
+    assert_usage_error(res, "from a run with other options or data")
+
+
+def test_torchrun_two_processes_match_one_process(teacher, distill_corpus, tmp_path):
+    args = ["--teacher", str(teacher), "--student", "half", "--alpha", "0.5", "--data", str(distill_corpus),
+            "--steps", "4", *SMALL]
+    one = run_itera("distill", *args, "--out", tmp_path / "one").record
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "itera", "distill", *args, "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    records = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 1 and records[0]["params"]["processes"] == 2  # only rank 0 emits
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-4, diff
+    assert one["params"]["processes"] == 1
+
+
+# ------------------------------------------------------------------------------- components
+
+
+def test_kd_loss_matches_the_formula_and_chunking_changes_nothing():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    s, t = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg)
+    s.init_weights(seed=1, std=0.2)
+    t.init_weights(seed=2, std=0.2)
+    batch = torch.randint(0, 50, (3, 11))
+    alpha, T = 0.3, 2.5
+    with torch.no_grad():
+        sl, tl = s(batch[:, :-1]), t(batch[:, :-1])
+    ce = F.cross_entropy(sl.flatten(0, 1), batch[:, 1:].flatten())
+    p_t = F.softmax(tl / T, -1)
+    fwd = (p_t * (F.log_softmax(tl / T, -1) - F.log_softmax(sl / T, -1))).sum(-1).mean()
+    p_s = F.softmax(sl / T, -1)
+    rev = (p_s * (F.log_softmax(sl / T, -1) - F.log_softmax(tl / T, -1))).sum(-1).mean()
+    for chunk in (3, 10):
+        loss, _ = DistillLoss(t, alpha, T, reverse=False, chunk=chunk)(s, batch)
+        assert loss.item() == pytest.approx((alpha * T * T * fwd + (1 - alpha) * ce).item(), rel=1e-5)
+        loss, _ = DistillLoss(t, alpha, T, reverse=True, chunk=chunk)(s, batch)
+        assert loss.item() == pytest.approx((alpha * T * T * rev + (1 - alpha) * ce).item(), rel=1e-5)
+    loss, _ = DistillLoss(None, 0.0, T)(s, batch)
+    assert loss.item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_pruning_everything_kept_is_the_teacher():
+    """Full width and depth through the pruning path must reproduce the teacher exactly:
+    this checks every slice (GQA groups, biases, tied head) lines up."""
+    cfg = ModelConfig(vocab_size=40, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, tie_word_embeddings=True, model_type="qwen2", qkv_bias=True)
+    t = LlamaForCausalLM(cfg)
+    t.init_weights(seed=0, std=0.2)
+    with torch.no_grad():
+        for n, p in t.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    x = torch.randint(0, 40, (2, 9))
+    s, plan = init_from_pruning(t, cfg, [0, 1], [x])
+    with torch.no_grad():
+        assert torch.allclose(s(x), t(x), atol=1e-6)
+    # A narrower student keeps whole kv groups: its query heads map onto kept groups.
+    small = StudentSpec(width=0.5).resolve(cfg, 40)
+    s2, plan2 = init_from_pruning(t, small, [0, 1], [x])
+    assert small.num_key_value_heads == 1 and small.num_attention_heads == 3
+    assert all(len({h // 3 for h in heads}) == 1 for heads in plan2["heads"])
+    assert s2(x).shape == (2, 9, 40)
+
+
+def test_evenly_spaced_layers():
+    assert evenly_spaced(8, 4) == [0, 2, 5, 7]
+    assert evenly_spaced(4, 4) == [0, 1, 2, 3]
+    assert evenly_spaced(5, 1) == [0]
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--student", "half", "--init", "layers", "--layers", "9"], "student layers 9 is larger than the teacher's 4"),
+    (["--init", "prune", "--layers", "2", "--hidden", "128", "--heads", "4"], "hidden 128 is larger than the teacher's 64"),
+    (["--layers", "2", "--hidden", "60", "--heads", "8"], "--heads (8) must divide --hidden (60)"),
+    (["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "3"], "--kv-heads (3) must divide --heads (4)"),
+    (["--student", "tiny-nonexistent"], "unknown student preset 'tiny-nonexistent'"),
+    (["--student", "quarter", "--init", "layers"], "--init layers copies whole layers"),
+    (["--student", "half", "--alpha", "1.5"], "--alpha must be between 0 and 1"),
+])
+def test_bad_student_or_options_fail_before_training(teacher, distill_corpus, tmp_path, args, needle):
+    res = run_itera("distill", "--teacher", teacher, "--data", distill_corpus, "--out", tmp_path / "s", *args)
+    assert_usage_error(res, needle)
+    assert not (tmp_path / "s").exists()
+
+
+def test_empty_data_and_vocabulary_mismatch(teacher, tmp_path, tokenizer_dir, distill_corpus):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert_usage_error(run_itera("distill", "--teacher", teacher, "--student", "half", "--data", empty,
+                                 "--out", tmp_path / "s"), "holds no text")
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("The fox.")
+    assert_usage_error(run_itera("distill", "--teacher", teacher, "--student", "half", "--data", tiny,
+                                 "--out", tmp_path / "s"), "training tokens; at least --seq-len + 2")
+    res = run_itera("distill", "--teacher", teacher, "--student", "half", "--data", distill_corpus,
+                    "--tokenizer", tokenizer_dir / "tokenizer.json", "--out", tmp_path / "s")
+    assert_usage_error(res, "the tokenizer has 300 tokens but the teacher's vocabulary has 400")
+
+
+def test_no_teacher_needs_alpha_zero_and_a_tokenizer(distill_corpus, tmp_path):
+    base = ["distill", "--data", distill_corpus, "--out", tmp_path / "s", "--layers", "1", "--hidden", "16", "--heads", "2"]
+    assert_usage_error(run_itera(*base), "--alpha > 0 needs a --teacher")
+    assert_usage_error(run_itera(*base, "--alpha", "0"), "needs --tokenizer FILE or --tokenizer bpe:VOCAB_SIZE")
+    assert_usage_error(run_itera(*base, "--alpha", "0", "--tokenizer", "bpe:10"), "bpe:N needs N >= 260")
