@@ -23,11 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	mkdir -p $(RUNS)
-	$(PYTHON) scripts/demo_teacher.py --out $(RUNS)/teacher
-	$(ITERA) evaluate --model $(RUNS)/teacher --dataset pydocs@test --dataset pydocs@train \
-		--max-tokens 20000 --metrics-out $(RUNS)/evaluate.json
-	@echo "records and checkpoint under $(RUNS)/" >&2
+	ITERA=$(ITERA) RUNS=$(RUNS) bash scripts/demo.sh
 
 test: install
 	$(PYTHON) -m pytest -q

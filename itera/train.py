@@ -254,19 +254,3 @@ class _null:
 
     def __exit__(self, *exc):
         return False
-
-
-def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Next-token cross-entropy, mean over the batch's tokens."""
-    logits = model(batch[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-    return loss, {}
-
-
-def train_lm(model: torch.nn.Module, ids: torch.Tensor, opts: TrainOptions,
-             progress: Callable[[int, float], None] | None = None) -> dict:
-    """Plain language-model training on one process: the loop with :func:`lm_loss`."""
-    on_step = (lambda step, logs: progress(step, logs["loss"])) if progress else None
-    stats = Trainer(model, lm_loss, ids, opts, on_step=on_step).run()
-    stats["seconds"] = stats["train_seconds"]
-    return stats

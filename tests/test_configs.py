@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from itera.distill import StudentSpec
 from itera.model.config import ModelConfig
-from itera.train import TrainOptions
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
 
@@ -21,7 +21,11 @@ def test_there_are_configs():
 def test_config_loads(path):
     spec = yaml.safe_load(path.read_text())
     assert isinstance(spec, dict)
-    if path.name == "demo.yaml":
-        cfg = ModelConfig(vocab_size=spec["tokenizer"]["vocab_size"], **spec["model"])
-        assert cfg.num_parameters() > 0
-        TrainOptions(**spec["train"]).validate()
+    if path.parent.name == "students":
+        student = StudentSpec.from_preset(str(path))
+        teacher = ModelConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=8, num_key_value_heads=4)
+        cfg = student.resolve(None if student.layers else teacher, vocab_size=100)
+        assert 0 < cfg.num_parameters() <= max(teacher.num_parameters(), cfg.num_parameters())
+        if student.depth or student.width:
+            assert cfg.num_parameters() < teacher.num_parameters()

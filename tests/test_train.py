@@ -5,7 +5,8 @@ import torch
 from itera.model.config import ModelConfig
 from itera.model.llama import LlamaForCausalLM
 from itera.tokenizer import Tokenizer
-from itera.train import TrainOptions, lr_at, train_lm
+from itera.distill import DistillLoss
+from itera.train import TrainOptions, Trainer, lr_at
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
@@ -21,7 +22,8 @@ def _train(tokenizer_dir, corpus_file, seed):
     m = LlamaForCausalLM(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                      num_hidden_layers=1, num_attention_heads=4))
     m.init_weights(seed=0)
-    stats = train_lm(m, ids, TrainOptions(steps=30, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=3, seed=seed))
+    opts = TrainOptions(steps=30, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=3, seed=seed)
+    stats = Trainer(m, DistillLoss(None, 0.0, 1.0), ids, opts).run()
     return m, stats
 
 
