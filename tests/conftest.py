@@ -87,6 +87,34 @@ def tiny_ckpt(tmp_path_factory, tokenizer_dir) -> Path:
     return save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", tokenizer_dir)
 
 
+SMALL = ["--batch-size", "8", "--seq-len", "48", "--lr", "3e-3", "--warmup-steps", "5"]
+
+
+@pytest.fixture(scope="session")
+def distill_corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("distill") / "stories.txt"
+    p.write_text(make_corpus(2500, seed=5))
+    return p
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory, distill_corpus):
+    """A teacher trained from scratch by the CLI itself (the --alpha 0 --tokenizer bpe:N path)."""
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    res = run_itera("distill", "--alpha", "0", "--tokenizer", "bpe:400", "--layers", "4", "--hidden", "128",
+                    "--heads", "4", "--kv-heads", "2", "--ffn", "384", "--data", distill_corpus, "--out", out, "--steps", "150",
+                    *SMALL)
+    rec = res.record
+    from itera.record import validate
+
+    validate(rec)
+    m = rec["metrics"]
+    assert m["student_perplexity"] < m["init_student_perplexity"] / 5  # it learned the grammar
+    assert "teacher_perplexity" not in m and rec["params"]["init"] == "random"
+    return out
+
+
+
 @dataclass
 class Result:
     returncode: int

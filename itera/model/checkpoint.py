@@ -173,9 +173,26 @@ def read_headers(ckpt: Path) -> dict[str, tuple[Path, dict]]:
     return out
 
 
+def quantized_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Like :func:`expected_shapes`, with each quantized layer's weight replaced by its packed tensors."""
+    from itera.quant.formats import expected_shapes as q_shapes
+    from itera.quant.formats import layer_plan
+
+    shapes = expected_shapes(cfg)
+    for module, q in layer_plan(cfg.quantization).items():
+        name = module + ".weight"
+        if name not in shapes:
+            raise CheckpointError(f"quantization_config names {module}, which this model does not have")
+        out_f, in_f = shapes.pop(name)
+        if in_f % q.group_width(in_f) or (in_f * q.bits) % 8:
+            raise CheckpointError(f"quantization_config for {module} does not fit its {in_f} input columns")
+        shapes.update({k: shape for k, (shape, _) in q_shapes(module, q, out_f, in_f).items()})
+    return shapes
+
+
 def check_against_config(cfg: ModelConfig, headers: dict[str, tuple[Path, dict]], ckpt: Path) -> None:
     """Every tensor config.json implies is present with the implied shape; nothing unexplained."""
-    want = expected_shapes(cfg)
+    want = quantized_shapes(cfg) if cfg.quantization else expected_shapes(cfg)
     have = {n: tuple(info["shape"]) for n, (_, info) in headers.items() if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
         have.pop("lm_head.weight", None)  # some writers store the tied head anyway
@@ -232,6 +249,14 @@ def load_model(path: Path, dtype: "torch.dtype | str | None" = None, device: str
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model.to_empty(device=device)
+    if cfg.quantization:  # dequantize: the torch backend computes with w = d * (u - z) in float
+        from itera.quant.formats import from_tensors, layer_plan
+
+        for module, q in layer_plan(cfg.quantization).items():
+            in_f = expected_shapes(cfg)[module + ".weight"][1]
+            state[module + ".weight"] = from_tensors(module, state, q, in_f)
+            for suffix in (".qweight", ".scales", ".zeros"):
+                state.pop(module + suffix, None)
     for name, tensor in state.items():
         if name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue

@@ -96,6 +96,18 @@ class ModelConfig:
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
 
     @property
+    def quantization(self) -> dict | None:
+        """itera's quantization_config when the checkpoint is quantized, else None."""
+        q = self.extra.get("quantization_config")
+        if q is None:
+            return None
+        if not isinstance(q, dict) or q.get("quant_method") != "itera":
+            method = q.get("quant_method") if isinstance(q, dict) else q
+            raise UnsupportedModelError(f"quantization_config with quant_method {method!r} is not supported; "
+                                        "itera reads its own quantized checkpoints — pass the float checkpoint")
+        return q
+
+    @property
     def n_rep(self) -> int:
         """How many query heads share one key/value head (grouped-query attention)."""
         return self.num_attention_heads // self.num_key_value_heads

@@ -1,0 +1,67 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"): quantize a weight matrix column by column, pushing each column's
+rounding error onto the columns not yet quantized through the inverse Hessian of the layer's
+reconstruction loss ``||X W^T - X Q^T||^2`` (``H = X^T X / n``).
+
+Group parameters follow the shared rule of :mod:`itera.quant.formats`; with groups they are
+computed from the error-updated weights when a group starts (all of a group lies in one block).
+With activation ordering (columns processed by decreasing Hessian diagonal) they are computed
+up front from the original weights ("static groups"), so groups stay contiguous on disk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from itera.errors import IteraError
+from itera.quant.formats import LayerQuant, group_params, quantize_codes
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, q: LayerQuant, damp: float = 0.01, act_order: bool = False,
+         block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scales, zeros) for ``w`` (out, in) given the Hessian ``h`` (in, in)."""
+    W = w.detach().float().clone()
+    H = h.detach().float().clone()
+    out, n = W.shape
+    gw = q.group_width(n)
+    grouped = q.group_size is not None
+    dead = torch.diag(H) == 0  # inputs that never fire: weights there do not matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    static = (not grouped) or act_order
+    if static:  # per-channel, or act-order: parameters from the weights as they are
+        scales, zeros = group_params(W, q)
+    else:
+        scales = torch.zeros(out, n // gw)
+        zeros = torch.zeros(out, n // gw)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except RuntimeError:
+        raise IteraError("GPTQ's Hessian is not positive definite even after dampening; "
+                         "pass a larger --damp or more --calib-samples") from None
+    if grouped and not act_order:
+        block = max(block // gw, 1) * gw  # every group inside one block
+    codes = torch.zeros(out, n)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1 = W[:, i1:i2].clone()
+        Err = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // gw
+            if not static and col % gw == 0:
+                s, z = group_params(W1[:, i:i + gw], LayerQuant(q.bits, None, q.sym))
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            c = quantize_codes(W1[:, i:i + 1], scales[:, g:g + 1], zeros[:, g:g + 1], q)[:, 0]
+            codes[:, col] = c
+            deq = scales[:, g] * (c - zeros[:, g])
+            err = (W1[:, i] - deq) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err[:, i] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    return codes, scales, zeros
