@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from itera import __version__
-from itera.commands import distill, evaluate, quantize, registry, schema
+from itera.commands import distill, evaluate, export, quantize, registry, schema
 
 app = typer.Typer(
     name="itera",
@@ -30,6 +30,7 @@ app = typer.Typer(
 COMMANDS = {
     "distill": distill.distill,
     "evaluate": evaluate.evaluate,
+    "export": export.export,
     "quantize": quantize.quantize,
     "schema": schema.schema,
 }

@@ -34,7 +34,7 @@ def evaluate(
     from itera import record
     from itera.data import load_text
     from itera.evaluate import EvalOptions, evaluate_text, resolve_bos
-    from itera.model.checkpoint import check_against_config, load_config, read_headers
+    from itera.model.checkpoint import check_against_config, checkpoint_format, load_config, read_headers
     from itera.runtime import check_model_path, open_runtime
 
     opts = EvalOptions(window=window, stride=stride, max_tokens=max_tokens, bos=bos).validate()
@@ -42,13 +42,15 @@ def evaluate(
     path = record.input_path(model, parent, "--model")
     run = record.Run("evaluate", parent=parent)
     # Cheap checks of the model first, then the data, then the expensive load.
-    check_model_path(path)
-    cfg = load_config(path)
-    check_against_config(cfg, read_headers(path), path)
-    opts = opts.resolve(cfg.max_position_embeddings)
+    fmt = check_model_path(path)
+    if fmt == "checkpoint":
+        cfg = load_config(path)
+        check_against_config(cfg, read_headers(path), path)
+        opts.resolve(cfg.max_position_embeddings)
     sources = {spec: load_text(spec, purpose="eval") for spec in dict.fromkeys(dataset)}
     run.device = resolve_device(device)
     rt = open_runtime(path, dtype=dtype, device=run.device, threads=threads)
+    opts = opts.resolve(rt.max_context)
     used_bos = resolve_bos(rt.tokenizer, opts)
 
     results = {}
@@ -57,10 +59,13 @@ def evaluate(
             task = prog.add_task(f"evaluate {spec}", total=None)
             results[spec] = evaluate_text(rt, src.text, opts, source=spec,
                                           progress=lambda done, total, t=task: prog.update(t, completed=done, total=total))
+    rt.close()
     params = {**opts.as_params(), "bos": used_bos, "model": str(path), "runtime": rt.name, "dtype": dtype,
               "device": run.device, "threads": threads,
               "datasets": {spec: src.description for spec, src in sources.items()}}
-    rec = run.record(record.describe_artifact(path, "checkpoint", "safetensors"), {"datasets": results}, params)
+    artifact = record.describe_artifact(path, "checkpoint", checkpoint_format(path)) if fmt == "checkpoint" else \
+        record.describe_artifact(path, "file", fmt)
+    rec = run.record(artifact, {"datasets": results}, params)
     for spec, m in results.items():
         print(f"{spec}: perplexity {m['perplexity']:.3f}, {m['bits_per_byte']:.4f} bits/byte over "
               f"{m['tokens']} tokens ({m['tokens_per_s']:.0f} tokens/s)", file=sys.stderr)

@@ -13,9 +13,11 @@ $ITERA distill --alpha 0 --tokenizer bpe:4096 --student configs/students/demo-te
     --data pydocs@train --out "$RUNS/teacher" --steps 300 --lr 3e-3 --warmup-steps 20 \
     --batch-size 16 --seq-len 128 --metrics-out "$RUNS/teacher.json" > /dev/null
 
-echo "== 2. distill a quarter-size student, evaluate it, register it" >&2
+echo "== 2. distill a quarter-size student, quantize it to 4 bits with GPTQ, evaluate it, register it" >&2
 $ITERA distill --teacher "$RUNS/teacher" --student quarter --data pydocs@train --out "$RUNS/student" \
     --steps 150 --lr 2e-3 --batch-size 16 --seq-len 128 --metrics-out "$RUNS/student.json" \
+  | $ITERA quantize --method gptq --bits 4 --group-size 32 --calib pydocs@test --out "$RUNS/student-q4" \
+      --metrics-out "$RUNS/student-q4.json" \
   | $ITERA evaluate --dataset pydocs@test --max-tokens 20000 --metrics-out "$RUNS/student-eval.json" \
   | $ITERA registry register --name pydocs-demo --tag role=student "${REG[@]}" > "$RUNS/student-register.json"
 

@@ -115,6 +115,17 @@ def teacher(tmp_path_factory, distill_corpus):
 
 
 
+@pytest.fixture(scope="session")
+def lm(tmp_path_factory):
+    """A small model trained on natural text (the built-in corpus), where 4-bit rounding costs
+    measurable perplexity; the synthetic-grammar teacher is too easy to show it."""
+    out = tmp_path_factory.mktemp("pydocs-lm") / "lm"
+    run_itera("distill", "--alpha", "0", "--tokenizer", "bpe:1024", "--layers", "4", "--hidden", "128", "--heads", "4",
+              "--kv-heads", "2", "--ffn", "384", "--data", "pydocs@train", "--out", out, "--steps", "300",
+              "--batch-size", "16", "--seq-len", "64", "--lr", "4e-3", "--warmup-steps", "10").record
+    return out
+
+
 @dataclass
 class Result:
     returncode: int

@@ -19,17 +19,6 @@ from itera.record import validate
 CALIB = "pydocs@test"
 
 
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    """A small model trained on natural text (the built-in corpus), where 4-bit rounding costs
-    measurable perplexity; the synthetic-grammar teacher is too easy to show it."""
-    out = tmp_path_factory.mktemp("pydocs-lm") / "lm"
-    run_itera("distill", "--alpha", "0", "--tokenizer", "bpe:1024", "--layers", "4", "--hidden", "128", "--heads", "4",
-              "--kv-heads", "2", "--ffn", "384", "--data", "pydocs@train", "--out", out, "--steps", "300",
-              "--batch-size", "16", "--seq-len", "64", "--lr", "4e-3", "--warmup-steps", "10").record
-    return out
-
-
 def _quantize(model, out, *args):
     rec = run_itera("quantize", "--model", model, "--calib", CALIB, "--calib-samples", "128", "--calib-seqlen",
                     "128", "--eval-tokens", "6000", "--out", out, *args).record

@@ -211,6 +211,11 @@ def check_against_config(cfg: ModelConfig, headers: dict[str, tuple[Path, dict]]
                               f"({len(extra)} unexpected in all); the config does not match the weights")
 
 
+def checkpoint_format(path: Path) -> str:
+    """The record's artifact format of a checkpoint directory: itera-quant or safetensors."""
+    return "itera-quant" if load_config(path).quantization else "safetensors"
+
+
 def load_config(path: Path) -> ModelConfig:
     return ModelConfig.from_file(check_checkpoint_dir(path) / CONFIG_NAME)
 

@@ -1,7 +1,8 @@
-"""Runtime backends behind one interface: give token ids, get next-token log-probabilities.
+"""Runtime backends behind one interface: give token ids, get logits and next-token NLLs.
 
-Only the torch backend (checkpoint directories) exists so far; ``open_runtime`` says so
-clearly for other artifacts rather than pretending.
+- torch: checkpoint directories (float or itera-quantized), :mod:`itera.runtime.torch_backend`;
+- llama.cpp: ``.gguf`` files, :mod:`itera.runtime.llamacpp_backend`;
+- onnxruntime: ``.onnx`` files, :mod:`itera.runtime.onnx_backend`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ class Runtime(Protocol):
     tokenizer: object
     max_context: int
 
+    def logits(self, ids: Sequence[int]):
+        """(T, vocab) float32 logits for every position of ``ids`` (numpy)."""
+
     def nll(self, ids: Sequence[int], n_score: int) -> list[float]:
         """Negative log-likelihoods (nats) of the last ``n_score`` tokens of ``ids``, each
         predicted from all tokens before it in ``ids``."""
+
+    def close(self) -> None:
+        """Release the runtime's resources."""
 
 
 def artifact_format(path: Path) -> str:
@@ -42,15 +49,24 @@ def check_model_path(path: Path) -> str:
     if fmt == "checkpoint" or path.suffix.lower() in PICKLE_SUFFIXES:
         check_checkpoint_dir(path)
         return "checkpoint"
-    if fmt in ("gguf", "onnx", "pt2"):
-        raise InputError(f"{path}: running .{fmt} files is not built yet in this version of itera; "
-                         "pass the checkpoint directory it was exported from")
-    raise InputError(f"{path} is not a checkpoint directory; pass a directory with config.json")
+    if fmt in ("gguf", "onnx"):
+        if not path.is_file():
+            raise InputError(f"{path} is not a file; pass a .{fmt} file")
+        return fmt
+    raise InputError(f"{path} is not a checkpoint directory, .gguf or .onnx file; pass one of those")
 
 
 def open_runtime(path: Path, dtype: str = "float32", device: str = "cpu", threads: int | None = None) -> Runtime:
+    """The backend for ``path``: torch for a checkpoint directory, llama.cpp for .gguf, onnxruntime for .onnx."""
     fmt = check_model_path(path)
-    assert fmt == "checkpoint"
+    if fmt == "gguf":
+        from itera.runtime.llamacpp_backend import LlamaCppRuntime
+
+        return LlamaCppRuntime(Path(path), threads=threads)
+    if fmt == "onnx":
+        from itera.runtime.onnx_backend import OnnxRuntime
+
+        return OnnxRuntime(Path(path), threads=threads)
     from itera.runtime.torch_backend import TorchRuntime
 
     return TorchRuntime.load(Path(path), dtype=dtype, device=device, threads=threads)

@@ -27,6 +27,14 @@ class TorchRuntime:
         return cls(model, tokenizer, device)
 
     @torch.inference_mode()
+    def logits(self, ids: Sequence[int]):
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        return self.model(x)[0].float().cpu().numpy()
+
+    def close(self) -> None:
+        pass
+
+    @torch.inference_mode()
     def nll(self, ids: Sequence[int], n_score: int) -> list[float]:
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
         logits = self.model(x[:, :-1])[0, -n_score:].float()  # (n_score, V): predictions for the last n_score tokens

@@ -1,0 +1,242 @@
+"""GGUF export for llama.cpp, written with the ``gguf`` package.
+
+Architecture ``llama``: Hugging Face's rotary layout (rotate-half) is turned into llama.cpp's
+(interleaved pairs) by permuting the rows of q_proj and k_proj, as llama.cpp's own converter
+does. Llama-3 rope scaling goes in a ``rope_freqs`` tensor of per-frequency factors; linear
+scaling in metadata. The byte-level BPE tokenizer goes in as a ``gpt2`` model with its merges
+and the ``gpt2`` pre-tokenizer, so llama.cpp splits and merges text exactly as itera does.
+
+Tensor types: F32, F16, BF16, Q8_0, Q4_0 directly; 1-D tensors are always F32, and a 2-D tensor
+whose rows are not a multiple of 32 falls back to F16 (listed in the result). From an itera
+checkpoint quantized symmetrically with group size 32, 4-bit layers become Q4_0 and 8-bit
+layers Q8_0 blocks straight from their codes and scales (no re-quantization). Tensors that
+were not quantized in the source stay F16. llama.cpp's K-quants come from llama.cpp's own
+quantizer run on an F16 export (:func:`llama_quantize`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from itera.errors import UnsupportedModelError, UsageError
+from itera.model.config import ModelConfig
+
+DIRECT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+# llama.cpp's quantizer, run through llama-cpp-python on an F16 file.
+LLAMA_QUANT_TYPES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q3_K_M", "Q2_K", "Q4_1", "Q5_0", "Q5_1")
+GGUF_TYPES = DIRECT_TYPES + LLAMA_QUANT_TYPES
+BLOCK = 32
+
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(hf: str) -> str:
+    """Hugging Face tensor name -> llama.cpp's."""
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf in fixed:
+        return fixed[hf]
+    _, _, i, rest = hf.split(".", 3)  # model.layers.{i}.{rest}
+    if rest in _LAYER_NAMES:
+        return f"blk.{i}.{_LAYER_NAMES[rest]}"
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{i}.{_LAYER_NAMES[module]}.{kind}"
+
+
+def rope_permutation(n_head: int, head_dim: int) -> torch.Tensor:
+    """Row order that turns rotate-half q/k projections into llama.cpp's interleaved layout."""
+    rows = torch.arange(n_head * head_dim)
+    return rows.reshape(n_head, 2, head_dim // 2).transpose(1, 2).reshape(-1)
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings:
+        raise UnsupportedModelError(f"GGUF export of a sliding-window model ({cfg.model_type}, window "
+                                    f"{cfg.sliding_window}) is not supported: llama.cpp's llama architecture has no "
+                                    "sliding window")
+    if cfg.mlp_bias:
+        raise UnsupportedModelError("GGUF export of a model with MLP biases (mlp_bias) is not supported")
+
+
+def _tokenizer_metadata(w, ckpt: Path, tok) -> None:
+    import gguf
+
+    tj = json.loads((ckpt / "tokenizer.json").read_text("utf-8"))
+    model = tj.get("model", {})
+    pre = tj.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or model.get("byte_fallback"):
+        raise UnsupportedModelError("GGUF export supports byte-level BPE tokenizers (GPT-2 style); this "
+                                    f"tokenizer is {model.get('type')} with pre-tokenizer {pre.get('type')}")
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    n = max(vocab.values()) + 1
+    tokens = [""] * n
+    for text, i in vocab.items():
+        tokens[i] = text
+    special = {t["id"]: t.get("special", False) for t in tj.get("added_tokens", [])}
+    types = [gguf.TokenType.CONTROL if special.get(i) else
+             gguf.TokenType.USER_DEFINED if i in special else gguf.TokenType.NORMAL for i in range(n)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")  # llama.cpp: LLAMA_VOCAB_PRE_TYPE_GPT2, the GPT-2 split regex
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    if tok.bos_id is not None:
+        w.add_bos_token_id(tok.bos_id)
+    if tok.eos_id is not None:
+        w.add_eos_token_id(tok.eos_id)
+    w.add_add_bos_token(bool(tok.add_bos))
+    w.add_add_eos_token(False)
+
+
+def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
+    """Write ``ckpt`` as a GGUF file at ``out`` (the caller makes the write atomic).
+
+    Returns {"tensor_types": {type: count}, "fallbacks": [...], "direct_from_codes": n}.
+    """
+    import gguf
+    from safetensors import safe_open
+
+    from itera.model.checkpoint import expected_shapes, load_config, weight_files
+    from itera.quant.formats import LayerQuant, ggml_blocks, layer_plan, unpack
+    from itera.tokenizer import Tokenizer
+
+    if gguf_type not in DIRECT_TYPES:
+        raise UsageError(f"--gguf-type {gguf_type} is written by llama.cpp's quantizer, not directly")
+    cfg = load_config(ckpt)
+    check_exportable(cfg)
+    tok = Tokenizer.from_dir(ckpt)
+    plan = layer_plan(cfg.quantization) if cfg.quantization else {}
+    tensors: dict[str, torch.Tensor] = {}
+    for f in weight_files(ckpt):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                tensors[k] = st.get_tensor(k)
+
+    qtype = getattr(gguf.GGMLQuantizationType, gguf_type)
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name(ckpt.name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if gguf_type == "F32" else f"MOSTLY_{gguf_type}"))
+    if cfg.rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    _tokenizer_metadata(w, ckpt, tok)
+
+    counts: dict[str, int] = {}
+    fallbacks: list[dict] = []
+    direct = 0
+
+    def add(name: str, data: np.ndarray, raw: "gguf.GGMLQuantizationType | None", type_name: str) -> None:
+        counts[type_name] = counts.get(type_name, 0) + 1
+        w.add_tensor(name, data, raw_dtype=raw)
+
+    def add_float(name: str, x: torch.Tensor, want: str) -> None:
+        x = x.float()
+        if x.ndim == 1 or want == "F32":
+            add(name, x.numpy().astype(np.float32), None, "F32")
+            return
+        if want in ("Q8_0", "Q4_0") and x.shape[-1] % BLOCK:
+            fallbacks.append({"tensor": name, "wanted": want, "written": "F16",
+                              "reason": f"row length {x.shape[-1]} is not a multiple of {BLOCK}"})
+            want = "F16"
+        if want == "F16":
+            add(name, x.numpy().astype(np.float16), None, "F16")
+        else:
+            t = getattr(gguf.GGMLQuantizationType, want)
+            add(name, gguf.quants.quantize(x.numpy().astype(np.float32), t), t, want)
+
+    shapes = expected_shapes(cfg)
+    hd = cfg.head_dim
+    perms = {"self_attn.q_proj": rope_permutation(cfg.num_attention_heads, hd),
+             "self_attn.k_proj": rope_permutation(cfg.num_key_value_heads, hd)}
+
+    def perm_for(module: str) -> torch.Tensor | None:
+        for suffix, p in perms.items():
+            if module.endswith(suffix):
+                return p
+        return None
+
+    for name in shapes:  # weights and biases; q/k rows (and q/k biases) are permuted
+        module = name.rsplit(".", 1)[0]
+        perm = perm_for(module)
+        if module in plan:
+            q: LayerQuant = plan[module]
+            in_f = shapes[name][1]
+            codes = unpack(tensors[module + ".qweight"], q.bits, in_f)
+            scales = tensors[module + ".scales"]
+            if perm is not None:
+                codes, scales = codes[perm], scales[perm]
+            block_type = {4: "Q4_0", 8: "Q8_0"}.get(q.bits)
+            if q.sym and q.group_size == BLOCK and block_type == gguf_type:
+                raw = getattr(gguf.GGMLQuantizationType, block_type)
+                add(gguf_name(name), ggml_blocks(codes, scales, q.bits), raw, block_type)
+                direct += 1
+            else:  # a layout GGUF cannot hold as it is: dequantize and write the requested type
+                from itera.quant.formats import dequantize
+
+                zeros = tensors.get(module + ".zeros")
+                if zeros is None:
+                    zeros = torch.full(scales.shape, 2 ** (q.bits - 1))
+                elif perm is not None:
+                    zeros = zeros[perm]
+                fallbacks.append({"tensor": gguf_name(name), "wanted": gguf_type, "written": gguf_type,
+                                  "reason": f"source is {q.bits}-bit group {q.group_size} "
+                                            f"{'sym' if q.sym else 'asym'}: re-quantized from its dequantized values"})
+                add_float(gguf_name(name), dequantize(codes, scales, zeros), gguf_type)
+            continue
+        x = tensors[name]
+        if perm is not None:
+            x = x[perm]
+        want = gguf_type
+        if cfg.quantization and x.ndim == 2:
+            want = "F16" if gguf_type != "F32" else "F32"  # not quantized in the source: keep 16-bit
+        add_float(gguf_name(name), x, want)
+    if cfg.rope_type == "llama3":
+        from itera.model.llama import rope_inv_freq
+
+        base = ModelConfig(**{**{k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                              "num_hidden_layers", "num_attention_heads",
+                                                              "num_key_value_heads", "head_dim", "rope_theta")}})
+        factors = (rope_inv_freq(base) / rope_inv_freq(cfg)).float()
+        add("rope_freqs.weight", factors.numpy().astype(np.float32), None, "F32")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"tensor_types": counts, "fallbacks": fallbacks, "direct_from_codes": direct}
+
+
+def llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = None) -> None:
+    """Run llama.cpp's quantizer (through llama-cpp-python) from ``src`` to ``dst``."""
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads or 0
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama.cpp's quantizer failed with code {rc}")

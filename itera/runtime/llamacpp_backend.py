@@ -1,0 +1,94 @@
+"""The llama.cpp backend (through llama-cpp-python) for ``.gguf`` files.
+
+The KV cache is kept in F32 so that logits are comparable with the float source model; the
+tokenizer is llama.cpp's own, from the GGUF file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from itera.errors import InputError
+
+GGML_TYPE_F32 = 0
+
+
+class LlamaCppTokenizer:
+    """itera's tokenizer interface over the tokenizer embedded in a GGUF file."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        meta = llm.metadata
+        self.bos_id = llm.token_bos() if llm.token_bos() >= 0 else None
+        self.eos_id = llm.token_eos() if llm.token_eos() >= 0 else None
+        self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true" and self.bos_id is not None
+        self.vocab_size = llm.n_vocab()
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        return ([self.bos_id] if (self.add_bos if add_bos is None else add_bos) else []) + ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets (from the byte length of each token's piece)."""
+        ids = self.encode(text, add_bos=False)
+        char_end_bytes = []  # byte offset at which each character ends
+        total = 0
+        for ch in text:
+            total += len(ch.encode("utf-8"))
+            char_end_bytes.append(total)
+        offsets, pos = [], 0
+        for t in ids:
+            start = pos
+            pos += len(self.llm.detokenize([t]))
+            c0 = bisect.bisect_right(char_end_bytes, start)
+            c1 = bisect.bisect_left(char_end_bytes, pos) + 1
+            offsets.append((c0, min(c1, len(text))))
+        return ids, offsets
+
+    def decode(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+
+class LlamaCppRuntime:
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 0):
+        import llama_cpp
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
+                                           n_threads=threads or os.cpu_count(), type_k=GGML_TYPE_F32,
+                                           type_v=GGML_TYPE_F32, n_batch=512)
+            except ValueError:
+                raise InputError(f"llama.cpp could not load {path}; pass a GGUF file written by `itera export` "
+                                 "or llama.cpp's tools") from None
+        self.tokenizer = LlamaCppTokenizer(self.llm)
+        self.max_context = self.llm.n_ctx()
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """(T, vocab) float32 logits for every position of ``ids``."""
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def nll(self, ids: Sequence[int], n_score: int) -> list[float]:
+        return nll_from_logits(self.logits(ids[:-1])[-n_score:], ids[-n_score:])
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def nll_from_logits(logits: np.ndarray, targets: Sequence[int]) -> list[float]:
+    """Negative log-likelihoods of ``targets`` under (n, vocab) ``logits``, in float64."""
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    logz = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
+    return (logz - x[np.arange(len(targets)), np.asarray(targets)]).tolist()

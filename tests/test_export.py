@@ -1,0 +1,163 @@
+"""itera export: every artifact checked in its own runtime against the source model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_usage_error, run_itera, save_tiny
+from itera.evaluate import EvalOptions, evaluate_text
+from itera.model.checkpoint import load_model
+from itera.record import validate
+from itera.runtime import open_runtime
+
+MULTILINGUAL = ("English text, naïve café — “quotes”; Deutsch: Größe, Straße; français: où êtes-vous? "
+                "español: ¿qué tal? 日本語のテキスト 北京 Привет мир 🙂 tabs\tand  double  spaces\n\nnew lines "
+                "code: def f(x): return {'k': x ** 2} # 12345 3.14159")
+
+
+def export(model, out, *args):
+    return run_itera("export", "--model", model, "--out", out, *args)
+
+
+@pytest.fixture(scope="module")
+def tiny_variants(tmp_path_factory, tokenizer_dir):
+    d = tmp_path_factory.mktemp("variants")
+    return {
+        "gqa-untied": save_tiny(d / "gqa", tokenizer_dir, num_key_value_heads=2),
+        "tied-mha": save_tiny(d / "tied", tokenizer_dir, num_key_value_heads=4, tie_word_embeddings=True),
+        "llama3-rope": save_tiny(d / "l3", tokenizer_dir, num_key_value_heads=2, rope_theta=500.0,
+                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        "linear-rope-qkv-bias": save_tiny(d / "lin", tokenizer_dir, num_key_value_heads=1, attention_bias=True,
+                                          rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    }
+
+
+@pytest.mark.parametrize("variant", ["gqa-untied", "tied-mha", "llama3-rope", "linear-rope-qkv-bias"])
+def test_gguf_f32_logits_match_torch(tiny_variants, variant, tmp_path):
+    rec = export(tiny_variants[variant], tmp_path / "m.gguf", "--format", "gguf", "--gguf-type", "F32").record
+    validate(rec)
+    m = rec["metrics"]
+    assert m["verified"] and m["max_abs_logit_diff"] < 1e-3 and m["tokenizer_parity"] is True
+    # independently of export's own check: llama.cpp on fresh ids, past the original rope context
+    model, cfg = load_model(tiny_variants[variant])
+    ids = torch.randint(0, cfg.vocab_size, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+    rt = open_runtime(tmp_path / "m.gguf")
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(rt.logits(ids) - ref).max() < 1e-3
+    rt.close()
+
+
+def test_llama_cpp_tokenizes_like_itera(lm, tmp_path):
+    export(lm, tmp_path / "m.gguf", "--format", "gguf", "--gguf-type", "F16").record
+    rt = open_runtime(tmp_path / "m.gguf")
+    ours = open_runtime(lm).tokenizer
+    for text in (MULTILINGUAL, MULTILINGUAL[::-1], "  leading spaces", "x"):
+        assert rt.tokenizer.encode(text, add_bos=False) == ours.encode(text, add_bos=False), text
+    rt.close()
+
+
+def _ppl(path, text, window=128, stride=64):
+    rt = open_runtime(path)
+    m = evaluate_text(rt, text, EvalOptions(window=window, stride=stride, bos=False, max_tokens=3000))
+    rt.close()
+    return m["perplexity"]
+
+
+@pytest.fixture(scope="module")
+def heldout_text():
+    from itera.data import load_text
+
+    return load_text("pydocs@test").text[-40_000:]
+
+
+def test_gguf_perplexity_matches_torch(lm, tmp_path, heldout_text):
+    export(lm, tmp_path / "f32.gguf", "--format", "gguf", "--gguf-type", "F32").record
+    export(lm, tmp_path / "q8.gguf", "--format", "gguf", "--gguf-type", "Q8_0").record
+    torch_ppl = _ppl(lm, heldout_text)
+    assert abs(_ppl(tmp_path / "f32.gguf", heldout_text) / torch_ppl - 1) < 1e-3
+    assert abs(_ppl(tmp_path / "q8.gguf", heldout_text) / torch_ppl - 1) < 1e-2
+
+
+def test_gptq_q4_0_beats_llama_cpp_own_q4_0(lm, tmp_path, heldout_text):
+    from itera.export.gguf import llama_quantize
+
+    q = run_itera("quantize", "--model", lm, "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib",
+                  "pydocs@test", "--calib-samples", "128", "--calib-seqlen", "128", "--out", tmp_path / "g4")
+    ex = run_itera("export", "--format", "gguf", "--gguf-type", "Q4_0", "--out", tmp_path / "g4.gguf",
+                   stdin=q.stdout).record
+    assert ex["metrics"]["direct_from_codes"] == 28 and ex["metrics"]["tensor_types"]["Q4_0"] == 28
+    assert ex["parent"]["command"] == "quantize"
+    export(lm, tmp_path / "f32.gguf", "--format", "gguf", "--gguf-type", "F32").record
+    llama_quantize(tmp_path / "f32.gguf", tmp_path / "llama-q4_0.gguf", "Q4_0")
+    ours, theirs = _ppl(tmp_path / "g4.gguf", heldout_text), _ppl(tmp_path / "llama-q4_0.gguf", heldout_text)
+    assert ours < theirs, (ours, theirs)
+    # the direct blocks hold exactly the quantized checkpoint's weights: llama.cpp agrees with torch on it
+    assert abs(ours / _ppl(tmp_path / "g4", heldout_text) - 1) < 2e-3
+
+
+def test_llama_cpp_k_quant(lm, tmp_path):
+    rec = export(lm, tmp_path / "k.gguf", "--format", "gguf", "--gguf-type", "Q4_K_M").record
+    assert rec["metrics"]["quantized_by"] == "llama.cpp" and rec["metrics"]["top1_agreement"] >= 0.6
+    assert (tmp_path / "k.gguf").stat().st_size < (lm / "model.safetensors").stat().st_size / 3
+
+
+def test_onnx_logits_and_kv_cache_generation(lm, tmp_path, tokenizer_dir):
+    rec = export(lm, tmp_path / "m.onnx", "--format", "onnx").record
+    validate(rec)
+    m = rec["metrics"]
+    assert m["max_abs_logit_diff"] < 1e-4 and m["kv_greedy_agreement"] == 1.0
+    assert (tmp_path / "m.kv.onnx").is_file() and rec["params"]["extra_outputs"] == [str(tmp_path / "m.kv.onnx")]
+    # independent check on other ids and a batch of 2
+    import onnxruntime as ort
+
+    model, cfg = load_model(lm)
+    x = torch.randint(0, cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(5))
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(["logits"], {"input_ids": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - model(x).numpy()).max() < 1e-4
+    # evaluate runs on the .onnx file with its embedded tokenizer
+    ev = run_itera("evaluate", "-d", "pydocs@test", "--max-tokens", "300", stdin=json.dumps(rec)).record
+    assert ev["artifact"]["format"] == "onnx" and ev["params"]["runtime"] == "onnxruntime"
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_onnx_weight_quantization(lm, tmp_path, quant):
+    rec = export(lm, tmp_path / "m.onnx", "--format", "onnx", "--onnx-quant", quant).record
+    assert rec["metrics"]["verified"] and (tmp_path / "m.onnx").stat().st_size < (lm / "model.safetensors").stat().st_size / 2
+
+
+@pytest.mark.parametrize("fmt,suffix", [("pt2", ".pt2"), ("torchscript", ".pt")])
+def test_torch_formats(tiny_ckpt, tmp_path, fmt, suffix):
+    rec = export(tiny_ckpt, tmp_path / f"m{suffix}", "--format", fmt).record
+    assert rec["metrics"]["max_abs_logit_diff"] < 1e-4 and rec["artifact"]["format"] == fmt
+
+
+def test_verification_failure_removes_the_artifact(tiny_ckpt, tmp_path):
+    res = export(tiny_ckpt, tmp_path / "m.gguf", "--format", "gguf", "--gguf-type", "Q8_0", "--max-logit-diff", "1e-9")
+    assert res.returncode == 1 and res.stdout == "" and "disagrees with the source model" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+    kept = export(tiny_ckpt, tmp_path / "m.gguf", "--format", "gguf", "--gguf-type", "Q8_0", "--max-logit-diff",
+                  "1e-9", "--allow-mismatch").record
+    assert kept["metrics"]["verified"] is False and (tmp_path / "m.gguf").is_file()
+
+
+def test_bad_input(tiny_ckpt, tmp_path, tokenizer_dir):
+    assert_usage_error(export(tiny_ckpt, tmp_path / "m.x", "--format", "tflite"), "unknown --format 'tflite'")
+    assert_usage_error(export(tiny_ckpt, tmp_path / "m.gguf", "--format", "gguf", "--gguf-type", "Q9_X"),
+                       "unknown --gguf-type 'Q9_X'")
+    assert_usage_error(export(tiny_ckpt, tmp_path / "nope" / "m.gguf", "--format", "gguf"),
+                       "does not exist; create")
+    mistral = save_tiny(tmp_path / "mistral", tokenizer_dir, model_type="mistral", sliding_window=8)
+    assert_usage_error(export(mistral, tmp_path / "m.gguf", "--format", "gguf"), "sliding-window")
+    notok = save_tiny(tmp_path / "notok", tokenizer_dir)
+    (notok / "tokenizer.json").unlink()
+    assert_usage_error(export(notok, tmp_path / "m.onnx", "--format", "onnx"), "has no tokenizer.json")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["mistral", "notok"]
