@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from itera import __version__
-from itera.commands import distill, evaluate, export, quantize, registry, schema
+from itera.commands import benchmark_power, distill, evaluate, export, quantize, registry, schema
 
 app = typer.Typer(
     name="itera",
@@ -28,6 +28,7 @@ app = typer.Typer(
 
 # The one list of commands (and command groups). A test checks that `itera --help` shows exactly these.
 COMMANDS = {
+    "benchmark-power": benchmark_power.benchmark_power,
     "distill": distill.distill,
     "evaluate": evaluate.evaluate,
     "export": export.export,

@@ -13,16 +13,21 @@ $ITERA distill --alpha 0 --tokenizer bpe:4096 --student configs/students/demo-te
     --data pydocs@train --out "$RUNS/teacher" --steps 300 --lr 3e-3 --warmup-steps 20 \
     --batch-size 16 --seq-len 128 --metrics-out "$RUNS/teacher.json" > /dev/null
 
-echo "== 2. distill a quarter-size student, quantize it to 4 bits with GPTQ, evaluate it, register it" >&2
+echo "== 2. distill a quarter-size student | GPTQ 4-bit | GGUF Q4_0 | evaluate in llama.cpp | benchmark | register" >&2
 $ITERA distill --teacher "$RUNS/teacher" --student quarter --data pydocs@train --out "$RUNS/student" \
     --steps 150 --lr 2e-3 --batch-size 16 --seq-len 128 --metrics-out "$RUNS/student.json" \
   | $ITERA quantize --method gptq --bits 4 --group-size 32 --calib pydocs@test --out "$RUNS/student-q4" \
       --metrics-out "$RUNS/student-q4.json" \
+  | $ITERA export --format gguf --gguf-type Q4_0 --out "$RUNS/student-q4.gguf" --metrics-out "$RUNS/student-export.json" \
   | $ITERA evaluate --dataset pydocs@test --max-tokens 20000 --metrics-out "$RUNS/student-eval.json" \
+  | $ITERA benchmark-power --metrics-out "$RUNS/student-power.json" \
   | $ITERA registry register --name pydocs-demo --tag role=student "${REG[@]}" > "$RUNS/student-register.json"
 
-echo "== 3. evaluate the teacher the same way and register it" >&2
-$ITERA evaluate --model "$RUNS/teacher" --dataset pydocs@test --max-tokens 20000 --metrics-out "$RUNS/teacher-eval.json" \
+echo "== 3. the teacher as GGUF F16: evaluate, benchmark, register" >&2
+$ITERA export --model "$RUNS/teacher" --format gguf --gguf-type F16 --out "$RUNS/teacher-f16.gguf" \
+    --metrics-out "$RUNS/teacher-export.json" \
+  | $ITERA evaluate --dataset pydocs@test --max-tokens 20000 --metrics-out "$RUNS/teacher-eval.json" \
+  | $ITERA benchmark-power --metrics-out "$RUNS/teacher-power.json" \
   | $ITERA registry register --name pydocs-demo --tag role=teacher "${REG[@]}" > "$RUNS/teacher-register.json"
 
 echo "== 4. activate the teacher, mark it good, try to promote the student on perplexity" >&2

@@ -1,0 +1,421 @@
+"""Energy meters and the generation workload of ``itera benchmark-power``.
+
+Meters, in the order ``--meter auto`` tries them:
+
+- ``rapl``: Linux powercap (``/sys/class/powercap/intel-rapl*``), package and DRAM domains;
+  microjoule counters read at phase boundaries, wrap-around handled with ``max_energy_range_uj``.
+- ``nvml``: NVIDIA's total-energy counter (nvidia-ml-py) where the GPU has one, else power
+  sampled in a background thread and integrated (trapezoids).
+- ``none``: energy is not measured; fields are null and the record says why.
+
+``--estimate PROFILE`` (only when asked) replaces measurement with arithmetic on a profile from
+``configs/power/``: ``energy = idle_w * wall_s + (tdp_w - idle_w) * cpu_s / cores``, with the
+process's measured CPU time; the record says ``energy_method: "estimate-tdp"``.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from itera.errors import UsageError
+
+POWERCAP = Path("/sys/class/powercap")
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "configs" / "power"
+METERS = ("auto", "rapl", "nvml", "none")
+
+
+class MeterUnavailable(Exception):
+    """This meter cannot measure here; the message is the reason."""
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+# --------------------------------------------------------------------------- RAPL
+
+
+@dataclass
+class RaplDomain:
+    name: str
+    energy_file: Path
+    max_range_uj: int
+
+
+class RaplMeter:
+    """Reads package and DRAM energy counters from a powercap tree (``root`` for tests)."""
+
+    method = "rapl"
+    sampling_interval_s = None  # counters are read at phase boundaries, not sampled
+
+    def __init__(self, root: Path = POWERCAP):
+        root = Path(root)
+        zones = sorted(root.glob("intel-rapl:*")) if root.is_dir() else []
+        if not zones:
+            raise MeterUnavailable(f"no RAPL domains under {root} (not an Intel/AMD Linux host, or powercap is absent)")
+        self.domains: list[RaplDomain] = []
+        for z in zones:
+            try:
+                name = (z / "name").read_text().strip()
+                if not (name.startswith("package") or name == "dram"):
+                    continue
+                max_range = int((z / "max_energy_range_uj").read_text())
+                (z / "energy_uj").read_text()
+            except PermissionError:
+                raise MeterUnavailable(f"{z}/energy_uj is not readable by this user (RAPL counters are root-only "
+                                       "on recent kernels; run as root or chmod the files)") from None
+            except (OSError, ValueError) as e:
+                raise MeterUnavailable(f"{z} could not be read: {e}") from None
+            label = name if name == "dram" else f"{name}"
+            self.domains.append(RaplDomain(label, z / "energy_uj", max_range))
+        if not self.domains:
+            raise MeterUnavailable(f"no package or DRAM RAPL domains under {root}")
+
+    def read(self) -> dict[str, int]:
+        return {d.name: int(d.energy_file.read_text()) for d in self.domains}
+
+    def joules(self, before: dict[str, int], after: dict[str, int]) -> float:
+        """Energy between two readings, summed over domains; a counter that wrapped is unwrapped once."""
+        total_uj = 0
+        for d in self.domains:
+            delta = after[d.name] - before[d.name]
+            if delta < 0:
+                delta += d.max_range_uj
+            total_uj += delta
+        return total_uj / 1e6
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- NVML
+
+
+def integrate_power(samples: list[tuple[float, float]]) -> float:
+    """Joules from (time_s, watts) samples by the trapezoidal rule."""
+    return sum((t1 - t0) * (w0 + w1) / 2 for (t0, w0), (t1, w1) in zip(samples, samples[1:]))
+
+
+class NvmlMeter:
+    """NVIDIA GPU energy: the total-energy counter (mJ) if supported, else sampled power."""
+
+    method = "nvml"
+
+    def __init__(self, index: int = 0, interval_s: float = 0.02):
+        try:
+            import pynvml
+        except ImportError:
+            raise MeterUnavailable("nvidia-ml-py is not installed (pip install nvidia-ml-py)") from None
+        try:
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception as e:  # pynvml raises NVMLError subclasses
+            raise MeterUnavailable(f"NVML found no usable NVIDIA GPU ({e})") from None
+        self.nvml = pynvml
+        try:
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+            self.counter = True
+            self.sampling_interval_s = None
+        except Exception:
+            self.counter = False
+            self.sampling_interval_s = interval_s
+            self.samples: list[tuple[float, float]] = []
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000))
+            time.sleep(self.sampling_interval_s)
+
+    def read(self):
+        if self.counter:
+            return self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)  # millijoules
+        return time.perf_counter()
+
+    def joules(self, before, after) -> float:
+        if self.counter:
+            return (after - before) / 1000
+        window = [(t, w) for t, w in self.samples if before <= t <= after]
+        return integrate_power(window)
+
+    def close(self) -> None:
+        if not self.counter:
+            self._stop.set()
+            self._thread.join(timeout=1)
+
+
+def open_meter(kind: str, device: str = "cpu"):
+    """(meter or None, reason when None). ``auto`` tries NVML on a GPU device, then RAPL."""
+    if kind not in METERS:
+        raise UsageError(f"unknown --meter {kind!r}; use auto, rapl, nvml or none")
+    if kind == "none":
+        return None, "no meter requested (--meter none)"
+    order = [kind] if kind != "auto" else (["nvml", "rapl"] if device.startswith("cuda") else ["rapl"])
+    reasons = []
+    for k in order:
+        try:
+            return (RaplMeter() if k == "rapl" else NvmlMeter()), None
+        except MeterUnavailable as e:
+            reasons.append(f"{k}: {e}")
+    if kind != "auto":
+        raise UsageError(f"--meter {kind} cannot measure here: {reasons[0].split(': ', 1)[1]}; use --meter auto or none")
+    return None, "; ".join(reasons)
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+@dataclass
+class PowerProfile:
+    name: str
+    tdp_w: float
+    idle_w: float
+    cores: int
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "PowerProfile":
+        path = Path(name_or_path)
+        if path.suffix not in (".yaml", ".yml"):
+            path = PROFILE_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
+            raise UsageError(f"unknown power profile {name_or_path!r}; use one of {known} or a YAML file")
+        d = yaml.safe_load(path.read_text()) or {}
+        try:
+            p = cls(name=str(d.get("name", path.stem)), tdp_w=float(d["tdp_w"]), idle_w=float(d["idle_w"]),
+                    cores=int(d["cores"]))
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(f"power profile {path} needs tdp_w, idle_w and cores") from None
+        if p.cores < 1 or p.tdp_w < p.idle_w or p.idle_w < 0:
+            raise UsageError(f"power profile {path}: need cores >= 1 and tdp_w >= idle_w >= 0")
+        return p
+
+    def joules(self, wall_s: float, cpu_s: float) -> float:
+        """idle_w * wall_s + (tdp_w - idle_w) * cpu_s / cores."""
+        return self.idle_w * wall_s + (self.tdp_w - self.idle_w) * cpu_s / self.cores
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------- generation steppers
+
+
+class Stepper:
+    """Greedy generation with a runtime's KV cache: ``prefill(ids) -> next``, ``step(tok) -> next``."""
+
+    def prefill(self, ids: list[int]) -> int: ...
+
+    def step(self, token: int) -> int: ...
+
+
+class TorchStepper(Stepper):
+    def __init__(self, rt):
+        self.rt = rt
+
+    def prefill(self, ids):
+        import torch
+
+        from itera.model.llama import KVCache
+
+        self.cache = KVCache()
+        with torch.inference_mode():
+            return int(self.rt.model(torch.tensor([ids], device=self.rt.device), cache=self.cache)[0, -1].argmax())
+
+    def step(self, token):
+        import torch
+
+        with torch.inference_mode():
+            return int(self.rt.model(torch.tensor([[token]], device=self.rt.device), cache=self.cache)[0, -1].argmax())
+
+
+class LlamaCppStepper(Stepper):
+    def __init__(self, rt):
+        self.llm = rt.llm
+
+    def prefill(self, ids):
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def step(self, token):
+        import numpy as np
+
+        self.llm.eval([token])
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+
+class OnnxStepper(Stepper):
+    def __init__(self, onnx_path: Path, threads: int | None):
+        import onnxruntime as ort
+
+        from itera.errors import InputError
+        from itera.export.onnx import kv_path
+
+        kv = kv_path(Path(onnx_path))
+        if not kv.is_file():
+            raise InputError(f"{onnx_path} has no KV-cache graph {kv.name} beside it; re-export with `itera export "
+                             "--format onnx`")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.s = ort.InferenceSession(str(kv), opts, providers=["CPUExecutionProvider"])
+        self.past_inputs = [i for i in self.s.get_inputs() if i.name.startswith("past_")]
+        self.out_names = [o.name for o in self.s.get_outputs()]
+
+    def _run(self, ids):
+        import numpy as np
+
+        res = self.s.run(None, {"input_ids": np.asarray([ids], np.int64), **self.past})
+        self.past = {n.replace("present", "past"): v for n, v in zip(self.out_names[1:], res[1:])}
+        return int(res[0][0, -1].argmax())
+
+    def prefill(self, ids):
+        import numpy as np
+
+        self.past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past_inputs}
+        return self._run(ids)
+
+    def step(self, token):
+        return self._run([token])
+
+
+def stepper_for(rt, path: Path, threads: int | None) -> Stepper:
+    if rt.name == "torch":
+        return TorchStepper(rt)
+    if rt.name == "llama.cpp":
+        return LlamaCppStepper(rt)
+    return OnnxStepper(path, threads)
+
+
+# --------------------------------------------------------------------------- the workload
+
+
+@dataclass
+class RunTiming:
+    prefill_s: float
+    decode_latencies_s: list[float]
+    prefill_j: float | None = None
+    decode_j: float | None = None
+    prefill_cpu_s: float = 0.0
+    decode_cpu_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def cpu_s(self) -> float:
+        return self.prefill_cpu_s + self.decode_cpu_s
+
+
+@dataclass
+class Workload:
+    prompt_tokens: int = 64
+    gen_tokens: int = 64
+    runs: int = 5
+    warmup: int = 1
+
+    def validate(self) -> "Workload":
+        for name in ("prompt_tokens", "gen_tokens", "runs"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup must not be negative (got {self.warmup})")
+        return self
+
+
+PROMPT_TEXT = ("Once upon a time, in a small town by the river, an old clockmaker kept a shop full of ticking "
+               "clocks. Every morning he opened the shutters, wound the great clock by the door, and wrote the "
+               "day's orders in a thick book. ")
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode(PROMPT_TEXT, add_bos=False)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def measure_run(stepper: Stepper, ids: list[int], gen_tokens: int, meter) -> RunTiming:
+    """One measured generation: prefill (to the first token), then ``gen_tokens - 1`` decode steps,
+    each timed; energy read at the phase boundaries."""
+    c0 = cpu_seconds()
+    e0 = meter.read() if meter else None
+    t0 = time.perf_counter()
+    tok = stepper.prefill(ids)
+    t1 = time.perf_counter()
+    c1 = cpu_seconds()
+    e1 = meter.read() if meter else None
+    lat = []
+    for _ in range(gen_tokens - 1):
+        s = time.perf_counter()
+        tok = stepper.step(tok)
+        lat.append(time.perf_counter() - s)
+    t2 = time.perf_counter()
+    e2 = meter.read() if meter else None
+    r = RunTiming(prefill_s=t1 - t0, decode_latencies_s=lat, prefill_cpu_s=c1 - c0, decode_cpu_s=cpu_seconds() - c1,
+                  wall_s=t2 - t0)
+    if meter:
+        r.prefill_j, r.decode_j = meter.joules(e0, e1), meter.joules(e1, e2)
+    return r
+
+
+def summarize(runs: list[RunTiming], w: Workload, energy_method: str, reason: str | None, meter,
+              profile: PowerProfile | None, threads: int | None, runtime: str) -> dict:
+    """The record's metrics from measured runs (every decode token's latency counts)."""
+    lat = [x for r in runs for x in r.decode_latencies_s]
+    prefill = [r.prefill_s for r in runs]
+    wall = sum(r.wall_s for r in runs)
+    cpu = sum(r.cpu_s for r in runs)
+    n_prompt, n_gen = w.prompt_tokens * len(runs), w.gen_tokens * len(runs)
+    m: dict = {
+        "runs": len(runs), "prompt_tokens": w.prompt_tokens, "gen_tokens": w.gen_tokens,
+        "ttft_ms_p50": percentile(prefill, 50) * 1e3,
+        "prefill_tokens_per_s": n_prompt / sum(prefill),
+        "decode_tokens_per_s": len(lat) / sum(lat) if lat else None,
+        "decode_latency_ms_p50": percentile(lat, 50) * 1e3 if lat else None,
+        "decode_latency_ms_p95": percentile(lat, 95) * 1e3 if lat else None,
+        "decode_latency_ms_p99": percentile(lat, 99) * 1e3 if lat else None,
+        "decode_latency_ms_mean": sum(lat) / len(lat) * 1e3 if lat else None,
+        "wall_s": wall, "cpu_s": cpu, "cpu_utilisation": cpu / wall,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "energy_method": energy_method, "energy_reason": reason,
+        "sampling_interval_s": getattr(meter, "sampling_interval_s", None) if meter else None,
+        "runtime": runtime, "threads": threads,
+        "energy_prefill_j": None, "energy_decode_j": None, "energy_j": None,
+        "j_per_token": None, "tokens_per_j": None, "avg_power_w": None,
+    }
+    if meter is not None:
+        ep, ed = sum(r.prefill_j for r in runs), sum(r.decode_j for r in runs)
+    elif profile is not None:  # each phase from its own wall and CPU time
+        ep = sum(profile.joules(r.prefill_s, r.prefill_cpu_s) for r in runs)
+        ed = sum(profile.joules(r.wall_s - r.prefill_s, r.decode_cpu_s) for r in runs)
+        m["profile"] = {"name": profile.name, "tdp_w": profile.tdp_w, "idle_w": profile.idle_w, "cores": profile.cores}
+    else:
+        return m
+    total = ep + ed
+    m.update(energy_prefill_j=ep, energy_decode_j=ed, energy_j=total, j_per_token=total / (n_prompt + n_gen),
+             decode_j_per_token=ed / max(1, len(lat)), tokens_per_j=(n_prompt + n_gen) / total if total > 0 else None,
+             avg_power_w=total / wall)
+    return m
