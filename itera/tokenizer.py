@@ -128,3 +128,26 @@ def train_bpe(texts: Iterable[str], vocab_size: int, add_bos: bool = True, min_f
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(tok, bos_id=tok.token_to_id(BOS), eos_id=tok.token_to_id(EOS), add_bos=add_bos)
+
+
+def train_sentencepiece_bpe(texts: Iterable[str], vocab_size: int, add_bos: bool = True) -> Tokenizer:
+    """Train a SentencePiece-style BPE (Llama-2 style): words marked with a leading ``▁``, byte
+    fallback to ``<0xXX>`` tokens for characters outside the vocabulary, ``<unk>``, ``<s>``, ``</s>``."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tok = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", BOS, EOS, *byte_tokens],
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    # Trained on words; applied like SentencePiece (and Llama-2's tokenizer.json): spaces become ▁
+    # and one ▁ is put in front, with no splitting, so runs of spaces tokenize as SentencePiece does.
+    from tokenizers import normalizers
+
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = None
+    return Tokenizer(tok, bos_id=tok.token_to_id(BOS), eos_id=tok.token_to_id(EOS), add_bos=add_bos)

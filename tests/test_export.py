@@ -161,3 +161,31 @@ def test_bad_input(tiny_ckpt, tmp_path, tokenizer_dir):
     assert_usage_error(export(notok, tmp_path / "m.onnx", "--format", "onnx"), "has no tokenizer.json")
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["mistral", "notok"]
+
+
+def test_sentencepiece_style_tokenizer_exports_with_parity(tmp_path):
+    """A SentencePiece-style BPE with byte fallback goes in as llama.cpp's `llama` tokenizer model;
+    llama.cpp tokenizes text (characters outside the vocabulary included) to itera's ids."""
+    from itera.data import load_text
+    from itera.model.checkpoint import save_model
+    from itera.model.config import ModelConfig
+    from itera.model.llama import LlamaForCausalLM
+    from itera.tokenizer import Tokenizer, train_sentencepiece_bpe
+
+    tok = train_sentencepiece_bpe([load_text("pydocs@train").text[:150_000] + " Größe où ¿qué?"], 600)
+    tok.save(tmp_path / "tok")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    model = LlamaForCausalLM(cfg)
+    model.init_weights(seed=0, std=0.1)
+    save_model(model, tmp_path / "spm", tokenizer_from=tmp_path / "tok")
+    rec = export(tmp_path / "spm", tmp_path / "spm.gguf", "--format", "gguf", "--gguf-type", "F32").record
+    assert rec["metrics"]["tokenizer_parity"] is True and rec["metrics"]["max_abs_logit_diff"] < 1e-3
+    ours = Tokenizer.from_dir(tmp_path / "spm")
+    rt = open_runtime(tmp_path / "spm.gguf")
+    for text in (MULTILINGUAL, "  leading spaces", "a   b\n\n\n  c", "plain words only"):
+        ids = ours.encode(text, add_bos=False)
+        assert rt.tokenizer.encode(text, add_bos=False) == ids, text
+        assert ours.decode(ids) == text
+    assert any(ours.backend.id_to_token(i).startswith("<0x") for i in ours.encode("北京", add_bos=False))
+    rt.close()

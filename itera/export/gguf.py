@@ -17,6 +17,7 @@ quantizer run on an F16 export (:func:`llama_quantize`).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -68,29 +69,62 @@ def check_exportable(cfg: ModelConfig) -> None:
         raise UnsupportedModelError("GGUF export of a model with MLP biases (mlp_bias) is not supported")
 
 
+BYTE_TOKEN = re.compile(r"^<0x[0-9A-F]{2}>$")
+
+
 def _tokenizer_metadata(w, ckpt: Path, tok) -> None:
+    """Embed the tokenizer: byte-level BPE as llama.cpp's ``gpt2`` model (tokens, merges, GPT-2
+    pre-tokenizer), SentencePiece-style BPE with byte fallback as its ``llama`` model (tokens,
+    scores, token types). SPM scores are minus the rank of the merge that made each token, so
+    llama.cpp's highest-score-first merging replays the BPE merge order."""
     import gguf
 
     tj = json.loads((ckpt / "tokenizer.json").read_text("utf-8"))
     model = tj.get("model", {})
     pre = tj.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or model.get("byte_fallback"):
-        raise UnsupportedModelError("GGUF export supports byte-level BPE tokenizers (GPT-2 style); this "
-                                    f"tokenizer is {model.get('type')} with pre-tokenizer {pre.get('type')}")
+    if model.get("type") != "BPE":
+        raise UnsupportedModelError(f"GGUF export supports BPE tokenizers; this one is {model.get('type')}")
+    spm = bool(model.get("byte_fallback"))
+    if not spm and pre.get("type") != "ByteLevel":
+        raise UnsupportedModelError("GGUF export supports byte-level BPE (GPT-2 style) and SentencePiece-style BPE "
+                                    f"with byte fallback; this BPE has pre-tokenizer {pre.get('type')}")
     vocab = tok.backend.get_vocab(with_added_tokens=True)
     n = max(vocab.values()) + 1
     tokens = [""] * n
     for text, i in vocab.items():
         tokens[i] = text
-    special = {t["id"]: t.get("special", False) for t in tj.get("added_tokens", [])}
-    types = [gguf.TokenType.CONTROL if special.get(i) else
-             gguf.TokenType.USER_DEFINED if i in special else gguf.TokenType.NORMAL for i in range(n)]
+    added = {t["id"]: t for t in tj.get("added_tokens", [])}
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")  # llama.cpp: LLAMA_VOCAB_PRE_TYPE_GPT2, the GPT-2 split regex
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    if not spm:
+        types = [gguf.TokenType.CONTROL if added.get(i, {}).get("special") else
+                 gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL for i in range(n)]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")  # llama.cpp: LLAMA_VOCAB_PRE_TYPE_GPT2, the GPT-2 split regex
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+    else:
+        rank = {m.replace(" ", ""): r for r, m in reversed(list(enumerate(merges)))}
+        unk = model.get("unk_token")
+        types, scores = [], []
+        for i, t in enumerate(tokens):
+            if t == unk:
+                types.append(gguf.TokenType.UNKNOWN)
+            elif BYTE_TOKEN.match(t):
+                types.append(gguf.TokenType.BYTE)
+            elif added.get(i, {}).get("special"):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                types.append(gguf.TokenType.NORMAL)
+            scores.append(-float(rank[t]) if t in rank else 0.0)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(True)
+        if unk is not None and unk in vocab:
+            w.add_unk_token_id(vocab[unk])
     if tok.bos_id is not None:
         w.add_bos_token_id(tok.bos_id)
     if tok.eos_id is not None:
