@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from itera import __version__
-from itera.commands import benchmark_power, distill, evaluate, export, quantize, registry, schema
+from itera.commands import benchmark_power, distill, dpo_train, evaluate, export, quantize, registry, schema
 
 app = typer.Typer(
     name="itera",
@@ -30,6 +30,7 @@ app = typer.Typer(
 COMMANDS = {
     "benchmark-power": benchmark_power.benchmark_power,
     "distill": distill.distill,
+    "dpo-train": dpo_train.dpo_train,
     "evaluate": evaluate.evaluate,
     "export": export.export,
     "quantize": quantize.quantize,

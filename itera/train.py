@@ -154,14 +154,19 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, train_ids: torch.Tensor, opts: TrainOptions,
                  dist: Dist | None = None, state_dir: Path | None = None,
-                 on_step: Callable[[int, dict], None] | None = None, on_eval: Callable[[int], None] | None = None):
+                 on_step: Callable[[int, dict], None] | None = None, on_eval: Callable[[int], None] | None = None,
+                 batch_fn: Callable[[int], torch.Tensor] | None = None):
         self.dist = dist or Dist()
         self.opts = opts.validate(self.dist.world)
         self.model, self.loss_fn, self.train_ids = model, loss_fn, train_ids
         self.state_dir = Path(state_dir) if state_dir else None
         self.on_step, self.on_eval = on_step, on_eval
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        # The global batch of a step: token windows by default; any (batch_size, ...) tensor that is
+        # a pure function of the step otherwise (DPO passes pair indices).
+        self.batch_fn = batch_fn or (lambda step: batch_for_step(train_ids, step, opts.batch_size, opts.seq_len, opts.seed))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.ndim >= 2]
+        no_decay = [p for p in trainable if p.ndim < 2]
         self.optim = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
                                         {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
         self.wrapped = model
@@ -177,7 +182,7 @@ class Trainer:
 
     def fingerprint(self) -> str:
         return run_fingerprint(self.opts, self.dist.world, sum(p.numel() for p in self.model.parameters()),
-                               int(self.train_ids.numel()))
+                               int(self.train_ids.numel()) if self.train_ids is not None else 0)
 
     def save_state(self) -> None:
         if not (self.state_dir and self.dist.main):
@@ -214,7 +219,7 @@ class Trainer:
             lr = lr_at(self.step, o)
             for group in self.optim.param_groups:
                 group["lr"] = lr
-            batch = batch_for_step(self.train_ids, self.step, o.batch_size, o.seq_len, o.seed)
+            batch = self.batch_fn(self.step)
             rows = batch[d.rank * per_rank:(d.rank + 1) * per_rank].to(d.device)
             self.optim.zero_grad(set_to_none=True)
             step_loss, logs = 0.0, {}
@@ -226,7 +231,7 @@ class Trainer:
                     loss, logs = self.loss_fn(self.wrapped, mb)
                     (loss / o.grad_accum).backward()
                 step_loss += loss.item() / o.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params(self.model), o.grad_clip)
             self.optim.step()
             self.train_seconds += time.perf_counter() - t0
             self.losses.append(step_loss)
@@ -241,11 +246,15 @@ class Trainer:
                 self.save_state()
                 barrier(d)
         self.model.eval()
-        tokens = o.steps * o.batch_size * o.seq_len
+        tokens = o.steps * o.batch_size * o.seq_len  # for token-window batches
         tail = self.losses[-10:]
         return {"tokens_seen": tokens, "train_seconds": self.train_seconds,
                 "tokens_per_s": tokens / self.train_seconds if self.train_seconds else None,
                 "first_loss": self.losses[0], "final_loss": sum(tail) / len(tail)}
+
+
+def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 class _null:

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from itera.commands._options import MetricsOut, ModelPath, progress_bar
+
+
+def dpo_train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the adapter (and merged/ with --merge).")],
+    model: ModelPath = None,
+    pairs: Annotated[Optional[Path], typer.Option(help="JSONL of {prompt, chosen, rejected}.")] = None,
+    feedback: Annotated[Optional[Path], typer.Option(help="JSONL of feedback events (thumbs, ab, correction, "
+                                                     "rating) to turn into pairs.")] = None,
+    beta: Annotated[float, typer.Option(help="DPO temperature on the reward margin.")] = 0.1,
+    loss: Annotated[str, typer.Option(help="sigmoid (DPO) or ipo.")] = "sigmoid",
+    label_smoothing: Annotated[float, typer.Option(help="Conservative DPO: assumed label noise.")] = 0.0,
+    lora_rank: Annotated[int, typer.Option()] = 8,
+    lora_alpha: Annotated[float, typer.Option()] = 16.0,
+    lora_dropout: Annotated[float, typer.Option()] = 0.0,
+    lora_targets: Annotated[str, typer.Option(help="Projections to adapt: q,k,v,o,gate,up,down.")] = "q,k,v,o,gate,up,down",
+    steps: Annotated[int, typer.Option()] = 100,
+    batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 8,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option()] = 5,
+    seed: Annotated[int, typer.Option()] = 0,
+    holdout: Annotated[float, typer.Option(help="Share of pairs held out for evaluation.")] = 0.1,
+    min_rating_gap: Annotated[float, typer.Option(help="Ratings this far apart make a pair.")] = 1.0,
+    save_pairs: Annotated[Optional[Path], typer.Option(help="Write the pairs used (e.g. derived from feedback).")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write the base with the adapter folded in.")] = False,
+    metrics_out: MetricsOut = None,
+) -> None:
+    """Preference-tune a model with DPO (or IPO) on LoRA adapters, from pairs or user feedback.
+
+    Runs unchanged under `torchrun --nproc-per-node N -m itera dpo-train ...` (pairs of each step
+    split across processes; only rank 0 writes). The reference policy is the base model with adapters off; its log-probabilities are cached by
+    model and data hash. Writes a PEFT-compatible adapter (adapter_config.json,
+    adapter_model.safetensors) and, with --merge, a merged checkpoint in OUT/merged.
+    """
+    from itera import record
+    from itera.dpo import DPOOptions, run_dpo
+    from itera.model.checkpoint import check_checkpoint_dir
+    from itera.train import TrainOptions, init_distributed
+
+    train = TrainOptions(steps=steps, batch_size=batch_size, seq_len=1, lr=lr, warmup_steps=warmup_steps,
+                         weight_decay=0.0, seed=seed).validate()
+    opts = DPOOptions(model=Path("."), out=out, pairs=pairs, feedback=feedback, beta=beta, loss=loss,
+                      label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                      lora_dropout=lora_dropout, lora_targets=lora_targets, holdout=holdout,
+                      min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs).validate()
+    parent = record.read_parent() if model is None else None
+    opts.model = record.input_path(model, parent, "--model")
+    check_checkpoint_dir(opts.model)
+    dist = init_distributed("cpu")
+    run = record.Run("dpo-train", parent=parent)
+    say = (lambda msg: print(msg, file=sys.stderr)) if dist.main else (lambda msg: None)
+    with progress_bar(enabled=dist.main) as bar:
+        task = bar.add_task("dpo", total=steps, loss=float("nan"), tps=0.0)
+        result = run_dpo(opts, train, log=say, dist=dist,
+                         on_step=lambda s, logs: bar.update(task, completed=s, loss=logs["loss"]))
+    if not dist.main:
+        return
+    m = result["metrics"]
+    if m["heldout"]:
+        print(f"held-out reward accuracy {m['heldout_before']['reward_accuracy']:.3f} -> "
+              f"{m['heldout']['reward_accuracy']:.3f}, margin {m['heldout']['reward_margin']:.3f}, "
+              f"KL to reference {m['kl_to_reference']:.4f}", file=sys.stderr)
+    rec = run.record(record.describe_artifact(out, "adapter", "peft-lora"), m, result["params"])
+    record.emit(rec, metrics_out=metrics_out)

@@ -1,0 +1,153 @@
+"""Preference pairs for DPO: strict reading of pairs files, and conversion of user feedback.
+
+Pairs file (``--pairs``): JSONL, one ``{"prompt", "chosen", "rejected"}`` object per line.
+Any malformed line is an error naming the file and line (nothing is trained).
+
+Feedback file (``--feedback``): JSONL events, each with a ``type``:
+
+- ``{"type": "thumbs", "prompt", "response", "vote": "up"|"down"}``: every up-voted response to a
+  prompt beats every down-voted response to the same prompt;
+- ``{"type": "ab", "prompt", "a", "b", "winner": "a"|"b"}``: the winner beats the other;
+- ``{"type": "correction", "prompt", "response", "corrected"}``: the edit beats the original;
+- ``{"type": "rating", "prompt", "response", "rating": number}``: between responses to the same
+  prompt, the higher rating beats the lower when they differ by at least ``min_rating_gap``.
+
+Malformed JSON is still an error; events that are well-formed JSON but unusable (unknown type,
+missing fields, identical responses) and pairs that contradict each other or repeat are dropped
+and counted with their reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from itera.errors import DataError
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def _lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; strict about encoding and JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; pass a JSONL file")
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise DataError(f"{path}:1: the file starts with a UTF-8 byte-order mark; save it as UTF-8 without BOM")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8") from None
+    lines = text.split("\n")
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            last = i == len(lines) and not text.endswith("\n")
+            what = "is truncated (the last line ends mid-object)" if last else "is not valid JSON"
+            raise DataError(f"{path}:{i}: the line {what}; each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        out.append((i, obj))
+    if not out:
+        raise DataError(f"{path} holds no lines; pass a JSONL file with at least one object")
+    return out
+
+
+def read_pairs(path: Path) -> list[Pair]:
+    pairs = []
+    for i, obj in _lines(path):
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(obj.get(key), str):
+                raise DataError(f"{path}:{i}: missing \"{key}\" (a string); each line needs prompt, chosen and rejected")
+        if obj["chosen"] == obj["rejected"]:
+            raise DataError(f"{path}:{i}: chosen and rejected are identical; a pair must prefer one response over another")
+        pairs.append(Pair(obj["prompt"], obj["chosen"], obj["rejected"]))
+    return pairs
+
+
+def pairs_from_feedback(path: Path, min_rating_gap: float = 1.0) -> tuple[list[Pair], dict[str, int]]:
+    """Pairs derived from feedback events, and {reason: count} of what was dropped."""
+    dropped: Counter = Counter()
+    raw: list[Pair] = []
+    votes: dict[str, dict[str, set]] = defaultdict(lambda: {"up": set(), "down": set()})
+    ratings: dict[str, list[tuple[float, str]]] = defaultdict(list)
+
+    def need(obj: dict, *keys: str) -> bool:
+        ok = all(isinstance(obj.get(k), str) for k in keys)
+        if not ok:
+            dropped[f"{obj.get('type')}: missing field"] += 1
+        return ok
+
+    for _, ev in _lines(path):
+        kind = ev.get("type")
+        if kind == "thumbs":
+            if need(ev, "prompt", "response"):
+                if ev.get("vote") not in ("up", "down"):
+                    dropped["thumbs: vote is not up or down"] += 1
+                else:
+                    votes[ev["prompt"]][ev["vote"]].add(ev["response"])
+        elif kind == "ab":
+            if need(ev, "prompt", "a", "b"):
+                if ev.get("winner") not in ("a", "b"):
+                    dropped["ab: winner is not a or b"] += 1
+                else:
+                    win, lose = (ev["a"], ev["b"]) if ev["winner"] == "a" else (ev["b"], ev["a"])
+                    raw.append(Pair(ev["prompt"], win, lose))
+        elif kind == "correction":
+            if need(ev, "prompt", "response", "corrected"):
+                raw.append(Pair(ev["prompt"], ev["corrected"], ev["response"]))
+        elif kind == "rating":
+            if need(ev, "prompt", "response"):
+                r = ev.get("rating")
+                if isinstance(r, bool) or not isinstance(r, (int, float)):
+                    dropped["rating: rating is not a number"] += 1
+                else:
+                    ratings[ev["prompt"]].append((float(r), ev["response"]))
+        else:
+            dropped["unknown event type"] += 1
+    for prompt, v in votes.items():
+        both = v["up"] & v["down"]
+        if both:
+            dropped["thumbs: same response voted up and down"] += len(both)
+        ups, downs = v["up"] - both, v["down"] - both
+        if not (ups and downs):
+            dropped["thumbs: no opposite vote for the same prompt"] += len(ups) + len(downs)
+        raw += [Pair(prompt, u, d) for u in sorted(ups) for d in sorted(downs)]
+    for prompt, rs in ratings.items():
+        paired = set()
+        for hi_r, hi in rs:
+            for lo_r, lo in rs:
+                if hi_r - lo_r >= min_rating_gap and hi != lo:
+                    raw.append(Pair(prompt, hi, lo))
+                    paired |= {hi, lo}
+        unpaired = len({resp for _, resp in rs} - paired)
+        if unpaired:
+            dropped["rating: no response to compare with by the rating gap"] += unpaired
+    # identical responses, contradictions, duplicates
+    out, seen = [], set()
+    keys = Counter((p.prompt, p.chosen, p.rejected) for p in raw)
+    for p in raw:
+        k = (p.prompt, p.chosen, p.rejected)
+        if p.chosen == p.rejected:
+            dropped["chosen and rejected identical"] += 1
+        elif (p.prompt, p.rejected, p.chosen) in keys:
+            dropped["contradicts another event"] += 1
+        elif k in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(k)
+            out.append(p)
+    return out, dict(dropped)

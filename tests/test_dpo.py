@@ -1,0 +1,227 @@
+"""itera dpo-train: the loss by hand, a learnable preference, PEFT-compatible adapters, merge,
+the reference cache, feedback conversion and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import _ADJS, _NOUNS, _PLACES, _VERBS, assert_usage_error, run_itera
+from itera.dpo import dpo_loss, reward_accuracy
+from itera.preference import Pair, pairs_from_feedback
+from itera.record import validate
+
+
+def test_loss_matches_the_formulas_by_hand():
+    pi_c, pi_r = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
+    ref_c, ref_r = torch.tensor([-11.0, -4.5]), torch.tensor([-11.5, -3.5])
+    beta, eps = 0.5, 0.1
+    h = [(-10 + 11) - (-12 + 11.5), (-4 + 4.5) - (-3 + 3.5)]  # 1.5, 0.0
+
+    def logsig(x):
+        return -math.log1p(math.exp(-x))
+
+    sig = sum(-logsig(beta * x) for x in h) / 2
+    smooth = sum(-(1 - eps) * logsig(beta * x) - eps * logsig(-beta * x) for x in h) / 2
+    ipo = sum((x - 1 / (2 * beta)) ** 2 for x in h) / 2
+    assert dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)[0].item() == pytest.approx(sig, rel=1e-6)
+    assert dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, "sigmoid", eps)[0].item() == pytest.approx(smooth, rel=1e-6)
+    assert dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, "ipo")[0].item() == pytest.approx(ipo, rel=1e-6)
+    _, f = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
+    assert f["chosen_rewards"].tolist() == pytest.approx([0.5, 0.25])
+    assert reward_accuracy(torch.tensor([1.0, -1.0, 0.0, 2.0])) == pytest.approx(0.625)
+
+
+def _pairs_file(path, n=240, seed=0):
+    """A learnable preference: chosen answers call everyone happy, rejected ones lonely."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            prompt = (f"The {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the "
+                      f"{rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_PLACES)}.")
+            n3, v, n4 = rng.choice(_NOUNS), rng.choice(_VERBS), rng.choice(_NOUNS)
+            f.write(json.dumps({"prompt": prompt, "chosen": f" The happy {n3} {v} the happy {n4}.",
+                                "rejected": f" The lonely {n3} {v} the lonely {n4}."}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(teacher, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dpo")
+    pairs = _pairs_file(d / "pairs.jsonl")
+    home = d / "home"
+    args = ["dpo-train", "--model", teacher, "--pairs", pairs, "--steps", "40", "--batch-size", "8", "--lr", "1e-3", "--beta", "0.5",
+            "--merge"]
+    first = run_itera(*args, "--out", d / "adapter", env={"ITERA_HOME": str(home)}).record
+    second = run_itera(*args, "--out", d / "adapter2", "--steps", "2", env={"ITERA_HOME": str(home)}).record
+    return {"dir": d, "rec": first, "again": second, "pairs": pairs}
+
+
+def test_heldout_reward_accuracy_rises_and_generations_move(trained, teacher):
+    rec = trained["rec"]
+    validate(rec)
+    m = rec["metrics"]
+    assert abs(m["heldout_before"]["reward_accuracy"] - 0.5) < 0.05  # policy == reference at the start
+    assert m["heldout"]["reward_accuracy"] > 0.9 and m["heldout"]["reward_margin"] > 0
+    assert m["heldout"]["chosen_reward"] > m["heldout"]["rejected_reward"]
+    assert m["kl_to_reference"] > 0 and m["pairs_used"] + m["pairs_heldout"] == 240
+    # greedy continuations of held-out style prompts: the merged model says "happy" more than the base
+    from itera.model.checkpoint import load_model
+    from itera.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(teacher)
+
+    def happy_count(path):
+        model, _ = load_model(path)
+        count = 0
+        for prompt in ("The old fox sees the red owl near the river.", "The quiet ship finds the tall lamp at the castle."):
+            ids = tok.encode(prompt)
+            with torch.no_grad():
+                for _ in range(12):
+                    ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            count += tok.decode(ids).count("happy") - tok.decode(ids).count("lonely")
+        return count
+
+    assert happy_count(trained["dir"] / "adapter" / "merged") > happy_count(teacher)
+
+
+def test_reference_log_probs_are_cached(trained):
+    assert trained["rec"]["metrics"]["reference_cache_hit"] is False
+    assert trained["again"]["metrics"]["reference_cache_hit"] is True
+
+
+def _policy_with_adapter(base, adapter_dir):
+    from safetensors.torch import load_file
+
+    from itera.lora import add_lora, lora_modules
+    from itera.model.checkpoint import load_model
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    model, _ = load_model(base)
+    short = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+             "down_proj": "down"}
+    add_lora(model, [short[t] for t in cfg["target_modules"]], cfg["r"], cfg["lora_alpha"], 0.0)
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    for name, m in lora_modules(model).items():
+        m.lora_A.weight.data.copy_(weights[f"base_model.model.{name}.lora_A.weight"])
+        m.lora_B.weight.data.copy_(weights[f"base_model.model.{name}.lora_B.weight"])
+    return model.eval()
+
+
+def test_merged_checkpoint_equals_base_plus_adapter(trained, teacher):
+    from itera.model.checkpoint import load_model
+
+    adapter = trained["dir"] / "adapter"
+    policy = _policy_with_adapter(teacher, adapter)
+    merged, cfg = load_model(adapter / "merged")
+    x = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (policy(x) - merged(x)).abs().max() < 1e-5
+
+
+def test_peft_loads_the_adapter_with_the_same_logits(trained, teacher):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    adapter = trained["dir"] / "adapter"
+    base = transformers.LlamaForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+    ours = _policy_with_adapter(teacher, adapter)
+    x = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (peft_model(input_ids=x).logits - ours(x)).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_feedback_events_become_pairs_with_reasons_for_drops(tmp_path):
+    events = [
+        {"type": "thumbs", "prompt": "P1", "response": "good", "vote": "up"},
+        {"type": "thumbs", "prompt": "P1", "response": "bad", "vote": "down"},
+        {"type": "thumbs", "prompt": "P1", "response": "worse", "vote": "down"},
+        {"type": "thumbs", "prompt": "P2", "response": "lonely up", "vote": "up"},  # nothing to pair with
+        {"type": "ab", "prompt": "P3", "a": "x", "b": "y", "winner": "b"},
+        {"type": "ab", "prompt": "P3", "a": "x", "b": "y", "winner": "a"},  # contradicts the one above
+        {"type": "ab", "prompt": "P4", "a": "m", "b": "n", "winner": "a"},
+        {"type": "ab", "prompt": "P4", "a": "m", "b": "n", "winner": "a"},  # duplicate
+        {"type": "correction", "prompt": "P5", "response": "teh cat", "corrected": "the cat"},
+        {"type": "correction", "prompt": "P5", "response": "same", "corrected": "same"},
+        {"type": "rating", "prompt": "P6", "response": "r5", "rating": 5},
+        {"type": "rating", "prompt": "P6", "response": "r4", "rating": 4.5},
+        {"type": "rating", "prompt": "P6", "response": "r2", "rating": 2},
+        {"type": "ab", "prompt": "P7", "a": "q"},
+        {"type": "emoji", "prompt": "P8"},
+    ]
+    f = tmp_path / "feedback.jsonl"
+    f.write_text("".join(json.dumps(e) + "\n" for e in events))
+    pairs, dropped = pairs_from_feedback(f, min_rating_gap=1.0)
+    assert set(pairs) == {Pair("P1", "good", "bad"), Pair("P1", "good", "worse"), Pair("P4", "m", "n"),
+                          Pair("P5", "the cat", "teh cat"), Pair("P6", "r5", "r2"), Pair("P6", "r4", "r2")}
+    assert dropped == {"thumbs: no opposite vote for the same prompt": 1, "contradicts another event": 2,
+                       "duplicate": 1, "chosen and rejected identical": 1, "ab: missing field": 1,
+                       "unknown event type": 1}
+
+
+def test_dpo_from_feedback_end_to_end(teacher, tmp_path):
+    f = tmp_path / "feedback.jsonl"
+    rng = random.Random(3)
+    with open(f, "w") as out:
+        for i in range(30):
+            p = f"The {rng.choice(_NOUNS)} sees the {rng.choice(_NOUNS)}."
+            out.write(json.dumps({"type": "ab", "prompt": p, "a": " The happy owl.", "b": " The lonely owl.",
+                                  "winner": "a"}) + "\n")
+            out.write(json.dumps({"type": "thumbs", "prompt": p, "response": " The happy fox.", "vote": "up"}) + "\n")
+    rec = run_itera("dpo-train", "--model", teacher, "--feedback", f, "--out", tmp_path / "a", "--steps", "3",
+                    "--save-pairs", tmp_path / "pairs.jsonl", "--holdout", "0").record
+    m = rec["metrics"]
+    saved = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert m["pairs_used"] == len(saved) > 0
+    assert m["dropped_reasons"].get("thumbs: no opposite vote for the same prompt", 0) > 0
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n', "pairs.jsonl:2: missing \"rejected\""),
+    ('{"prompt": "p", "chosen": "same", "rejected": "same"}\n', "pairs.jsonl:1: chosen and rejected are identical"),
+    ('\ufeff{"prompt": "p", "chosen": "a", "rejected": "b"}\n', "pairs.jsonl:1: the file starts with a UTF-8 byte-order mark"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chos', "pairs.jsonl:2: the line is truncated"),
+    ("", "holds no lines"),
+])
+def test_bad_pairs_files(teacher, tmp_path, content, needle):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(content, encoding="utf-8")
+    res = run_itera("dpo-train", "--model", teacher, "--pairs", f, "--out", tmp_path / "a")
+    assert_usage_error(res, needle)
+    assert not (tmp_path / "a").exists()
+
+
+def test_bad_options(teacher, tmp_path):
+    f = _pairs_file(tmp_path / "p.jsonl", n=4)
+    base = ["dpo-train", "--model", teacher, "--out", tmp_path / "a"]
+    assert_usage_error(run_itera(*base), "pass exactly one of --pairs FILE or --feedback FILE")
+    assert_usage_error(run_itera(*base, "--pairs", f, "--loss", "hinge"), "unknown --loss 'hinge'")
+    assert_usage_error(run_itera(*base, "--pairs", f, "--lora-targets", "q,zz"), "unknown --lora-targets")
+
+
+def test_torchrun_two_processes_match_one(teacher, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import REPO
+
+    pairs = _pairs_file(tmp_path / "p.jsonl", n=40)
+    args = ["--model", str(teacher), "--pairs", str(pairs), "--steps", "3", "--batch-size", "4", "--beta", "0.5"]
+    run_itera("dpo-train", *args, "--out", tmp_path / "one").record
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "itera", "dpo-train", *args, "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len([line for line in p.stdout.splitlines() if line.startswith("{")]) == 1
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
