@@ -14,7 +14,8 @@ from typing import Annotated
 import typer
 
 from itera import __version__
-from itera.commands import benchmark_power, distill, dpo_train, evaluate, export, quantize, registry, schema
+from itera.commands import (benchmark_power, discover_cluster, distill, dpo_train, evaluate, export, quantize,
+                            registry, schema)
 
 app = typer.Typer(
     name="itera",
@@ -29,6 +30,7 @@ app = typer.Typer(
 # The one list of commands (and command groups). A test checks that `itera --help` shows exactly these.
 COMMANDS = {
     "benchmark-power": benchmark_power.benchmark_power,
+    "discover-cluster": discover_cluster.discover_cluster,
     "distill": distill.distill,
     "dpo-train": dpo_train.dpo_train,
     "evaluate": evaluate.evaluate,

@@ -1,0 +1,315 @@
+"""Inventory of the machines a user can reach over SSH, and a torchrun launch plan for them.
+
+Security model: host specs are parsed strictly (no option injection, no shell metacharacters);
+a host is probed only if the allowlist in ``configs/cluster.yaml`` admits every address it
+resolves to; remote probes go through the user's own ``ssh`` client with ``BatchMode=yes`` (no
+password prompts), ``StrictHostKeyChecking=accept-new``, ``--`` before the destination, and a
+fixed remote command (``python3 -``) that reads the probe program from stdin. itera discovers no
+credentials: it uses the user's ssh agent, keys and ssh config, nothing else.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import json
+import shlex
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from itera.errors import UsageError
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cluster.yaml"
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+_FORBIDDEN = set(" \t\r\n'\"`;$|&<>()\\*?!{}#~,=")
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    raw: str
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.user is None and self.port is None and self.host in ("localhost",)
+
+
+def parse_host_spec(spec: str) -> HostSpec:
+    """``host``, ``user@host``, ``host:port``, ``user@host:port``, ``[v6]``, ``[v6]:port``; strict."""
+    def refuse(why: str) -> UsageError:
+        return UsageError(f"refusing host spec {spec!r}: {why}")
+
+    if not isinstance(spec, str) or not spec:
+        raise refuse("it is empty")
+    if spec.startswith("-"):
+        raise refuse("it starts with '-' (it would be read as an ssh option)")
+    bad = sorted(set(spec) & _FORBIDDEN)
+    if bad:
+        raise refuse(f"it contains {''.join(bad)!r}; use host, user@host, host:port or [ipv6]")
+    user, _, rest = spec.rpartition("@") if "@" in spec else (None, "", spec)
+    if user is not None and (not user or user.startswith("-") or not set(user) <= _NAME_CHARS):
+        raise refuse("the user name is not letters, digits, '.', '_' or '-'")
+    port = None
+    if rest.startswith("["):
+        end = rest.find("]")
+        if end < 0:
+            raise refuse("an IPv6 address is missing its closing ']'")
+        host, tail = rest[1:end], rest[end + 1:]
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            raise refuse(f"{host!r} is not an IPv6 address") from None
+        if tail:
+            if not tail.startswith(":"):
+                raise refuse("unexpected text after ']'")
+            port = _port(tail[1:], refuse)
+    else:
+        if rest.count(":") > 1:
+            raise refuse("write IPv6 addresses in brackets, e.g. [fe80::1]:22")
+        host, sep, p = rest.partition(":")
+        if sep:
+            port = _port(p, refuse)
+        if not host or not set(host) <= _NAME_CHARS or host.startswith(("-", ".")):
+            raise refuse("the host name is not letters, digits, '.', '_' or '-'")
+    return HostSpec(spec, host, user or None, port)
+
+
+def _port(text: str, refuse) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise refuse(f"port {text!r} is not a number from 1 to 65535")
+    return int(text)
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass
+class Policy:
+    networks: list
+    names: list[str]
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> "Policy":
+        path = Path(path) if path else CONFIG
+        if not path.is_file():
+            raise UsageError(f"cluster policy {path} does not exist; pass --config FILE")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+            nets = [ipaddress.ip_network(n, strict=False) for n in d.get("networks", [])]
+        except (yaml.YAMLError, ValueError) as e:
+            raise UsageError(f"cluster policy {path} is invalid: {e}") from None
+        return cls(nets, [str(n) for n in d.get("names", [])])
+
+    def check(self, name: str, addresses: list[str]) -> str | None:
+        """None if allowed, else the reason it is refused."""
+        is_literal = _is_ip(name)
+        if not is_literal and not any(fnmatch.fnmatchcase(name, pat) for pat in self.names):
+            return f"name {name!r} matches no allowed name pattern"
+        if not addresses:
+            return f"{name!r} does not resolve"
+        for a in addresses:
+            ip = ipaddress.ip_address(a.split("%")[0])
+            if not any(ip in net for net in self.networks):
+                return f"address {a} of {name!r} is outside the allowed networks"
+        return None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.split("%")[0])
+        return True
+    except ValueError:
+        return False
+
+
+def ssh_effective(spec: HostSpec, ssh_config: Path | None) -> dict:
+    """The destination after the user's ssh config (aliases, HostName, Port, User): `ssh -G`, no connection."""
+    cmd = ["ssh", "-G"]
+    if ssh_config:
+        cmd += ["-F", str(ssh_config)]
+    if spec.port:
+        cmd += ["-p", str(spec.port)]
+    if spec.user:
+        cmd += ["-l", spec.user]
+    cmd += ["--", spec.host]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    conf = {}
+    for line in out.stdout.splitlines():
+        k, _, v = line.partition(" ")
+        conf.setdefault(k.lower(), v)
+    return {"hostname": conf.get("hostname", spec.host), "port": int(conf.get("port", spec.port or 22)),
+            "user": conf.get("user", spec.user)}
+
+
+def resolve(name: str) -> list[str]:
+    try:
+        return sorted({ai[4][0] for ai in socket.getaddrinfo(name, None)})
+    except socket.gaierror:
+        return []
+
+
+# --------------------------------------------------------------------------- probing
+
+PROBE = r'''
+import json, os, platform, shutil, subprocess, socket
+def meminfo():
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+def gpus():
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except Exception:
+        return []
+    rows = [r.split(",") for r in out.strip().splitlines() if r.strip()]
+    return [{"name": r[0].strip(), "memory_bytes": int(float(r[1])) * 1024 * 1024} for r in rows if len(r) == 2]
+def torch_version():
+    try:
+        from importlib import metadata
+        return metadata.version("torch")
+    except Exception:
+        return None
+print(json.dumps({"hostname": socket.gethostname(), "os": platform.platform(), "cpu_model": cpu_model(),
+                  "cpus": os.cpu_count(), "memory_bytes": meminfo(), "gpus": gpus(),
+                  "python": platform.python_version(), "torch": torch_version(),
+                  "disk_free_bytes": shutil.disk_usage(os.path.expanduser("~")).free}))
+'''
+
+
+def probe_local() -> dict:
+    """The probe program run in a fresh local interpreter (the same code as remote probes)."""
+    import sys
+
+    out = subprocess.run([sys.executable, "-"], input=PROBE, capture_output=True, text=True, timeout=30)
+    return json.loads(out.stdout)
+
+
+def probe_ssh(spec: HostSpec, timeout: float, ssh_config: Path | None) -> dict:
+    cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}",
+           "-o", "StrictHostKeyChecking=accept-new"]
+    if ssh_config:
+        cmd += ["-F", str(ssh_config)]
+    if spec.port:
+        cmd += ["-p", str(spec.port)]
+    if spec.user:
+        cmd += ["-l", spec.user]
+    cmd += ["--", spec.host, "python3 -"]  # fixed remote command: the probe arrives on stdin
+    p = subprocess.run(cmd, input=PROBE, capture_output=True, text=True, timeout=timeout + 20)
+    if p.returncode != 0:
+        err = (p.stderr.strip().splitlines() or [f"ssh exited with {p.returncode}"])[-1]
+        raise ConnectionError(err)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class HostResult:
+    spec: str
+    status: str  # reachable | unreachable | refused
+    address: str | None = None
+    port: int | None = None
+    user: str | None = None
+    info: dict | None = None
+    error: str | None = None
+    seconds: float | None = None
+
+
+def discover(specs: list[HostSpec], policy: Policy, timeout: float = 5.0, deadline: float = 60.0,
+             ssh_config: Path | None = None) -> list[HostResult]:
+    """Check every host against the policy, then probe the admitted ones in parallel."""
+    results: list[HostResult | None] = [None] * len(specs)
+    jobs = []
+    for i, spec in enumerate(specs):
+        if spec.is_local:
+            jobs.append((i, spec, "local", None))
+            continue
+        eff = ssh_effective(spec, ssh_config)
+        addrs = resolve(eff["hostname"])
+        why = policy.check(eff["hostname"] if not _is_ip(spec.host) else spec.host, addrs)
+        if why is None and eff["hostname"] != spec.host and not _is_ip(spec.host):
+            why = policy.check(spec.host, addrs)  # the alias must be allowed too
+        if why:
+            results[i] = HostResult(spec.raw, "refused", error=why)
+        else:
+            jobs.append((i, spec, "ssh", eff))
+
+    def run(job):
+        i, spec, kind, eff = job
+        t0 = time.perf_counter()
+        try:
+            info = probe_local() if kind == "local" else probe_ssh(spec, timeout, ssh_config)
+            res = HostResult(spec.raw, "reachable", info=info)
+        except (ConnectionError, subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as e:
+            res = HostResult(spec.raw, "unreachable", error=str(e) or type(e).__name__)
+        res.seconds = time.perf_counter() - t0
+        if eff:
+            res.address, res.port, res.user = eff["hostname"], eff["port"], eff["user"]
+        else:
+            res.address = "127.0.0.1"
+        return i, res
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(jobs)))) as pool:
+        futures = [pool.submit(run, j) for j in jobs]
+        end = time.monotonic() + deadline
+        for f in futures:
+            try:
+                i, res = f.result(timeout=max(0.0, end - time.monotonic()))
+                results[i] = res
+            except TimeoutError:
+                pass
+    for i, r in enumerate(results):
+        if r is None:
+            results[i] = HostResult(specs[i].raw, "unreachable", error=f"no answer within the {deadline:.0f} s deadline")
+    return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def launch_plan(hosts: list[HostResult], launch: str, nproc_per_node: int | None = None, port: int = 29500,
+                run_id: str = "itera") -> dict:
+    """torchrun lines for every reachable host: node ranks in the given order, rendezvous on the first."""
+    up = [h for h in hosts if h.status == "reachable"]
+    if not up:
+        return {"nnodes": 0, "error": "no reachable host"}
+    gpus = [len(h.info.get("gpus") or []) for h in up]
+    if nproc_per_node is None:
+        nproc_per_node = min(gpus) if all(gpus) else 1
+    backend = "nccl" if all(gpus) else "gloo"
+    master = up[0].address or "127.0.0.1"
+    endpoint = f"[{master}]:{port}" if ":" in master else f"{master}:{port}"
+    argv = shlex.split(launch)
+    lines = []
+    for rank, h in enumerate(up):
+        cmd = ["torchrun", f"--nnodes={len(up)}", f"--nproc-per-node={nproc_per_node}", f"--node-rank={rank}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}", "-m", "itera", *argv]
+        lines.append({"host": h.spec, "node_rank": rank, "command": shlex.join(cmd)})
+    return {"nnodes": len(up), "nproc_per_node": nproc_per_node, "world_size": len(up) * nproc_per_node,
+            "backend": backend, "rdzv_endpoint": endpoint, "nodes": lines,
+            "hostfile": "".join(f"{h.address} slots={nproc_per_node}\n" for h in up)}
+
+
+def as_dicts(results: list[HostResult]) -> list[dict]:
+    return [asdict(r) for r in results]
