@@ -15,7 +15,7 @@ import typer
 
 from itera import __version__
 from itera.commands import (benchmark_power, discover_cluster, distill, dpo_train, evaluate, export, quantize,
-                            registry, schema)
+                            registry, report, schema)
 
 app = typer.Typer(
     name="itera",
@@ -36,6 +36,7 @@ COMMANDS = {
     "evaluate": evaluate.evaluate,
     "export": export.export,
     "quantize": quantize.quantize,
+    "report": report.report,
     "schema": schema.schema,
 }
 GROUPS = {

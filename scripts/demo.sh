@@ -41,4 +41,10 @@ fi
 $ITERA registry rollback pydocs-demo "${REG[@]}" > "$RUNS/rollback.json"
 $ITERA registry compare pydocs-demo@1 pydocs-demo@2 "${REG[@]}" > "$RUNS/compare.json"
 echo "active model: $($ITERA registry resolve pydocs-demo@active "${REG[@]}")" >&2
-echo "records under $RUNS/" >&2
+
+
+echo "== 5. report" >&2
+$ITERA report "$RUNS/student-register.json" "$RUNS/teacher-register.json" --out "$RUNS/report" \
+    --metrics-out "$RUNS/report.json" > /dev/null
+$ITERA report "$RUNS/student-register.json" "$RUNS/teacher-register.json" --out "$RUNS/report-html" --format html > /dev/null
+echo "report: $RUNS/report/report.md; records under $RUNS/" >&2
