@@ -130,17 +130,21 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-def ssh_effective(spec: HostSpec, ssh_config: Path | None) -> dict:
-    """The destination after the user's ssh config (aliases, HostName, Port, User): `ssh -G`, no connection."""
-    cmd = ["ssh", "-G"]
+def ssh_argv(spec: HostSpec, ssh_config: Path | None, *options: str) -> list[str]:
+    """``ssh [options] [-F cfg] [-p port] [-l user] -- host``: the destination always after ``--``."""
+    cmd = ["ssh", *options]
     if ssh_config:
         cmd += ["-F", str(ssh_config)]
     if spec.port:
         cmd += ["-p", str(spec.port)]
     if spec.user:
         cmd += ["-l", spec.user]
-    cmd += ["--", spec.host]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    return cmd + ["--", spec.host]
+
+
+def ssh_effective(spec: HostSpec, ssh_config: Path | None) -> dict:
+    """The destination after the user's ssh config (aliases, HostName, Port, User): `ssh -G`, no connection."""
+    out = subprocess.run(ssh_argv(spec, ssh_config, "-G"), capture_output=True, text=True, timeout=10)
     conf = {}
     for line in out.stdout.splitlines():
         k, _, v = line.partition(" ")
@@ -208,15 +212,9 @@ def probe_local() -> dict:
 
 
 def probe_ssh(spec: HostSpec, timeout: float, ssh_config: Path | None) -> dict:
-    cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}",
-           "-o", "StrictHostKeyChecking=accept-new"]
-    if ssh_config:
-        cmd += ["-F", str(ssh_config)]
-    if spec.port:
-        cmd += ["-p", str(spec.port)]
-    if spec.user:
-        cmd += ["-l", spec.user]
-    cmd += ["--", spec.host, "python3 -"]  # fixed remote command: the probe arrives on stdin
+    cmd = ssh_argv(spec, ssh_config, "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}",
+                   "-o", "StrictHostKeyChecking=accept-new")
+    cmd.append("python3 -")  # a fixed remote command: the probe program arrives on stdin
     p = subprocess.run(cmd, input=PROBE, capture_output=True, text=True, timeout=timeout + 20)
     if p.returncode != 0:
         err = (p.stderr.strip().splitlines() or [f"ssh exited with {p.returncode}"])[-1]

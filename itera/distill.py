@@ -52,13 +52,9 @@ class StudentSpec:
     @classmethod
     def from_preset(cls, preset: str) -> "StudentSpec":
         """A preset name from configs/students/ or a path to a YAML file with these field names."""
-        path = Path(preset)
-        if path.suffix not in (".yaml", ".yml"):
-            path = PRESET_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-            raise UsageError(f"unknown student preset {preset!r}; use one of {known}, a YAML file, "
-                             "or --layers/--hidden/--heads/--kv-heads/--ffn")
+        from itera.paths import preset_path
+
+        path = preset_path(preset, PRESET_DIR, "student preset")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

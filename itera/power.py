@@ -189,12 +189,9 @@ class PowerProfile:
 
     @classmethod
     def load(cls, name_or_path: str) -> "PowerProfile":
-        path = Path(name_or_path)
-        if path.suffix not in (".yaml", ".yml"):
-            path = PROFILE_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
-            raise UsageError(f"unknown power profile {name_or_path!r}; use one of {known} or a YAML file")
+        from itera.paths import preset_path
+
+        path = preset_path(name_or_path, PROFILE_DIR, "power profile")
         d = yaml.safe_load(path.read_text()) or {}
         try:
             p = cls(name=str(d.get("name", path.stem)), tdp_w=float(d["tdp_w"]), idle_w=float(d["idle_w"]),
