@@ -33,3 +33,12 @@ def progress_bar(enabled: bool = True):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
                     TimeRemainingColumn(), console=Console(stderr=True), transient=True, disable=not enabled)
+
+
+def model_input(model: Optional[Path], option: str = "--model") -> tuple[Path, Optional[dict]]:
+    """The input of a command: the explicit path, else the artifact of the record on stdin, which
+    then becomes the parent of this command's record. stdin is read only when no path is given."""
+    from itera import record
+
+    parent = record.read_parent() if model is None else None
+    return record.input_path(model, parent, option), parent

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, ModelPath, Threads
+from itera.commands._options import MetricsOut, ModelPath, Threads, model_input
 
 
 def benchmark_power(
@@ -38,8 +38,8 @@ def benchmark_power(
     if estimate is not None and meter not in ("auto", "none"):
         raise UsageError(f"--estimate replaces the meter; drop --meter {meter} or --estimate")
     profile = PowerProfile.load(estimate) if estimate else None
-    parent = record.read_parent() if model is None else None
-    paths = [record.input_path(model, parent, "--model"), *(compare or [])]
+    first, parent = model_input(model)
+    paths = [first, *(compare or [])]
     formats = [check_model_path(p) for p in paths]
     if profile is None:
         m, reason = open_meter(meter)

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, ModelPath, progress_bar
+from itera.commands._options import MetricsOut, ModelPath, model_input, progress_bar
 
 
 def dpo_train(
@@ -51,8 +51,7 @@ def dpo_train(
                       label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, lora_targets=lora_targets, holdout=holdout,
                       min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs).validate()
-    parent = record.read_parent() if model is None else None
-    opts.model = record.input_path(model, parent, "--model")
+    opts.model, parent = model_input(model)
     check_checkpoint_dir(opts.model)
     dist = init_distributed("cpu")
     run = record.Run("dpo-train", parent=parent)

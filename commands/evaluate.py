@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Device, Dtype, MetricsOut, ModelPath, Threads, resolve_device
+from itera.commands._options import Device, Dtype, MetricsOut, ModelPath, Threads, model_input, resolve_device
 
 
 def evaluate(
@@ -38,8 +38,7 @@ def evaluate(
     from itera.runtime import check_model_path, open_runtime
 
     opts = EvalOptions(window=window, stride=stride, max_tokens=max_tokens, bos=bos).validate()
-    parent = record.read_parent() if model is None else None
-    path = record.input_path(model, parent, "--model")
+    path, parent = model_input(model)
     run = record.Run("evaluate", parent=parent)
     # Cheap checks of the model first, then the data, then the expensive load.
     fmt = check_model_path(path)

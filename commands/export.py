@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, ModelPath, Threads
+from itera.commands._options import MetricsOut, ModelPath, Threads, model_input
 
 
 def export(
@@ -39,8 +39,7 @@ def export(
     opts = ExportOptions(model=Path("."), out=out, format=fmt, gguf_type=gguf_type, onnx_quant=onnx_quant,
                          allow_mismatch=allow_mismatch, verify_tokens=verify_tokens, threads=threads,
                          max_logit_diff=max_logit_diff).validate()
-    parent = record.read_parent() if model is None else None
-    opts.model = record.input_path(model, parent, "--model")
+    opts.model, parent = model_input(model)
     check_checkpoint_dir(opts.model)
     run = record.Run("export", parent=parent)
     result = run_export(opts, log=lambda m: print(m, file=sys.stderr))

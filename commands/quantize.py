@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, ModelPath
+from itera.commands._options import MetricsOut, ModelPath, model_input
 
 
 def quantize(
@@ -54,8 +54,7 @@ def quantize(
                            act_order=act_order, target_bpw=target_bpw, auto_bits=cands, auto_base=auto_base,
                            plan=plan, quantize_embeddings=quantize_embeddings, eval_tokens=eval_tokens,
                            seed=seed).validate()
-    parent = record.read_parent() if model is None else None
-    opts.model = record.input_path(model, parent, "--model")
+    opts.model, parent = model_input(model)
     from itera.model.checkpoint import check_checkpoint_dir
 
     check_checkpoint_dir(opts.model)
