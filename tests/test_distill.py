@@ -72,7 +72,8 @@ def _weights(path):
 
 
 def test_killed_run_resumes_to_the_same_weights(teacher, distill_corpus, tmp_path):
-    args = ["--student", "half", "--steps", "16", "--save-every", "4", "--alpha", "0.5"]
+    # Long enough after the first checkpoint (step 4) that the kill always lands mid-run.
+    args = ["--student", "half", "--steps", "40", "--save-every", "4", "--alpha", "0.5"]
     _distill(teacher, distill_corpus, tmp_path / "whole", *args)
     out = tmp_path / "killed"
     state = tmp_path / "killed.train-state" / "state.pt"
@@ -86,11 +87,11 @@ def test_killed_run_resumes_to_the_same_weights(teacher, distill_corpus, tmp_pat
     p.communicate()
     assert state.exists(), "no checkpoint was written before the run ended"
     saved_step = torch.load(state, weights_only=True)["step"]
-    assert 4 <= saved_step < 16 and not out.exists()  # killed mid-run: no partial student
+    assert 4 <= saved_step < 40 and not out.exists()  # killed mid-run: no partial student
     rec = _distill(teacher, distill_corpus, out, *args, "--resume")
     a, b = _weights(tmp_path / "whole"), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert rec["metrics"]["tokens_seen"] == 16 * 8 * 48
+    assert rec["metrics"]["tokens_seen"] == 40 * 8 * 48
     assert not (tmp_path / "killed.train-state").exists()
 
 
