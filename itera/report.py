@@ -94,7 +94,7 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     datasets = sorted({d for r in rows for d in r.perplexity})
     head = ["artifact", "made by", "format", "bytes", "bits/weight", *[f"ppl {d}" for d in datasets],
             *[f"bpb {d}" for d in datasets], "decode tok/s", "runtime", "J/token", "energy method",
-            "max |Δlogit|", "top-1 agree"]
+            "max abs Δlogit", "top-1 agree"]
     body = []
     for r in rows:
         body.append([Path(r.path).name, r.made_by or "", r.format, fmt(r.bytes, "d"), fmt(r.bits_per_weight, ".3f"),

@@ -57,7 +57,7 @@ def test_report_tables_equal_the_records(records, tmp_path):
     s = rows["student-q4.gguf"]
     assert s["ppl pydocs@test"] == "230.734" and s["bpb pydocs@test"] == "2.1731"
     assert s["bits/weight"] == "4.500" and s["decode tok/s"] == "6081.9" and s["J/token"] == "0.0123"
-    assert s["energy method"] == "estimate-tdp" and s["max |Δlogit|"] == "0.0474" and s["top-1 agree"] == "0.992"
+    assert s["energy method"] == "estimate-tdp" and s["max abs Δlogit"] == "0.0474" and s["top-1 agree"] == "0.992"
     assert s["bytes"] == str(bp["artifact"]["bytes"]) and s["made by"] == "export gguf Q4_0"
     t = rows["teacher-f16.gguf"]
     assert t["ppl pydocs@test"] == "240.176" and t["decode tok/s"] == "2745.5" and t["bits/weight"] == "–"
