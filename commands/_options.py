@@ -25,13 +25,14 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def progress_bar(enabled: bool = True):
-    """A rich progress bar on stderr with loss and tokens/s columns (a no-op when disabled)."""
+def progress_bar(enabled: bool = True, training: bool = True):
+    """A rich progress bar on stderr (a no-op when disabled); ``training`` adds loss and tokens/s
+    columns, read from the task fields ``loss`` and ``tps``."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+    extra = [TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s")] if training else []
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
                     TimeRemainingColumn(), console=Console(stderr=True), transient=True, disable=not enabled)
 
 

@@ -31,7 +31,8 @@ def benchmark_power(
     """
     from itera import record
     from itera.errors import UsageError
-    from itera.power import PowerProfile, Workload, measure_run, open_meter, prompt_ids, stepper_for, summarize
+    from itera.power import PowerProfile, Workload, measure_run, open_meter, prompt_ids, summarize
+    from itera.runtime.generate import stepper_for
     from itera.runtime import check_model_path, open_runtime
 
     w = Workload(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, runs=runs, warmup=warmup).validate()

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Device, Dtype, MetricsOut, ModelPath, Threads, model_input, resolve_device
+from itera.commands._options import (Device, Dtype, MetricsOut, ModelPath, Threads, model_input, progress_bar,
+                                     resolve_device)
 
 
 def evaluate(
@@ -53,7 +54,7 @@ def evaluate(
     used_bos = resolve_bos(rt.tokenizer, opts)
 
     results = {}
-    with _progress() as prog:
+    with progress_bar(training=False) as prog:
         for spec, src in sources.items():
             task = prog.add_task(f"evaluate {spec}", total=None)
             results[spec] = evaluate_text(rt, src.text, opts, source=spec,
@@ -70,10 +71,3 @@ def evaluate(
               f"{m['tokens']} tokens ({m['tokens_per_s']:.0f} tokens/s)", file=sys.stderr)
     record.emit(rec, metrics_out=metrics_out)
 
-
-def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=True)

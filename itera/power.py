@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from itera.errors import UsageError
+from itera.runtime.generate import Stepper
 
 POWERCAP = Path("/sys/class/powercap")
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "configs" / "power"
@@ -216,98 +217,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-# --------------------------------------------------------------------------- generation steppers
-
-
-class Stepper:
-    """Greedy generation with a runtime's KV cache: ``prefill(ids) -> next``, ``step(tok) -> next``."""
-
-    def prefill(self, ids: list[int]) -> int: ...
-
-    def step(self, token: int) -> int: ...
-
-
-class TorchStepper(Stepper):
-    def __init__(self, rt):
-        self.rt = rt
-
-    def prefill(self, ids):
-        import torch
-
-        from itera.model.llama import KVCache
-
-        self.cache = KVCache()
-        with torch.inference_mode():
-            return int(self.rt.model(torch.tensor([ids], device=self.rt.device), cache=self.cache)[0, -1].argmax())
-
-    def step(self, token):
-        import torch
-
-        with torch.inference_mode():
-            return int(self.rt.model(torch.tensor([[token]], device=self.rt.device), cache=self.cache)[0, -1].argmax())
-
-
-class LlamaCppStepper(Stepper):
-    def __init__(self, rt):
-        self.llm = rt.llm
-
-    def prefill(self, ids):
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(list(ids))
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-
-    def step(self, token):
-        import numpy as np
-
-        self.llm.eval([token])
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-
-
-class OnnxStepper(Stepper):
-    def __init__(self, onnx_path: Path, threads: int | None):
-        import onnxruntime as ort
-
-        from itera.errors import InputError
-        from itera.export.onnx import kv_path
-
-        kv = kv_path(Path(onnx_path))
-        if not kv.is_file():
-            raise InputError(f"{onnx_path} has no KV-cache graph {kv.name} beside it; re-export with `itera export "
-                             "--format onnx`")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.s = ort.InferenceSession(str(kv), opts, providers=["CPUExecutionProvider"])
-        self.past_inputs = [i for i in self.s.get_inputs() if i.name.startswith("past_")]
-        self.out_names = [o.name for o in self.s.get_outputs()]
-
-    def _run(self, ids):
-        import numpy as np
-
-        res = self.s.run(None, {"input_ids": np.asarray([ids], np.int64), **self.past})
-        self.past = {n.replace("present", "past"): v for n, v in zip(self.out_names[1:], res[1:])}
-        return int(res[0][0, -1].argmax())
-
-    def prefill(self, ids):
-        import numpy as np
-
-        self.past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past_inputs}
-        return self._run(ids)
-
-    def step(self, token):
-        return self._run([token])
-
-
-def stepper_for(rt, path: Path, threads: int | None) -> Stepper:
-    if rt.name == "torch":
-        return TorchStepper(rt)
-    if rt.name == "llama.cpp":
-        return LlamaCppStepper(rt)
-    return OnnxStepper(path, threads)
-
-
 # --------------------------------------------------------------------------- the workload
 
 
@@ -354,7 +263,7 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def measure_run(stepper: Stepper, ids: list[int], gen_tokens: int, meter) -> RunTiming:
+def measure_run(stepper: "Stepper", ids: list[int], gen_tokens: int, meter) -> RunTiming:
     """One measured generation: prefill (to the first token), then ``gen_tokens - 1`` decode steps,
     each timed; energy read at the phase boundaries."""
     c0 = cpu_seconds()

@@ -19,49 +19,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from itera.data import load_text
 from itera.evaluate import EvalOptions, evaluate_text
-from itera.model.llama import KVCache
 from itera.runtime import open_runtime
+from itera.runtime.generate import stepper_for
 
 
-def decode_torch(rt, prompt, n):
-    cache, ids = KVCache(), list(prompt)
-    with torch.inference_mode():
-        logits = rt.model(torch.tensor([ids]), cache=cache)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            nxt = int(logits[0, -1].argmax())
-            logits = rt.model(torch.tensor([[nxt]]), cache=cache)
-    return n / (time.perf_counter() - t0)
-
-
-def decode_onnx(kv_file, cfg_layers, nkv, hd, prompt, n):
-    import onnxruntime as ort
-
-    s = ort.InferenceSession(str(kv_file), providers=["CPUExecutionProvider"])
-    names = [o.name for o in s.get_outputs()][1:]
-    past = {f"past_{k}_{i}": np.zeros((1, nkv, 0, hd), np.float32) for i in range(cfg_layers) for k in ("key", "value")}
-    res = s.run(None, {"input_ids": np.asarray([prompt], np.int64), **past})
+def decode_tokens_per_s(stepper, prompt, n):
+    """Greedy decode speed: the prompt once (not timed), then ``n`` timed steps."""
+    tok = stepper.prefill(prompt)
     t0 = time.perf_counter()
     for _ in range(n):
-        nxt = int(res[0][0, -1].argmax())
-        past = {k.replace("present", "past"): v for k, v in zip(names, res[1:])}
-        res = s.run(None, {"input_ids": np.asarray([[nxt]], np.int64), **past})
-    return n / (time.perf_counter() - t0)
-
-
-def decode_llama(rt, prompt, n):
-    llm = rt.llm
-    llm.reset()
-    llm.eval(list(prompt))
-    t0 = time.perf_counter()
-    for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        llm.eval([nxt])
+        tok = stepper.step(tok)
     return n / (time.perf_counter() - t0)
 
 
@@ -86,19 +57,13 @@ def main() -> None:
     text = load_text("pydocs@test").text
     opts = EvalOptions(window=256, stride=128, max_tokens=a.eval_tokens, bos=False)
     runtimes = {name: open_runtime(path, threads=torch.get_num_threads()) for name, path in arts.items()}
-    cfg = runtimes["torch"].model.config
+    steppers = {name: stepper_for(rt, arts[name], torch.get_num_threads()) for name, rt in runtimes.items()}
     prompt = runtimes["torch"].tokenizer.encode(text[:2000], add_bos=False)[:32]
     samples: dict[str, dict[str, list[float]]] = {n: {"eval_tokens_per_s": [], "decode_tokens_per_s": []} for n in arts}
     for _ in range(a.repeats):
         for name, rt in runtimes.items():
             samples[name]["eval_tokens_per_s"].append(evaluate_text(rt, text, opts)["tokens_per_s"])
-            if name == "torch":
-                d = decode_torch(rt, prompt, 64)
-            elif name == "onnxruntime":
-                d = decode_onnx(work / "m.kv.onnx", cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, prompt, 64)
-            else:
-                d = decode_llama(rt, prompt, 64)
-            samples[name]["decode_tokens_per_s"].append(d)
+            samples[name]["decode_tokens_per_s"].append(decode_tokens_per_s(steppers[name], prompt, 64))
     med = {n: {k: round(statistics.median(v), 1) for k, v in s.items()} for n, s in samples.items()}
     print(json.dumps({"benchmark": "runtimes", "model": str(a.model), "threads": torch.get_num_threads(),
                       "window": 256, "stride": 128, "eval_tokens": a.eval_tokens, "decode": {"prompt": 32, "new": 64},

@@ -16,6 +16,7 @@ quantizer run on an F16 export (:func:`llama_quantize`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -251,10 +252,8 @@ def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
     if cfg.rope_type == "llama3":
         from itera.model.llama import rope_inv_freq
 
-        base = ModelConfig(**{**{k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                              "num_hidden_layers", "num_attention_heads",
-                                                              "num_key_value_heads", "head_dim", "rope_theta")}})
-        factors = (rope_inv_freq(base) / rope_inv_freq(cfg)).float()
+        # llama.cpp divides each rotary frequency by its factor: unscaled / scaled.
+        factors = (rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None)) / rope_inv_freq(cfg)).float()
         add("rope_freqs.weight", factors.numpy().astype(np.float32), None, "F32")
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -142,7 +142,8 @@ def run_export(opts: ExportOptions, log=lambda msg: None) -> dict:
             got = rt.logits(ids)
             rt.close()
         elif opts.format == "onnx":
-            from itera.export.onnx import greedy_onnx_kv, kv_path, write_onnx
+            from itera.export.onnx import kv_path, write_onnx
+            from itera.runtime.generate import OnnxStepper, greedy
             from itera.runtime.onnx_backend import OnnxRuntime
 
             kv_tmp = _tmp_beside(out, ".kv.onnx")
@@ -150,7 +151,7 @@ def run_export(opts: ExportOptions, log=lambda msg: None) -> dict:
             write_onnx(model, cfg, Path(opts.model), tmp, kv_tmp, opts.onnx_quant)
             got = OnnxRuntime(tmp, threads=opts.threads).logits(ids)
             prompt, n_new = ids[:8], 16
-            kv_tokens = greedy_onnx_kv(kv_tmp, prompt, n_new, cfg)
+            kv_tokens = greedy(OnnxStepper(kv_tmp, opts.threads), prompt, n_new)
             seq, ref_tokens = list(prompt), []
             with torch.no_grad():
                 for _ in range(n_new):

@@ -99,24 +99,3 @@ def write_onnx(model, cfg, ckpt: Path, out: Path, kv_out: Path, quant: str | Non
         if quant:
             _quantize(p, quant)
         _embed_tokenizer(p, ckpt, cfg)
-
-
-def greedy_onnx_kv(kv_file: Path, prompt: list[int], new_tokens: int, cfg) -> list[int]:
-    """Greedy generation with the KV-cache graph: the prompt in one call, then one token per call."""
-    import numpy as np
-    import onnxruntime as ort
-
-    s = ort.InferenceSession(str(kv_file), providers=["CPUExecutionProvider"])
-    L, nkv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    past = {f"past_{k}_{i}": np.zeros((1, nkv, 0, hd), np.float32) for i in range(L) for k in ("key", "value")}
-    ids, out = list(prompt), []
-    feed = np.asarray([ids], np.int64)
-    for _ in range(new_tokens):
-        res = s.run(None, {"input_ids": feed, **past})
-        nxt = int(res[0][0, -1].argmax())
-        out.append(nxt)
-        past = {name.replace("present", "past"): v for name, v in zip([o.name for o in s.get_outputs()][1:], res[1:])}
-        feed = np.asarray([[nxt]], np.int64)
-    return out
-
-
