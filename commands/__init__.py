@@ -68,10 +68,20 @@ def _fail(message: str, code: int) -> None:
     raise SystemExit(code)
 
 
+def _parser_errors():
+    """The parser's exception classes: typer vendors click since 0.2x; older typer uses click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # pragma: no cover - typer < 0.20
+        from click import exceptions
+    return exceptions
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and map exceptions to one line and an exit code."""
     from itera.errors import IteraError
 
+    parser = _parser_errors()
     debug = os.environ.get("ITERA_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
     try:
@@ -82,21 +92,19 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except typer.Exit as e:  # typer.Exit and typer.Abort are click's own in older versions
+        raise SystemExit(e.exit_code) from None
+    except typer.Abort:
+        _fail("aborted", 130)
+    except parser.NoArgsIsHelpError:  # help was already printed
+        raise SystemExit(2) from None
+    except parser.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "itera"
+        _fail(f"{' '.join(e.format_message().split())} (see `{where} --help`)", e.exit_code)
+    except parser.ClickException as e:
+        _fail(" ".join(e.format_message().split()), e.exit_code)
     except Exception as e:  # noqa: BLE001 - the last line of defence
-        # Typer's exceptions (its own or click's, depending on the version) are matched by shape.
-        kind = type(e).__name__
-        if kind == "Exit":
-            raise SystemExit(getattr(e, "exit_code", 0)) from None
-        if kind == "Abort":
-            _fail("aborted", 130)
-        if kind == "NoArgsIsHelpError":  # help was already printed
-            raise SystemExit(2) from None
-        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # a usage error from the parser
-            msg = " ".join(e.format_message().split())
-            ctx = getattr(e, "ctx", None)
-            where = ctx.command_path if ctx is not None else "itera"
-            _fail(f"{msg} (see `{where} --help`)", e.exit_code)
         if debug:
             raise
-        _fail(f"unexpected {kind}: {e} (run with ITERA_DEBUG=1 for the traceback)", 1)
+        _fail(f"unexpected {type(e).__name__}: {e} (run with ITERA_DEBUG=1 for the traceback)", 1)
     raise SystemExit(code if isinstance(code, int) else 0)

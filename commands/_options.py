@@ -1,9 +1,11 @@
-"""Option aliases shared by commands, so help texts read the same everywhere."""
+"""What every command shares: option aliases (so help texts read the same everywhere), the input
+of a command (an explicit path or the record on stdin), and :func:`execute`, which runs one
+library job and emits its record."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -11,29 +13,11 @@ MetricsOut = Annotated[Optional[Path], typer.Option(
     "--metrics-out", help="Also write the record to this file.", dir_okay=False)]
 ModelPath = Annotated[Optional[Path], typer.Option(
     "--model", "-m", help="Checkpoint directory. Default: the artifact of the record on stdin.")]
+RunnablePath = Annotated[Optional[Path], typer.Option(
+    "--model", "-m", help="Checkpoint directory, .gguf or .onnx file. Default: the artifact of the record on stdin.")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (cuda when available).")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the runtime (default: its own).", min=1)]
-
-
-def resolve_device(device: str) -> str:
-    """'auto' becomes cuda when torch sees a GPU, else cpu. Imports torch, so call it late."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def progress_bar(enabled: bool = True, training: bool = True):
-    """A rich progress bar on stderr (a no-op when disabled); ``training`` adds loss and tokens/s
-    columns, read from the task fields ``loss`` and ``tps``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    extra = [TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s")] if training else []
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
-                    TimeRemainingColumn(), console=Console(stderr=True), transient=True, disable=not enabled)
 
 
 def model_input(model: Optional[Path], option: str = "--model") -> tuple[Path, Optional[dict]]:
@@ -43,3 +27,23 @@ def model_input(model: Optional[Path], option: str = "--model") -> tuple[Path, O
 
     parent = record.read_parent() if model is None else None
     return record.input_path(model, parent, option), parent
+
+
+def execute(command: str, job: Callable, opts, parent: Optional[dict], metrics_out: Optional[Path],
+            summary: Callable | None = None, **job_kwargs) -> Optional[dict]:
+    """Run ``job(opts, console, **job_kwargs)``, show ``summary(console, metrics)``, emit the record.
+
+    Under torchrun every rank runs the job and only rank 0 speaks and emits."""
+    from itera import record
+    from itera.commands._console import Console
+
+    console = Console()
+    run = record.Run(command, parent=parent)
+    outcome = job(opts, console, **job_kwargs)
+    if not console.enabled:
+        return None
+    rec = run.finish(outcome)
+    if summary is not None:
+        summary(console, rec["metrics"])
+    record.emit(rec, metrics_out=metrics_out)
+    return rec

@@ -1,24 +1,23 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, ModelPath, Threads, model_input
+from itera.commands._options import MetricsOut, RunnablePath, Threads, execute, model_input
 
 
 def benchmark_power(
-    model: ModelPath = None,
+    model: RunnablePath = None,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 64,
     gen_tokens: Annotated[int, typer.Option(help="Tokens generated per run (greedy).")] = 64,
     runs: Annotated[int, typer.Option(help="Measured runs.")] = 5,
     warmup: Annotated[int, typer.Option(help="Unmeasured runs first.")] = 1,
     threads: Threads = None,
     meter: Annotated[str, typer.Option(help="auto | rapl | nvml | none.")] = "auto",
-    estimate: Annotated[Optional[str], typer.Option(help="Estimate energy from a profile in configs/power/ "
-                                                    "(desktop, laptop, embedded) and measured CPU time instead "
+    estimate: Annotated[Optional[str], typer.Option(help="Estimate energy from a power profile (desktop, laptop, "
+                                                    "embedded, or a YAML file) and measured CPU time instead "
                                                     "of measuring it.")] = None,
     compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="More artifacts to run the same "
                                                           "workload on, interleaved; ratios against the first.")] = None,
@@ -28,75 +27,39 @@ def benchmark_power(
 
     Loading and warm-up are outside every measured window. Energy comes from a meter (RAPL, NVML) or
     is null with the reason; an estimate appears only with --estimate and is labelled estimate-tdp.
+
+    Examples:
+
+      itera benchmark-power --model runs/student-q4.gguf --runs 5
+
+      itera benchmark-power --model runs/teacher --compare m.onnx --compare m.gguf --estimate laptop
     """
-    from itera import record
-    from itera.errors import UsageError
-    from itera.power import PowerProfile, Workload, measure_run, open_meter, prompt_ids, summarize
-    from itera.runtime.generate import stepper_for
-    from itera.runtime import check_model_path, open_runtime
+    from itera.benchmark import BenchmarkOptions, run_benchmark
+    from itera.power import Workload
 
-    w = Workload(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, runs=runs, warmup=warmup).validate()
-    if estimate is not None and meter not in ("auto", "none"):
-        raise UsageError(f"--estimate replaces the meter; drop --meter {meter} or --estimate")
-    profile = PowerProfile.load(estimate) if estimate else None
-    first, parent = model_input(model)
-    paths = [first, *(compare or [])]
-    formats = [check_model_path(p) for p in paths]
-    if profile is None:
-        m, reason = open_meter(meter)
-        method = "unavailable" if m is None else m.method
-    else:
-        m, reason, method = None, None, "estimate-tdp"
-    run = record.Run("benchmark-power", parent=parent)
-    rts = [open_runtime(p, threads=threads) for p in paths]
-    for p, rt in zip(paths, rts):
-        if w.prompt_tokens + w.gen_tokens > rt.max_context:
-            raise UsageError(f"--prompt-tokens + --gen-tokens = {w.prompt_tokens + w.gen_tokens} exceeds the "
-                             f"context of {p} ({rt.max_context})")
-    steppers = [stepper_for(rt, p, threads) for rt, p in zip(rts, paths)]
-    prompts = [prompt_ids(rt.tokenizer, w.prompt_tokens) for rt in rts]
-    for _ in range(w.warmup):
-        for st, ids in zip(steppers, prompts):
-            measure_run(st, ids, w.gen_tokens, None)
-    timings: list[list] = [[] for _ in paths]
-    for _ in range(w.runs):  # interleaved: machine noise hits every artifact alike
-        for i, (st, ids) in enumerate(zip(steppers, prompts)):
-            timings[i].append(measure_run(st, ids, w.gen_tokens, m))
-    if m is not None:
-        m.close()
-    results = [summarize(t, w, method, reason, m, profile, threads, rt.name) for t, rt in zip(timings, rts)]
-    for rt in rts:
-        rt.close()
-    _table(paths, results)
-    metrics = dict(results[0])
-    if len(paths) > 1:
-        metrics["compare"] = {str(p): r for p, r in zip(paths, results)}
-    params = {"model": str(paths[0]), "compare": [str(p) for p in paths[1:]], "prompt_tokens": w.prompt_tokens,
-              "gen_tokens": w.gen_tokens, "runs": w.runs, "warmup": w.warmup, "threads": threads, "batch_size": 1,
-              "meter": meter, "estimate": estimate, "decoding": "greedy"}
-    kind = "checkpoint" if formats[0] == "checkpoint" else "file"
-    from itera.model.checkpoint import checkpoint_format
-
-    fmt = checkpoint_format(paths[0]) if kind == "checkpoint" else formats[0]
-    rec = run.record(record.describe_artifact(paths[0], kind, fmt), metrics, params)
-    record.emit(rec, metrics_out=metrics_out)
+    path, parent = model_input(model)
+    opts = BenchmarkOptions(model=path, compare=list(compare or []), threads=threads, meter=meter, estimate=estimate,
+                            workload=Workload(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, runs=runs,
+                                              warmup=warmup))
+    execute("benchmark-power", run_benchmark, opts.validate(), parent, metrics_out,
+            summary=lambda c, m: _table(c, opts.paths, m))
 
 
-def _table(paths, results) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="benchmark-power (ratios against the first)")
-    for c in ("artifact", "runtime", "TTFT ms", "decode tok/s", "p50 ms", "p95 ms", "p99 ms", "J/token", "method"):
-        t.add_column(c)
+def _table(console, paths: list[Path], metrics: dict) -> None:
+    results = list(metrics["compare"].values()) if "compare" in metrics else [metrics]
     base = results[0]
+
+    def fmt(v, f="{:.2f}"):
+        return "n/a" if v is None else f.format(v)
+
+    rows = []
     for p, r in zip(paths, results):
         ratio = "" if r is base or not r["decode_tokens_per_s"] else \
             f" ({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x)"
-        fmt = (lambda v, f="{:.2f}": "n/a" if v is None else f.format(v))  # noqa: E731
-        t.add_row(str(p), r["runtime"], fmt(r["ttft_ms_p50"]), fmt(r["decode_tokens_per_s"], "{:.1f}") + ratio,
-                  fmt(r["decode_latency_ms_p50"]), fmt(r["decode_latency_ms_p95"]), fmt(r["decode_latency_ms_p99"]),
-                  fmt(r["j_per_token"], "{:.4f}"), r["energy_method"])
-    Console(stderr=True).print(t)
+        rows.append([str(p), r["runtime"], fmt(r["ttft_ms_p50"]), fmt(r["decode_tokens_per_s"], "{:.1f}") + ratio,
+                     fmt(r["decode_latency_ms_p50"]), fmt(r["decode_latency_ms_p95"]), fmt(r["decode_latency_ms_p99"]),
+                     fmt(r["j_per_token"], "{:.4f}"), r["energy_method"]])
+    console.table("benchmark-power (ratios against the first)", ["artifact", "runtime", "TTFT ms", "decode tok/s",
+                    "p50 ms", "p95 ms", "p99 ms", "J/token", "method"], rows)
     if base["energy_method"] == "unavailable":
-        print(f"energy not measured: {base['energy_reason']}", file=sys.stderr)
+        console.log(f"energy not measured: {base['energy_reason']}")

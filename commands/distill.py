@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Device, MetricsOut, progress_bar, resolve_device
+from itera.commands._options import Device, MetricsOut, execute
 
 Int = Optional[int]
 
@@ -17,8 +16,8 @@ def distill(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the student checkpoint.")],
     teacher: Annotated[Optional[Path], typer.Option(help="Teacher checkpoint. Default: the record on stdin. "
                                                     "Omit with --alpha 0 --tokenizer to train from scratch.")] = None,
-    student: Annotated[Optional[str], typer.Option(help="Preset from configs/students/ (half, quarter, narrow, ...) "
-                                                   "or a YAML file.")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student preset (half, quarter, narrow, demo-teacher) "
+                                                   "or a YAML file with the same fields.")] = None,
     layers: Annotated[Int, typer.Option(help="Student layers (overrides the preset).")] = None,
     hidden: Annotated[Int, typer.Option(help="Student hidden size.")] = None,
     heads: Annotated[Int, typer.Option(help="Student attention heads.")] = None,
@@ -53,10 +52,17 @@ def distill(
 
     loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE. Runs unchanged under
     `torchrun --nproc-per-node N -m itera distill ...` (DistributedDataParallel; only rank 0 writes).
+
+    Examples:
+
+      itera distill --teacher runs/teacher --student quarter --data notes.txt --out runs/student --steps 500
+
+      itera distill --alpha 0 --tokenizer bpe:4096 --layers 4 --hidden 192 --heads 6 --data notes.txt --out runs/scratch
     """
     from itera import record
     from itera.distill import DistillOptions, run_distill
     from itera.errors import UsageError
+    from itera.runtime import resolve_device
     from itera.train import TrainOptions, init_distributed
 
     try:
@@ -72,30 +78,14 @@ def distill(
     opts = DistillOptions(data=data, out=out, teacher=teacher, student=student, layers=layers, hidden=hidden,
                           heads=heads, kv_heads=kv_heads, ffn=ffn, init=init, layer_ids=ids, alpha=alpha,
                           temperature=temperature, kl=kl, tokenizer=tokenizer, holdout=holdout, eval_tokens=eval_tokens,
-                          resume=resume).validate()
-    if opts.teacher is None and opts.student is None and None in (layers, hidden, heads):
-        raise UsageError("pass --student PRESET or --layers/--hidden/--heads for the model to train")
-    if opts.teacher is not None and opts.student is None and not any((layers, hidden, heads, kv_heads, ffn)):
-        raise UsageError("pass --student PRESET (e.g. half, quarter) or explicit --layers/--hidden/--heads")
+                          resume=resume, train=train).validate()
     dist = init_distributed(resolve_device(device))
     opts.device = dist.device
-    run = record.Run("distill", parent=parent, device=dist.device)
-    say = (lambda msg: print(msg, file=sys.stderr)) if dist.main else (lambda msg: None)
+    execute("distill", run_distill, opts, parent, metrics_out, summary=_summary, dist=dist)
 
-    with progress_bar(enabled=dist.main) as bar:
-        task = bar.add_task("distill", total=steps, loss=float("nan"), tps=0.0)
-        tokens_per_step = batch_size * seq_len
 
-        def on_step(step: int, logs: dict) -> None:
-            elapsed = bar.tasks[task].elapsed or 0.0
-            bar.update(task, completed=step, loss=logs["loss"], tps=step * tokens_per_step / elapsed if elapsed else 0.0)
-
-        result = run_distill(opts, train, dist=dist, on_step=on_step, log=say)
-    if not dist.main:
-        return
-    m = result["metrics"]
-    say(f"student perplexity {m['student_perplexity']:.3f} (from {m['init_student_perplexity']:.3f} at step 0)"
-        + (f", teacher {m['teacher_perplexity']:.3f}, top-1 agreement {m['top1_agreement']:.3f}"
-           if "teacher_perplexity" in m else ""))
-    rec = run.record(record.describe_artifact(out, "checkpoint", "safetensors"), m, result["params"])
-    record.emit(rec, metrics_out=metrics_out)
+def _summary(console, m: dict) -> None:
+    line = (f"student perplexity {m['student_perplexity']:.3f} (from {m['init_student_perplexity']:.3f} at step 0)"
+            + (f", teacher {m['teacher_perplexity']:.3f}, top-1 agreement {m['top1_agreement']:.3f}"
+               if "teacher_perplexity" in m else ""))
+    console.log(line + f", on {m['heldout_tokens']} held-out tokens of the --data text's tail")

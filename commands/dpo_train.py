@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, ModelPath, model_input, progress_bar
+from itera.commands._options import MetricsOut, ModelPath, execute, model_input
 
 
 def dpo_train(
@@ -36,36 +35,33 @@ def dpo_train(
     """Preference-tune a model with DPO (or IPO) on LoRA adapters, from pairs or user feedback.
 
     Runs unchanged under `torchrun --nproc-per-node N -m itera dpo-train ...` (pairs of each step
-    split across processes; only rank 0 writes). The reference policy is the base model with adapters off; its log-probabilities are cached by
-    model and data hash. Writes a PEFT-compatible adapter (adapter_config.json,
-    adapter_model.safetensors) and, with --merge, a merged checkpoint in OUT/merged.
+    split across processes; only rank 0 writes). The reference policy is the base model with
+    adapters off; its log-probabilities are cached by model and data hash. Writes a
+    PEFT-compatible adapter (adapter_config.json, adapter_model.safetensors) and, with --merge, a
+    merged checkpoint in OUT/merged.
+
+    Examples:
+
+      itera dpo-train --model runs/teacher --pairs prefs.jsonl --out runs/dpo --steps 100
+
+      itera dpo-train --model runs/teacher --feedback events.jsonl --save-pairs pairs.jsonl --out runs/dpo --merge
     """
-    from itera import record
     from itera.dpo import DPOOptions, run_dpo
-    from itera.model.checkpoint import check_checkpoint_dir
     from itera.train import TrainOptions, init_distributed
 
+    path, parent = model_input(model)
     train = TrainOptions(steps=steps, batch_size=batch_size, seq_len=1, lr=lr, warmup_steps=warmup_steps,
-                         weight_decay=0.0, seed=seed).validate()
-    opts = DPOOptions(model=Path("."), out=out, pairs=pairs, feedback=feedback, beta=beta, loss=loss,
+                         weight_decay=0.0, seed=seed)
+    opts = DPOOptions(model=path, out=out, pairs=pairs, feedback=feedback, beta=beta, loss=loss,
                       label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, lora_targets=lora_targets, holdout=holdout,
-                      min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs).validate()
-    opts.model, parent = model_input(model)
-    check_checkpoint_dir(opts.model)
-    dist = init_distributed("cpu")
-    run = record.Run("dpo-train", parent=parent)
-    say = (lambda msg: print(msg, file=sys.stderr)) if dist.main else (lambda msg: None)
-    with progress_bar(enabled=dist.main) as bar:
-        task = bar.add_task("dpo", total=steps, loss=float("nan"), tps=0.0)
-        result = run_dpo(opts, train, log=say, dist=dist,
-                         on_step=lambda s, logs: bar.update(task, completed=s, loss=logs["loss"]))
-    if not dist.main:
-        return
-    m = result["metrics"]
+                      min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs, train=train)
+    execute("dpo-train", run_dpo, opts.validate(), parent, metrics_out, summary=_summary,
+            dist=init_distributed("cpu"))
+
+
+def _summary(console, m: dict) -> None:
     if m["heldout"]:
-        print(f"held-out reward accuracy {m['heldout_before']['reward_accuracy']:.3f} -> "
-              f"{m['heldout']['reward_accuracy']:.3f}, margin {m['heldout']['reward_margin']:.3f}, "
-              f"KL to reference {m['kl_to_reference']:.4f}", file=sys.stderr)
-    rec = run.record(record.describe_artifact(out, "adapter", "peft-lora"), m, result["params"])
-    record.emit(rec, metrics_out=metrics_out)
+        console.log(f"held-out reward accuracy {m['heldout_before']['reward_accuracy']:.3f} -> "
+                    f"{m['heldout']['reward_accuracy']:.3f}, margin {m['heldout']['reward_margin']:.3f}, "
+                    f"KL to reference {m['kl_to_reference']:.4f} ({m['pairs_heldout']} held-out pairs)")

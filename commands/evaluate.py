@@ -1,20 +1,17 @@
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import (Device, Dtype, MetricsOut, ModelPath, Threads, model_input, progress_bar,
-                                     resolve_device)
+from itera.commands._options import Device, Dtype, MetricsOut, RunnablePath, Threads, execute, model_input
 
 
 def evaluate(
     dataset: Annotated[list[str], typer.Option(
         "--dataset", "-d", help="Text to score: a .txt/.jsonl/.parquet file, pydocs[@split], wikitext-2, "
         "tinystories or a datasets name[:config][@split]. Repeat for several.")],
-    model: ModelPath = None,
+    model: RunnablePath = None,
     window: Annotated[Optional[int], typer.Option(
         help="Tokens per forward pass (context + targets). Default: 512, or the model's context if shorter.")] = None,
     stride: Annotated[Optional[int], typer.Option(
@@ -31,43 +28,22 @@ def evaluate(
 
     Every token after the first is scored once with up to WINDOW-1 tokens of context; the exact
     protocol is written into the record's params. Results go under metrics.datasets[<dataset>].
+
+    Examples:
+
+      itera evaluate --model runs/teacher -d pydocs@test -d notes.txt --window 512 --stride 256
+
+      itera export --model runs/teacher --format gguf --out m.gguf | itera evaluate -d pydocs@test
     """
-    from itera import record
-    from itera.data import load_text
-    from itera.evaluate import EvalOptions, evaluate_text, resolve_bos
-    from itera.model.checkpoint import check_against_config, checkpoint_format, load_config, read_headers
-    from itera.runtime import check_model_path, open_runtime
+    from itera.evaluate import EvalOptions, EvaluateOptions, run_evaluate
 
-    opts = EvalOptions(window=window, stride=stride, max_tokens=max_tokens, bos=bos).validate()
     path, parent = model_input(model)
-    run = record.Run("evaluate", parent=parent)
-    # Cheap checks of the model first, then the data, then the expensive load.
-    fmt = check_model_path(path)
-    if fmt == "checkpoint":
-        cfg = load_config(path)
-        check_against_config(cfg, read_headers(path), path)
-        opts.resolve(cfg.max_position_embeddings)
-    sources = {spec: load_text(spec, purpose="eval") for spec in dict.fromkeys(dataset)}
-    run.device = resolve_device(device)
-    rt = open_runtime(path, dtype=dtype, device=run.device, threads=threads)
-    opts = opts.resolve(rt.max_context)
-    used_bos = resolve_bos(rt.tokenizer, opts)
+    opts = EvaluateOptions(model=path, datasets=dataset, dtype=dtype, device=device, threads=threads,
+                           protocol=EvalOptions(window=window, stride=stride, max_tokens=max_tokens, bos=bos))
+    execute("evaluate", run_evaluate, opts.validate(), parent, metrics_out, summary=_summary)
 
-    results = {}
-    with progress_bar(training=False) as prog:
-        for spec, src in sources.items():
-            task = prog.add_task(f"evaluate {spec}", total=None)
-            results[spec] = evaluate_text(rt, src.text, opts, source=spec,
-                                          progress=lambda done, total, t=task: prog.update(t, completed=done, total=total))
-    rt.close()
-    params = {**opts.as_params(), "bos": used_bos, "model": str(path), "runtime": rt.name, "dtype": dtype,
-              "device": run.device, "threads": threads,
-              "datasets": {spec: src.description for spec, src in sources.items()}}
-    artifact = record.describe_artifact(path, "checkpoint", checkpoint_format(path)) if fmt == "checkpoint" else \
-        record.describe_artifact(path, "file", fmt)
-    rec = run.record(artifact, {"datasets": results}, params)
-    for spec, m in results.items():
-        print(f"{spec}: perplexity {m['perplexity']:.3f}, {m['bits_per_byte']:.4f} bits/byte over "
-              f"{m['tokens']} tokens ({m['tokens_per_s']:.0f} tokens/s)", file=sys.stderr)
-    record.emit(rec, metrics_out=metrics_out)
 
+def _summary(console, metrics: dict) -> None:
+    for spec, m in metrics["datasets"].items():
+        console.log(f"{spec}: perplexity {m['perplexity']:.3f}, {m['bits_per_byte']:.4f} bits/byte over "
+                    f"{m['tokens']} tokens ({m['tokens_per_s']:.0f} tokens/s)")

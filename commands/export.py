@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, ModelPath, Threads, model_input
+from itera.commands._options import MetricsOut, ModelPath, Threads, execute, model_input
 
 
 def export(
@@ -31,24 +30,25 @@ def export(
     After writing, the artifact is loaded in its runtime and compared with the source model on the
     same token ids (max/mean |logit diff|, top-1 agreement). Beyond the tolerance of its type the
     export fails with exit code 1 and the file is removed, unless --allow-mismatch.
-    """
-    from itera import record
-    from itera.export.job import ExportOptions, run_export
-    from itera.model.checkpoint import check_checkpoint_dir
 
-    opts = ExportOptions(model=Path("."), out=out, format=fmt, gguf_type=gguf_type, onnx_quant=onnx_quant,
+    Examples:
+
+      itera export --model runs/q4 --format gguf --gguf-type Q4_0 --out runs/q4.gguf
+
+      itera export --model runs/teacher --format onnx --out m.onnx   (also writes m.kv.onnx)
+    """
+    from itera.export.job import ExportOptions, run_export
+
+    path, parent = model_input(model)
+    opts = ExportOptions(model=path, out=out, format=fmt, gguf_type=gguf_type, onnx_quant=onnx_quant,
                          allow_mismatch=allow_mismatch, verify_tokens=verify_tokens, threads=threads,
-                         max_logit_diff=max_logit_diff).validate()
-    opts.model, parent = model_input(model)
-    check_checkpoint_dir(opts.model)
-    run = record.Run("export", parent=parent)
-    result = run_export(opts, log=lambda m: print(m, file=sys.stderr))
-    m = result["metrics"]
-    print(f"{out}: max |logit diff| {m['max_abs_logit_diff']:.3g}, top-1 agreement {m['top1_agreement']:.3f} "
-          f"({'verified' if m['verified'] else 'NOT within tolerance, kept by --allow-mismatch'})", file=sys.stderr)
+                         max_logit_diff=max_logit_diff)
+    execute("export", run_export, opts.validate(), parent, metrics_out, summary=lambda c, m: _summary(c, out, m))
+
+
+def _summary(console, out: Path, m: dict) -> None:
+    state = "verified" if m["verified"] else "NOT within tolerance, kept by --allow-mismatch"
+    console.log(f"{out}: max |logit diff| {m['max_abs_logit_diff']:.3g}, top-1 agreement {m['top1_agreement']:.3f} "
+                f"({state})")
     for fb in m.get("fallbacks") or []:
-        print(f"  fallback: {fb['tensor']} {fb['wanted']} -> {fb['written']} ({fb['reason']})", file=sys.stderr)
-    fmt_name = {"torchscript": "torchscript", "pt2": "pt2"}.get(fmt, fmt)
-    params = {**result["params"], "extra_outputs": result["extra_outputs"]}
-    rec = run.record(record.describe_artifact(out, "file", fmt_name), m, params)
-    record.emit(rec, metrics_out=metrics_out)
+        console.log(f"  fallback: {fb['tensor']} {fb['wanted']} -> {fb['written']} ({fb['reason']})")

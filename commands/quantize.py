@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, ModelPath, model_input
+from itera.commands._options import MetricsOut, ModelPath, execute, model_input
 
 
 def quantize(
@@ -40,32 +39,26 @@ def quantize(
 
     The output keeps the checkpoint layout (packed codes, float16 scales, quantization_config in
     config.json) and loads back in itera; `itera evaluate` runs on it.
+
+    Examples:
+
+      itera quantize --model runs/teacher --method gptq --bits 4 --group-size 32 --calib pydocs@test --out runs/q4
+
+      itera quantize --model runs/teacher --method auto --target-bpw 4.5 --calib notes.txt --out runs/mixed
     """
-    from itera import record
-    from itera.errors import UsageError
     from itera.quant.job import QuantizeOptions, run_quantize
 
-    try:
-        cands = tuple(int(b) for b in auto_bits.split(","))
-    except ValueError:
-        raise UsageError(f"--auto-bits must be comma-separated integers, e.g. 2,3,4,8 (got {auto_bits!r})") from None
-    opts = QuantizeOptions(model=Path("."), out=out, method=method, bits=bits, group_size=group_size, sym=sym,
+    path, parent = model_input(model)
+    opts = QuantizeOptions(model=path, out=out, method=method, bits=bits, group_size=group_size, sym=sym,
                            calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, damp=damp,
-                           act_order=act_order, target_bpw=target_bpw, auto_bits=cands, auto_base=auto_base,
-                           plan=plan, quantize_embeddings=quantize_embeddings, eval_tokens=eval_tokens,
-                           seed=seed).validate()
-    opts.model, parent = model_input(model)
-    from itera.model.checkpoint import check_checkpoint_dir
+                           act_order=act_order, target_bpw=target_bpw, auto_bits=auto_bits, auto_base=auto_base,
+                           plan=plan, quantize_embeddings=quantize_embeddings, eval_tokens=eval_tokens, seed=seed)
+    execute("quantize", run_quantize, opts.validate(), parent, metrics_out, summary=_summary)
 
-    check_checkpoint_dir(opts.model)
-    run = record.Run("quantize", parent=parent)
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr)
-
-    result = run_quantize(opts, log=log)
-    m = result["metrics"]
-    log(f"{m['bits_per_weight']:.3f} bits per weight, {m['size_ratio']:.2f}x smaller"
-        + (f", perplexity {m['perplexity_before']:.3f} -> {m['perplexity_after']:.3f}" if m["perplexity_after"] else ""))
-    rec = run.record(record.describe_artifact(out, "checkpoint", "itera-quant"), m, result["params"])
-    record.emit(rec, metrics_out=metrics_out)
+def _summary(console, m: dict) -> None:
+    line = f"{m['bits_per_weight']:.3f} bits per weight, {m['size_ratio']:.2f}x smaller"
+    if m["perplexity_after"]:
+        line += (f", held-out perplexity {m['perplexity_before']:.3f} -> {m['perplexity_after']:.3f} "
+                 f"({m['eval_tokens']} tokens of the --calib text's tail)")
+    console.log(line)

@@ -38,15 +38,15 @@ def _print_json(obj) -> None:
 
 
 def _table(title: str, columns: list[str], rows: list[list]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from itera.commands._console import Console
 
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*("" if x is None else str(x) for x in r))
-    Console(stderr=True).print(t)
+    Console().table(title, columns, rows)
+
+
+def _say(message: str) -> None:
+    from itera.commands._console import Console
+
+    Console().log(message)
 
 
 def _summary(v: dict) -> dict:
@@ -83,37 +83,20 @@ def register(
     tags, the git commit of the working directory and the time.
     """
     from itera import record as rec
-    from itera.errors import InputError, UsageError
-    from itera.registry import git_commit, parse_tags, validate_name
+    from itera.errors import UsageError
+    from itera.registry import git_commit, parse_tags, registration, validate_name
 
     validate_name(name)
     tags = parse_tags(tag or [])
     if record_file is not None and path is not None:
         raise UsageError("pass either --record FILE or --path ARTIFACT, not both")
-    if path is not None:
-        parent = None
-        if not path.exists():
-            raise InputError(f"{path} does not exist; pass an existing file or directory with --path")
-        kind = "checkpoint" if path.is_dir() else "file"
-        fmt = "safetensors" if (path / "config.json").is_file() else (path.suffix[1:] or "directory")
-        artifact = rec.describe_artifact(path, kind, fmt)
-    else:
+    parent = None
+    if path is None:
         parent = rec.read_record_file(record_file) if record_file is not None else rec.read_parent()
-        if parent is None:
-            raise InputError("no input: pipe an itera record on stdin, or pass --record FILE or --path ARTIFACT")
-        artifact = parent.get("artifact")
-        if not artifact:
-            raise InputError(f"the record from `itera {parent.get('command')}` names no artifact to register")
-        p = Path(artifact["path"])
-        if not p.exists():
-            raise InputError(f"the record's artifact {p} does not exist; register from the directory the pipeline ran in")
-        size, digest = rec.artifact_digest(p)
-        if artifact.get("sha256") and artifact["sha256"] != digest:
-            raise InputError(f"{p} changed since the record was written (sha256 differs); re-run the command that made it")
-        artifact = {**artifact, "bytes": size, "sha256": digest}
+    artifact = registration(parent, path)
     with _open(registry) as reg:
         v = reg.register(name, artifact, parent, tags=tags, commit=git_commit())
-        print(f"registered {name}@{v['version']} ({artifact['path']})", file=sys.stderr)
+        _say(f"registered {name}@{v['version']} ({artifact['path']})")
         _emit_version("register", v, reg, {"tags": tags, "git_commit": v["git_commit"]}, metrics_out, parent)
 
 
@@ -215,7 +198,7 @@ def rollback(
 
     with _open(registry) as reg:
         v = reg.rollback(validate_name(name), to)
-        print(f"{name}@active -> version {v['version']}", file=sys.stderr)
+        _say(f"{name}@active -> version {v['version']}")
         _emit_version("rollback", v, reg, metrics_out=metrics_out)
 
 
@@ -240,16 +223,18 @@ def promote(
     with _open(registry) as reg:
         v = reg.promote(Ref.parse(ref), metric, margin, direction)
         gate = v.pop("gate")
-        print(f"promoted {v['name']}@{v['version']}: {gate['metric']} {gate['candidate']:.6g}"
-              + (f" vs {gate['active']:.6g}" if "active" in gate else f" ({gate['reason']})"), file=sys.stderr)
+        _say(f"promoted {v['name']}@{v['version']}: {gate['metric']} {gate['candidate']:.6g}"
+             + (f" vs {gate['active']:.6g}" if "active" in gate else f" ({gate['reason']})"))
         _emit_version("promote", v, reg, {"gate": gate}, metrics_out)
 
 
 @app.command()
 def resolve(ref: RefArg, registry: RegistryPath = None) -> None:
-    """Print the artifact path of a version, for shell use:
+    """Print the artifact path of a version, for shell use.
 
-    itera evaluate --model "$(itera registry resolve stories@active)" -d notes.txt
+    Example:
+
+      itera evaluate --model "$(itera registry resolve stories@active)" -d notes.txt
     """
     from itera.registry import Ref
 

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut
+from itera.commands._options import MetricsOut, execute
 
 
 def report(
@@ -16,22 +16,16 @@ def report(
     metrics_out: MetricsOut = None,
 ) -> None:
     """Tables and charts from records and their lineage: size, bits per weight, perplexity, bits per
-    byte, decode tokens/s, J/token with its method, export parity; a size–quality frontier chart."""
-    from itera import record
-    from itera.errors import UsageError
-    from itera.report import render
+    byte, decode tokens/s, J/token with its method, export parity; a size–quality frontier chart.
 
-    if fmt not in ("md", "html"):
-        raise UsageError(f"unknown --format {fmt!r}; use md or html")
-    if records:
-        recs = [record.read_record_file(p) for p in records]
-    else:
-        data = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
-        recs = [record.parse_record(line.encode()) for line in data.decode("utf-8", "strict").splitlines()
-                if line.strip()] if data.strip() else []
-    run = record.Run("report", parent=recs[-1] if len(recs) == 1 else None)
-    result = render(recs, out, fmt)
-    print(f"wrote {result['report']} ({result['artifacts']} artifacts)", file=sys.stderr)
-    rec = run.record(record.describe_artifact(out, "report", fmt), {"artifacts": result["artifacts"]},
-                     {"records": [str(p) for p in records or []], "format": fmt, "charts": result["charts"]})
-    record.emit(rec, metrics_out=metrics_out)
+    Examples:
+
+      itera report runs/demo/student-register.json runs/demo/teacher-register.json --out runs/demo/report
+
+      itera report runs/demo/*.json --out runs/demo/report-html --format html
+    """
+    from itera.report import ReportOptions, run_report
+
+    stdin = sys.stdin.buffer.read() if not records and not sys.stdin.isatty() else b""
+    opts = ReportOptions(out=out, records=list(records or []), format=fmt, stdin=stdin).validate()
+    execute("report", run_report, opts, opts.parsed[-1] if len(opts.parsed) == 1 else None, metrics_out)

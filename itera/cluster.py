@@ -1,7 +1,7 @@
 """Inventory of the machines a user can reach over SSH, and a torchrun launch plan for them.
 
 Security model: host specs are parsed strictly (no option injection, no shell metacharacters);
-a host is probed only if the allowlist in ``configs/cluster.yaml`` admits every address it
+a host is probed only if the allowlist (``itera.configs/cluster.yaml`` by default) admits every address it
 resolves to; remote probes go through the user's own ``ssh`` client with ``BatchMode=yes`` (no
 password prompts), ``StrictHostKeyChecking=accept-new``, ``--`` before the destination, and a
 fixed remote command (``python3 -``) that reads the probe program from stdin. itera discovers no
@@ -18,14 +18,14 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from itera.errors import UsageError
-
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cluster.yaml"
+from itera.progress import SILENT, Reporter
+from itera.record import Outcome
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 _FORBIDDEN = set(" \t\r\n'\"`;$|&<>()\\*?!{}#~,=")
 
@@ -98,7 +98,9 @@ class Policy:
 
     @classmethod
     def load(cls, path: Path | None = None) -> "Policy":
-        path = Path(path) if path else CONFIG
+        from itera.paths import config_file
+
+        path = Path(path) if path else config_file("cluster.yaml")
         if not path.is_file():
             raise UsageError(f"cluster policy {path} does not exist; pass --config FILE")
         try:
@@ -311,3 +313,74 @@ def launch_plan(hosts: list[HostResult], launch: str, nproc_per_node: int | None
 
 def as_dicts(results: list[HostResult]) -> list[dict]:
     return [asdict(r) for r in results]
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass
+class DiscoverOptions:
+    hosts: list[str] = field(default_factory=list)
+    hosts_file: Path | None = None
+    config: Path | None = None
+    ssh_config: Path | None = None
+    timeout: float = 5.0
+    deadline: float = 60.0
+    launch: str = "distill --help"
+    nproc_per_node: int | None = None
+    rdzv_port: int = 29500
+    out: Path | None = None
+    hostfile: Path | None = None
+
+    def validate(self) -> "DiscoverOptions":
+        if self.timeout <= 0 or self.deadline <= 0 or (self.nproc_per_node is not None and self.nproc_per_node < 1):
+            raise UsageError("--timeout and --deadline must be positive and --nproc-per-node at least 1")
+        return self
+
+    def host_specs(self) -> list[str]:
+        """The hosts as typed, then those of --hosts-file (one per line, '#' comments)."""
+        specs = list(self.hosts)
+        if self.hosts_file is not None:
+            if not Path(self.hosts_file).is_file():
+                raise UsageError(f"--hosts-file {self.hosts_file} does not exist")
+            specs += [ln.strip() for ln in Path(self.hosts_file).read_text().splitlines()
+                      if ln.strip() and not ln.startswith("#")]
+        if not specs:
+            raise UsageError("no hosts: pass host specs (e.g. localhost user@gpu-box:2222) or --hosts-file FILE")
+        return specs
+
+    def as_params(self, specs: list[str]) -> dict:
+        return {"hosts": specs, "config": str(self.config) if self.config else None,
+                "ssh_config": str(self.ssh_config) if self.ssh_config else None, "timeout": self.timeout,
+                "deadline": self.deadline, "launch": self.launch, "nproc_per_node": self.nproc_per_node,
+                "rdzv_port": self.rdzv_port}
+
+
+def run_discover(opts: DiscoverOptions, reporter: Reporter = SILENT) -> Outcome:
+    """Check every spec, probe the allowed hosts, plan the launch, write the inventory files."""
+    from itera.fsio import write_text_atomic
+    from itera.record import describe_artifact
+
+    opts.validate()
+    texts = opts.host_specs()
+    specs = [parse_host_spec(s) for s in texts]  # every spec is checked before anything runs
+    policy = Policy.load(opts.config)
+    results = discover(specs, policy, timeout=opts.timeout, deadline=opts.deadline, ssh_config=opts.ssh_config)
+    plan = launch_plan(results, opts.launch, opts.nproc_per_node, opts.rdzv_port)
+    inventory = {"hosts": as_dicts(results), "plan": plan}
+    artifact = None
+    if opts.out is not None:
+        write_text_atomic(opts.out, json.dumps(inventory, indent=2) + "\n")
+        artifact = describe_artifact(opts.out, "inventory", "json")
+    if opts.hostfile is not None and plan.get("hostfile"):
+        write_text_atomic(opts.hostfile, plan["hostfile"])
+    up = [r for r in results if r.status == "reachable"]
+    metrics = {
+        "hosts_reachable": len(up), "hosts_unreachable": sum(r.status == "unreachable" for r in results),
+        "hosts_refused": sum(r.status == "refused" for r in results),
+        "total_cpus": sum(r.info.get("cpus") or 0 for r in up),
+        "total_gpus": sum(len(r.info.get("gpus") or []) for r in up),
+        "total_memory_bytes": sum(r.info.get("memory_bytes") or 0 for r in up),
+        **inventory,
+    }
+    return Outcome(artifact, metrics, opts.as_params(texts))

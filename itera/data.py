@@ -72,6 +72,13 @@ def load_text(spec: str, purpose: str = "eval") -> TextSource:
     return _load_hub(spec, name, split or None, purpose)
 
 
+def split_heldout(text: str, holdout: float) -> tuple[str, str]:
+    """The head of ``text`` for training or calibration and its tail (a ``holdout`` fraction of
+    its characters) held out for evaluation."""
+    cut = int(len(text) * (1 - holdout))
+    return text[:cut], text[cut:]
+
+
 def _nonempty(source: TextSource) -> TextSource:
     if not any(r.strip() for r in source.rows):
         raise DataError(f"data source {source.spec} holds no text; pass a file or dataset with text in it")
@@ -170,7 +177,7 @@ def pydocs_corpus() -> list[tuple[str, str]]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= 40:
                     docs.append((rel, doc))
-    from itera.record import write_text_atomic
+    from itera.fsio import write_text_atomic
 
     write_text_atomic(cache, json.dumps(docs))
     return docs

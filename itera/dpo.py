@@ -20,35 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from itera.errors import UsageError
+from itera.losses import DPO_LOSSES, dpo_loss, kl_div, reward_accuracy
 from itera.preference import Pair
-
-LOSSES = ("sigmoid", "ipo")
-
-
-def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float,
-             kind: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Mean loss over pairs and per-pair figures: rewards beta*(log pi - log ref) and the margin."""
-    h = (pi_c - ref_c) - (pi_r - ref_r)
-    if kind == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    elif kind == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:
-        raise UsageError(f"unknown --loss {kind!r}; use sigmoid or ipo")
-    chosen_r, rejected_r = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
-    return losses.mean(), {"chosen_rewards": chosen_r, "rejected_rewards": rejected_r}
-
-
-def reward_accuracy(margins: torch.Tensor) -> float:
-    """Share of pairs whose chosen reward beats the rejected one; a tie counts as half."""
-    return ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item()
+from itera.progress import SILENT, Reporter
+from itera.record import Outcome, describe_artifact
+from itera.train import Dist, TrainOptions
 
 
 @dataclass
@@ -116,7 +98,7 @@ def cache_key(model_sha: str, enc: Encoded) -> str:
 
 def cached_reference(model, enc: Encoded, model_sha: str, cache_dir: Path) -> tuple[torch.Tensor, bool]:
     """Reference log-probs from the cache when this model and data were seen before; (values, hit)."""
-    from itera.record import write_text_atomic
+    from itera.fsio import write_text_atomic
 
     path = Path(cache_dir) / f"{cache_key(model_sha, enc)}.json"
     if path.is_file():
@@ -151,7 +133,7 @@ def kl_to_reference(model, enc: Encoded) -> float:
         logp = torch.log_softmax(model(ids[:, :-1]).float(), -1)[0]
         with adapters_disabled(model):
             logq = torch.log_softmax(model(ids[:, :-1]).float(), -1)[0]
-        kl = (logp.exp() * (logp - logq)).sum(-1)
+        kl = kl_div(logp, logq)
         total += (kl * mask).sum().item()
         count += mask.sum().item()
     return total / max(count, 1.0)
@@ -174,13 +156,18 @@ class DPOOptions:
     min_rating_gap: float = 1.0
     merge: bool = False
     save_pairs: Path | None = None
+    train: TrainOptions = field(default_factory=lambda: TrainOptions(steps=100, batch_size=8, seq_len=1, lr=1e-3,
+                                                                     warmup_steps=5, weight_decay=0.0))
 
     def validate(self) -> "DPOOptions":
+        from itera.lora import parse_targets
+
+        self.train.validate()
         if (self.pairs is None) == (self.feedback is None):
             raise UsageError("pass exactly one of --pairs FILE or --feedback FILE")
         if not self.beta > 0:
             raise UsageError(f"--beta must be positive (got {self.beta})")
-        if self.loss not in LOSSES:
+        if self.loss not in DPO_LOSSES:
             raise UsageError(f"unknown --loss {self.loss!r}; use sigmoid or ipo")
         if not 0 <= self.label_smoothing < 0.5:
             raise UsageError(f"--label-smoothing must be in [0, 0.5) (got {self.label_smoothing})")
@@ -188,10 +175,21 @@ class DPOOptions:
             raise UsageError(f"--holdout must be in [0, 1) (got {self.holdout})")
         if not 0 <= self.lora_dropout < 1:
             raise UsageError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.lora_rank < 1:
+            raise UsageError(f"--lora-rank must be at least 1 (got {self.lora_rank})")
+        parse_targets(self.lora_targets)
         return self
 
+    @property
+    def targets(self) -> list[str]:
+        from itera.lora import parse_targets
+
+        return parse_targets(self.lora_targets)
+
     def as_params(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        d.pop("train")
+        return d
 
 
 def split_pairs(pairs: list[Pair], holdout: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -202,26 +200,21 @@ def split_pairs(pairs: list[Pair], holdout: float, seed: int) -> tuple[list[Pair
     return [p for p in pairs if p not in held_set], held
 
 
-def run_dpo(opts: DPOOptions, train, log=lambda m: None, on_step=None, dist=None) -> dict:
-    """Validate, build pairs, cache reference log-probs, train LoRA adapters, measure, write."""
-    from itera.lora import add_lora, merge_lora, parse_targets, save_adapter
-    from itera.model.checkpoint import check_against_config, load_config, load_model, read_headers, save_model
-    from itera.paths import cache_dir
+# --------------------------------------------------------------------------- phases
+
+
+@dataclass
+class PairData:
+    pairs: list[Pair]  # every usable pair (what --save-pairs writes)
+    train: Encoded
+    held: Encoded
+    dropped: dict[str, int]
+
+
+def load_pairs(opts: DPOOptions, tok, max_len: int) -> PairData:
+    """Pairs from --pairs or from feedback, split and tokenized; what was dropped and why."""
     from itera.preference import pairs_from_feedback, read_pairs
-    from itera.record import artifact_digest, atomic_dir
-    from itera.tokenizer import Tokenizer
-    from itera.train import Dist, Trainer, barrier
 
-    dist = dist or Dist()
-
-    opts.validate()
-    targets = parse_targets(opts.lora_targets)
-    if opts.lora_rank < 1:
-        raise UsageError(f"--lora-rank must be at least 1 (got {opts.lora_rank})")
-    cfg = load_config(opts.model)
-    if cfg.quantization:
-        raise UsageError(f"{opts.model} is quantized; train adapters on the float checkpoint")
-    check_against_config(cfg, read_headers(opts.model), opts.model)
     dropped: dict[str, int] = {}
     if opts.pairs is not None:
         pairs = read_pairs(opts.pairs)
@@ -229,74 +222,114 @@ def run_dpo(opts: DPOOptions, train, log=lambda m: None, on_step=None, dist=None
         pairs, dropped = pairs_from_feedback(opts.feedback, opts.min_rating_gap)
         if not pairs:
             raise UsageError(f"{opts.feedback} gives no usable preference pairs (dropped: {dropped})")
-    tok = Tokenizer.from_dir(opts.model)
-    train_pairs, held_pairs = split_pairs(pairs, opts.holdout, train.seed)
+    train_pairs, held_pairs = split_pairs(pairs, opts.holdout, opts.train.seed)
     if not train_pairs:
         raise UsageError("no pairs left for training after the held-out split; pass more pairs or --holdout 0")
-    enc_train, d1 = encode_pairs(tok, train_pairs, cfg.max_position_embeddings)
-    enc_held, d2 = encode_pairs(tok, held_pairs, cfg.max_position_embeddings)
+    enc_train, d1 = encode_pairs(tok, train_pairs, max_len)
+    enc_held, d2 = encode_pairs(tok, held_pairs, max_len)
     for reason in d1 + d2:
         dropped[reason] = dropped.get(reason, 0) + 1
     if enc_train.ids.shape[0] == 0:
         raise UsageError("every training pair was dropped (" + ", ".join(dropped) + ")")
-    log(f"pairs: {enc_train.ids.shape[0]} train, {enc_held.ids.shape[0]} held out, dropped {sum(dropped.values())}")
+    return PairData(pairs, enc_train, enc_held, dropped)
 
-    model, _ = load_model(opts.model)
-    model_sha = artifact_digest(Path(opts.model))[1]
-    add_lora(model, targets, opts.lora_rank, opts.lora_alpha, opts.lora_dropout, seed=train.seed)
+
+def references(model, data: PairData, model_sha: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Reference log-probs of the training and held-out pairs (cached); and whether both were cache hits."""
+    from itera.paths import cache_dir
+
     ref_dir = cache_dir() / "dpo-ref"
-    ref_train, hit_train = cached_reference(model, enc_train, model_sha, ref_dir)
-    ref_held, hit_held = cached_reference(model, enc_held, model_sha, ref_dir) if enc_held.ids.shape[0] else \
-        (torch.zeros(0, 2), True)
-    model.eval()
-    before = evaluate_pairs(model, enc_held, ref_held, opts.beta, opts.loss, opts.label_smoothing) \
-        if enc_held.ids.shape[0] else None
+    ref_train, hit_train = cached_reference(model, data.train, model_sha, ref_dir)
+    if data.held.ids.shape[0] == 0:
+        return ref_train, torch.zeros(0, 2), hit_train
+    ref_held, hit_held = cached_reference(model, data.held, model_sha, ref_dir)
+    return ref_train, ref_held, hit_train and hit_held
 
-    n = enc_train.ids.shape[0]
+
+def fit(opts: DPOOptions, model, data: PairData, ref_train: torch.Tensor, dist: Dist, reporter: Reporter) -> dict:
+    """Train the adapters on random pairs per step (a pure function of seed and step)."""
+    from itera.train import Trainer, step_generator
+
+    n = data.train.ids.shape[0]
 
     def batch_fn(step: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(train.seed * 1_000_003 + step)
-        return torch.randint(0, n, (train.batch_size,), generator=g)
+        return torch.randint(0, n, (opts.train.batch_size,), generator=step_generator(opts.train.seed, step))
 
     def loss_fn(m, idx: torch.Tensor):
-        ids = enc_train.ids[idx].flatten(0, 1)
-        mask = enc_train.mask[idx].flatten(0, 1)
+        ids = data.train.ids[idx].flatten(0, 1)
+        mask = data.train.mask[idx].flatten(0, 1)
         pol = sequence_logprobs(m, ids, mask).view(-1, 2)
         ref = ref_train[idx]
         loss, f = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], opts.beta, opts.loss, opts.label_smoothing)
         margin = f["chosen_rewards"] - f["rejected_rewards"]
         return loss, {"reward_accuracy": reward_accuracy(margin), "reward_margin": margin.mean().item()}
 
-    trainer = Trainer(model, loss_fn, None, train, dist=dist, on_step=on_step, batch_fn=batch_fn)
-    stats = trainer.run()
-    model.eval()
-    train_eval = evaluate_pairs(model, enc_train, ref_train, opts.beta, opts.loss, opts.label_smoothing)
-    held_eval = evaluate_pairs(model, enc_held, ref_held, opts.beta, opts.loss, opts.label_smoothing) \
-        if enc_held.ids.shape[0] else None
-    kl = kl_to_reference(model, enc_held) if enc_held.ids.shape[0] else None
+    task = reporter.task("dpo", total=opts.train.steps)
+    try:
+        return Trainer(model, loss_fn, None, opts.train, dist=dist, batch_fn=batch_fn,
+                       on_step=lambda s, logs: task.update(s, loss=logs["loss"])).run()
+    finally:
+        task.close()
 
-    metrics = {
-        "train": train_eval, "heldout": held_eval, "heldout_before": before, "kl_to_reference": kl,
-        "pairs_used": int(n), "pairs_heldout": int(enc_held.ids.shape[0]),
-        "pairs_dropped": sum(dropped.values()), "dropped_reasons": dropped,
-        "reference_cache_hit": bool(hit_train and hit_held),
-        "train_seconds": stats["train_seconds"], "first_loss": stats["first_loss"], "final_loss": stats["final_loss"],
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-    }
-    params = {**opts.as_params(), "train": train.as_params(), "processes": dist.world}
-    if not dist.main:  # under torchrun only rank 0 writes
-        barrier(dist)
-        return {"metrics": metrics, "params": params, "model": model}
+
+def write(opts: DPOOptions, model, data: PairData, params: dict) -> None:
+    """The adapter in PEFT's layout, the resolved options, and with --merge the merged checkpoint."""
+    from itera.fsio import atomic_dir, write_text_atomic
+    from itera.lora import merge_lora, save_adapter
+    from itera.model.checkpoint import save_model
+
     with atomic_dir(opts.out) as tmp:
-        save_adapter(model, tmp, targets, opts.lora_rank, opts.lora_alpha, opts.lora_dropout,
+        save_adapter(model, tmp, opts.targets, opts.lora_rank, opts.lora_alpha, opts.lora_dropout,
                      str(Path(opts.model).resolve()))
         (tmp / "dpo_config.json").write_text(json.dumps(params, indent=2) + "\n")
         if opts.merge:
             merge_lora(model)
             save_model(model, tmp / "merged", tokenizer_from=Path(opts.model))
     if opts.save_pairs is not None:
-        from itera.record import write_text_atomic
+        write_text_atomic(Path(opts.save_pairs), "".join(json.dumps(asdict(p)) + "\n" for p in data.pairs))
 
-        write_text_atomic(Path(opts.save_pairs), "".join(json.dumps(asdict(p)) + "\n" for p in pairs))
+
+# --------------------------------------------------------------------------- the job
+
+
+def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = None) -> Outcome:
+    """Validate, build pairs, cache reference log-probs, train LoRA adapters, measure, write."""
+    from itera.fsio import artifact_digest
+    from itera.lora import add_lora
+    from itera.model.checkpoint import load_checked_config, load_model
+    from itera.tokenizer import Tokenizer
+    from itera.train import barrier
+
+    dist = dist or Dist()
+    opts.validate()
+    cfg = load_checked_config(opts.model)[0]
+    if cfg.quantization:
+        raise UsageError(f"{opts.model} is quantized; train adapters on the float checkpoint")
+    data = load_pairs(opts, Tokenizer.from_dir(opts.model), cfg.max_position_embeddings)
+    held = data.held.ids.shape[0] > 0
+    reporter.log(f"pairs: {data.train.ids.shape[0]} train, {data.held.ids.shape[0]} held out, "
+                 f"dropped {sum(data.dropped.values())}")
+    model, _ = load_model(opts.model)
+    add_lora(model, opts.targets, opts.lora_rank, opts.lora_alpha, opts.lora_dropout, seed=opts.train.seed)
+    ref_train, ref_held, hit = references(model, data, artifact_digest(Path(opts.model))[1])
+    model.eval()
+    score = lambda enc, ref: evaluate_pairs(model, enc, ref, opts.beta, opts.loss, opts.label_smoothing)  # noqa: E731
+    before = score(data.held, ref_held) if held else None
+    stats = fit(opts, model, data, ref_train, dist, reporter)
+    model.eval()
+    metrics = {
+        "train": score(data.train, ref_train), "heldout": score(data.held, ref_held) if held else None,
+        "heldout_before": before, "kl_to_reference": kl_to_reference(model, data.held) if held else None,
+        "pairs_used": int(data.train.ids.shape[0]), "pairs_heldout": int(data.held.ids.shape[0]),
+        "pairs_dropped": sum(data.dropped.values()), "dropped_reasons": data.dropped,
+        "reference_cache_hit": bool(hit),
+        "train_seconds": stats["train_seconds"], "first_loss": stats["first_loss"], "final_loss": stats["final_loss"],
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    params = {**opts.as_params(), "train": opts.train.as_params(), "processes": dist.world}
+    artifact = None
+    if dist.main:  # under torchrun only rank 0 writes
+        write(opts, model, data, params)
+        artifact = describe_artifact(opts.out, "adapter", "peft-lora")
     barrier(dist)
-    return {"metrics": metrics, "params": params, "model": model}
+    return Outcome(artifact, metrics, params, device=dist.device)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 from itera.errors import DataError, UsageError
+from itera.progress import SILENT, Reporter
+from itera.record import Outcome
 
 PROTOCOL = ("tokenize without special tokens; optional BOS in front; cut to max_tokens; "
             "windows of `window` tokens advancing by `stride`, each scoring only its last `stride` "
@@ -122,3 +125,55 @@ def evaluate_text(runtime, text: str, opts: EvalOptions, source: str = "text",
         "windows": len(plan),
         "seconds": seconds,
     }
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass
+class EvaluateOptions:
+    """What ``itera evaluate`` was asked: a model, datasets, and the scoring protocol."""
+
+    model: Path
+    datasets: list[str]
+    protocol: EvalOptions = field(default_factory=EvalOptions)
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+
+    def validate(self) -> "EvaluateOptions":
+        self.protocol.validate()
+        if not self.datasets:
+            raise UsageError("pass at least one --dataset")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1 (got {self.threads})")
+        return self
+
+
+def run_evaluate(opts: EvaluateOptions, reporter: Reporter = SILENT) -> Outcome:
+    """Cheap checks of the model, then the data, then the expensive load; score every dataset."""
+    from itera.data import load_text
+    from itera.model.checkpoint import load_checked_config
+    from itera.runtime import check_model_path, describe, open_runtime, resolve_device
+
+    opts.validate()
+    if check_model_path(opts.model) == "checkpoint":
+        opts.protocol.resolve(load_checked_config(opts.model)[0].max_position_embeddings)
+        opts.device = resolve_device(opts.device)
+    sources = {spec: load_text(spec, purpose="eval") for spec in dict.fromkeys(opts.datasets)}
+    results = {}
+    with open_runtime(opts.model, dtype=opts.dtype, device=opts.device, threads=opts.threads) as rt:
+        protocol = opts.protocol.resolve(rt.max_context)
+        used_bos = resolve_bos(rt.tokenizer, protocol)
+        for spec, src in sources.items():
+            task = reporter.task(f"evaluate {spec}", unit="windows")
+            try:
+                results[spec] = evaluate_text(rt, src.text, protocol, source=spec,
+                                              progress=lambda done, total, t=task: t.update(done))
+            finally:
+                task.close()
+        runtime = rt.name
+    params = {**protocol.as_params(), "bos": used_bos, "model": str(opts.model), "runtime": runtime,
+              "dtype": opts.dtype, "device": opts.device, "threads": opts.threads,
+              "datasets": {spec: src.description for spec, src in sources.items()}}
+    return Outcome(describe(opts.model), {"datasets": results}, params, device=opts.device)

@@ -9,7 +9,7 @@ Meters, in the order ``--meter auto`` tries them:
 - ``none``: energy is not measured; fields are null and the record says why.
 
 ``--estimate PROFILE`` (only when asked) replaces measurement with arithmetic on a profile from
-``configs/power/``: ``energy = idle_w * wall_s + (tdp_w - idle_w) * cpu_s / cores``, with the
+``itera.configs/power``: ``energy = idle_w * wall_s + (tdp_w - idle_w) * cpu_s / cores``, with the
 process's measured CPU time; the record says ``energy_method: "estimate-tdp"``.
 """
 
@@ -25,10 +25,9 @@ from pathlib import Path
 import yaml
 
 from itera.errors import UsageError
-from itera.runtime.generate import Stepper
+from itera.runtime.base import Stepper
 
 POWERCAP = Path("/sys/class/powercap")
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "configs" / "power"
 METERS = ("auto", "rapl", "nvml", "none")
 
 
@@ -192,15 +191,15 @@ class PowerProfile:
     def load(cls, name_or_path: str) -> "PowerProfile":
         from itera.paths import preset_path
 
-        path = preset_path(name_or_path, PROFILE_DIR, "power profile")
+        path = preset_path(name_or_path, "power", "power profile")
         d = yaml.safe_load(path.read_text()) or {}
         try:
-            p = cls(name=str(d.get("name", path.stem)), tdp_w=float(d["tdp_w"]), idle_w=float(d["idle_w"]),
+            p = cls(name=str(d.get("name", Path(str(path)).stem)), tdp_w=float(d["tdp_w"]), idle_w=float(d["idle_w"]),
                     cores=int(d["cores"]))
         except (KeyError, TypeError, ValueError):
-            raise UsageError(f"power profile {path} needs tdp_w, idle_w and cores") from None
+            raise UsageError(f"power profile {name_or_path} needs tdp_w, idle_w and cores") from None
         if p.cores < 1 or p.tdp_w < p.idle_w or p.idle_w < 0:
-            raise UsageError(f"power profile {path}: need cores >= 1 and tdp_w >= idle_w >= 0")
+            raise UsageError(f"power profile {name_or_path}: need cores >= 1 and tdp_w >= idle_w >= 0")
         return p
 
     def joules(self, wall_s: float, cpu_s: float) -> float:
@@ -263,7 +262,7 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def measure_run(stepper: "Stepper", ids: list[int], gen_tokens: int, meter) -> RunTiming:
+def measure_run(stepper: Stepper, ids: list[int], gen_tokens: int, meter) -> RunTiming:
     """One measured generation: prefill (to the first token), then ``gen_tokens - 1`` decode steps,
     each timed; energy read at the phase boundaries."""
     c0 = cpu_seconds()

@@ -23,6 +23,7 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from itera.errors import DataError
 
@@ -79,75 +80,96 @@ def read_pairs(path: Path) -> list[Pair]:
 
 
 def pairs_from_feedback(path: Path, min_rating_gap: float = 1.0) -> tuple[list[Pair], dict[str, int]]:
-    """Pairs derived from feedback events, and {reason: count} of what was dropped."""
-    dropped: Counter = Counter()
-    raw: list[Pair] = []
-    votes: dict[str, dict[str, set]] = defaultdict(lambda: {"up": set(), "down": set()})
-    ratings: dict[str, list[tuple[float, str]]] = defaultdict(list)
+    """Pairs derived from the feedback events of a JSONL file, and {reason: count} of what was dropped."""
+    return pairs_from_events((ev for _, ev in _lines(path)), min_rating_gap)
 
-    def need(obj: dict, *keys: str) -> bool:
-        ok = all(isinstance(obj.get(k), str) for k in keys)
+
+class _Collected:
+    """Feedback events sorted by what they say: direct pairs, votes and ratings per prompt."""
+
+    def __init__(self):
+        self.dropped: Counter = Counter()
+        self.pairs: list[Pair] = []
+        self.votes: dict[str, dict[str, set]] = defaultdict(lambda: {"up": set(), "down": set()})
+        self.ratings: dict[str, list[tuple[float, str]]] = defaultdict(list)
+
+    def _need(self, ev: dict, *keys: str) -> bool:
+        ok = all(isinstance(ev.get(k), str) for k in keys)
         if not ok:
-            dropped[f"{obj.get('type')}: missing field"] += 1
+            self.dropped[f"{ev.get('type')}: missing field"] += 1
         return ok
 
-    for _, ev in _lines(path):
+    def add(self, ev: dict) -> None:
         kind = ev.get("type")
-        if kind == "thumbs":
-            if need(ev, "prompt", "response"):
-                if ev.get("vote") not in ("up", "down"):
-                    dropped["thumbs: vote is not up or down"] += 1
-                else:
-                    votes[ev["prompt"]][ev["vote"]].add(ev["response"])
-        elif kind == "ab":
-            if need(ev, "prompt", "a", "b"):
-                if ev.get("winner") not in ("a", "b"):
-                    dropped["ab: winner is not a or b"] += 1
-                else:
-                    win, lose = (ev["a"], ev["b"]) if ev["winner"] == "a" else (ev["b"], ev["a"])
-                    raw.append(Pair(ev["prompt"], win, lose))
-        elif kind == "correction":
-            if need(ev, "prompt", "response", "corrected"):
-                raw.append(Pair(ev["prompt"], ev["corrected"], ev["response"]))
-        elif kind == "rating":
-            if need(ev, "prompt", "response"):
-                r = ev.get("rating")
-                if isinstance(r, bool) or not isinstance(r, (int, float)):
-                    dropped["rating: rating is not a number"] += 1
-                else:
-                    ratings[ev["prompt"]].append((float(r), ev["response"]))
-        else:
-            dropped["unknown event type"] += 1
-    for prompt, v in votes.items():
-        both = v["up"] & v["down"]
-        if both:
-            dropped["thumbs: same response voted up and down"] += len(both)
-        ups, downs = v["up"] - both, v["down"] - both
-        if not (ups and downs):
-            dropped["thumbs: no opposite vote for the same prompt"] += len(ups) + len(downs)
-        raw += [Pair(prompt, u, d) for u in sorted(ups) for d in sorted(downs)]
-    for prompt, rs in ratings.items():
-        paired = set()
-        for hi_r, hi in rs:
-            for lo_r, lo in rs:
-                if hi_r - lo_r >= min_rating_gap and hi != lo:
-                    raw.append(Pair(prompt, hi, lo))
-                    paired |= {hi, lo}
-        unpaired = len({resp for _, resp in rs} - paired)
-        if unpaired:
-            dropped["rating: no response to compare with by the rating gap"] += unpaired
-    # identical responses, contradictions, duplicates
+        if kind == "thumbs" and self._need(ev, "prompt", "response"):
+            if ev.get("vote") not in ("up", "down"):
+                self.dropped["thumbs: vote is not up or down"] += 1
+            else:
+                self.votes[ev["prompt"]][ev["vote"]].add(ev["response"])
+        elif kind == "ab" and self._need(ev, "prompt", "a", "b"):
+            if ev.get("winner") not in ("a", "b"):
+                self.dropped["ab: winner is not a or b"] += 1
+            else:
+                win, lose = (ev["a"], ev["b"]) if ev["winner"] == "a" else (ev["b"], ev["a"])
+                self.pairs.append(Pair(ev["prompt"], win, lose))
+        elif kind == "correction" and self._need(ev, "prompt", "response", "corrected"):
+            self.pairs.append(Pair(ev["prompt"], ev["corrected"], ev["response"]))
+        elif kind == "rating" and self._need(ev, "prompt", "response"):
+            r = ev.get("rating")
+            if isinstance(r, bool) or not isinstance(r, (int, float)):
+                self.dropped["rating: rating is not a number"] += 1
+            else:
+                self.ratings[ev["prompt"]].append((float(r), ev["response"]))
+        elif kind not in ("thumbs", "ab", "correction", "rating"):
+            self.dropped["unknown event type"] += 1
+
+    def vote_pairs(self) -> list[Pair]:
+        """Every up-voted response beats every down-voted one to the same prompt."""
+        out = []
+        for prompt, v in self.votes.items():
+            both = v["up"] & v["down"]
+            if both:
+                self.dropped["thumbs: same response voted up and down"] += len(both)
+            ups, downs = v["up"] - both, v["down"] - both
+            if not (ups and downs):
+                self.dropped["thumbs: no opposite vote for the same prompt"] += len(ups) + len(downs)
+            out += [Pair(prompt, u, d) for u in sorted(ups) for d in sorted(downs)]
+        return out
+
+    def rating_pairs(self, min_gap: float) -> list[Pair]:
+        """Between responses to the same prompt, the higher rating wins by at least ``min_gap``."""
+        out = []
+        for prompt, rs in self.ratings.items():
+            paired = set()
+            for hi_r, hi in rs:
+                for lo_r, lo in rs:
+                    if hi_r - lo_r >= min_gap and hi != lo:
+                        out.append(Pair(prompt, hi, lo))
+                        paired |= {hi, lo}
+            unpaired = len({resp for _, resp in rs} - paired)
+            if unpaired:
+                self.dropped["rating: no response to compare with by the rating gap"] += unpaired
+        return out
+
+
+def pairs_from_events(events: Iterable[dict], min_rating_gap: float = 1.0) -> tuple[list[Pair], dict[str, int]]:
+    """Pairs from feedback events (dicts as in a feedback file), and {reason: count} of what was dropped:
+    identical responses, pairs that contradict each other, and repeats are dropped last."""
+    c = _Collected()
+    for ev in events:
+        c.add(ev)
+    raw = c.pairs + c.vote_pairs() + c.rating_pairs(min_rating_gap)
     out, seen = [], set()
     keys = Counter((p.prompt, p.chosen, p.rejected) for p in raw)
     for p in raw:
         k = (p.prompt, p.chosen, p.rejected)
         if p.chosen == p.rejected:
-            dropped["chosen and rejected identical"] += 1
+            c.dropped["chosen and rejected identical"] += 1
         elif (p.prompt, p.rejected, p.chosen) in keys:
-            dropped["contradicts another event"] += 1
+            c.dropped["contradicts another event"] += 1
         elif k in seen:
-            dropped["duplicate"] += 1
+            c.dropped["duplicate"] += 1
         else:
             seen.add(k)
             out.append(p)
-    return out, dict(dropped)
+    return out, dict(c.dropped)

@@ -4,32 +4,26 @@ Every successful command prints exactly one record: a JSON object on one line of
 stdout. The next command in a pipeline reads it from stdin as its *parent*, and
 takes its input from ``parent["artifact"]["path"]``.
 
-Also here: atomic writes of artifacts (write to a temporary path in the same
-directory, then ``os.replace``) and content hashes of files and directories.
+Writing files and hashing them is :mod:`itera.fsio`'s job, one layer below.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import hashlib
 import json
-import os
 import platform
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 from itera.errors import InputError, RecordError
+from itera.fsio import artifact_digest, write_text_atomic
 
 PROTOCOL_VERSION = 1
-_HASH_CHUNK = 1 << 20
 
 
 def schema() -> dict:
@@ -68,42 +62,6 @@ def host_info(device: str = "cpu") -> dict:
     }
 
 
-# --------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def directory_manifest(path: Path) -> list[tuple[str, int, str]]:
-    """(relative path, bytes, sha256) for every regular file under ``path``, sorted by path."""
-    rows = []
-    for p in sorted(path.rglob("*")):
-        if p.is_file() and not p.is_symlink():
-            rows.append((p.relative_to(path).as_posix(), p.stat().st_size, sha256_file(p)))
-    return rows
-
-
-def artifact_digest(path: Path) -> tuple[int, str]:
-    """(total bytes, sha256) of a file, or of a directory's manifest.
-
-    A directory's digest is the sha256 of its manifest text, one ``<sha256>  <bytes>  <path>``
-    line per file in path order, so renaming, adding or changing any file changes it.
-    """
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size, sha256_file(path)
-    if path.is_dir():
-        rows = directory_manifest(path)
-        text = "".join(f"{digest}  {size}  {rel}\n" for rel, size, digest in rows)
-        return sum(size for _, size, _ in rows), hashlib.sha256(text.encode()).hexdigest()
-    raise InputError(f"artifact {path} does not exist")
-
-
 def describe_artifact(path: Path, kind: str, fmt: str) -> dict:
     """The record's ``artifact`` block for an existing file or directory."""
     size, digest = artifact_digest(Path(path))
@@ -111,6 +69,17 @@ def describe_artifact(path: Path, kind: str, fmt: str) -> dict:
 
 
 # --------------------------------------------------------------------------- building
+
+
+@dataclass
+class Outcome:
+    """What a library job returns (``run_<verb>(opts, reporter)``): the record's artifact block,
+    its metrics and its params, and the device the work ran on."""
+
+    artifact: dict | None
+    metrics: dict
+    params: dict
+    device: str = "cpu"
 
 
 @dataclass
@@ -138,6 +107,11 @@ class Run:
         }
         validate(rec)
         return rec
+
+    def finish(self, outcome: Outcome) -> dict:
+        """The record of a finished job."""
+        self.device = outcome.device
+        return self.record(outcome.artifact, outcome.metrics, outcome.params)
 
 
 def dumps(record: dict, pretty: bool = False) -> str:
@@ -225,55 +199,3 @@ def input_path(explicit: Path | None, parent: dict | None, option: str) -> Path:
             )
         return Path(art["path"])
     raise InputError(f"no input: pass {option} PATH or pipe an itera record on stdin")
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``final``; rename it to ``final`` on success.
-
-    On any exception the temporary directory is removed and ``final`` is untouched. An
-    existing ``final`` is replaced only after the new one is complete.
-    """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise InputError(f"{final} already exists; choose another --out or remove it")
-    if final.exists() and not final.is_dir():
-        raise InputError(f"{final} exists and is not a directory; choose another --out")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, old / "x")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_file(final: Path) -> Iterator[Path]:
-    """Yield a temporary file path beside ``final``; rename it to ``final`` on success."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")

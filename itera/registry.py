@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from itera.errors import InputError, IteraError, UsageError
+from itera.fsio import artifact_digest
 from itera.paths import itera_home
-from itera.record import artifact_digest, utc_now
+from itera.record import utc_now
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ALIASES = ("active", "last-good")
@@ -196,6 +197,29 @@ def quantization_of(record: dict | None) -> str | None:
             return f"{p['method']}-{p.get('bits')}bit"
         node = node.get("parent")
     return None
+
+
+def registration(record: dict | None = None, path: Path | None = None) -> dict:
+    """The artifact block to register: a bare ``path`` (described and hashed here), or the
+    artifact of ``record``, re-hashed and refused if it changed since the record was written."""
+    if path is not None:
+        from itera.runtime import describe
+
+        if not Path(path).exists():
+            raise InputError(f"{path} does not exist; pass an existing file or directory with --path")
+        return describe(Path(path))
+    if record is None:
+        raise InputError("no input: pipe an itera record on stdin, or pass --record FILE or --path ARTIFACT")
+    artifact = record.get("artifact")
+    if not artifact:
+        raise InputError(f"the record from `itera {record.get('command')}` names no artifact to register")
+    p = Path(artifact["path"])
+    if not p.exists():
+        raise InputError(f"the record's artifact {p} does not exist; register from the directory the pipeline ran in")
+    size, digest = artifact_digest(p)
+    if artifact.get("sha256") and artifact["sha256"] != digest:
+        raise InputError(f"{p} changed since the record was written (sha256 differs); re-run the command that made it")
+    return {**artifact, "bytes": size, "sha256": digest}
 
 
 def git_commit(cwd: Path | None = None) -> str | None:

@@ -9,11 +9,14 @@ byte per dataset (evaluate), decode tokens/s and J/token with the energy method
 from __future__ import annotations
 
 import base64
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from itera.errors import InputError
+from itera.errors import InputError, UsageError
+from itera.progress import SILENT, Reporter
+from itera.record import Outcome
 
 
 @dataclass
@@ -159,7 +162,7 @@ def _save(fig, path: Path) -> Path:
 
 def render(records: list[dict], out: Path, fmt_name: str = "md") -> dict:
     """Write report.md (and PNGs) or a self-contained report.html into ``out``; returns what was written."""
-    from itera.record import atomic_dir
+    from itera.fsio import atomic_dir
 
     if not records:
         raise InputError("no records to report; pass record files or pipe records on stdin")
@@ -189,3 +192,39 @@ def render(records: list[dict], out: Path, fmt_name: str = "md") -> dict:
             name = "report.md"
     return {"report": str(Path(out) / name), "charts": [p.name for p in pngs] if fmt_name != "html" else [],
             "artifacts": len(rows)}
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass
+class ReportOptions:
+    out: Path
+    records: list[Path] = field(default_factory=list)  # record files; none: the JSON lines of ``stdin``
+    format: str = "md"
+    stdin: bytes = b""
+
+    def validate(self) -> "ReportOptions":
+        if self.format not in ("md", "html"):
+            raise UsageError(f"unknown --format {self.format!r}; use md or html")
+        return self
+
+    @functools.cached_property
+    def parsed(self) -> list[dict]:
+        """The records, read once."""
+        from itera.record import parse_record, read_record_file
+
+        if self.records:
+            return [read_record_file(p) for p in self.records]
+        lines = self.stdin.decode("utf-8", "strict").splitlines() if self.stdin.strip() else []
+        return [parse_record(line.encode()) for line in lines if line.strip()]
+
+
+def run_report(opts: ReportOptions, reporter: Reporter = SILENT) -> Outcome:
+    from itera.record import describe_artifact
+
+    opts.validate()
+    result = render(opts.parsed, opts.out, opts.format)
+    reporter.log(f"wrote {result['report']} ({result['artifacts']} artifacts)")
+    params = {"records": [str(p) for p in opts.records], "format": opts.format, "charts": result["charts"]}
+    return Outcome(describe_artifact(opts.out, "report", opts.format), {"artifacts": result["artifacts"]}, params)

@@ -1,4 +1,4 @@
-"""The training loop shared by ``distill`` (and later ``dpo-train``).
+"""The training loop shared by ``distill`` and ``dpo-train``.
 
 - AdamW, linear warm-up then cosine decay, gradient accumulation, gradient clipping.
 - Deterministic on CPU: the batch of step ``s`` is a pure function of ``(seed, s)``, so a run
@@ -67,13 +67,34 @@ def lr_at(step: int, opts: TrainOptions) -> float:
     return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+CALIBRATION_STREAM = -1  # the step number no training step uses: calibration draws its own windows
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of one step: a pure function of ``(seed, step)``, shared by every
+    recipe so that a resumed or distributed run draws exactly what the uninterrupted one did."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def sample_windows(ids: torch.Tensor, count: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` windows of ``length`` consecutive tokens of ``ids`` at random offsets: (count, length)."""
+    starts = torch.randint(0, ids.numel() - length + 1, (count,), generator=gen)
+    return torch.stack([ids[s: s + length] for s in starts.tolist()])
+
+
 def batch_for_step(ids: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
     """The global batch of ``step``: (batch_size, seq_len + 1) windows at offsets drawn from (seed, step)."""
     if ids.numel() < seq_len + 2:
         raise DataError(f"the training text has {ids.numel()} tokens; at least --seq-len + 2 = {seq_len + 2} are needed")
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, ids.numel() - seq_len - 1, (batch_size,), generator=gen)
-    return torch.stack([ids[s: s + seq_len + 1] for s in starts.tolist()])
+    return sample_windows(ids, batch_size, seq_len + 1, step_generator(seed, step))
+
+
+def calibration_ids(ids: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """(samples, seqlen) calibration windows (GPTQ's Hessians, pruning's importance scores)."""
+    if ids.numel() < seqlen:
+        raise DataError(f"the calibration text gives {ids.numel()} tokens, shorter than one sequence of "
+                        f"{seqlen}; pass more text or a smaller --calib-seqlen")
+    return sample_windows(ids, samples, seqlen, step_generator(seed, CALIBRATION_STREAM))
 
 
 # --------------------------------------------------------------------------- distributed
@@ -163,6 +184,7 @@ class Trainer:
         self.on_step, self.on_eval = on_step, on_eval
         # The global batch of a step: token windows by default; any (batch_size, ...) tensor that is
         # a pure function of the step otherwise (DPO passes pair indices).
+        self.token_batches = batch_fn is None
         self.batch_fn = batch_fn or (lambda step: batch_for_step(train_ids, step, opts.batch_size, opts.seq_len, opts.seed))
         trainable = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in trainable if p.ndim >= 2]
@@ -237,7 +259,10 @@ class Trainer:
             self.losses.append(step_loss)
             self.step += 1
             if self.on_step:
-                self.on_step(self.step, {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), **logs})
+                logs = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), **logs}
+                if self.token_batches:  # the record's definition: tokens seen / training seconds
+                    logs["tokens_per_s"] = self.step * o.batch_size * o.seq_len / self.train_seconds
+                self.on_step(self.step, logs)
             if o.eval_every and self.step % o.eval_every == 0 and self.step < o.steps and self.on_eval:
                 self.model.eval()
                 self.on_eval(self.step)

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from itera.distill import DistillLoss
+from itera.losses import DistillLoss
 from itera.model.config import ModelConfig
 from itera.model.llama import LlamaForCausalLM
 from itera.train import TrainOptions, Trainer

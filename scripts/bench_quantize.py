@@ -44,7 +44,7 @@ def main() -> None:
     for name, kw in cases.items():
         opts = QuantizeOptions(model=a.model, out=work / name, calib=a.calib, calib_samples=128, calib_seqlen=128,
                                eval_tokens=a.eval_tokens, **kw)
-        m = run_quantize(opts)["metrics"]
+        m = run_quantize(opts).metrics
         results.setdefault("float", {"bytes": m["source_bytes"], "bits_per_weight": None,
                                      "perplexity": m["perplexity_before"], "quantize_seconds": 0.0})
         results[name] = {"bytes": m["quantized_bytes"], "bits_per_weight": round(m["bits_per_weight"], 4),

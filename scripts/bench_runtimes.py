@@ -24,7 +24,6 @@ import torch
 from itera.data import load_text
 from itera.evaluate import EvalOptions, evaluate_text
 from itera.runtime import open_runtime
-from itera.runtime.generate import stepper_for
 
 
 def decode_tokens_per_s(stepper, prompt, n):
@@ -57,7 +56,7 @@ def main() -> None:
     text = load_text("pydocs@test").text
     opts = EvalOptions(window=256, stride=128, max_tokens=a.eval_tokens, bos=False)
     runtimes = {name: open_runtime(path, threads=torch.get_num_threads()) for name, path in arts.items()}
-    steppers = {name: stepper_for(rt, arts[name], torch.get_num_threads()) for name, rt in runtimes.items()}
+    steppers = {name: rt.stepper() for name, rt in runtimes.items()}
     prompt = runtimes["torch"].tokenizer.encode(text[:2000], add_bos=False)[:32]
     samples: dict[str, dict[str, list[float]]] = {n: {"eval_tokens_per_s": [], "decode_tokens_per_s": []} for n in arts}
     for _ in range(a.repeats):

@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib import resources
 
 import pytest
 import yaml
 
-from itera.distill import StudentSpec
 from itera.model.config import ModelConfig
+from itera.student import StudentSpec
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
+
+def _yaml_files(node, prefix=""):
+    """Every YAML file in the installed itera.configs package data, as (relative name, resource)."""
+    for child in node.iterdir():
+        if child.is_dir() and child.name != "__pycache__":
+            yield from _yaml_files(child, prefix + child.name + "/")
+        elif child.name.endswith(".yaml"):
+            yield prefix + child.name, child
+
+
+CONFIGS = sorted(_yaml_files(resources.files("itera.configs")), key=lambda x: x[0])
 
 
 def test_there_are_configs():
     assert CONFIGS
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_loads(path):
+@pytest.mark.parametrize("name,path", CONFIGS, ids=[n for n, _ in CONFIGS])
+def test_config_loads(name, path):
     spec = yaml.safe_load(path.read_text())
     assert isinstance(spec, dict)
-    if path.parent.name == "students":
+    if name.startswith("students/"):
         student = StudentSpec.from_preset(str(path))
         teacher = ModelConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                               num_attention_heads=8, num_key_value_heads=4)

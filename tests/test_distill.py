@@ -4,7 +4,6 @@ exact resume after SIGKILL, torchrun with 2 processes, and bad input."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -17,11 +16,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import REPO, SMALL, assert_usage_error, run_itera
-from itera.distill import DistillLoss, StudentSpec, evenly_spaced, init_from_pruning
+from itera.losses import DistillLoss
+from itera.prune import evenly_spaced, init_from_pruning
+from itera.student import StudentSpec
 from itera.model.checkpoint import load_model
 from itera.model.config import ModelConfig
 from itera.model.llama import LlamaForCausalLM
-from itera.record import validate
 
 
 

@@ -9,10 +9,9 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import _ADJS, _NOUNS, _PLACES, _VERBS, assert_usage_error, run_itera
-from itera.dpo import dpo_loss, reward_accuracy
+from itera.losses import dpo_loss, reward_accuracy
 from itera.preference import Pair, pairs_from_feedback
 from itera.record import validate
 

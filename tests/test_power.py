@@ -3,7 +3,6 @@ percentiles against numpy, and real runs over torch, onnxruntime and llama.cpp."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

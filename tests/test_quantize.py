@@ -12,7 +12,8 @@ from conftest import assert_usage_error, run_itera
 from itera.model.checkpoint import load_model
 from itera.quant.formats import LayerQuant, dequantize, ggml_blocks, pack, rtn, unpack
 from itera.quant.gptq import gptq
-from itera.quant.job import QuantizeOptions, choose_plan, run_quantize
+from itera.quant.job import QuantizeOptions, quantize_in_memory
+from itera.quant.plan import choose_plan
 from itera.record import validate
 
 
@@ -80,7 +81,7 @@ def test_round_trip_reproduces_in_memory_logits_exactly(teacher, distill_corpus,
         out = tmp_path / "q"
         opts = QuantizeOptions(model=teacher, out=out, calib=str(distill_corpus), calib_samples=4, calib_seqlen=64,
                                eval_tokens=200, **args)
-        mem = run_quantize(opts)["model"]
+        mem = quantize_in_memory(opts)[1]
         loaded, cfg = load_model(out)
         assert cfg.quantization["layers"]
         x = torch.randint(0, cfg.vocab_size, (2, 30))

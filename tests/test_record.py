@@ -1,4 +1,4 @@
-"""The record protocol: building, schema validation, parsing stdin, atomic writes, digests."""
+"""The record protocol: building, schema validation, parsing stdin."""
 
 from __future__ import annotations
 
@@ -74,43 +74,3 @@ def test_input_path_precedence(tmp_path):
         record.input_path(None, None, "--model")
     with pytest.raises(RecordError, match="no artifact path"):
         record.input_path(None, _rec(), "--model")
-
-
-def test_atomic_dir_leaves_nothing_on_failure_and_replaces_on_success(tmp_path):
-    final = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with record.atomic_dir(final) as tmp:
-            (tmp / "half.bin").write_bytes(b"x")
-            raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-    with record.atomic_dir(final) as tmp:
-        (tmp / "a").write_text("1")
-    with record.atomic_dir(final) as tmp:
-        (tmp / "b").write_text("2")
-    assert sorted(p.name for p in final.iterdir()) == ["b"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-def test_atomic_file_failure_keeps_old_content(tmp_path):
-    f = tmp_path / "f.json"
-    f.write_text("old")
-    with pytest.raises(KeyError):
-        with record.atomic_file(f) as tmp:
-            tmp.write_text("new")
-            raise KeyError
-    assert f.read_text() == "old" and list(tmp_path.iterdir()) == [f]
-
-
-def test_directory_digest_tracks_content_and_names(tmp_path):
-    d = tmp_path / "d"
-    d.mkdir()
-    (d / "a.txt").write_text("hello")
-    size, h1 = record.artifact_digest(d)
-    assert size == 5
-    (d / "a.txt").write_text("hellp")
-    assert record.artifact_digest(d)[1] != h1
-    (d / "a.txt").rename(d / "b.txt")
-    assert record.artifact_digest(d)[1] not in (h1,)
-    f = tmp_path / "f.bin"
-    f.write_bytes(b"abc")
-    assert record.artifact_digest(f) == (3, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import REPO, assert_usage_error, run_itera
-from itera.registry import MIGRATIONS, Ref, RefusedError, Registry, metric_direction, parse_margin
+from itera.registry import MIGRATIONS, Ref, Registry, metric_direction, parse_margin
 from itera.errors import UsageError
 
 

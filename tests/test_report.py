@@ -3,10 +3,8 @@ example commands exist in the CLI as written."""
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 

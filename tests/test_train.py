@@ -5,7 +5,7 @@ import torch
 from itera.model.config import ModelConfig
 from itera.model.llama import LlamaForCausalLM
 from itera.tokenizer import Tokenizer
-from itera.distill import DistillLoss
+from itera.losses import DistillLoss
 from itera.train import TrainOptions, Trainer, lr_at
 
 

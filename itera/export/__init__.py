@@ -1,2 +1,4 @@
-"""Exporters: GGUF for llama.cpp (:mod:`itera.export.gguf`) and ONNX for onnxruntime
-(:mod:`itera.export.onnx`). Every export is verified in its runtime (:mod:`itera.export.verify`)."""
+"""Exporters, one module per target runtime behind the table in :mod:`itera.export.job`:
+GGUF for llama.cpp (:mod:`itera.export.gguf`), ONNX for onnxruntime (:mod:`itera.export.onnx`),
+torch.export and TorchScript (:mod:`itera.export.torchfmt`). Every export is verified in its
+runtime before it is renamed into place."""

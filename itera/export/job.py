@@ -1,25 +1,47 @@
 """``itera export``: write an artifact for a runtime, then prove the runtime agrees with the source.
 
-After writing, the artifact is loaded in its runtime (llama.cpp, onnxruntime, torch.export,
-TorchScript), fed the same token ids as the source model, and the logits compared: max and
-mean absolute difference and top-1 agreement. Beyond the tolerance of the artifact's type the
-export fails and the artifact is removed, unless ``allow_mismatch``; the figures are kept either way.
+Phases: :func:`load_source` (config checked against the weights, the format's own checks, the
+source model's reference logits on fixed token ids), the format's ``write`` into a staging
+path, its ``verify`` in the target runtime (llama.cpp, onnxruntime, torch.export, TorchScript),
+:func:`gate` on the figures, and the rename into place. Beyond the tolerance of the artifact's
+type the export fails and nothing is left behind, unless ``allow_mismatch``.
+
+A new format is a module with ``check(cfg, opts)``, ``write(src, opts, staging, reporter) -> info``
+and ``verify(src, opts, path, info) -> (logits, figures, problems)``, and a row in :data:`FORMATS`.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from itera.errors import InputError, IteraError, UsageError
+from itera.fsio import temp_path_beside
+from itera.progress import SILENT, Reporter
+from itera.record import Outcome, describe_artifact
 
-FORMATS = ("gguf", "onnx", "pt2", "torchscript")
-SUFFIX = {"gguf": ".gguf", "onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
+
+@dataclass(frozen=True)
+class Format:
+    suffix: str
+    module: str  # under itera.export
+    write: str = "write"
+    verify: str = "verify"
+
+    def entry(self, name: str):
+        return getattr(importlib.import_module(f"itera.export.{self.module}"), name)
+
+
+FORMATS = {
+    "gguf": Format(".gguf", "gguf"),
+    "onnx": Format(".onnx", "onnx"),
+    "pt2": Format(".pt2", "torchfmt", "write_pt2", "verify_pt2"),
+    "torchscript": Format(".pt", "torchfmt", "write_torchscript", "verify_torchscript"),
+}
 # Checked against the source model's logits on the same ids: max |diff| for float types, top-1
 # agreement for quantized ones (whose logits move by design).
 MAX_ABS = {"F32": 1e-3, "F16": 5e-2, "BF16": 0.25, "onnx": 1e-4, "pt2": 1e-4, "torchscript": 1e-4}
@@ -64,7 +86,7 @@ class ExportOptions:
         if not self.out.parent.is_dir():
             raise UsageError(f"the directory of --out {self.out} does not exist; create {self.out.parent} first")
         if self.out.is_dir():
-            raise UsageError(f"--out {self.out} is a directory; pass a file name like model{SUFFIX[self.format]}")
+            raise UsageError(f"--out {self.out} is a directory; pass a file name like model{FORMATS[self.format].suffix}")
         if self.verify_tokens < 2:
             raise UsageError("--verify-tokens must be at least 2")
         return self
@@ -89,114 +111,97 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
             "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
 
 
-def _tmp_beside(path: Path, suffix: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(name)
+# --------------------------------------------------------------------------- phases
 
 
-def run_export(opts: ExportOptions, log=lambda msg: None) -> dict:
-    from itera.model.checkpoint import check_against_config, load_config, load_model, read_headers
+@dataclass
+class Source:
+    """The checkpoint being exported and what verification compares against."""
+
+    path: Path
+    cfg: object
+    tokenizer: object
+    model: object  # the torch model, float (dequantized for itera-quant checkpoints)
+    ids: list[int]  # the token ids every runtime is run on
+    ref: np.ndarray  # the source model's logits on ``ids``
+    verify_text: str = VERIFY_TEXT
+
+
+def load_source(opts: ExportOptions, fmt: Format) -> Source:
+    import torch
+
+    from itera.model.checkpoint import load_checked_config, load_model
     from itera.tokenizer import Tokenizer
 
-    opts.validate()
-    cfg = load_config(opts.model)
-    check_against_config(cfg, read_headers(opts.model), opts.model)
+    cfg = load_checked_config(opts.model)[0]
     if not (Path(opts.model) / "tokenizer.json").is_file():
         raise InputError(f"{opts.model} has no tokenizer.json; an export carries the tokenizer, so add the "
                          "model's tokenizer.json to the checkpoint")
-    if opts.format == "gguf":
-        from itera.export.gguf import check_exportable
-
-        check_exportable(cfg)
+    fmt.entry("check")(cfg, opts)
     tok = Tokenizer.from_dir(opts.model)
     ids = tok.encode(VERIFY_TEXT * 4, add_bos=False)[: min(opts.verify_tokens, cfg.max_position_embeddings)]
     model, _ = load_model(opts.model)
     with torch.no_grad():
         ref = model(torch.tensor([ids]))[0].numpy()
+    return Source(Path(opts.model), cfg, tok, model, ids, ref)
 
-    out = Path(opts.out)
-    extra_outputs: list[Path] = []
-    info: dict = {}
-    tmp = _tmp_beside(out, SUFFIX[opts.format])
-    tmps = [tmp]
-    try:
-        if opts.format == "gguf":
-            from itera.export.gguf import DIRECT_TYPES, llama_quantize, write_gguf
 
-            if opts.gguf_type in DIRECT_TYPES:
-                info = write_gguf(Path(opts.model), tmp, opts.gguf_type)
-            else:  # llama.cpp's quantizer, from an F16 file
-                f16 = _tmp_beside(out, ".f16.gguf")
-                tmps.append(f16)
-                info = write_gguf(Path(opts.model), f16, "F16")
-                log(f"running llama.cpp's quantizer to {opts.gguf_type}")
-                llama_quantize(f16, tmp, opts.gguf_type, opts.threads)
-                info = {"tensor_types": None, "fallbacks": info["fallbacks"], "direct_from_codes": 0,
-                        "quantized_by": "llama.cpp"}
-            from itera.runtime.llamacpp_backend import LlamaCppRuntime
+class Staging:
+    """Temporary files beside the output (``.NAME.tmp-*``): ``main`` for the artifact, more with
+    :meth:`temp`. :meth:`commit` renames those that have a final name into place; every
+    temporary file still there when the block ends is removed."""
 
-            rt = LlamaCppRuntime(tmp, threads=opts.threads)
-            got_ids = rt.tokenizer.encode(VERIFY_TEXT, add_bos=False)
-            info["tokenizer_parity"] = got_ids == tok.encode(VERIFY_TEXT, add_bos=False)
-            got = rt.logits(ids)
-            rt.close()
-        elif opts.format == "onnx":
-            from itera.export.onnx import kv_path, write_onnx
-            from itera.runtime.generate import OnnxStepper, greedy
-            from itera.runtime.onnx_backend import OnnxRuntime
+    def __init__(self, out: Path, suffix: str):
+        self.out = Path(out)
+        self.files: list[tuple[Path, Path | None]] = []
+        self.main = self.temp(suffix, final=self.out)
 
-            kv_tmp = _tmp_beside(out, ".kv.onnx")
-            tmps.append(kv_tmp)
-            write_onnx(model, cfg, Path(opts.model), tmp, kv_tmp, opts.onnx_quant)
-            got = OnnxRuntime(tmp, threads=opts.threads).logits(ids)
-            prompt, n_new = ids[:8], 16
-            kv_tokens = greedy(OnnxStepper(kv_tmp, opts.threads), prompt, n_new)
-            seq, ref_tokens = list(prompt), []
-            with torch.no_grad():
-                for _ in range(n_new):
-                    ref_tokens.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-                    seq.append(ref_tokens[-1])
-            info["kv_greedy_agreement"] = sum(a == b for a, b in zip(kv_tokens, ref_tokens)) / n_new
-            extra_outputs.append(kv_path(out))
-        else:
-            x = torch.tensor([ids])
-            from itera.export.onnx import _Logits
+    def temp(self, suffix: str, final: Path | None = None) -> Path:
+        tmp = temp_path_beside(self.out, suffix)
+        self.files.append((tmp, final))
+        return tmp
 
-            wrapped = _Logits(model).eval()
-            with torch.no_grad():
-                if opts.format == "pt2":
-                    seq_dim = torch.export.Dim("seq", min=2, max=cfg.max_position_embeddings)
-                    ep = torch.export.export(wrapped, (x,), dynamic_shapes={"input_ids": {1: seq_dim}})
-                    torch.export.save(ep, str(tmp))
-                    got = torch.export.load(str(tmp)).module()(x)[0].numpy()
-                else:
-                    import warnings
+    def commit(self) -> list[Path]:
+        """Rename every file with a final name (the artifact last); returns the extra outputs."""
+        extras = [(t, f) for t, f in self.files if f is not None and f != self.out]
+        for tmp, final in [*extras, (self.main, self.out)]:
+            os.replace(tmp, final)
+        return [f for _, f in extras]
 
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        torch.jit.trace(wrapped, x).save(str(tmp))
-                    got = torch.jit.load(str(tmp))(x)[0].numpy()
-        figures = {**compare(ref, got), "verify_tokens": len(ids)}
-        tol = opts.tolerance()
-        ok = all(figures["max_abs_logit_diff"] <= v if k == "max_abs_logit_diff" else figures["top1_agreement"] >= v
-                 for k, v in tol.items())
-        if opts.format == "onnx" and info["kv_greedy_agreement"] < 1.0 and not opts.onnx_quant:
-            ok = False
-        if opts.format == "gguf" and not info["tokenizer_parity"]:
-            ok = False
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for tmp, _ in self.files:
+            tmp.unlink(missing_ok=True)
+
+
+def gate(opts: ExportOptions, figures: dict, problems: list[str]) -> bool:
+    """Whether the artifact is within its type's tolerance and passed the format's own checks."""
+    ok = all(figures["max_abs_logit_diff"] <= v if k == "max_abs_logit_diff" else figures["top1_agreement"] >= v
+             for k, v in opts.tolerance().items())
+    return ok and not problems
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run_export(opts: ExportOptions, reporter: Reporter = SILENT) -> Outcome:
+    opts.validate()
+    fmt = FORMATS[opts.format]
+    src = load_source(opts, fmt)
+    with Staging(opts.out, fmt.suffix) as staging:
+        info = fmt.entry(fmt.write)(src, opts, staging, reporter)
+        got, checks, problems = fmt.entry(fmt.verify)(src, opts, staging.main, info)
+        figures = {**compare(src.ref, got), "verify_tokens": len(src.ids)}
+        ok = gate(opts, figures, problems)
         if not ok and not opts.allow_mismatch:
             raise VerificationError(
-                f"the {opts.format} export disagrees with the source model beyond tolerance {tol}: "
-                f"max |logit diff| {figures['max_abs_logit_diff']:.3g}, top-1 agreement {figures['top1_agreement']:.3f}"
-                + (f", kv greedy agreement {info.get('kv_greedy_agreement')}" if opts.format == "onnx" else "")
-                + (", tokenizer mismatch" if info.get("tokenizer_parity") is False else "")
+                f"the {opts.format} export disagrees with the source model beyond tolerance {opts.tolerance()}: "
+                f"max |logit diff| {figures['max_abs_logit_diff']:.3g}, top-1 agreement "
+                f"{figures['top1_agreement']:.3f}" + "".join(f", {p}" for p in problems)
                 + "; the artifact was removed (pass --allow-mismatch to keep it)")
-        os.replace(tmp, out)
-        if opts.format == "onnx":
-            os.replace(kv_tmp, kv_path(out))
-    finally:
-        for t in tmps:
-            t.unlink(missing_ok=True)
-    return {"metrics": {**figures, **info, "verified": ok, "tolerance": tol},
-            "params": opts.as_params(), "extra_outputs": [str(p) for p in extra_outputs]}
+        extras = staging.commit()
+    metrics = {**figures, **info, **checks, "verified": ok, "tolerance": opts.tolerance()}
+    params = {**opts.as_params(), "extra_outputs": [str(p) for p in extras]}
+    return Outcome(describe_artifact(opts.out, "file", opts.format), metrics, params)

@@ -7,6 +7,8 @@ Two graphs from one checkpoint: ``FILE`` maps ``input_ids`` (batch, seq) to ``lo
 dynamic. The tokenizer goes into the file's metadata so the .onnx file is self-contained.
 Optional weight quantization with onnxruntime's tools: ``int8`` (dynamic quantization of
 MatMul weights) or ``int4`` (MatMulNBits, 4-bit blocks of 32, symmetric).
+
+:func:`write` and :func:`verify` are this format's entry in :data:`itera.export.job.FORMATS`.
 """
 
 from __future__ import annotations
@@ -14,21 +16,16 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from itera.export.torchfmt import LogitsOnly
 from itera.model.llama import KVCache
+from itera.runtime.onnx_backend import kv_path
 
 OPSET = 17
 ONNX_QUANT = ("int8", "int4")
-
-
-class _Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids)
+KV_CHECK_PROMPT, KV_CHECK_NEW = 8, 16  # greedy tokens from the KV graph checked against torch
 
 
 class _WithCache(torch.nn.Module):
@@ -40,10 +37,6 @@ class _WithCache(torch.nn.Module):
         cache = KVCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
         logits = self.model(input_ids, cache=cache)
         return (logits, *[t for kv in cache.layers for t in kv])
-
-
-def kv_path(out: Path) -> Path:
-    return Path(str(out)[: -len(".onnx")] + ".kv.onnx") if str(out).endswith(".onnx") else Path(str(out) + ".kv.onnx")
 
 
 def _embed_tokenizer(path: Path, ckpt: Path, cfg) -> None:
@@ -78,7 +71,7 @@ def _quantize(path: Path, mode: str) -> None:
 
 def write_onnx(model, cfg, ckpt: Path, out: Path, kv_out: Path, quant: str | None = None) -> None:
     """Export ``model`` (float, eval mode) to ``out`` and its KV-cache variant to ``kv_out``."""
-    wrapped = _Logits(model).eval()
+    wrapped = LogitsOnly(model).eval()
     x = torch.zeros(1, 8, dtype=torch.long)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notices
@@ -99,3 +92,42 @@ def write_onnx(model, cfg, ckpt: Path, out: Path, kv_out: Path, quant: str | Non
         if quant:
             _quantize(p, quant)
         _embed_tokenizer(p, ckpt, cfg)
+
+
+# --------------------------------------------------------------------------- the format's entry
+
+
+def check(cfg, opts) -> None:
+    pass
+
+
+def write(src, opts, staging, reporter) -> dict:
+    """The logits graph at the staged path and the KV-cache graph beside it (renamed together)."""
+    kv_tmp = staging.temp(".kv.onnx", final=kv_path(opts.out))
+    write_onnx(src.model, src.cfg, src.path, staging.main, kv_tmp, opts.onnx_quant)
+    return {"kv_graph": kv_tmp}
+
+
+def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+            seq.append(out[-1])
+    return out
+
+
+def verify(src, opts, artifact: Path, info: dict) -> tuple[np.ndarray, dict, list[str]]:
+    """onnxruntime's logits on the source's ids, and greedy tokens from the KV graph against torch's."""
+    from itera.runtime.base import greedy
+    from itera.runtime.onnx_backend import OnnxRuntime, OnnxStepper
+
+    kv_graph = info.pop("kv_graph")
+    with OnnxRuntime(artifact, threads=opts.threads) as rt:
+        got = rt.logits(src.ids)
+    prompt = src.ids[:KV_CHECK_PROMPT]
+    kv_tokens = greedy(OnnxStepper(kv_graph, opts.threads), prompt, KV_CHECK_NEW)
+    ref_tokens = _torch_greedy(src.model, prompt, KV_CHECK_NEW)
+    agreement = sum(a == b for a, b in zip(kv_tokens, ref_tokens)) / KV_CHECK_NEW
+    problems = [f"kv greedy agreement {agreement}"] if agreement < 1.0 and not opts.onnx_quant else []
+    return got, {"kv_greedy_agreement": agreement}, problems

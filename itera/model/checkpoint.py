@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from itera.errors import CheckpointError
 from itera.model.config import ModelConfig
-from itera.record import atomic_dir
+from itera.fsio import atomic_dir
 
 if TYPE_CHECKING:
     import torch
@@ -211,6 +211,16 @@ def check_against_config(cfg: ModelConfig, headers: dict[str, tuple[Path, dict]]
                               f"({len(extra)} unexpected in all); the config does not match the weights")
 
 
+def load_checked_config(path: Path) -> tuple[ModelConfig, dict[str, tuple[Path, dict]]]:
+    """config.json of a checkpoint directory, checked against its safetensors headers (cheap:
+    no weights are read). Returns the config and the headers."""
+    path = check_checkpoint_dir(path)
+    cfg = load_config(path)
+    headers = read_headers(path)
+    check_against_config(cfg, headers, path)
+    return cfg, headers
+
+
 def checkpoint_format(path: Path) -> str:
     """The record's artifact format of a checkpoint directory: itera-quant or safetensors."""
     return "itera-quant" if load_config(path).quantization else "safetensors"
@@ -245,10 +255,7 @@ def load_model(path: Path, dtype: "torch.dtype | str | None" = None, device: str
 
     from itera.model.llama import LlamaForCausalLM, rope_inv_freq
 
-    path = check_checkpoint_dir(path)
-    cfg = load_config(path)
-    headers = read_headers(path)
-    check_against_config(cfg, headers, path)
+    cfg, headers = load_checked_config(path)
     state = load_state_dict(path, headers)
     dtype = resolve_dtype(dtype)
     with torch.device("meta"):
@@ -299,8 +306,6 @@ def save_model(model: "LlamaForCausalLM", out: Path, tokenizer_from: Path | None
     ``max_shard_bytes`` splits weights into ``model-0000i-of-0000n.safetensors`` shards with an
     index; ``extra_files`` are written as text next to the weights (e.g. resolved options).
     """
-    from safetensors.torch import save_file
-
     cfg = model.config
     dtype = resolve_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
     state = {}
@@ -310,27 +315,15 @@ def save_model(model: "LlamaForCausalLM", out: Path, tokenizer_from: Path | None
         state[name] = t.detach().to("cpu", dtype).contiguous()
     config = cfg.to_dict()
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return write_checkpoint(out, state, config, tokenizer_from, extra_files, max_shard_bytes)
+
+
+def write_checkpoint(out: Path, tensors: dict[str, "torch.Tensor"], config: dict, tokenizer_from: Path | None = None,
+                     extra_files: dict[str, str] | None = None, max_shard_bytes: int | None = None) -> Path:
+    """Write a checkpoint directory from its tensors and config.json content, atomically: the
+    one writer behind float checkpoints, quantized ones and merged adapters."""
     with atomic_dir(Path(out)) as tmp:
-        if max_shard_bytes is None:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        else:
-            shards: list[dict] = [{}]
-            size = 0
-            for name, t in state.items():
-                nbytes = t.numel() * t.element_size()
-                if shards[-1] and size + nbytes > max_shard_bytes:
-                    shards.append({})
-                    size = 0
-                shards[-1][name] = t
-                size += nbytes
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update({name: fname for name in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        _write_weights(tmp, tensors, max_shard_bytes)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_from is not None:
             for fname in TOKENIZER_FILES:
@@ -340,3 +333,34 @@ def save_model(model: "LlamaForCausalLM", out: Path, tokenizer_from: Path | None
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
     return Path(out)
+
+
+def _write_weights(directory: Path, state: dict[str, "torch.Tensor"], max_shard_bytes: int | None) -> None:
+    """model.safetensors, or shards of at most ``max_shard_bytes`` plus their index."""
+    from safetensors.torch import save_file
+
+    if max_shard_bytes is None:
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    shards: list[dict] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def weight_bytes(ckpt: Path) -> int:
+    """Bytes of a checkpoint's weight files."""
+    return sum(f.stat().st_size for f in weight_files(Path(ckpt)))

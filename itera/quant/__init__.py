@@ -1,5 +1,4 @@
-"""Weight quantization: round-to-nearest, GPTQ and measured mixed precision (``itera quantize``).
-
-:mod:`itera.quant.formats` defines the on-disk layout and the one dequantization rule that the
-loader, the exporters and the quantizers all share.
-"""
+"""Weight quantization (``itera quantize``): the on-disk layout and its one dequantization rule
+(:mod:`itera.quant.formats`), GPTQ (:mod:`itera.quant.gptq`), layer-by-layer application
+(:mod:`itera.quant.layerwise`), measured mixed precision (:mod:`itera.quant.plan`), and the
+recipe (:mod:`itera.quant.job`)."""

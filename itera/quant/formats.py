@@ -30,8 +30,12 @@ stored in float16.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 QUANT_METHOD = "itera"
 FORMAT_VERSION = 1

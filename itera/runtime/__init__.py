@@ -1,43 +1,32 @@
-"""Runtime backends behind one interface: give token ids, get logits and next-token NLLs.
+"""Runtime backends behind one interface (:class:`itera.runtime.base.RuntimeBase`): give token
+ids, get logits, next-token NLLs and a KV-cache stepper.
 
 - torch: checkpoint directories (float or itera-quantized), :mod:`itera.runtime.torch_backend`;
 - llama.cpp: ``.gguf`` files, :mod:`itera.runtime.llamacpp_backend`;
 - onnxruntime: ``.onnx`` files, :mod:`itera.runtime.onnx_backend`.
+
+This package also owns what an artifact on disk is (:func:`detect`, :func:`describe`). Nothing
+here imports torch, onnxruntime or llama_cpp until a runtime is opened.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence
 
 from itera.errors import InputError
-from itera.model.checkpoint import PICKLE_SUFFIXES, check_checkpoint_dir
+from itera.model.checkpoint import PICKLE_SUFFIXES, check_checkpoint_dir, checkpoint_format
+from itera.runtime.base import RuntimeBase
 
-
-class Runtime(Protocol):
-    name: str
-    tokenizer: object
-    max_context: int
-
-    def logits(self, ids: Sequence[int]):
-        """(T, vocab) float32 logits for every position of ``ids`` (numpy)."""
-
-    def nll(self, ids: Sequence[int], n_score: int) -> list[float]:
-        """Negative log-likelihoods (nats) of the last ``n_score`` tokens of ``ids``, each
-        predicted from all tokens before it in ``ids``."""
-
-    def close(self) -> None:
-        """Release the runtime's resources."""
+RUNNABLE = ("checkpoint", "gguf", "onnx")
+FILE_FORMATS = {".gguf": "gguf", ".onnx": "onnx", ".pt2": "pt2"}
 
 
 def artifact_format(path: Path) -> str:
+    """checkpoint, gguf, onnx, pt2, or unknown, from the path alone."""
     path = Path(path)
     if path.is_dir():
         return "checkpoint"
-    suffix = path.suffix.lower()
-    if suffix in (".gguf", ".onnx", ".pt2"):
-        return suffix[1:]
-    return "unknown"
+    return FILE_FORMATS.get(path.suffix.lower(), "unknown")
 
 
 def check_model_path(path: Path) -> str:
@@ -56,8 +45,38 @@ def check_model_path(path: Path) -> str:
     raise InputError(f"{path} is not a checkpoint directory, .gguf or .onnx file; pass one of those")
 
 
-def open_runtime(path: Path, dtype: str = "float32", device: str = "cpu", threads: int | None = None) -> Runtime:
-    """The backend for ``path``: torch for a checkpoint directory, llama.cpp for .gguf, onnxruntime for .onnx."""
+def detect(path: Path) -> tuple[str, str]:
+    """(kind, format) of an artifact for the record: a checkpoint directory (safetensors or
+    itera-quant), a PEFT adapter directory, or a file by its suffix."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "checkpoint", checkpoint_format(path)
+        if (path / "adapter_config.json").is_file():
+            return "adapter", "peft-lora"
+        return "checkpoint", "directory"
+    return "file", FILE_FORMATS.get(path.suffix.lower(), path.suffix[1:].lower() or "file")
+
+
+def describe(path: Path) -> dict:
+    """The record's artifact block of an existing artifact: path, kind, format, bytes, sha256."""
+    from itera.record import describe_artifact
+
+    return describe_artifact(path, *detect(path))
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes cuda when torch sees a GPU, else cpu. Imports torch, so call it late."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def open_runtime(path: Path, dtype: str = "float32", device: str = "cpu", threads: int | None = None) -> RuntimeBase:
+    """The backend for ``path``: torch for a checkpoint directory, llama.cpp for .gguf,
+    onnxruntime for .onnx. Use it as a context manager (``with open_runtime(p) as rt:``)."""
     fmt = check_model_path(path)
     if fmt == "gguf":
         from itera.runtime.llamacpp_backend import LlamaCppRuntime

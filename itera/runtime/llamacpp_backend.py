@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from itera.errors import InputError
+from itera.runtime.base import RuntimeBase, Stepper
 
 GGML_TYPE_F32 = 0
 
@@ -56,7 +57,7 @@ class LlamaCppTokenizer:
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
 
 
-class LlamaCppRuntime:
+class LlamaCppRuntime(RuntimeBase):
     name = "llama.cpp"
 
     def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 0):
@@ -79,16 +80,25 @@ class LlamaCppRuntime:
         self.llm.eval(list(ids))
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def nll(self, ids: Sequence[int], n_score: int) -> list[float]:
-        return nll_from_logits(self.logits(ids[:-1])[-n_score:], ids[-n_score:])
+    def stepper(self) -> "LlamaCppStepper":
+        return LlamaCppStepper(self)
 
     def close(self) -> None:
         self.llm.close()
 
 
-def nll_from_logits(logits: np.ndarray, targets: Sequence[int]) -> list[float]:
-    """Negative log-likelihoods of ``targets`` under (n, vocab) ``logits``, in float64."""
-    x = logits.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    logz = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
-    return (logz - x[np.arange(len(targets)), np.asarray(targets)]).tolist()
+class LlamaCppStepper(Stepper):
+    def __init__(self, rt: LlamaCppRuntime):
+        self.llm = rt.llm
+
+    def _next(self) -> int:
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return self._next()
+
+    def step(self, token):
+        self.llm.eval([token])
+        return self._next()

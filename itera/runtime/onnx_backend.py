@@ -1,7 +1,8 @@
 """The onnxruntime backend for ``.onnx`` files written by ``itera export``.
 
 The tokenizer travels inside the ONNX file (metadata ``itera.tokenizer.json`` and
-``itera.tokenizer_config.json``), so the file is all a deployment needs.
+``itera.tokenizer_config.json``), so the file is all a deployment needs. Generation uses the
+KV-cache graph beside it: ``NAME.kv.onnx`` for ``NAME.onnx`` (:func:`kv_path`).
 """
 
 from __future__ import annotations
@@ -13,22 +14,33 @@ from typing import Sequence
 import numpy as np
 
 from itera.errors import InputError
-from itera.runtime.llamacpp_backend import nll_from_logits
+from itera.runtime.base import RuntimeBase, Stepper
 
 
-class OnnxRuntime:
+def kv_path(onnx_file: Path) -> Path:
+    """The KV-cache graph that goes with an ONNX file: ``m.onnx`` -> ``m.kv.onnx``."""
+    s = str(onnx_file)
+    return Path(s[: -len(".onnx")] + ".kv.onnx") if s.endswith(".onnx") else Path(s + ".kv.onnx")
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class OnnxRuntime(RuntimeBase):
     name = "onnxruntime"
 
     def __init__(self, path: Path, threads: int | None = None):
-        import onnxruntime as ort
-
         from itera.tokenizer import Tokenizer
 
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        self.path, self.threads = Path(path), threads
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.session = _session(path, threads)
         except Exception as e:  # onnxruntime raises its own exception types
             raise InputError(f"onnxruntime could not load {path} ({type(e).__name__}); pass an ONNX file written by "
                              "`itera export --format onnx`") from None
@@ -40,14 +52,36 @@ class OnnxRuntime:
             Path(tmp, "tokenizer_config.json").write_text(meta.get("itera.tokenizer_config.json", "{}"))
             self.tokenizer = Tokenizer.from_dir(Path(tmp))
         self.max_context = int(meta.get("itera.max_position_embeddings", "2048"))
-        self.inputs = [i.name for i in self.session.get_inputs()]
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         x = np.asarray([list(ids)], dtype=np.int64)
         return self.session.run(["logits"], {"input_ids": x})[0][0]
 
-    def nll(self, ids: Sequence[int], n_score: int) -> list[float]:
-        return nll_from_logits(self.logits(ids[:-1])[-n_score:], ids[-n_score:])
+    def stepper(self) -> "OnnxStepper":
+        kv = kv_path(self.path)
+        if not kv.is_file():
+            raise InputError(f"{self.path} has no KV-cache graph {kv.name} beside it; "
+                             "re-export with `itera export --format onnx`")
+        return OnnxStepper(kv, self.threads)
 
-    def close(self) -> None:
-        pass
+
+class OnnxStepper(Stepper):
+    """Runs a ``*.kv.onnx`` graph written by ``itera export``: past caches in, present out."""
+
+    def __init__(self, kv_file: Path, threads: int | None = None):
+        self.s = _session(kv_file, threads)
+        self.past_inputs = [i for i in self.s.get_inputs() if i.name.startswith("past_")]
+        self.out_names = [o.name for o in self.s.get_outputs()]
+
+    def _run(self, ids):
+        res = self.s.run(None, {"input_ids": np.asarray([ids], np.int64), **self.past})
+        self.past = {n.replace("present", "past"): v for n, v in zip(self.out_names[1:], res[1:])}
+        return int(res[0][0, -1].argmax())
+
+    def prefill(self, ids):
+        # (batch, kv_heads, 0, head_dim): an empty cache
+        self.past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past_inputs}
+        return self._run(list(ids))
+
+    def step(self, token):
+        return self._run([token])

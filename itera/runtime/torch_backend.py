@@ -8,10 +8,11 @@ from typing import Sequence
 import torch
 
 from itera.model.checkpoint import load_model
+from itera.runtime.base import RuntimeBase, Stepper
 from itera.tokenizer import Tokenizer
 
 
-class TorchRuntime:
+class TorchRuntime(RuntimeBase):
     name = "torch"
 
     def __init__(self, model, tokenizer: Tokenizer, device: str):
@@ -31,12 +32,31 @@ class TorchRuntime:
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         return self.model(x)[0].float().cpu().numpy()
 
-    def close(self) -> None:
-        pass
-
     @torch.inference_mode()
     def nll(self, ids: Sequence[int], n_score: int) -> list[float]:
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
         logits = self.model(x[:, :-1])[0, -n_score:].float()  # (n_score, V): predictions for the last n_score tokens
         targets = x[0, -n_score:]
         return torch.nn.functional.cross_entropy(logits, targets, reduction="none").tolist()
+
+    def stepper(self) -> "TorchStepper":
+        return TorchStepper(self)
+
+
+class TorchStepper(Stepper):
+    def __init__(self, rt: TorchRuntime):
+        self.rt = rt
+
+    def _next(self, ids: list[int]) -> int:
+        with torch.inference_mode():
+            x = torch.tensor([ids], device=self.rt.device)
+            return int(self.rt.model(x, cache=self.cache)[0, -1].argmax())
+
+    def prefill(self, ids):
+        from itera.model.llama import KVCache
+
+        self.cache = KVCache()
+        return self._next(list(ids))
+
+    def step(self, token):
+        return self._next([token])

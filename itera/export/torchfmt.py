@@ -1,0 +1,55 @@
+"""torch.export (``.pt2``) and TorchScript (``.pt``) exports of the logits graph, for PyTorch
+deployments; each is loaded back with its own loader and compared with the source model.
+
+:func:`write_pt2`/:func:`verify_pt2` and :func:`write_torchscript`/:func:`verify_torchscript`
+are these formats' entries in :data:`itera.export.job.FORMATS`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class LogitsOnly(torch.nn.Module):
+    """``input_ids`` (batch, seq) -> ``logits`` (batch, seq, vocab): the graph every export traces."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids)
+
+
+def check(cfg, opts) -> None:
+    pass
+
+
+def write_pt2(src, opts, staging, reporter) -> dict:
+    x = torch.tensor([src.ids])
+    seq_dim = torch.export.Dim("seq", min=2, max=src.cfg.max_position_embeddings)
+    with torch.no_grad():
+        ep = torch.export.export(LogitsOnly(src.model).eval(), (x,), dynamic_shapes={"input_ids": {1: seq_dim}})
+    torch.export.save(ep, str(staging.main))
+    return {}
+
+
+def verify_pt2(src, opts, artifact: Path, info: dict) -> tuple[np.ndarray, dict, list[str]]:
+    with torch.no_grad():
+        return torch.export.load(str(artifact)).module()(torch.tensor([src.ids]))[0].numpy(), {}, []
+
+
+def write_torchscript(src, opts, staging, reporter) -> dict:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's notices about Python control flow
+        torch.jit.trace(LogitsOnly(src.model).eval(), torch.tensor([src.ids])).save(str(staging.main))
+    return {}
+
+
+def verify_torchscript(src, opts, artifact: Path, info: dict) -> tuple[np.ndarray, dict, list[str]]:
+    with torch.no_grad():
+        return torch.jit.load(str(artifact))(torch.tensor([src.ids]))[0].numpy(), {}, []

@@ -1,0 +1,96 @@
+"""Quantizing a model layer by layer: each decoder layer's Hessians come from calibration
+activations that already went through the quantized layers before it, so memory stays near
+one layer's activations (GPTQ's sequential scheme)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from itera.quant.formats import EMBEDDINGS, LayerQuant, dequantize, rtn, to_tensors
+from itera.quant.gptq import gptq
+
+
+@torch.no_grad()
+def layer_inputs_hessians(layer, x: torch.Tensor, cos, sin, names: dict[str, torch.nn.Module], chunk: int = 8):
+    """Run one decoder layer over the calibration hidden states; return H = X^T X / n per linear."""
+    hs = {n: torch.zeros(m.weight.shape[1], m.weight.shape[1]) for n, m in names.items()}
+    counts = {n: 0 for n in names}
+    hooks = []
+
+    def hook_for(n):
+        def hook(_m, inp):
+            a = inp[0].float().flatten(0, -2)  # (tokens, in)
+            hs[n].add_(a.T @ a)
+            counts[n] += a.shape[0]
+        return hook
+
+    for n, m in names.items():
+        hooks.append(m.register_forward_pre_hook(hook_for(n)))
+    try:
+        for i in range(0, x.shape[0], chunk):
+            layer(x[i:i + chunk], cos, sin, None, None)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: hs[n] / max(counts[n], 1) for n in names}
+
+
+def _errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> dict:
+    """Relative weight error ||W - Q|| / ||W||; relative output error on calibration inputs,
+    sqrt(tr(dW H dW^T) / tr(W H W^T)) = ||X dW^T|| / ||X W^T|| (None without a Hessian)."""
+    dw = (w - w_hat).float()
+    out = {"weight_error": (dw.norm() / w.float().norm()).item()}
+    if h is not None:
+        num = torch.einsum("oi,ij,oj->", dw, h, dw)
+        den = torch.einsum("oi,ij,oj->", w.float(), h, w.float())
+        out["output_error"] = math.sqrt(max(num.item(), 0.0) / den.item()) if den > 0 else None
+    return out
+
+
+@torch.no_grad()
+def quantize_model(model, mods: dict, plan: dict[str, LayerQuant], method: str, calib: torch.Tensor | None,
+                   damp: float, act_order: bool, progress=None) -> tuple[dict, dict]:
+    """Quantize ``model`` in place (weights replaced by their dequantized values), layer by layer.
+
+    Returns (tensors to write for the quantized layers, per-layer figures). With calibration
+    data each decoder layer sees the outputs of the already-quantized layers before it.
+    """
+    tensors, figures = {}, {}
+
+    def apply(name: str, module, h: torch.Tensor | None):
+        q = plan[name]
+        w = module.weight.data
+        if method == "gptq" and h is not None:
+            codes, scales, zeros = gptq(w, h, q, damp=damp, act_order=act_order)
+        else:
+            codes, scales, zeros = rtn(w, q)
+        w_hat = dequantize(codes, scales, zeros)
+        figures[name] = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym, **_errors(w, w_hat, h)}
+        tensors.update(to_tensors(name, codes, scales, zeros, q))
+        module.weight.data = w_hat.to(w.dtype)
+
+    layers = model.model.layers
+    if calib is not None:
+        x = model.model.embed_tokens(calib).float()
+        cos, sin = model.rotary(torch.arange(calib.shape[1]), x.dtype)
+        for i, layer in enumerate(layers):
+            names = {n: m for n, m in mods.items() if n.startswith(f"model.layers.{i}.")}
+            hs = layer_inputs_hessians(layer, x, cos, sin, names)
+            for n, m in names.items():
+                apply(n, m, hs[n])
+            x = torch.cat([layer(x[j:j + 8], cos, sin, None, None) for j in range(0, x.shape[0], 8)])
+            if progress:
+                progress(i + 1)
+    else:
+        for i in range(len(layers)):
+            for n, m in mods.items():
+                if n.startswith(f"model.layers.{i}."):
+                    apply(n, m, None)
+            if progress:
+                progress(i + 1)
+    for n in EMBEDDINGS:  # embeddings and head: round-to-nearest (their "inputs" are token ids)
+        if n in mods:
+            apply(n, mods[n], None)
+    return tensors, figures

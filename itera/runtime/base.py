@@ -1,0 +1,65 @@
+"""What every runtime backend shares: the context-manager shape, NLL from logits, and greedy
+generation with a KV cache, one step at a time (:class:`Stepper`)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def nll_from_logits(logits: np.ndarray, targets: Sequence[int]) -> list[float]:
+    """Negative log-likelihoods of ``targets`` under (n, vocab) ``logits``, in float64."""
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    logz = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
+    return (logz - x[np.arange(len(targets)), np.asarray(targets)]).tolist()
+
+
+class Stepper:
+    """Greedy generation with a runtime's KV cache: ``prefill(ids) -> next``, ``step(tok) -> next``.
+
+    ``benchmark-power`` times these calls; ``export`` checks the ONNX KV-cache graph with them."""
+
+    def prefill(self, ids: list[int]) -> int:
+        raise NotImplementedError
+
+    def step(self, token: int) -> int:
+        raise NotImplementedError
+
+
+def greedy(stepper: Stepper, prompt: list[int], new_tokens: int) -> list[int]:
+    """``new_tokens`` greedy tokens after ``prompt``."""
+    out = [stepper.prefill(prompt)]
+    while len(out) < new_tokens:
+        out.append(stepper.step(out[-1]))
+    return out[:new_tokens]
+
+
+class RuntimeBase:
+    """A loaded artifact: ``tokenizer``, ``max_context``, ``logits(ids)``, ``nll(ids, n)``, ``stepper()``.
+
+    Use it as a context manager so that what it holds is released however the caller leaves."""
+
+    name = "runtime"
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """(T, vocab) float32 logits for every position of ``ids``."""
+        raise NotImplementedError
+
+    def nll(self, ids: Sequence[int], n_score: int) -> list[float]:
+        """Negative log-likelihoods (nats) of the last ``n_score`` tokens of ``ids``, each
+        predicted from all tokens before it in ``ids``."""
+        return nll_from_logits(self.logits(ids[:-1])[-n_score:], ids[-n_score:])
+
+    def stepper(self) -> Stepper:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
