@@ -8,6 +8,7 @@ onnxruntime and llama_cpp are imported inside the functions that need them, so
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -77,9 +78,19 @@ def _parser_errors():
     return exceptions
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is so that temporary outputs are removed on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and map exceptions to one line and an exit code."""
     from itera.errors import IteraError
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
     parser = _parser_errors()
     debug = os.environ.get("ITERA_DEBUG", "") not in ("", "0")
@@ -91,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        _fail("interrupted; nothing was written", 130)
+    except _Terminated:
+        _fail("terminated (SIGTERM); nothing was written", 143)
     except typer.Exit as e:  # typer.Exit and typer.Abort are click's own in older versions
         raise SystemExit(e.exit_code) from None
     except typer.Abort:

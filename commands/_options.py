@@ -18,6 +18,8 @@ RunnablePath = Annotated[Optional[Path], typer.Option(
 Dtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (cuda when available).")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the runtime (default: its own).", min=1)]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (never an input, and never "
+                                     "anything that is not a regular file or directory).")]
 
 
 def model_input(model: Optional[Path], option: str = "--model") -> tuple[Path, Optional[dict]]:
@@ -37,8 +39,11 @@ def execute(command: str, job: Callable, opts, parent: Optional[dict], metrics_o
     from itera import record
     from itera.commands._console import Console
 
+    from itera.fsio import check_job_paths
+
     console = Console()
     run = record.Run(command, parent=parent)
+    check_job_paths(opts.outputs(), opts.inputs(), metrics_out)  # before any expensive work
     outcome = job(opts, console, **job_kwargs)
     if not console.enabled:
         return None

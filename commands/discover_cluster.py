@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, execute
+from itera.commands._options import Force, MetricsOut, execute
 
 
 def discover_cluster(
@@ -22,6 +22,7 @@ def discover_cluster(
     rdzv_port: Annotated[int, typer.Option(help="Rendezvous port on the first host.")] = 29500,
     out: Annotated[Optional[Path], typer.Option(help="Write the inventory and plan as JSON here.")] = None,
     hostfile: Annotated[Optional[Path], typer.Option(help="Write a hostfile (host slots=N) here.")] = None,
+    force: Force = False,
     metrics_out: MetricsOut = None,
 ) -> None:
     """Inventory the machines you can reach over SSH and plan a torchrun launch across them.
@@ -40,7 +41,7 @@ def discover_cluster(
 
     opts = DiscoverOptions(hosts=list(hosts or []), hosts_file=hosts_file, config=config, ssh_config=ssh_config,
                            timeout=timeout, deadline=deadline, launch=launch, nproc_per_node=nproc_per_node,
-                           rdzv_port=rdzv_port, out=out, hostfile=hostfile)
+                           rdzv_port=rdzv_port, out=out, hostfile=hostfile, force=force)
     execute("discover-cluster", run_discover, opts.validate(), None, metrics_out, summary=_table)
 
 

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Device, MetricsOut, execute
+from itera.commands._options import Force, Device, MetricsOut, execute
 
 Int = Optional[int]
 
@@ -46,6 +46,7 @@ def distill(
     save_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints in OUT.train-state/.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.train-state/ where a run stopped.")] = False,
     device: Device = "cpu",
+    force: Force = False,
     metrics_out: MetricsOut = None,
 ) -> None:
     """Distill a teacher into a smaller student (or, with --alpha 0 and no teacher, train from scratch).
@@ -78,7 +79,7 @@ def distill(
     opts = DistillOptions(data=data, out=out, teacher=teacher, student=student, layers=layers, hidden=hidden,
                           heads=heads, kv_heads=kv_heads, ffn=ffn, init=init, layer_ids=ids, alpha=alpha,
                           temperature=temperature, kl=kl, tokenizer=tokenizer, holdout=holdout, eval_tokens=eval_tokens,
-                          resume=resume, train=train).validate()
+                          resume=resume, train=train, force=force).validate()
     dist = init_distributed(resolve_device(device))
     opts.device = dist.device
     execute("distill", run_distill, opts, parent, metrics_out, summary=_summary, dist=dist)

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, ModelPath, execute, model_input
+from itera.commands._options import Force, MetricsOut, ModelPath, execute, model_input
 
 
 def dpo_train(
@@ -30,6 +30,7 @@ def dpo_train(
     min_rating_gap: Annotated[float, typer.Option(help="Ratings this far apart make a pair.")] = 1.0,
     save_pairs: Annotated[Optional[Path], typer.Option(help="Write the pairs used (e.g. derived from feedback).")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="Also write the base with the adapter folded in.")] = False,
+    force: Force = False,
     metrics_out: MetricsOut = None,
 ) -> None:
     """Preference-tune a model with DPO (or IPO) on LoRA adapters, from pairs or user feedback.
@@ -55,7 +56,7 @@ def dpo_train(
     opts = DPOOptions(model=path, out=out, pairs=pairs, feedback=feedback, beta=beta, loss=loss,
                       label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, lora_targets=lora_targets, holdout=holdout,
-                      min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs, train=train)
+                      min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs, train=train, force=force)
     execute("dpo-train", run_dpo, opts.validate(), parent, metrics_out, summary=_summary,
             dist=init_distributed("cpu"))
 

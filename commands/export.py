@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, ModelPath, Threads, execute, model_input
+from itera.commands._options import Force, MetricsOut, ModelPath, Threads, execute, model_input
 
 
 def export(
@@ -23,6 +23,7 @@ def export(
     max_logit_diff: Annotated[Optional[float], typer.Option(help="Tolerance on max |logit diff|, replacing "
                                                             "the type's default (see the README).")] = None,
     threads: Threads = None,
+    force: Force = False,
     metrics_out: MetricsOut = None,
 ) -> None:
     """Export a checkpoint (float or itera-quantized) for a runtime and verify it there.
@@ -42,7 +43,7 @@ def export(
     path, parent = model_input(model)
     opts = ExportOptions(model=path, out=out, format=fmt, gguf_type=gguf_type, onnx_quant=onnx_quant,
                          allow_mismatch=allow_mismatch, verify_tokens=verify_tokens, threads=threads,
-                         max_logit_diff=max_logit_diff)
+                         max_logit_diff=max_logit_diff, force=force)
     execute("export", run_export, opts.validate(), parent, metrics_out, summary=lambda c, m: _summary(c, out, m))
 
 

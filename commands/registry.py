@@ -8,6 +8,7 @@ stderr; resolve prints a bare path for shell use. None of them imports torch.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -32,9 +33,21 @@ def _open(path: Path | None):
     return Registry(path)
 
 
+def _finite(obj):
+    """A copy with non-finite floats as null: JSON has no NaN, and a database written by an older
+    itera may hold one."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _print_json(obj) -> None:
     indent = 2 if sys.stdout.isatty() else None
-    sys.stdout.write(json.dumps(obj, indent=indent, default=str) + "\n")
+    sys.stdout.write(json.dumps(_finite(obj), indent=indent, default=str, allow_nan=False) + "\n")
 
 
 def _table(title: str, columns: list[str], rows: list[list]) -> None:
@@ -54,15 +67,27 @@ def _summary(v: dict) -> dict:
     return {k: v[k] for k in v if k != "record"}
 
 
-def _emit_version(sub: str, v: dict, reg, extra_params: dict | None = None, metrics_out: Path | None = None,
-                  parent: dict | None = None) -> None:
+def _change(sub: str, registry: Path | None, metrics_out: Path | None, change, parent: dict | None = None,
+            extra_params=lambda v: {}, say=lambda v: None) -> None:
+    """Run ``change(reg) -> version`` and build its record in one transaction, so that anything
+    that can fail (a number JSON cannot hold, a record the schema refuses) fails before the
+    commit; ``--metrics-out`` is checked first and written, like stdout, after it."""
     from itera import record
+    from itera.fsio import check_writable_file
 
+    if metrics_out is not None:
+        check_writable_file(metrics_out)
     run = record.Run(f"registry {sub}", parent=parent)
-    artifact = {k: v[k] for k in ("path", "kind", "format", "bytes", "sha256")}
-    params = {"name": v["name"], "version": v["version"], "registry": str(reg.path),
-              "aliases": v["aliases"], **(extra_params or {})}
-    record.emit(run.record(artifact, {}, params), metrics_out=metrics_out)
+    with _open(registry) as reg:
+        with reg.transaction():
+            v = change(reg)
+            artifact = {k: v[k] for k in ("path", "kind", "format", "bytes", "sha256")}
+            params = {"name": v["name"], "version": v["version"], "registry": str(reg.path),
+                      "aliases": v["aliases"], **extra_params(v)}
+            rec = run.record(artifact, {}, params)
+            record.dumps(rec)  # serialisable, or the transaction rolls back
+    say(v)
+    record.emit(rec, metrics_out=metrics_out)
 
 
 @app.command()
@@ -94,10 +119,10 @@ def register(
     if path is None:
         parent = rec.read_record_file(record_file) if record_file is not None else rec.read_parent()
     artifact = registration(parent, path)
-    with _open(registry) as reg:
-        v = reg.register(name, artifact, parent, tags=tags, commit=git_commit())
-        _say(f"registered {name}@{v['version']} ({artifact['path']})")
-        _emit_version("register", v, reg, {"tags": tags, "git_commit": v["git_commit"]}, metrics_out, parent)
+    commit = git_commit()
+    _change("register", registry, metrics_out, lambda reg: reg.register(name, artifact, parent, tags=tags, commit=commit),
+            parent, extra_params=lambda v: {"tags": tags, "git_commit": v["git_commit"]},
+            say=lambda v: _say(f"registered {name}@{v['version']} ({v['path']})"))
 
 
 @app.command("list")
@@ -169,8 +194,8 @@ def activate(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOut
     """Point NAME@active at a version."""
     from itera.registry import Ref
 
-    with _open(registry) as reg:
-        _emit_version("activate", reg.activate(Ref.parse(ref)), reg, metrics_out=metrics_out)
+    r = Ref.parse(ref)
+    _change("activate", registry, metrics_out, lambda reg: reg.activate(r))
 
 
 @app.command("mark-good")
@@ -178,8 +203,8 @@ def mark_good(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOu
     """Point NAME@last-good at a version: the one rollback returns to."""
     from itera.registry import Ref
 
-    with _open(registry) as reg:
-        _emit_version("mark-good", reg.mark_good(Ref.parse(ref)), reg, metrics_out=metrics_out)
+    r = Ref.parse(ref)
+    _change("mark-good", registry, metrics_out, lambda reg: reg.mark_good(r))
 
 
 @app.command()
@@ -196,10 +221,9 @@ def rollback(
     """
     from itera.registry import validate_name
 
-    with _open(registry) as reg:
-        v = reg.rollback(validate_name(name), to)
-        _say(f"{name}@active -> version {v['version']}")
-        _emit_version("rollback", v, reg, metrics_out=metrics_out)
+    validate_name(name)
+    _change("rollback", registry, metrics_out, lambda reg: reg.rollback(name, to),
+            say=lambda v: _say(f"{name}@active -> version {v['version']}"))
 
 
 @app.command()
@@ -220,12 +244,15 @@ def promote(
 
     margin = parse_margin(max_regression)
     direction = None if higher_is_better is None else ("higher" if higher_is_better else "lower")
-    with _open(registry) as reg:
-        v = reg.promote(Ref.parse(ref), metric, margin, direction)
-        gate = v.pop("gate")
-        _say(f"promoted {v['name']}@{v['version']}: {gate['metric']} {gate['candidate']:.6g}"
-             + (f" vs {gate['active']:.6g}" if "active" in gate else f" ({gate['reason']})"))
-        _emit_version("promote", v, reg, {"gate": gate}, metrics_out)
+    r = Ref.parse(ref)
+
+    def say(v):
+        g = v["gate"]
+        _say(f"promoted {v['name']}@{v['version']}: {g['metric']} {g['candidate']:.6g}"
+             + (f" vs {g['active']:.6g}" if "active" in g else f" ({g['reason']})"))
+
+    _change("promote", registry, metrics_out, lambda reg: reg.promote(r, metric, margin, direction),
+            extra_params=lambda v: {"gate": v["gate"]}, say=say)
 
 
 @app.command()

@@ -6,13 +6,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, execute
+from itera.commands._options import Force, MetricsOut, execute
 
 
 def report(
     records: Annotated[Optional[list[Path]], typer.Argument(help="Record files (--metrics-out). Default: stdin.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.md and its PNG charts.")] = Path("report"),
     fmt: Annotated[str, typer.Option("--format", help="md (report.md + PNGs) or html (one self-contained file).")] = "md",
+    force: Force = False,
     metrics_out: MetricsOut = None,
 ) -> None:
     """Tables and charts from records and their lineage: size, bits per weight, perplexity, bits per
@@ -27,5 +28,5 @@ def report(
     from itera.report import ReportOptions, run_report
 
     stdin = sys.stdin.buffer.read() if not records and not sys.stdin.isatty() else b""
-    opts = ReportOptions(out=out, records=list(records or []), format=fmt, stdin=stdin).validate()
+    opts = ReportOptions(out=out, records=list(records or []), format=fmt, stdin=stdin, force=force).validate()
     execute("report", run_report, opts, opts.parsed[-1] if len(opts.parsed) == 1 else None, metrics_out)

@@ -38,6 +38,12 @@ class BenchmarkOptions:
             check_model_path(p)
         return self
 
+    def inputs(self) -> list[Path]:
+        return self.paths
+
+    def outputs(self) -> list:
+        return []
+
     @property
     def paths(self) -> list[Path]:
         return [self.model, *self.compare]

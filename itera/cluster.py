@@ -93,8 +93,15 @@ def _port(text: str, refuse) -> int:
 
 @dataclass
 class Policy:
+    """Which machines may be probed: every address a host (and every proxy hop on the way to
+    it) resolves to must lie in ``networks``, and its name must match ``names``. ssh configs
+    that run commands while being read (``ProxyCommand``, ``Match exec``) are refused unless
+    the policy says otherwise."""
+
     networks: list
     names: list[str]
+    allow_proxy_command: bool = False
+    allow_match_exec: bool = False
 
     @classmethod
     def load(cls, path: Path | None = None) -> "Policy":
@@ -104,11 +111,30 @@ class Policy:
         if not path.is_file():
             raise UsageError(f"cluster policy {path} does not exist; pass --config FILE")
         try:
-            d = yaml.safe_load(path.read_text()) or {}
-            nets = [ipaddress.ip_network(n, strict=False) for n in d.get("networks", [])]
-        except (yaml.YAMLError, ValueError) as e:
-            raise UsageError(f"cluster policy {path} is invalid: {e}") from None
-        return cls(nets, [str(n) for n in d.get("names", [])])
+            d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UsageError(f"cluster policy {path} is not valid YAML: {' '.join(str(e).split())[:160]}") from None
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise UsageError(f"cluster policy {path} must be a mapping with networks and names, "
+                             f"not a {type(d).__name__}")
+        unknown = sorted(set(d) - {"networks", "names", "allow_proxy_command", "allow_match_exec"})
+        if unknown:
+            raise UsageError(f"cluster policy {path} has unknown field {unknown[0]!r}; fields: networks, names, "
+                             "allow_proxy_command, allow_match_exec")
+        nets, names = _string_list(d, "networks", path), _string_list(d, "names", path)
+        try:
+            networks = [ipaddress.ip_network(n, strict=False) for n in nets]
+        except ValueError as e:
+            raise UsageError(f"cluster policy {path}: field networks holds {e}") from None
+        flags = {}
+        for key in ("allow_proxy_command", "allow_match_exec"):
+            v = d.get(key, False)
+            if not isinstance(v, bool):
+                raise UsageError(f"cluster policy {path}: field {key} must be true or false, got {v!r}")
+            flags[key] = v
+        return cls(networks, names, **flags)
 
     def check(self, name: str, addresses: list[str]) -> str | None:
         """None if allowed, else the reason it is refused."""
@@ -122,6 +148,13 @@ class Policy:
             if not any(ip in net for net in self.networks):
                 return f"address {a} of {name!r} is outside the allowed networks"
         return None
+
+
+def _string_list(d: dict, key: str, path: Path) -> list[str]:
+    v = d.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise UsageError(f"cluster policy {path}: field {key} must be a list of strings, got {v!r}")
+    return v
 
 
 def _is_ip(text: str) -> bool:
@@ -145,14 +178,54 @@ def ssh_argv(spec: HostSpec, ssh_config: Path | None, *options: str) -> list[str
 
 
 def ssh_effective(spec: HostSpec, ssh_config: Path | None) -> dict:
-    """The destination after the user's ssh config (aliases, HostName, Port, User): `ssh -G`, no connection."""
+    """The destination after the user's ssh config (aliases, HostName, Port, User, ProxyJump,
+    ProxyCommand): `ssh -G`, which makes no connection. Run only once :func:`match_exec_lines`
+    found no ``Match exec`` (which ssh would run while evaluating the config)."""
     out = subprocess.run(ssh_argv(spec, ssh_config, "-G"), capture_output=True, text=True, timeout=10)
     conf = {}
     for line in out.stdout.splitlines():
         k, _, v = line.partition(" ")
         conf.setdefault(k.lower(), v)
+    proxy_cmd = conf.get("proxycommand")
+    jump = conf.get("proxyjump")
     return {"hostname": conf.get("hostname", spec.host), "port": int(conf.get("port", spec.port or 22)),
-            "user": conf.get("user", spec.user)}
+            "user": conf.get("user", spec.user),
+            "proxycommand": None if proxy_cmd in (None, "none") else proxy_cmd,
+            "proxyjump": [] if jump in (None, "none") else [h for h in jump.split(",") if h]}
+
+
+def _ssh_config_files(ssh_config: Path | None) -> list[Path]:
+    """The files ssh reads: -F's file alone, else ~/.ssh/config and /etc/ssh/ssh_config."""
+    if ssh_config is not None:
+        return [Path(ssh_config)]
+    return [Path.home() / ".ssh" / "config", Path("/etc/ssh/ssh_config")]
+
+
+def match_exec_lines(ssh_config: Path | None, _depth: int = 0) -> list[str]:
+    """``file:line`` of every ``Match ... exec`` in the ssh configuration (Include followed):
+    ssh runs that command whenever it reads the configuration, even for ``ssh -G``."""
+    import glob as _glob
+
+    found = []
+    for f in _ssh_config_files(ssh_config) if _depth == 0 else [Path(ssh_config)]:
+        try:
+            lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for n, line in enumerate(lines, 1):
+            words = line.split("#", 1)[0].replace("=", " ").split()
+            if not words:
+                continue
+            key = words[0].lower()
+            if key == "match" and any(w.lower().lstrip("!") == "exec" for w in words[1:]):
+                found.append(f"{f}:{n}")
+            elif key == "include" and _depth < 8:
+                base = Path.home() / ".ssh" if f.parent == Path.home() / ".ssh" else f.parent
+                for pattern in words[1:]:
+                    for inc in sorted(_glob.glob(str(Path(pattern).expanduser() if pattern.startswith("~")
+                                                     else base / pattern))):
+                        found += match_exec_lines(Path(inc), _depth + 1)
+    return found
 
 
 def resolve(name: str) -> list[str]:
@@ -160,6 +233,30 @@ def resolve(name: str) -> list[str]:
         return sorted({ai[4][0] for ai in socket.getaddrinfo(name, None)})
     except socket.gaierror:
         return []
+
+
+def check_route(spec: HostSpec, eff: dict, policy: Policy, ssh_config: Path | None, depth: int = 0) -> str | None:
+    """None if the policy admits the host and every hop on the way to it, else the reason."""
+    addrs = resolve(eff["hostname"])
+    why = policy.check(eff["hostname"] if not _is_ip(spec.host) else spec.host, addrs)
+    if why is None and eff["hostname"] != spec.host and not _is_ip(spec.host):
+        why = policy.check(spec.host, addrs)  # the alias must be allowed too
+    if why is not None:
+        return why
+    if eff["proxycommand"] and not policy.allow_proxy_command:
+        return (f"{spec.raw!r} is reached through ProxyCommand {eff['proxycommand']!r}, which the policy does not "
+                "allow (allow_proxy_command: true admits it)")
+    for hop in eff["proxyjump"]:
+        if depth >= 8:
+            return f"{spec.raw!r} is reached through more than 8 ProxyJump hops"
+        try:
+            hop_spec = parse_host_spec(hop.removeprefix("ssh://"))
+        except UsageError:
+            return f"ProxyJump hop {hop!r} of {spec.raw!r} is not a host spec itera accepts"
+        why = check_route(hop_spec, ssh_effective(hop_spec, ssh_config), policy, ssh_config, depth + 1)
+        if why is not None:
+            return f"ProxyJump hop {hop!r} of {spec.raw!r}: {why}"
+    return None
 
 
 # --------------------------------------------------------------------------- probing
@@ -241,15 +338,18 @@ def discover(specs: list[HostSpec], policy: Policy, timeout: float = 5.0, deadli
     """Check every host against the policy, then probe the admitted ones in parallel."""
     results: list[HostResult | None] = [None] * len(specs)
     jobs = []
+    exec_lines = None if policy.allow_match_exec else match_exec_lines(ssh_config)
     for i, spec in enumerate(specs):
         if spec.is_local:
             jobs.append((i, spec, "local", None))
             continue
+        if exec_lines:
+            results[i] = HostResult(spec.raw, "refused", error=(
+                f"the ssh configuration has `Match exec` ({exec_lines[0]}), which runs a command whenever ssh reads "
+                "it; itera does not read it unless the policy sets allow_match_exec: true"))
+            continue
         eff = ssh_effective(spec, ssh_config)
-        addrs = resolve(eff["hostname"])
-        why = policy.check(eff["hostname"] if not _is_ip(spec.host) else spec.host, addrs)
-        if why is None and eff["hostname"] != spec.host and not _is_ip(spec.host):
-            why = policy.check(spec.host, addrs)  # the alias must be allowed too
+        why = check_route(spec, eff, policy, ssh_config)
         if why:
             results[i] = HostResult(spec.raw, "refused", error=why)
         else:
@@ -331,20 +431,48 @@ class DiscoverOptions:
     rdzv_port: int = 29500
     out: Path | None = None
     hostfile: Path | None = None
+    force: bool = False
+
+    def inputs(self) -> list[Path]:
+        return [p for p in (self.hosts_file, self.config, self.ssh_config) if p is not None]
+
+    def outputs(self) -> list:
+        from itera.fsio import Output
+
+        return [Output(p, "file", opt, self.force) for p, opt in ((self.out, "--out"), (self.hostfile, "--hostfile"))
+                if p is not None]
 
     def validate(self) -> "DiscoverOptions":
-        if self.timeout <= 0 or self.deadline <= 0 or (self.nproc_per_node is not None and self.nproc_per_node < 1):
-            raise UsageError("--timeout and --deadline must be positive and --nproc-per-node at least 1")
+        import math
+
+        for name, v in (("timeout", self.timeout), ("deadline", self.deadline)):
+            if not (math.isfinite(v) and 0 < v <= 3600):
+                raise UsageError(f"--timeout and --deadline must be positive numbers of seconds (at most 3600); "
+                                 f"--{name} is {v}")
+        if self.nproc_per_node is not None and not 1 <= self.nproc_per_node <= 1024:
+            raise UsageError(f"--nproc-per-node must be from 1 to 1024 (got {self.nproc_per_node})")
+        if not 1 <= self.rdzv_port <= 65535:
+            raise UsageError(f"--rdzv-port must be a TCP port from 1 to 65535 (got {self.rdzv_port})")
+        try:
+            shlex.split(self.launch)
+        except ValueError as e:
+            raise UsageError(f"--launch {self.launch!r} is not a command line ({e})") from None
         return self
 
     def host_specs(self) -> list[str]:
         """The hosts as typed, then those of --hosts-file (one per line, '#' comments)."""
         specs = list(self.hosts)
         if self.hosts_file is not None:
-            if not Path(self.hosts_file).is_file():
+            from itera.fsio import check_regular
+
+            if not Path(self.hosts_file).exists():
                 raise UsageError(f"--hosts-file {self.hosts_file} does not exist")
-            specs += [ln.strip() for ln in Path(self.hosts_file).read_text().splitlines()
-                      if ln.strip() and not ln.startswith("#")]
+            check_regular(Path(self.hosts_file), "--hosts-file")
+            try:
+                text = Path(self.hosts_file).read_text(encoding="utf-8")
+            except (UnicodeDecodeError, IsADirectoryError):
+                raise UsageError(f"--hosts-file {self.hosts_file} is not UTF-8 text with one host per line") from None
+            specs += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
         if not specs:
             raise UsageError("no hosts: pass host specs (e.g. localhost user@gpu-box:2222) or --hosts-file FILE")
         return specs

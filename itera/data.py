@@ -57,15 +57,24 @@ class TextSource:
         return ROW_SEPARATOR.join(self.rows)
 
 
+def local_path(spec: str) -> Path | None:
+    """The file a data spec names, or None for the built-in corpus and hub names. A hub name can
+    hold a slash (org/name), so only these count as paths when nothing exists there."""
+    spec = str(spec).strip()
+    path = Path(spec)
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or spec.startswith(("/", "./", "../", "~")):
+        return path.expanduser()
+    return None
+
+
 def load_text(spec: str, purpose: str = "eval") -> TextSource:
     """Read the source named by ``spec``. ``purpose`` ("train" or "eval") picks the default split."""
     spec = str(spec).strip()
     if not spec:
         raise DataError("empty data source; pass a file path or a dataset name")
-    path = Path(spec)
-    # A hub name can hold a slash (org/name), so only these count as paths when nothing exists there.
-    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or spec.startswith(("/", "./", "../", "~")):
-        return _load_local(path.expanduser())
+    path = local_path(spec)
+    if path is not None:
+        return _load_local(path)
     name, _, split = spec.partition("@")
     if name == BUILTIN:
         return _load_pydocs(split or ("test" if purpose == "eval" else "train"), spec)
@@ -89,8 +98,11 @@ def _nonempty(source: TextSource) -> TextSource:
 
 
 def _load_local(path: Path) -> TextSource:
-    if not path.exists():
+    from itera.fsio import check_regular
+
+    if not path.exists() and not path.is_symlink():
         raise DataError(f"data file {path} does not exist; pass an existing .txt, .jsonl or .parquet file")
+    check_regular(path, "data file")
     if path.is_dir():
         raise DataError(f"{path} is a directory; pass a .txt, .jsonl or .parquet file")
     suffix = path.suffix.lower()
@@ -108,6 +120,22 @@ def _load_local(path: Path) -> TextSource:
     return _nonempty(TextSource(str(path), rows, f"local {suffix[1:]} file"))
 
 
+def is_text(obj) -> bool:
+    """Whether every string in a parsed JSON value is encodable text: JSON's \\uXXXX escapes can spell
+    half of a surrogate pair, which no tokenizer (and no UTF-8 file) can hold."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(obj, dict):
+        return all(is_text(k) and is_text(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return all(is_text(v) for v in obj)
+    return True
+
+
 def _read_jsonl(path: Path) -> list[str]:
     rows = []
     with open(path, "rb") as f:
@@ -120,6 +148,9 @@ def _read_jsonl(path: Path) -> list[str]:
                 raise DataError(f"{path} line {lineno} is not a JSON object; each line needs {{\"text\": ...}}") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise DataError(f"{path} line {lineno} has no string \"text\" field; each line needs {{\"text\": ...}}")
+            if not is_text(obj["text"]):
+                raise DataError(f"{path} line {lineno}: the text holds a lone surrogate (an unpaired \\uD800-\\uDFFF "
+                                "escape); fix the line")
             rows.append(obj["text"])
     return rows
 

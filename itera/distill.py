@@ -52,6 +52,7 @@ class DistillOptions:
     calib_batches: int = 8  # batches used to rank importance for --init prune
     resume: bool = False
     device: str = "cpu"
+    force: bool = False
     train: TrainOptions = field(default_factory=TrainOptions)
 
     def validate(self) -> "DistillOptions":
@@ -91,6 +92,17 @@ class DistillOptions:
     def spec(self) -> StudentSpec:
         base = StudentSpec.from_preset(self.student) if self.student else StudentSpec()
         return base.merged(layers=self.layers, hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads, ffn=self.ffn)
+
+    def inputs(self) -> list[Path]:
+        from itera.data import local_path
+
+        tok = Path(self.tokenizer) if self.tokenizer and not self.tokenizer.startswith("bpe:") else None
+        return [p for p in (self.teacher, local_path(self.data), tok) if p is not None]
+
+    def outputs(self) -> list:
+        from itera.fsio import Output
+
+        return [Output(self.out, "dir", "--out", self.force)]
 
     @property
     def state_dir(self) -> Path:
@@ -156,7 +168,9 @@ def prepare_data(opts: DistillOptions, p: Plan) -> Data:
     train_text, held_text = split_heldout(src.text, opts.holdout)
     tok = _load_tokenizer(opts, train_text)
     t_cfg = p.teacher_cfg
-    if t_cfg is not None and tok.vocab_size != t_cfg.vocab_size:
+    if t_cfg is not None and opts.tokenizer is None:
+        tok.check_fits(t_cfg.vocab_size, str(opts.teacher))
+    elif t_cfg is not None and tok.vocab_size != t_cfg.vocab_size:
         raise UsageError(f"the tokenizer has {tok.vocab_size} tokens but the teacher's vocabulary has "
                          f"{t_cfg.vocab_size}; students share the teacher's tokenizer")
     s_cfg = p.spec.resolve(t_cfg, tok.vocab_size if t_cfg is None else t_cfg.vocab_size, tok.bos_id, tok.eos_id)
@@ -267,7 +281,8 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
 
 
 def write(opts: DistillOptions, student: LlamaForCausalLM, tok, params: dict, prune_plan: dict | None) -> None:
-    """Save the student with its tokenizer, resolved options and pruning plan (rank 0 only)."""
+    """Save the student with its tokenizer, resolved options and pruning plan (rank 0 only); then
+    remove the resumable state, but only when this run wrote or resumed it."""
     import shutil
     import tempfile
 
@@ -281,7 +296,8 @@ def write(opts: DistillOptions, student: LlamaForCausalLM, tok, params: dict, pr
         if tok_dir == Path(tmp):
             tok.save(Path(tmp))
         save_model(student, opts.out, tokenizer_from=tok_dir, dtype="float32", extra_files=extra)
-    shutil.rmtree(opts.state_dir, ignore_errors=True)
+    if opts.train.save_every or opts.resume:
+        shutil.rmtree(opts.state_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the job

@@ -89,18 +89,33 @@ def reference_logprobs(model, enc: Encoded, chunk: int = 16) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
-def cache_key(model_sha: str, enc: Encoded) -> str:
+def tokenizer_digest(ckpt: Path) -> str:
+    """sha256 over the tokenizer files of a checkpoint (their content, links followed)."""
+    from itera.fsio import sha256_file
+    from itera.model.checkpoint import TOKENIZER_FILES
+
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        f = Path(ckpt) / name
+        h.update(f"{name}:{sha256_file(f) if f.is_file() else '-'}\n".encode())
+    return h.hexdigest()
+
+
+def cache_key(model_sha: str, enc: Encoded, tokenizer_sha: str = "") -> str:
+    """The reference log-probs' identity: the model's content, its tokenizer's, and the token ids."""
     h = hashlib.sha256(model_sha.encode())
+    h.update(tokenizer_sha.encode())
     h.update(enc.ids.numpy().tobytes())
     h.update(enc.mask.numpy().tobytes())
     return h.hexdigest()
 
 
-def cached_reference(model, enc: Encoded, model_sha: str, cache_dir: Path) -> tuple[torch.Tensor, bool]:
-    """Reference log-probs from the cache when this model and data were seen before; (values, hit)."""
+def cached_reference(model, enc: Encoded, model_sha: str, cache_dir: Path, tokenizer_sha: str = ""
+                     ) -> tuple[torch.Tensor, bool]:
+    """Reference log-probs from the cache when this model, tokenizer and data were seen before; (values, hit)."""
     from itera.fsio import write_text_atomic
 
-    path = Path(cache_dir) / f"{cache_key(model_sha, enc)}.json"
+    path = Path(cache_dir) / f"{cache_key(model_sha, enc, tokenizer_sha)}.json"
     if path.is_file():
         try:
             return torch.tensor(json.loads(path.read_text())["logprobs"], dtype=torch.float32), True
@@ -156,6 +171,7 @@ class DPOOptions:
     min_rating_gap: float = 1.0
     merge: bool = False
     save_pairs: Path | None = None
+    force: bool = False
     train: TrainOptions = field(default_factory=lambda: TrainOptions(steps=100, batch_size=8, seq_len=1, lr=1e-3,
                                                                      warmup_steps=5, weight_decay=0.0))
 
@@ -179,6 +195,17 @@ class DPOOptions:
             raise UsageError(f"--lora-rank must be at least 1 (got {self.lora_rank})")
         parse_targets(self.lora_targets)
         return self
+
+    def inputs(self) -> list[Path]:
+        return [p for p in (self.model, self.pairs, self.feedback) if p is not None]
+
+    def outputs(self) -> list:
+        from itera.fsio import Output
+
+        outs = [Output(self.out, "dir", "--out", self.force)]
+        if self.save_pairs is not None:
+            outs.append(Output(self.save_pairs, "file", "--save-pairs", self.force))
+        return outs
 
     @property
     def targets(self) -> list[str]:
@@ -234,15 +261,18 @@ def load_pairs(opts: DPOOptions, tok, max_len: int) -> PairData:
     return PairData(pairs, enc_train, enc_held, dropped)
 
 
-def references(model, data: PairData, model_sha: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Reference log-probs of the training and held-out pairs (cached); and whether both were cache hits."""
+def references(model, data: PairData, ckpt: Path) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Reference log-probs of the training and held-out pairs (cached by the checkpoint's content
+    hash, its tokenizer's and the data's); and whether both were cache hits."""
+    from itera.fsio import artifact_digest
     from itera.paths import cache_dir
 
     ref_dir = cache_dir() / "dpo-ref"
-    ref_train, hit_train = cached_reference(model, data.train, model_sha, ref_dir)
+    keys = (artifact_digest(Path(ckpt))[1], tokenizer_digest(ckpt))
+    ref_train, hit_train = cached_reference(model, data.train, keys[0], ref_dir, keys[1])
     if data.held.ids.shape[0] == 0:
         return ref_train, torch.zeros(0, 2), hit_train
-    ref_held, hit_held = cached_reference(model, data.held, model_sha, ref_dir)
+    ref_held, hit_held = cached_reference(model, data.held, keys[0], ref_dir, keys[1])
     return ref_train, ref_held, hit_train and hit_held
 
 
@@ -294,7 +324,6 @@ def write(opts: DPOOptions, model, data: PairData, params: dict) -> None:
 
 def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = None) -> Outcome:
     """Validate, build pairs, cache reference log-probs, train LoRA adapters, measure, write."""
-    from itera.fsio import artifact_digest
     from itera.lora import add_lora
     from itera.model.checkpoint import load_checked_config, load_model
     from itera.tokenizer import Tokenizer
@@ -305,13 +334,15 @@ def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = N
     cfg = load_checked_config(opts.model)[0]
     if cfg.quantization:
         raise UsageError(f"{opts.model} is quantized; train adapters on the float checkpoint")
-    data = load_pairs(opts, Tokenizer.from_dir(opts.model), cfg.max_position_embeddings)
+    tok = Tokenizer.from_dir(opts.model)
+    tok.check_fits(cfg.vocab_size, str(opts.model))
+    data = load_pairs(opts, tok, cfg.max_position_embeddings)
     held = data.held.ids.shape[0] > 0
     reporter.log(f"pairs: {data.train.ids.shape[0]} train, {data.held.ids.shape[0]} held out, "
                  f"dropped {sum(data.dropped.values())}")
     model, _ = load_model(opts.model)
     add_lora(model, opts.targets, opts.lora_rank, opts.lora_alpha, opts.lora_dropout, seed=opts.train.seed)
-    ref_train, ref_held, hit = references(model, data, artifact_digest(Path(opts.model))[1])
+    ref_train, ref_held, hit = references(model, data, Path(opts.model))
     model.eval()
     score = lambda enc, ref: evaluate_pairs(model, enc, ref, opts.beta, opts.loss, opts.label_smoothing)  # noqa: E731
     before = score(data.held, ref_held) if held else None

@@ -141,6 +141,14 @@ class EvaluateOptions:
     device: str = "cpu"
     threads: int | None = None
 
+    def inputs(self) -> list[Path]:
+        from itera.data import local_path
+
+        return [self.model, *(p for p in map(local_path, self.datasets) if p is not None)]
+
+    def outputs(self) -> list:
+        return []
+
     def validate(self) -> "EvaluateOptions":
         self.protocol.validate()
         if not self.datasets:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from itera.data import is_text
 from itera.errors import DataError
 
 
@@ -61,6 +62,9 @@ def _lines(path: Path) -> list[tuple[int, dict]]:
             raise DataError(f"{path}:{i}: the line {what}; each line must be one JSON object") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        if not is_text(obj):
+            raise DataError(f"{path}:{i}: a string holds a lone surrogate (an unpaired \\uD800-\\uDFFF escape), "
+                            "which is not text; fix the line")
         out.append((i, obj))
     if not out:
         raise DataError(f"{path} holds no lines; pass a JSONL file with at least one object")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from itera.errors import InputError, RecordError
-from itera.fsio import artifact_digest, write_text_atomic
+from itera.fsio import artifact_digest, write_text_through
 
 PROTOCOL_VERSION = 1
 
@@ -120,19 +120,48 @@ def dumps(record: dict, pretty: bool = False) -> str:
 
 
 def emit(record: dict, out: TextIO | None = None, metrics_out: Path | None = None) -> None:
-    """Print the record on stdout (one line; indented when stdout is a terminal) and to a file."""
+    """Print the record on stdout (one line; indented when stdout is a terminal) and to a file.
+
+    ``metrics_out`` is written through (an existing file or device keeps its node: ``/dev/null``
+    stays a device); the record's text is made first, so a record that cannot be serialised
+    writes nothing anywhere."""
     out = out or sys.stdout
+    line = dumps(record)
     if metrics_out is not None:
-        write_text_atomic(Path(metrics_out), dumps(record) + "\n")
-    out.write(dumps(record, pretty=out.isatty()) + "\n")
+        write_text_through(Path(metrics_out), line + "\n")
+    out.write((dumps(record, pretty=True) if out.isatty() else line) + "\n")
     out.flush()
 
 
 # --------------------------------------------------------------------------- reading
 
 
+MAX_DEPTH = 200  # a record nests its parents; no pipeline is this deep, a hostile document may be
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _depth(obj, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, stopping past ``limit`` (iterative: no recursion)."""
+    stack, deepest = [(obj, 1)], 0
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        if isinstance(node, dict):
+            stack.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, d + 1) for v in node)
+    return deepest
+
+
 def parse_record(data: bytes, source: str = "stdin") -> dict:
-    """Parse exactly one itera record from bytes; raise :class:`RecordError` otherwise."""
+    """Parse exactly one itera record from bytes; raise :class:`RecordError` otherwise.
+
+    NaN and Infinity are refused (they are not JSON, and no measured number is either)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -140,7 +169,7 @@ def parse_record(data: bytes, source: str = "stdin") -> dict:
             f"{source} is not UTF-8 text (byte {e.start}); pipe the JSON record an itera command printed"
         ) from None
     text = text.strip()
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_constant=_refuse_constant)
     try:
         obj, end = decoder.raw_decode(text)
     except json.JSONDecodeError as e:
@@ -148,6 +177,10 @@ def parse_record(data: bytes, source: str = "stdin") -> dict:
             f"{source} is not a JSON record (line {e.lineno} column {e.colno}: {e.msg}); "
             "pipe the output of an itera command or pass the input explicitly"
         ) from None
+    except ValueError as e:
+        raise RecordError(f"{source} holds {e}; pipe the record an itera command printed") from None
+    except RecursionError:
+        raise RecordError(f"{source} is JSON nested too deeply to be an itera record") from None
     rest = text[end:].strip()
     if rest:
         raise RecordError(
@@ -159,6 +192,8 @@ def parse_record(data: bytes, source: str = "stdin") -> dict:
             f"{source} is JSON but not an itera record (no \"itera\": {PROTOCOL_VERSION}); "
             "pipe the output of an itera command"
         )
+    if _depth(obj, MAX_DEPTH) > MAX_DEPTH:
+        raise RecordError(f"{source} is JSON nested more than {MAX_DEPTH} levels deep; not an itera record")
     validate(obj)
     return obj
 
@@ -181,9 +216,14 @@ def read_parent(stdin: Any = None) -> dict | None:
 
 
 def read_record_file(path: Path) -> dict:
+    from itera.fsio import check_regular
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"record file {path} does not exist; pass a file written with --metrics-out")
+    check_regular(path, "record file")
+    if path.is_dir():
+        raise InputError(f"record file {path} is a directory; pass a file written with --metrics-out")
     return parse_record(path.read_bytes(), source=str(path))
 
 

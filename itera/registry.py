@@ -11,8 +11,10 @@ This module imports no torch: ``itera registry list/show/resolve`` start fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import sqlite3
 import subprocess
@@ -25,7 +27,9 @@ from itera.fsio import artifact_digest
 from itera.paths import itera_home
 from itera.record import utc_now
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched whole (re.fullmatch): no trailing newline
+VERSION_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only ('١' is a digit to str.isdigit); fits SQLite's integer
+BUSY_TIMEOUT_S = float(os.environ.get("ITERA_REGISTRY_BUSY_S", "30"))
 ALIASES = ("active", "last-good")
 TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -86,7 +90,7 @@ def default_path() -> Path:
 
 
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UsageError(f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' "
                          "(starting with a letter or digit, at most 128 characters)")
     return name
@@ -103,7 +107,7 @@ class Ref:
     def parse(cls, text: str) -> "Ref":
         name, sep, sel = str(text).partition("@")
         validate_name(name)
-        if sep and not (sel.isdigit() and int(sel) > 0 or sel in ALIASES or sel == "latest"):
+        if sep and not (VERSION_RE.fullmatch(sel) and int(sel) > 0 or sel in ALIASES or sel == "latest"):
             raise UsageError(f"invalid version {sel!r} in {text!r}: use NAME@N (N >= 1), NAME@active, "
                              "NAME@last-good or NAME@latest")
         return cls(name, sel or None)
@@ -200,22 +204,24 @@ def quantization_of(record: dict | None) -> str | None:
 
 
 def registration(record: dict | None = None, path: Path | None = None) -> dict:
-    """The artifact block to register: a bare ``path`` (described and hashed here), or the
-    artifact of ``record``, re-hashed and refused if it changed since the record was written."""
-    if path is not None:
-        from itera.runtime import describe
+    """The artifact block to register: a bare ``path``, or the artifact of ``record``. Either way
+    the path must be an artifact itera can read, and it is hashed here; a record's sha256 that
+    disagrees (the artifact changed since it was written) is refused, one that is null is filled in."""
+    from itera.runtime import check_artifact, describe
 
-        if not Path(path).exists():
+    if path is not None:
+        if not Path(path).exists() and not Path(path).is_symlink():
             raise InputError(f"{path} does not exist; pass an existing file or directory with --path")
-        return describe(Path(path))
+        return describe(check_artifact(Path(path)))
     if record is None:
         raise InputError("no input: pipe an itera record on stdin, or pass --record FILE or --path ARTIFACT")
     artifact = record.get("artifact")
     if not artifact:
         raise InputError(f"the record from `itera {record.get('command')}` names no artifact to register")
     p = Path(artifact["path"])
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         raise InputError(f"the record's artifact {p} does not exist; register from the directory the pipeline ran in")
+    check_artifact(p)
     size, digest = artifact_digest(p)
     if artifact.get("sha256") and artifact["sha256"] != digest:
         raise InputError(f"{p} changed since the record was written (sha256 differs); re-run the command that made it")
@@ -231,18 +237,27 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 
 class Registry:
-    def __init__(self, path: Path | None = None, busy_timeout_ms: int = 60_000):
+    """One SQLite registry file. Every write is one transaction (``BEGIN IMMEDIATE``); a caller
+    may hold one open around several steps with :meth:`transaction`, so that everything that can
+    fail (building and serialising the record it will print) happens before the commit."""
+
+    def __init__(self, path: Path | None = None, busy_timeout_s: float | None = None):
         self.path = Path(path) if path is not None else default_path()
+        self.busy_timeout_s = BUSY_TIMEOUT_S if busy_timeout_s is None else busy_timeout_s
         if self.path.exists() and self.path.is_dir():
             raise InputError(f"registry path {self.path} is a directory; pass a file path with --registry")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._depth = 0
         try:
-            self.db = sqlite3.connect(str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None)
-            self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            self.db = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, isolation_level=None)
+            self.db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            self._check_schema_version()
             self.db.execute("PRAGMA journal_mode = WAL")  # falls back by itself where WAL is not possible
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
+        except sqlite3.OperationalError as e:
+            self._raise_busy_or_corrupt(e)
         except sqlite3.DatabaseError as e:
             raise InputError(f"registry {self.path} is not a usable SQLite database ({e}); "
                              "pass another --registry path") from None
@@ -259,6 +274,19 @@ class Registry:
 
     # ------------------------------------------------------------------ plumbing
 
+    def _raise_busy_or_corrupt(self, e: sqlite3.OperationalError):
+        if "locked" in str(e) or "busy" in str(e):
+            raise InputError(f"registry {self.path} is busy: another process held it locked for more than "
+                             f"{self.busy_timeout_s:g} s; try again") from None
+        raise InputError(f"registry {self.path} is not a usable SQLite database ({e}); "
+                         "pass another --registry path") from None
+
+    def _check_schema_version(self) -> None:
+        (current,) = self.db.execute("PRAGMA user_version").fetchone()
+        if current > len(MIGRATIONS):
+            raise InputError(f"registry {self.path} was created by a newer itera (schema version {current}; this "
+                             f"itera knows {len(MIGRATIONS)}); upgrade itera or pass another --registry")
+
     def _migrate(self) -> None:
         (current,) = self.db.execute("PRAGMA user_version").fetchone()
         if current >= len(MIGRATIONS):
@@ -271,20 +299,38 @@ class Registry:
                     self.db.execute(statement)
                 self.db.execute(f"PRAGMA user_version = {i + 1}")
 
-    class _Txn:
-        def __init__(self, db: sqlite3.Connection):
-            self.db = db
-
-        def __enter__(self):
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction; nested calls join the open one. It commits when the block ends
+        normally, or with a refusal (whose audit event must stay); anything else rolls back."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.db
+            finally:
+                self._depth -= 1
+            return
+        try:
             self.db.execute("BEGIN IMMEDIATE")
-            return self.db
+        except sqlite3.OperationalError as e:
+            self._raise_busy_or_corrupt(e)
+        self._depth = 1
+        try:
+            yield self.db
+        except RefusedError:
+            self.db.execute("COMMIT")
+            raise
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+        finally:
+            self._depth = 0
 
-        def __exit__(self, exc_type, exc, tb):
-            self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-            return False
-
-    def _write(self) -> "_Txn":
-        return Registry._Txn(self.db)
+    def transaction(self):
+        """Hold one write transaction around several steps: ``with reg.transaction(): ...``."""
+        return self._write()
 
     def _event(self, name: str, version: int | None, event: str, ok: bool, **detail: Any) -> None:
         self.db.execute("INSERT INTO events (name, version, event, ok, detail, at) VALUES (?, ?, ?, ?, ?, ?)",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import math
+from html import escape
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +109,11 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def _md_cell(text: str) -> str:
+    """A table cell that stays one cell and stays text: pipes escaped, angle brackets as entities."""
+    return escape(str(text), quote=False).replace("|", "\\|")
+
+
 def charts(rows: list[Row], out: Path) -> list[Path]:
     """PNG charts for what the records hold: size vs perplexity, decode throughput, energy per token."""
     import matplotlib
@@ -171,8 +177,9 @@ def render(records: list[dict], out: Path, fmt_name: str = "md") -> dict:
     with atomic_dir(out) as tmp:
         pngs = charts(rows, tmp)
         if fmt_name == "html":
-            cells = lambda r, tag: "".join(f"<{tag}>{c}</{tag}>" for c in r)  # noqa: E731
-            imgs = "".join(f'<h2>{p.stem}</h2><img alt="{p.stem}" src="data:image/png;base64,'
+            # Every name in a record (artifact paths, formats, dataset names) is text, never markup.
+            cells = lambda r, tag: "".join(f"<{tag}>{escape(c)}</{tag}>" for c in r)  # noqa: E731
+            imgs = "".join(f'<h2>{escape(p.stem)}</h2><img alt="{escape(p.stem)}" src="data:image/png;base64,'
                            f'{base64.b64encode(p.read_bytes()).decode()}">' for p in pngs)
             html = ("<!doctype html><html><head><meta charset='utf-8'><title>itera report</title><style>"
                     "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid "
@@ -186,7 +193,7 @@ def render(records: list[dict], out: Path, fmt_name: str = "md") -> dict:
         else:
             md = ["# itera report", "", f"{len(rows)} artifacts from {len(records)} records.", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            md += ["| " + " | ".join(r) + " |" for r in body]
+            md += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in body]
             md += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
             (tmp / "report.md").write_text("\n".join(md) + "\n")
             name = "report.md"
@@ -203,6 +210,15 @@ class ReportOptions:
     records: list[Path] = field(default_factory=list)  # record files; none: the JSON lines of ``stdin``
     format: str = "md"
     stdin: bytes = b""
+    force: bool = False
+
+    def inputs(self) -> list[Path]:
+        return list(self.records)
+
+    def outputs(self) -> list:
+        from itera.fsio import Output
+
+        return [Output(self.out, "dir", "--out", self.force)]
 
     def validate(self) -> "ReportOptions":
         if self.format not in ("md", "html"):

@@ -34,6 +34,18 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def max_id(self) -> int:
+        """The largest token id the tokenizer can produce."""
+        return max(self.backend.get_vocab(with_added_tokens=True).values())
+
+    def check_fits(self, vocab_size: int, where: str) -> None:
+        """Every id must have a row in the embedding table; fewer tokens than rows is fine
+        (embedding tables padded to a multiple of 64, Qwen2's 151,936 rows for 151,665 tokens)."""
+        if self.max_id >= vocab_size:
+            raise CheckpointError(f"{where}: the tokenizer has ids up to {self.max_id} but the embedding table has "
+                                  f"{vocab_size} rows (config vocab_size); the tokenizer does not belong to these weights")
+
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text`` without the tokenizer's own special-token template;
         BOS is put in front when ``add_bos`` (default: the tokenizer's setting)."""
@@ -63,24 +75,39 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: Path, tokenizer_file: Path | None = None) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
         path = Path(path)
         tj = tokenizer_file or path / "tokenizer.json"
         if not tj.is_file():
             raise CheckpointError(f"{path} has no tokenizer.json; copy the model's tokenizer.json into the directory")
         try:
-            backend = HFTokenizer.from_file(str(tj))
+            text = tj.read_text("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{tj} is not UTF-8 text; restore the model's tokenizer.json") from None
+        return cls.from_strings(text, _read_json(path / "tokenizer_config.json"), _read_json(path / "config.json"),
+                                source=str(tj))
+
+    @classmethod
+    def from_strings(cls, tokenizer_json: str, tcfg: dict, mcfg: dict | None = None,
+                     source: str = "tokenizer.json") -> "Tokenizer":
+        """A tokenizer from the text of a tokenizer.json and the parsed tokenizer_config.json (and
+        config.json for BOS/EOS ids); ``source`` names where they came from in messages."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        mcfg = mcfg or {}
+        try:
+            backend = HFTokenizer.from_str(tokenizer_json)
         except Exception as e:
-            raise CheckpointError(f"{tj} could not be loaded by the tokenizers library: {e}") from None
-        tcfg, mcfg = _read_json(path / "tokenizer_config.json"), _read_json(path / "config.json")
+            raise CheckpointError(f"{source} could not be loaded by the tokenizers library: "
+                                  f"{' '.join(str(e).split())[:200]}") from None
 
         def token_id(key: str) -> int | None:
             content = _token_content(tcfg.get(key))
             if content is not None and backend.token_to_id(content) is not None:
                 return backend.token_to_id(content)
             v = mcfg.get(f"{key}_id")
-            return v[0] if isinstance(v, list) and v else v
+            v = v[0] if isinstance(v, list) and v else v
+            # an id that is not a token of this tokenizer is no BOS/EOS at all
+            return v if isinstance(v, int) and not isinstance(v, bool) and backend.id_to_token(v) is not None else None
 
         bos, eos = token_id("bos_token"), token_id("eos_token")
         return cls(backend, bos_id=bos, eos_id=eos, add_bos=bool(tcfg.get("add_bos_token", False)) and bos is not None)

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from itera.errors import DataError, UsageError
+from itera.errors import CheckpointError, DataError, UsageError
 
 
 @dataclass
@@ -146,6 +146,24 @@ def run_fingerprint(opts: TrainOptions, world: int, n_params: int, n_tokens: int
     return json.dumps({"options": o, "world": world, "params": n_params, "tokens": n_tokens}, sort_keys=True)
 
 
+def read_state(path: Path, device: str = "cpu") -> dict:
+    """A training state written by :meth:`Trainer.save_state`, read without unpickling code.
+    Anything else (a truncated file, a pickle that would run code) is refused naming the file."""
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError,
+            AttributeError, TypeError):
+        # torch's own message suggests weights_only=False, which would run the file's code: never say that
+        raise CheckpointError(f"{path} is not a readable itera training state (damaged, or not written by "
+                              f"itera); remove {Path(path).parent} to start over without --resume") from None
+    if not isinstance(state, dict) or not {"step", "model", "optim", "fingerprint"} <= set(state):
+        raise CheckpointError(f"{path} is not an itera training state; remove {Path(path).parent} to start over")
+    return state
+
+
 def check_resumable(state_dir: Path, fingerprint: str, state: dict | None = None) -> bool:
     """True if ``state_dir`` holds a checkpoint of the run with this fingerprint, False if it holds
     none; UsageError if it holds another run's. Cheap enough to call before loading any model."""
@@ -153,7 +171,7 @@ def check_resumable(state_dir: Path, fingerprint: str, state: dict | None = None
     if not path.is_file():
         return False
     if state is None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state(path)
     if state.get("fingerprint") != fingerprint:
         raise UsageError(f"the checkpoint in {state_dir} is from a run with other options or data; "
                          "pass the same options to --resume, or remove that directory to start over")
@@ -221,7 +239,7 @@ class Trainer:
         """Continue from ``state_dir`` if it holds a checkpoint of this same run; False if it holds none."""
         if not self.state_dir or not (self.state_dir / "state.pt").is_file():
             return False
-        state = torch.load(self.state_dir / "state.pt", map_location=self.dist.device, weights_only=True)
+        state = read_state(self.state_dir / "state.pt", self.dist.device)
         check_resumable(self.state_dir, self.fingerprint(), state)
         self.model.load_state_dict(state["model"])
         self.optim.load_state_dict(state["optim"])

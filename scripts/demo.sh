@@ -5,8 +5,10 @@ set -euo pipefail
 ITERA=${ITERA:-.venv/bin/itera}
 RUNS=${RUNS:-runs/demo}
 REG=(--registry "$RUNS/registry.db")
+# The demo owns $RUNS: every run starts from an empty one (itera itself never replaces an output
+# without --force).
+rm -rf "$RUNS"
 mkdir -p "$RUNS"
-rm -f "$RUNS/registry.db"*
 
 echo "== 1. train the demo teacher from scratch (no teacher, plain cross-entropy)" >&2
 $ITERA distill --alpha 0 --tokenizer bpe:4096 --student configs/students/demo-teacher.yaml \

@@ -21,7 +21,7 @@ from itera.errors import UsageError
 @pytest.fixture
 def artifact(tmp_path):
     f = tmp_path / "model.gguf"
-    f.write_bytes(b"weights v1")
+    f.write_bytes(b"GGUF weights v1")  # the GGUF magic: registry takes only artifacts it can read
     return f
 
 
@@ -83,7 +83,7 @@ def test_activate_mark_good_rollback_and_audit_log(tmp_path, artifact):
     db = tmp_path / "r.db"
     assert reg_cli(db, "register", "--name", "m", "--path", artifact).returncode == 0
     other = tmp_path / "v2.gguf"
-    other.write_bytes(b"weights v2")
+    other.write_bytes(b"GGUF weights v2")
     assert reg_cli(db, "register", "--name", "m", "--path", other).returncode == 0
     assert reg_cli(db, "activate", "m@1").returncode == 0
     assert reg_cli(db, "mark-good", "m@1").returncode == 0
@@ -119,7 +119,7 @@ def test_rollback_refusals_leave_aliases_and_log_an_event(tmp_path, artifact):
     # The artifact's bytes changed after registration.
     assert reg_cli(db, "mark-good", "m@1").returncode == 0
     before = _aliases(db)
-    artifact.write_bytes(b"tampered")
+    artifact.write_bytes(b"GGUF tampered")
     res = reg_cli(db, "rollback", "m")
     assert res.returncode == 3 and "changed since it was registered" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
@@ -207,7 +207,7 @@ def test_register_refuses_a_changed_artifact(tmp_path, artifact):
     from itera.record import Run, describe_artifact, dumps
 
     rec = Run("export").record(describe_artifact(artifact, "file", "gguf"), {}, {})
-    artifact.write_bytes(b"changed after export")
+    artifact.write_bytes(b"GGUF changed after export")
     res = reg_cli(tmp_path / "r.db", "register", "--name", "x", stdin=dumps(rec))
     assert_usage_error(res, "changed since the record was written")
 

@@ -72,6 +72,7 @@ class ExportOptions:
     verify_tokens: int = 128
     threads: int | None = None
     max_logit_diff: float | None = None  # overrides the type's tolerance
+    force: bool = False
 
     def validate(self) -> "ExportOptions":
         from itera.export.gguf import GGUF_TYPES
@@ -90,6 +91,18 @@ class ExportOptions:
         if self.verify_tokens < 2:
             raise UsageError("--verify-tokens must be at least 2")
         return self
+
+    def inputs(self) -> list[Path]:
+        return [self.model]
+
+    def outputs(self) -> list:
+        from itera.fsio import Output
+        from itera.runtime.onnx_backend import kv_path
+
+        outs = [Output(self.out, "file", "--out", self.force)]
+        if self.format == "onnx":
+            outs.append(Output(kv_path(self.out), "file", "--out (its .kv.onnx graph)", self.force))
+        return outs
 
     def tolerance(self) -> dict:
         if self.max_logit_diff is not None:
@@ -139,6 +152,7 @@ def load_source(opts: ExportOptions, fmt: Format) -> Source:
                          "model's tokenizer.json to the checkpoint")
     fmt.entry("check")(cfg, opts)
     tok = Tokenizer.from_dir(opts.model)
+    tok.check_fits(cfg.vocab_size, str(opts.model))
     ids = tok.encode(VERIFY_TEXT * 4, add_bos=False)[: min(opts.verify_tokens, cfg.max_position_embeddings)]
     model, _ = load_model(opts.model)
     with torch.no_grad():

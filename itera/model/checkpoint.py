@@ -79,6 +79,10 @@ def safetensors_header(path: Path) -> dict:
             raise CheckpointError(f"{path}: tensor {name} has a malformed header entry") from None
         if dtype not in DTYPE_BYTES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        if not (isinstance(shape, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                for x in shape)):
+            raise CheckpointError(f"{path}: tensor {name} has a malformed shape {shape!r} (not a list of sizes); "
+                                  "re-save the checkpoint")
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
             raise CheckpointError(f"{path}: tensor {name} has invalid data offsets {[begin, end]}")
         if end > data_size:
@@ -275,12 +279,24 @@ def load_model(path: Path, dtype: "torch.dtype | str | None" = None, device: str
         param = model.get_parameter(name)
         with torch.no_grad():
             param.copy_(tensor.to(device=device, dtype=param.dtype))
+    check_finite(model, path)
     model.inv_freq = rope_inv_freq(cfg).to(device)  # to_empty left the buffer uninitialised
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.to(dtype=dtype)
     model.eval()
     return model, cfg
+
+
+def check_finite(model: "LlamaForCausalLM", path: Path) -> None:
+    """Refuse weights holding NaN or Infinity, naming the first such tensor: nothing downstream
+    (quantization, export, evaluation) can make a meaningful artifact or figure from them."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values; pass a checkpoint with "
+                                  "finite weights")
 
 
 def resolve_dtype(dtype: "torch.dtype | str | None") -> "torch.dtype":

@@ -23,6 +23,12 @@ FAMILY = {
     "qwen2": "Qwen2ForCausalLM",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Upper bounds on size fields, checked before anything is allocated: far above any released model
+# of the family (Llama 3.1 405B: 126 layers, hidden 16384; Qwen2: 151,936 tokens; 10M-token
+# contexts), far below what would exhaust memory building shape tables.
+LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_hidden_layers": 1024,
+          "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
+          "max_position_embeddings": 1 << 24}
 
 
 @dataclass
@@ -64,11 +70,24 @@ class ModelConfig:
     # ------------------------------------------------------------------ checks
 
     def validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+        for name, limit in LIMITS.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise CheckpointError(f"config field {name} must be a positive integer, got {v!r}")
+            if v > limit:
+                raise CheckpointError(f"config field {name} is {v}, beyond any model itera supports (at most "
+                                      f"{limit}); check config.json")
+        if self.max_position_embeddings < 2:
+            raise CheckpointError(f"config field max_position_embeddings must be at least 2 (got "
+                                  f"{self.max_position_embeddings}); check config.json")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise CheckpointError(f"config field rope_theta must be a positive number, got {self.rope_theta!r}")
+        if not (math.isfinite(self.rms_norm_eps) and 0 < self.rms_norm_eps < 1):
+            raise CheckpointError(f"config field rms_norm_eps must be between 0 and 1, got {self.rms_norm_eps!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or isinstance(self.sliding_window, bool) or self.sliding_window < 1):
+            raise CheckpointError(f"config field sliding_window must be a positive integer or null, "
+                                  f"got {self.sliding_window!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "
@@ -86,8 +105,11 @@ class ModelConfig:
                 f"rope_scaling type {rope_type!r} is not supported; itera implements "
                 + ", ".join(SUPPORTED_ROPE_TYPES)
             )
-        if rope_type != "default" and not self.rope_scaling.get("factor"):
-            raise CheckpointError(f"rope_scaling of type {rope_type!r} needs a 'factor'")
+        if rope_type != "default":
+            factor = self.rope_scaling.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (math.isfinite(factor)
+                                                                                       and factor > 0):
+                raise CheckpointError(f"rope_scaling of type {rope_type!r} needs a positive 'factor', got {factor!r}")
 
     @property
     def rope_type(self) -> str:
@@ -165,7 +187,7 @@ class ModelConfig:
                 num_attention_heads=d.get("num_attention_heads"),
                 num_key_value_heads=d.get("num_key_value_heads"),
                 head_dim=d.get("head_dim"),
-                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                max_position_embeddings=_integer(d.get("max_position_embeddings", 2048), "max_position_embeddings"),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
                 rope_scaling=rope_scaling,
@@ -187,6 +209,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> "ModelConfig":
+        """config.json of a checkpoint; NaN and Infinity are refused like any other bad value."""
         path = Path(path)
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
@@ -215,6 +238,13 @@ class ModelConfig:
         out = {**extra, **d}
         out["architectures"] = [FAMILY[self.model_type]]
         return dict(sorted(out.items()))
+
+
+def _integer(v: Any, name: str) -> int:
+    """An integer config field that JSON may spell as a whole float (2048.0, 1e12)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        raise CheckpointError(f"config field {name} must be a positive integer, got {v!r}")
+    return int(v)
 
 
 def config_from_options(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,

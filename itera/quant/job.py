@@ -48,6 +48,7 @@ class QuantizeOptions:
     eval_tokens: int = 4096
     holdout: float = 0.1
     seed: int = 0
+    force: bool = False
 
     def validate(self) -> "QuantizeOptions":
         if isinstance(self.auto_bits, str):
@@ -77,6 +78,16 @@ class QuantizeOptions:
         if not 0 < self.damp < 1:
             raise UsageError(f"--damp must be between 0 and 1 (got {self.damp})")
         return self
+
+    def inputs(self) -> list[Path]:
+        from itera.data import local_path
+
+        return [p for p in (self.model, local_path(self.calib) if self.calib else None, self.plan) if p is not None]
+
+    def outputs(self) -> list:
+        from itera.fsio import Output
+
+        return [Output(self.out, "dir", "--out", self.force)]
 
     def layer_quant(self, bits: int | None = None) -> LayerQuant:
         return LayerQuant(bits or self.bits, self.group_size, self.sym)
@@ -139,6 +150,7 @@ def load_source(opts: QuantizeOptions) -> Source:
                          "pass the float checkpoint it came from")
     load_checked_config(opts.model)
     tok = Tokenizer.from_dir(opts.model)
+    tok.check_fits(cfg.vocab_size, str(opts.model))
     model, _ = load_model(opts.model)
     mods = target_modules(model, opts.quantize_embeddings)
     fixed_plan = None

@@ -18,7 +18,7 @@ from itera.model.checkpoint import PICKLE_SUFFIXES, check_checkpoint_dir, checkp
 from itera.runtime.base import RuntimeBase
 
 RUNNABLE = ("checkpoint", "gguf", "onnx")
-FILE_FORMATS = {".gguf": "gguf", ".onnx": "onnx", ".pt2": "pt2"}
+FILE_FORMATS = {".gguf": "gguf", ".onnx": "onnx", ".pt2": "pt2", ".pt": "torchscript"}
 
 
 def artifact_format(path: Path) -> str:
@@ -31,9 +31,12 @@ def artifact_format(path: Path) -> str:
 
 def check_model_path(path: Path) -> str:
     """Validate that ``path`` is an artifact some backend can run; return its format."""
+    from itera.fsio import check_regular
+
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path} does not exist; pass a checkpoint directory")
+    if not path.exists() and not path.is_symlink():
+        raise InputError(f"{path} does not exist; pass a checkpoint directory, .gguf or .onnx file")
+    check_regular(path, "model")
     fmt = artifact_format(path)
     if fmt == "checkpoint" or path.suffix.lower() in PICKLE_SUFFIXES:
         check_checkpoint_dir(path)
@@ -56,6 +59,38 @@ def detect(path: Path) -> tuple[str, str]:
             return "adapter", "peft-lora"
         return "checkpoint", "directory"
     return "file", FILE_FORMATS.get(path.suffix.lower(), path.suffix[1:].lower() or "file")
+
+
+ARTIFACT_KINDS = ("a checkpoint directory, a PEFT adapter directory, or a .gguf, .onnx, .pt2 or TorchScript "
+                  ".pt file")
+_MAGIC = {".gguf": b"GGUF", ".pt2": b"PK", ".pt": b"PK"}  # GGUF header; torch.export and TorchScript are zips
+
+
+def check_artifact(path: Path) -> Path:
+    """``path`` is an artifact itera can read: refuse anything else (``/etc/shadow``, a FIFO,
+    ``/proc/self``) with one line, before it is hashed or stored."""
+    from itera.fsio import check_regular
+    from itera.model.checkpoint import load_checked_config
+
+    path = Path(path)
+    check_regular(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            load_checked_config(path)
+            return path
+        if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
+            return path
+        raise InputError(f"{path} is a directory but not an artifact itera can read ({ARTIFACT_KINDS})")
+    suffix = path.suffix.lower()
+    if suffix not in (".gguf", ".onnx", ".pt2", ".pt"):
+        raise InputError(f"{path} is not an artifact itera can read; pass {ARTIFACT_KINDS}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if suffix in _MAGIC and not head.startswith(_MAGIC[suffix]):
+        raise InputError(f"{path} does not start like a {suffix} file; pass a file written by `itera export`")
+    if not head:
+        raise InputError(f"{path} is empty; pass a file written by `itera export`")
+    return path
 
 
 def describe(path: Path) -> dict:

@@ -19,6 +19,26 @@ from itera.errors import InputError
 from itera.runtime.base import RuntimeBase, Stepper
 
 GGML_TYPE_F32 = 0
+MAX_CONTEXT = 32768  # the KV cache is sized for this at most, whatever the file declares
+
+
+def context_length(path: Path) -> int:
+    """The training context a GGUF file declares (``<arch>.context_length``), read with gguf's reader
+    before llama.cpp sizes a KV cache for it; refused unless it is a usable length."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+        field = reader.fields[f"{arch}.context_length"]
+        ctx = int(field.parts[field.data[0]][0])
+    except (KeyError, IndexError, ValueError, TypeError, OSError, UnicodeDecodeError):
+        raise InputError(f"llama.cpp could not load {path}: it is not a GGUF model file (no readable "
+                         "context_length); pass a GGUF file written by `itera export` or llama.cpp's tools") from None
+    if ctx < 2:
+        raise InputError(f"{path} declares a context of {ctx} token(s) (GGUF key {arch}.context_length); "
+                         "at least 2 are needed")
+    return ctx
 
 
 class LlamaCppTokenizer:
@@ -63,6 +83,8 @@ class LlamaCppRuntime(RuntimeBase):
     def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 0):
         import llama_cpp
 
+        train_ctx = context_length(path)
+        n_ctx = n_ctx or min(train_ctx, MAX_CONTEXT)
         with contextlib.redirect_stderr(io.StringIO()):
             try:
                 self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False,

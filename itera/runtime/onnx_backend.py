@@ -7,7 +7,7 @@ KV-cache graph beside it: ``NAME.kv.onnx`` for ``NAME.onnx`` (:func:`kv_path`).
 
 from __future__ import annotations
 
-import tempfile
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -47,11 +47,17 @@ class OnnxRuntime(RuntimeBase):
         meta = self.session.get_modelmeta().custom_metadata_map
         if "itera.tokenizer.json" not in meta:
             raise InputError(f"{path} carries no tokenizer; export it with `itera export --format onnx`")
-        with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, "tokenizer.json").write_text(meta["itera.tokenizer.json"])
-            Path(tmp, "tokenizer_config.json").write_text(meta.get("itera.tokenizer_config.json", "{}"))
-            self.tokenizer = Tokenizer.from_dir(Path(tmp))
-        self.max_context = int(meta.get("itera.max_position_embeddings", "2048"))
+        try:
+            tcfg = json.loads(meta.get("itera.tokenizer_config.json", "{}"))
+        except ValueError:
+            raise InputError(f"{path}: metadata itera.tokenizer_config.json is not JSON; re-export the model") from None
+        self.tokenizer = Tokenizer.from_strings(meta["itera.tokenizer.json"], tcfg if isinstance(tcfg, dict) else {},
+                                                source=f"{path} (metadata itera.tokenizer.json)")
+        ctx = meta.get("itera.max_position_embeddings", "2048")
+        if not ctx.isascii() or not ctx.isdigit() or not 2 <= int(ctx) <= 1 << 24:
+            raise InputError(f"{path}: metadata itera.max_position_embeddings is {ctx!r}, not a context length "
+                             "(2 or more tokens); re-export the model")
+        self.max_context = int(ctx)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         x = np.asarray([list(ids)], dtype=np.int64)

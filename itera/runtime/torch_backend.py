@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from itera.model.checkpoint import load_model
+from itera.model.checkpoint import load_config, load_model
 from itera.runtime.base import RuntimeBase, Stepper
 from itera.tokenizer import Tokenizer
 
@@ -24,6 +24,7 @@ class TorchRuntime(RuntimeBase):
         if threads:
             torch.set_num_threads(threads)
         tokenizer = Tokenizer.from_dir(path)
+        tokenizer.check_fits(load_config(path).vocab_size, str(path))
         model, _ = load_model(path, dtype=dtype, device=device)
         return cls(model, tokenizer, device)
 
