@@ -234,6 +234,23 @@ def _umask() -> int:
     return mask
 
 
+def set_file_mode(path: Path) -> None:
+    """The mode ``open()`` would give a new file under the umask (writers may have chosen 0600)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give a staged directory and everything in it the modes ``mkdir``/``open`` would have: some
+    writers (mkdtemp, safetensors) create 0700 directories and 0600 files whatever the umask."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
 def _tmp_prefix(final: Path, kind: str = "tmp") -> str:
     return f".{final.name}.{kind}-{os.getpid()}-"
 
@@ -265,7 +282,7 @@ def atomic_dir(final: Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        _apply_umask(tmp)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final, "old"), dir=final.parent))
             os.replace(final, old / "x")
@@ -286,6 +303,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     tmp = temp_path_beside(final)
     try:
         yield tmp
+        set_file_mode(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -192,7 +192,7 @@ def render(records: list[dict], out: Path, fmt_name: str = "md") -> dict:
             name = "report.html"
         else:
             md = ["# itera report", "", f"{len(rows)} artifacts from {len(records)} records.", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                  "| " + " | ".join(_md_cell(c) for c in head) + " |", "|" + "---|" * len(head)]
             md += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in body]
             md += [""] + [f"![{p.stem}]({p.name})" for p in pngs]
             (tmp / "report.md").write_text("\n".join(md) + "\n")

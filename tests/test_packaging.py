@@ -64,8 +64,9 @@ def test_installed_itera_is_the_wheel_not_the_checkout(installed, tmp_path):
     code = ("import itera, itera.commands, itera.configs, sys; "
             "print(itera.__file__); print(itera.commands.__file__); "
             "print(any('editable' in type(f).__module__ for f in sys.meta_path))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(installed / "bin" / "python"), "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, check=True).stdout.split()
+                         text=True, check=True, env=env).stdout.split()
     assert all(Path(p).is_relative_to(installed) for p in out[:2]), out
     assert out[2] == "False"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from itera.errors import InputError, IteraError, UsageError
-from itera.fsio import temp_path_beside
+from itera.fsio import set_file_mode, temp_path_beside
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome, describe_artifact
 
@@ -179,6 +179,7 @@ class Staging:
         """Rename every file with a final name (the artifact last); returns the extra outputs."""
         extras = [(t, f) for t, f in self.files if f is not None and f != self.out]
         for tmp, final in [*extras, (self.main, self.out)]:
+            set_file_mode(tmp)
             os.replace(tmp, final)
         return [f for _, f in extras]
 
