@@ -1,5 +1,5 @@
-"""What every runtime backend shares: the context-manager shape, NLL from logits, and greedy
-generation with a KV cache, one step at a time (:class:`Stepper`)."""
+"""What every runtime backend shares: the context-manager shape, NLL from logits, and generation
+with a KV cache, one step at a time (:class:`Stepper`)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,28 @@ def nll_from_logits(logits: np.ndarray, targets: Sequence[int]) -> list[float]:
 
 
 class Stepper:
-    """Greedy generation with a runtime's KV cache: ``prefill(ids) -> next``, ``step(tok) -> next``.
+    """Generation with a runtime's KV cache, one token at a time.
 
-    ``benchmark-power`` times these calls; ``export`` checks the ONNX KV-cache graph with them."""
+    A backend implements two calls that return the next-token logits, a (vocab,) float32 array
+    the caller owns: ``prefill_logits(ids)`` starts a new sequence (the cache is cleared) and
+    ``step_logits(token)`` appends one token. Greedy decoding (``prefill(ids) -> next``,
+    ``step(tok) -> next``) is their argmax, so greedy and sampled generation
+    (:mod:`itera.runtime.sampling`) run the same code. ``benchmark-power`` times these calls;
+    ``export`` checks the ONNX KV-cache graph with them; ``serve`` samples from them.
 
-    def prefill(self, ids: list[int]) -> int:
+    A stepper holds one sequence: use one stepper per concurrent generation."""
+
+    def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:
         raise NotImplementedError
+
+    def step_logits(self, token: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def prefill(self, ids: Sequence[int]) -> int:
+        return int(np.argmax(self.prefill_logits(ids)))
 
     def step(self, token: int) -> int:
-        raise NotImplementedError
+        return int(np.argmax(self.step_logits(token)))
 
 
 def greedy(stepper: Stepper, prompt: list[int], new_tokens: int) -> list[int]:
@@ -39,9 +52,13 @@ def greedy(stepper: Stepper, prompt: list[int], new_tokens: int) -> list[int]:
 class RuntimeBase:
     """A loaded artifact: ``tokenizer``, ``max_context``, ``logits(ids)``, ``nll(ids, n)``, ``stepper()``.
 
-    Use it as a context manager so that what it holds is released however the caller leaves."""
+    Use it as a context manager so that what it holds is released however the caller leaves.
+    ``steppers_share_state`` is True where every stepper of one runtime drives the same
+    decoding context (llama.cpp): such a runtime runs one sequence at a time, so concurrent
+    generations need one runtime each. Elsewhere steppers are independent and share the weights."""
 
     name = "runtime"
+    steppers_share_state = False
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """(T, vocab) float32 logits for every position of ``ids``."""

@@ -22,6 +22,27 @@ GGML_TYPE_F32 = 0
 MAX_CONTEXT = 32768  # the KV cache is sized for this at most, whatever the file declares
 
 
+@contextlib.contextmanager
+def native_log(name: str):
+    """Send what native code writes to stderr (llama.cpp's logs) to ``$ITERA_HOME/logs/NAME-*.log``
+    instead of the user's screen; yields the log's path."""
+    import tempfile
+
+    from itera.paths import itera_home
+
+    logs = itera_home() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log", dir=logs)
+    saved = os.dup(2)
+    try:
+        os.dup2(fd, 2)
+        yield Path(path)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
 def context_length(path: Path) -> int:
     """The training context a GGUF file declares (``<arch>.context_length``), read with gguf's reader
     before llama.cpp sizes a KV cache for it; refused unless it is a usable length."""
@@ -79,6 +100,7 @@ class LlamaCppTokenizer:
 
 class LlamaCppRuntime(RuntimeBase):
     name = "llama.cpp"
+    steppers_share_state = True  # one llama.cpp context per runtime
 
     def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 0):
         import llama_cpp
@@ -110,17 +132,20 @@ class LlamaCppRuntime(RuntimeBase):
 
 
 class LlamaCppStepper(Stepper):
+    """The runtime's one llama.cpp context: a new stepper, or ``prefill``, starts it over."""
+
     def __init__(self, rt: LlamaCppRuntime):
         self.llm = rt.llm
 
-    def _next(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+    def _logits(self) -> np.ndarray:
+        # a copy: llama.cpp overwrites its score rows on the next eval
+        return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
 
-    def prefill(self, ids):
+    def prefill_logits(self, ids):
         self.llm.reset()
         self.llm.eval(list(ids))
-        return self._next()
+        return self._logits()
 
-    def step(self, token):
+    def step_logits(self, token):
         self.llm.eval([token])
-        return self._next()
+        return self._logits()

@@ -34,6 +34,7 @@ def _session(path: Path, threads: int | None):
 
 class OnnxRuntime(RuntimeBase):
     name = "onnxruntime"
+    _kv_session = None  # the KV-cache graph's session, made by the first stepper()
 
     def __init__(self, path: Path, threads: int | None = None):
         from itera.tokenizer import Tokenizer
@@ -64,30 +65,34 @@ class OnnxRuntime(RuntimeBase):
         return self.session.run(["logits"], {"input_ids": x})[0][0]
 
     def stepper(self) -> "OnnxStepper":
+        """A stepper on the KV-cache graph; every stepper of this runtime shares one session
+        (onnxruntime runs one session from several threads at once), each with its own cache."""
         kv = kv_path(self.path)
         if not kv.is_file():
             raise InputError(f"{self.path} has no KV-cache graph {kv.name} beside it; "
                              "re-export with `itera export --format onnx`")
-        return OnnxStepper(kv, self.threads)
+        if self._kv_session is None:
+            self._kv_session = _session(kv, self.threads)
+        return OnnxStepper(kv, self.threads, session=self._kv_session)
 
 
 class OnnxStepper(Stepper):
     """Runs a ``*.kv.onnx`` graph written by ``itera export``: past caches in, present out."""
 
-    def __init__(self, kv_file: Path, threads: int | None = None):
-        self.s = _session(kv_file, threads)
+    def __init__(self, kv_file: Path, threads: int | None = None, session=None):
+        self.s = session if session is not None else _session(kv_file, threads)
         self.past_inputs = [i for i in self.s.get_inputs() if i.name.startswith("past_")]
         self.out_names = [o.name for o in self.s.get_outputs()]
 
-    def _run(self, ids):
+    def _run(self, ids) -> np.ndarray:
         res = self.s.run(None, {"input_ids": np.asarray([ids], np.int64), **self.past})
         self.past = {n.replace("present", "past"): v for n, v in zip(self.out_names[1:], res[1:])}
-        return int(res[0][0, -1].argmax())
+        return np.asarray(res[0][0, -1], dtype=np.float32)  # (vocab,)
 
-    def prefill(self, ids):
+    def prefill_logits(self, ids):
         # (batch, kv_heads, 0, head_dim): an empty cache
         self.past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past_inputs}
         return self._run(list(ids))
 
-    def step(self, token):
+    def step_logits(self, token):
         return self._run([token])

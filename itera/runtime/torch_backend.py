@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from itera.model.checkpoint import load_config, load_model
@@ -45,19 +46,22 @@ class TorchRuntime(RuntimeBase):
 
 
 class TorchStepper(Stepper):
+    """One sequence on a :class:`TorchRuntime`: its own KV cache, the runtime's weights (several
+    steppers may run at once on one model: inference does not change it)."""
+
     def __init__(self, rt: TorchRuntime):
         self.rt = rt
 
-    def _next(self, ids: list[int]) -> int:
+    def _logits(self, ids: list[int]) -> np.ndarray:
         with torch.inference_mode():
             x = torch.tensor([ids], device=self.rt.device)
-            return int(self.rt.model(x, cache=self.cache)[0, -1].argmax())
+            return self.rt.model(x, cache=self.cache)[0, -1].float().cpu().numpy()  # (vocab,)
 
-    def prefill(self, ids):
+    def prefill_logits(self, ids):
         from itera.model.llama import KVCache
 
         self.cache = KVCache()
-        return self._next(list(ids))
+        return self._logits(list(ids))
 
-    def step(self, token):
-        return self._next([token])
+    def step_logits(self, token):
+        return self._logits([token])
