@@ -16,7 +16,7 @@ import typer
 
 from itera import __version__
 from itera.commands import (benchmark_power, discover_cluster, distill, dpo_train, evaluate, export, quantize,
-                            registry, report, schema)
+                            registry, report, schema, serve)
 
 app = typer.Typer(
     name="itera",
@@ -39,6 +39,7 @@ COMMANDS = {
     "quantize": quantize.quantize,
     "report": report.report,
     "schema": schema.schema,
+    "serve": serve.serve,
 }
 GROUPS = {
     "registry": registry.app,

@@ -14,6 +14,9 @@ def dpo_train(
     pairs: Annotated[Optional[Path], typer.Option(help="JSONL of {prompt, chosen, rejected}.")] = None,
     feedback: Annotated[Optional[Path], typer.Option(help="JSONL of feedback events (thumbs, ab, correction, "
                                                      "rating) to turn into pairs.")] = None,
+    feedback_db: Annotated[Optional[Path], typer.Option(
+        dir_okay=False, help="The store `itera serve` writes (responses and the feedback posted on them) to turn into "
+        "pairs; `default` reads the server's default, $ITERA_HOME/feedback.db.")] = None,
     beta: Annotated[float, typer.Option(help="DPO temperature on the reward margin.")] = 0.1,
     loss: Annotated[str, typer.Option(help="sigmoid (DPO) or ipo.")] = "sigmoid",
     label_smoothing: Annotated[float, typer.Option(help="Conservative DPO: assumed label noise.")] = 0.0,
@@ -46,15 +49,21 @@ def dpo_train(
       itera dpo-train --model runs/teacher --pairs prefs.jsonl --out runs/dpo --steps 100
 
       itera dpo-train --model runs/teacher --feedback events.jsonl --save-pairs pairs.jsonl --out runs/dpo --merge
+
+      itera dpo-train --model runs/teacher --feedback-db default --out runs/dpo   # what `itera serve` collected
     """
     from itera.dpo import DPOOptions, run_dpo
     from itera.train import TrainOptions, init_distributed
 
     path, parent = model_input(model)
+    if feedback_db is not None and str(feedback_db) == "default":
+        from itera.serve.store import default_path
+
+        feedback_db = default_path()
     train = TrainOptions(steps=steps, batch_size=batch_size, seq_len=1, lr=lr, warmup_steps=warmup_steps,
                          weight_decay=0.0, seed=seed)
-    opts = DPOOptions(model=path, out=out, pairs=pairs, feedback=feedback, beta=beta, loss=loss,
-                      label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
+    opts = DPOOptions(model=path, out=out, pairs=pairs, feedback=feedback, feedback_db=feedback_db, beta=beta,
+                      loss=loss, label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, lora_targets=lora_targets, holdout=holdout,
                       min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs, train=train, force=force)
     execute("dpo-train", run_dpo, opts.validate(), parent, metrics_out, summary=_summary,

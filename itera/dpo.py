@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from itera.errors import UsageError
+from itera.errors import InputError, UsageError
 from itera.losses import DPO_LOSSES, dpo_loss, kl_div, reward_accuracy
 from itera.preference import Pair
 from itera.progress import SILENT, Reporter
@@ -160,6 +160,7 @@ class DPOOptions:
     out: Path
     pairs: Path | None = None
     feedback: Path | None = None
+    feedback_db: Path | None = None  # itera serve's store of responses and feedback
     beta: float = 0.1
     loss: str = "sigmoid"
     label_smoothing: float = 0.0
@@ -179,8 +180,12 @@ class DPOOptions:
         from itera.lora import parse_targets
 
         self.train.validate()
-        if (self.pairs is None) == (self.feedback is None):
-            raise UsageError("pass exactly one of --pairs FILE or --feedback FILE")
+        if sum(x is not None for x in (self.pairs, self.feedback, self.feedback_db)) != 1:
+            raise UsageError("pass exactly one of --pairs FILE or --feedback FILE (or --feedback-db FILE, the store "
+                             "`itera serve` writes)")
+        if self.feedback_db is not None and not Path(self.feedback_db).is_file():
+            raise InputError(f"no feedback store at {self.feedback_db}; serve a model with `itera serve` and post "
+                             "feedback to /v1/feedback first, or pass the server's --feedback-db")
         if not self.beta > 0:
             raise UsageError(f"--beta must be positive (got {self.beta})")
         if self.loss not in DPO_LOSSES:
@@ -197,7 +202,7 @@ class DPOOptions:
         return self
 
     def inputs(self) -> list[Path]:
-        return [p for p in (self.model, self.pairs, self.feedback) if p is not None]
+        return [p for p in (self.model, self.pairs, self.feedback, self.feedback_db) if p is not None]
 
     def outputs(self) -> list:
         from itera.fsio import Output
@@ -239,16 +244,24 @@ class PairData:
 
 
 def load_pairs(opts: DPOOptions, tok, max_len: int) -> PairData:
-    """Pairs from --pairs or from feedback, split and tokenized; what was dropped and why."""
+    """Pairs from --pairs, a feedback file or the serving store, split and tokenized; what was dropped and why."""
     from itera.preference import pairs_from_feedback, read_pairs
 
     dropped: dict[str, int] = {}
     if opts.pairs is not None:
         pairs = read_pairs(opts.pairs)
-    else:
+    elif opts.feedback is not None:
         pairs, dropped = pairs_from_feedback(opts.feedback, opts.min_rating_gap)
         if not pairs:
             raise UsageError(f"{opts.feedback} gives no usable preference pairs (dropped: {dropped})")
+    else:  # itera serve's store: events with the texts of the responses they name
+        from itera.preference import pairs_from_events
+        from itera.serve.store import read_events
+
+        pairs, dropped = pairs_from_events(read_events(opts.feedback_db), opts.min_rating_gap)
+        if not pairs:
+            raise UsageError(f"the feedback in {opts.feedback_db} gives no usable preference pairs "
+                             f"(dropped: {dropped})")
     train_pairs, held_pairs = split_pairs(pairs, opts.holdout, opts.train.seed)
     if not train_pairs:
         raise UsageError("no pairs left for training after the held-out split; pass more pairs or --holdout 0")

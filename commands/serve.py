@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from itera.commands._options import MetricsOut, execute
+
+
+def serve(
+    model: Annotated[str, typer.Option("--model", "-m", help="NAME@active (a registry ref: the server follows the "
+                                       "alias) or a checkpoint directory, .gguf or .onnx file.")],
+    registry: Annotated[Optional[Path], typer.Option(
+        "--registry", envvar="ITERA_REGISTRY", dir_okay=False,
+        help="Registry file for NAME@... Default: $ITERA_HOME/registry.db.")] = None,
+    host: Annotated[str, typer.Option(
+        help="Address to listen on; other than loopback needs --api-key-file.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: a free one, printed on stderr).")] = 8080,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="File whose first line is the key every endpoint but "
+                                                         "/health requires (Authorization: Bearer KEY).")] = None,
+    max_concurrency: Annotated[int, typer.Option(help="Generations at once (one KV cache each).")] = 2,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting for a slot; more get 429 with Retry-After.")] = 16,
+    feedback_db: Annotated[Optional[Path], typer.Option(dir_okay=False, help="SQLite store of responses and "
+                                                        "feedback. Default: $ITERA_HOME/feedback.db.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads per generation (llama.cpp; default: the cores "
+                                                   "divided among --max-concurrency) or for the runtime.")] = None,
+    chat_template: Annotated[Optional[Path], typer.Option(dir_okay=False, help="Jinja chat template replacing the "
+                                                          "model's own.")] = None,
+    poll_interval: Annotated[float, typer.Option(help="Seconds between looks at the registry alias.")] = 1.0,
+    shutdown_timeout: Annotated[float, typer.Option(
+        help="Seconds requests in flight get to finish after SIGTERM.")] = 30.0,
+    metrics_out: MetricsOut = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, collect feedback, follow the registry.
+
+    POST /v1/completions and /v1/chat/completions (stream: true for server-sent events), GET
+    /v1/models, POST /v1/feedback (thumbs, rating, ab, correction on response ids), GET /health,
+    GET /metrics (Prometheus). With NAME@active the server swaps to the version the alias points
+    at after checking its sha256; requests in flight finish on the old one. SIGTERM drains and
+    stops; the record then says what was served.
+
+    Examples:
+
+      itera serve --model pydocs-demo@active --registry runs/demo/registry.db --port 8080
+
+      itera serve --model runs/demo/student-q4.gguf --host 0.0.0.0 --api-key-file key.txt
+    """
+    from itera.serve.options import ServeOptions
+    from itera.serve.server import run_serve
+
+    opts = ServeOptions(model=model, registry=registry, host=host, port=port, api_key_file=api_key_file,
+                        max_concurrency=max_concurrency, max_queue=max_queue, feedback_db=feedback_db,
+                        threads=threads, chat_template=chat_template, poll_interval=poll_interval,
+                        shutdown_timeout=shutdown_timeout)
+    execute("serve", run_serve, opts.validate(), None, metrics_out, summary=_summary)
+
+
+def _summary(console, m: dict) -> None:
+    versions = ", ".join(f"{v['version']} ({v['requests']} requests)" for v in m["versions_served"])
+    console.log(f"served versions: {versions}")
