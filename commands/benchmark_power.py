@@ -5,7 +5,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, RunnablePath, Threads, execute, model_input
+from itera.commands._options import MetricsOut, RunnablePath, execute, model_input
+
+Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the runtime "
+                                              "(default: the cores this process may use).")]
 
 
 def benchmark_power(
@@ -25,8 +28,11 @@ def benchmark_power(
 ) -> None:
     """Latency, throughput and energy per token of greedy generation (batch 1) on a checkpoint, .gguf or .onnx.
 
-    Loading and warm-up are outside every measured window. Energy comes from a meter (RAPL, NVML) or
-    is null with the reason; an estimate appears only with --estimate and is labelled estimate-tdp.
+    Each artifact runs in its own process; loading and warm-up are outside every measured window.
+    Throughput and latency are medians over runs, with their IQR and CV; `stable` is false, with the
+    reason, when they vary too much or other processes compete for the cores. Energy comes from a
+    meter (RAPL, NVML) or is null with the reason; an estimate appears only with --estimate and is
+    labelled estimate-tdp.
 
     Examples:
 
@@ -57,9 +63,13 @@ def _table(console, paths: list[Path], metrics: dict) -> None:
         ratio = "" if r is base or not r["decode_tokens_per_s"] else \
             f" ({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x)"
         rows.append([str(p), r["runtime"], fmt(r["ttft_ms_p50"]), fmt(r["decode_tokens_per_s"], "{:.1f}") + ratio,
-                     fmt(r["decode_latency_ms_p50"]), fmt(r["decode_latency_ms_p95"]), fmt(r["decode_latency_ms_p99"]),
+                     fmt(r["decode_tokens_per_s_cv"]), fmt(r["decode_latency_ms_p50"]), fmt(r["decode_latency_ms_p95"]),
+                     fmt(r["decode_latency_ms_p99"]), fmt(r["peak_rss_bytes"] / 2**20, "{:.0f}"),
                      fmt(r["j_per_token"], "{:.4f}"), r["energy_method"]])
-    console.table("benchmark-power (ratios against the first)", ["artifact", "runtime", "TTFT ms", "decode tok/s",
-                    "p50 ms", "p95 ms", "p99 ms", "J/token", "method"], rows)
+    console.table("benchmark-power (medians over runs; ratios against the first)",
+                  ["artifact", "runtime", "TTFT ms", "decode tok/s", "CV", "p50 ms", "p95 ms", "p99 ms", "RSS MiB",
+                   "J/token", "method"], rows)
     if base["energy_method"] == "unavailable":
         console.log(f"energy not measured: {base['energy_reason']}")
+    if not metrics["stable"]:
+        console.log(f"unstable: {metrics['stability_reason']}")

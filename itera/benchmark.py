@@ -1,20 +1,72 @@
 """``itera benchmark-power``: greedy generation timed on one or more artifacts, with energy from a
 meter, or a labelled estimate when asked (meters and the arithmetic live in :mod:`itera.power`).
 
-Phases: :func:`open_all` (runtimes and steppers, context checked), :func:`measure` (warm-up,
-then interleaved measured runs, so machine noise hits every artifact alike), summaries.
+Each artifact lives in its own worker process (:class:`Worker`, :func:`worker_main`), so its load
+time, peak RSS and CPU time are its own and not the sum of everything loaded before it. The parent
+only asks for runs: warm-up rounds, then ``runs`` measured rounds, each running every artifact
+once in turn (interleaved, so machine noise hits every artifact alike; one worker computes at a
+time). Figures are medians over runs with their spread (:func:`itera.power.summarize`).
+
+A result is marked ``stable: false``, with the reasons in ``stability_reason``, when
+
+- fewer than :data:`MIN_RUNS` runs were measured (a spread of one or two values says nothing);
+- the coefficient of variation of the per-run decode tokens/s is above :data:`MAX_CV`;
+- the 1-minute load average at the start or the end is at or above the usable cores;
+- at the start or the end, other tasks runnable at that instant (``/proc/loadavg``'s running
+  count, less this process) are at least as many as the usable cores; or
+- the worker's threads spent more than :data:`MAX_CPU_WAIT` of their runnable time waiting for a
+  CPU (the kernel's per-thread run-queue wait, ``/proc/self/task/*/schedstat``).
+
+The load average is a one-minute moving average and lags: two busy loops started a second ago
+barely move it. The running count sees them at once, and the run-queue wait is what the measured
+runs themselves lost to other processes, read around each run.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from itera.errors import UsageError
-from itera.power import PowerProfile, RunTiming, Workload, measure_run, open_meter, prompt_ids, summarize
+from itera.errors import IteraError, UsageError
+from itera.power import PowerProfile, RunTiming, Workload, open_meter, summarize
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome
+
+MIN_RUNS = 3
+MAX_CV = 0.10
+MAX_CPU_WAIT = 0.10
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask), which can be fewer than the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average, or None where the system has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def runnable_others() -> int | None:
+    """Tasks runnable right now besides the caller (``/proc/loadavg``'s ``running/total`` field
+    counts the reader itself), or None where there is no such file."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0]) - 1
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass
@@ -22,7 +74,7 @@ class BenchmarkOptions:
     model: Path
     compare: list[Path] = field(default_factory=list)
     workload: Workload = field(default_factory=Workload)
-    threads: int | None = None
+    threads: int | None = None  # None: usable_cores(), resolved by validate()
     meter: str = "auto"
     estimate: str | None = None  # a power profile name or YAML file
 
@@ -34,6 +86,8 @@ class BenchmarkOptions:
             raise UsageError(f"--estimate replaces the meter; drop --meter {self.meter} or --estimate")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be at least 1 (got {self.threads})")
+        if self.threads is None:
+            self.threads = usable_cores()
         for p in self.paths:
             check_model_path(p)
         return self
@@ -52,39 +106,176 @@ class BenchmarkOptions:
         w = self.workload
         return {"model": str(self.model), "compare": [str(p) for p in self.compare], "prompt_tokens": w.prompt_tokens,
                 "gen_tokens": w.gen_tokens, "runs": w.runs, "warmup": w.warmup, "threads": self.threads,
-                "batch_size": 1, "meter": self.meter, "estimate": self.estimate, "decoding": "greedy"}
+                "batch_size": 1, "meter": self.meter, "estimate": self.estimate, "decoding": "greedy",
+                "isolation": "process-per-artifact", "order": "interleaved"}
 
 
-def open_all(opts: BenchmarkOptions, stack: contextlib.ExitStack) -> list:
-    """(runtime, stepper, prompt ids) per artifact; each runtime closed by ``stack``."""
+# --------------------------------------------------------------------------- the worker process
+
+WORKER_CODE = "from itera.benchmark import worker_main; worker_main()"
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process died or answered something that is not the protocol."""
+
+
+class Worker:
+    """One artifact loaded in its own Python process. Requests and replies are JSON lines over
+    the child's stdin and a private copy of its stdout (see :func:`worker_main`)."""
+
+    def __init__(self, path: Path):
+        import itera
+
+        self.path = Path(path)
+        self.info: dict = {}
+        root = str(Path(itera.__file__).resolve().parent.parent)  # this itera, however it was found
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER_CODE], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+
+    def load(self, threads: int, w: Workload, meter_kind: str | None) -> dict:
+        """Load the artifact in the worker; its load time, runtime name and peak RSS so far."""
+        self.info = self._ask({"path": str(self.path), "threads": threads, "prompt_tokens": w.prompt_tokens,
+                               "gen_tokens": w.gen_tokens, "meter": meter_kind})
+        return self.info
+
+    def _ask(self, message: dict) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            code = self.proc.wait(timeout=30)
+            raise WorkerFailed(f"the benchmark worker for {self.path} exited with code {code}")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            import itera.errors
+
+            cls = getattr(itera.errors, reply.get("error", ""), None)
+            if isinstance(cls, type) and issubclass(cls, IteraError):
+                raise cls(reply["message"])
+            raise WorkerFailed(f"the benchmark worker for {self.path} failed: {reply.get('message')}")
+        return reply
+
+    def run(self, measured: bool) -> tuple[RunTiming, int]:
+        """One generation; (its timing, the worker's peak RSS in bytes so far)."""
+        reply = self._ask({"cmd": "run", "measured": measured})
+        return RunTiming(**reply["timing"]), reply["peak_rss_bytes"]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
+def worker_main() -> None:
+    """A worker's life: read the job (path, threads, workload, meter) from stdin, load the artifact
+    and answer ``{"ok", "load_seconds", "runtime", "peak_rss_bytes"}``, then answer each
+    ``{"cmd": "run"}`` with one run's timing, until stdin closes. Errors are answered as
+    ``{"ok": false, "error": <itera error class>, "message"}``."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever a runtime prints goes to stderr; the protocol has its own descriptor
+
+    def send(obj: dict) -> None:
+        proto.write(json.dumps(obj) + "\n")
+
+    try:
+        _serve(json.loads(sys.stdin.readline()), sys.stdin, send)
+    except IteraError as e:
+        send({"ok": False, "error": type(e).__name__, "message": str(e)})
+    except Exception as e:  # anything else is a bug; the parent reports it with exit code 1
+        send({"ok": False, "error": "internal", "message": f"{type(e).__name__}: {e}"})
+
+
+def _serve(job: dict, requests, send) -> None:
+    from itera.power import measure_run, peak_rss_bytes, prompt_ids
     from itera.runtime import open_runtime
 
-    w = opts.workload
-    out = []
+    meter = open_meter(job["meter"])[0] if job["meter"] else None
+    try:
+        t0 = time.perf_counter()
+        with open_runtime(Path(job["path"]), threads=job["threads"]) as rt:
+            need = job["prompt_tokens"] + job["gen_tokens"]
+            if need > rt.max_context:
+                raise UsageError(f"--prompt-tokens + --gen-tokens = {need} exceeds the context of {job['path']} "
+                                 f"({rt.max_context})")
+            stepper = rt.stepper()
+            ids = prompt_ids(rt.tokenizer, job["prompt_tokens"])
+            send({"ok": True, "load_seconds": time.perf_counter() - t0, "runtime": rt.name,
+                  "peak_rss_bytes": peak_rss_bytes()})
+            for line in requests:
+                msg = json.loads(line)
+                r = measure_run(stepper, ids, job["gen_tokens"], meter if msg["measured"] else None)
+                send({"ok": True, "timing": asdict(r), "peak_rss_bytes": peak_rss_bytes()})
+    finally:
+        if meter is not None:
+            meter.close()
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def start_workers(opts: BenchmarkOptions, meter_kind: str | None, stack: contextlib.ExitStack,
+                  reporter: Reporter) -> list[Worker]:
+    """One worker per artifact, loaded one after the other so loads do not compete; each closed by ``stack``."""
+    workers = []
     for p in opts.paths:
-        rt = stack.enter_context(open_runtime(p, threads=opts.threads))
-        if w.prompt_tokens + w.gen_tokens > rt.max_context:
-            raise UsageError(f"--prompt-tokens + --gen-tokens = {w.prompt_tokens + w.gen_tokens} exceeds the "
-                             f"context of {p} ({rt.max_context})")
-        out.append((rt, rt.stepper(), prompt_ids(rt.tokenizer, w.prompt_tokens)))
-    return out
+        worker = Worker(p)
+        stack.callback(worker.close)
+        worker.load(opts.threads, opts.workload, meter_kind)
+        reporter.log(f"loaded {p} in {worker.info['load_seconds']:.2f} s ({worker.info['runtime']}, "
+                     f"{opts.threads} threads)")
+        workers.append(worker)
+    return workers
 
 
-def measure(opened: list, w: Workload, meter, reporter: Reporter) -> list[list[RunTiming]]:
-    """Warm-up runs (unmeasured), then ``w.runs`` rounds, each running every artifact once."""
+def measure(workers: list[Worker], w: Workload, reporter: Reporter) -> tuple[list[list[RunTiming]], list[int]]:
+    """Warm-up rounds (unmeasured), then ``w.runs`` rounds, each running every artifact once;
+    returns every artifact's timings and its worker's peak RSS."""
+    peaks = [worker.info["peak_rss_bytes"] for worker in workers]
     for _ in range(w.warmup):
-        for _, st, ids in opened:
-            measure_run(st, ids, w.gen_tokens, None)
-    timings: list[list[RunTiming]] = [[] for _ in opened]
+        for i, worker in enumerate(workers):
+            peaks[i] = worker.run(measured=False)[1]
+    timings: list[list[RunTiming]] = [[] for _ in workers]
     task = reporter.task("benchmark", total=w.runs, unit="rounds")
     try:
         for r in range(w.runs):
-            for i, (_, st, ids) in enumerate(opened):
-                timings[i].append(measure_run(st, ids, w.gen_tokens, meter))
+            for i, worker in enumerate(workers):
+                timing, peaks[i] = worker.run(measured=True)
+                timings[i].append(timing)
             task.update(r + 1)
     finally:
         task.close()
-    return timings
+    return timings, peaks
+
+
+def stability(m: dict) -> tuple[bool, str | None]:
+    """Whether one artifact's figures can be trusted, and if not, why (the rules in the module docstring)."""
+    reasons = []
+    if m["runs"] < MIN_RUNS:
+        reasons.append(f"only {m['runs']} measured run(s); the spread needs at least {MIN_RUNS}")
+    cv = m.get("decode_tokens_per_s_cv")
+    if cv is not None and cv > MAX_CV:
+        reasons.append(f"decode tokens/s varies across runs (CV {cv:.2f} > {MAX_CV:.2f})")
+    for when in ("start", "end"):
+        load = m.get(f"loadavg_{when}")
+        if load is not None and load >= m["usable_cores"]:
+            reasons.append(f"load average {load:.2f} at the {when} is at or above the {m['usable_cores']} usable cores")
+        others = m.get(f"runnable_{when}")
+        if others is not None and others >= m["usable_cores"]:
+            reasons.append(f"{others} other tasks were runnable at the {when} ({m['usable_cores']} usable cores)")
+    wait = m.get("cpu_wait_fraction")
+    if wait is not None and wait > MAX_CPU_WAIT:
+        reasons.append(f"the runtime's threads waited for a CPU {wait:.0%} of the time they were runnable "
+                       f"(> {MAX_CPU_WAIT:.0%}: other processes compete for the cores)")
+    return not reasons, "; ".join(reasons) or None
 
 
 def run_benchmark(opts: BenchmarkOptions, reporter: Reporter = SILENT) -> Outcome:
@@ -95,18 +286,28 @@ def run_benchmark(opts: BenchmarkOptions, reporter: Reporter = SILENT) -> Outcom
     if profile is None:
         meter, reason = open_meter(opts.meter)
         method = "unavailable" if meter is None else meter.method
+        if meter is not None:
+            meter.close()  # each worker reads its own; this one only says what the meter is
     else:
         meter, reason, method = None, None, "estimate-tdp"
-    try:
-        with contextlib.ExitStack() as stack:
-            opened = open_all(opts, stack)
-            timings = measure(opened, opts.workload, meter, reporter)
-            results = [summarize(t, opts.workload, method, reason, meter, profile, opts.threads, rt.name)
-                       for t, (rt, _, _) in zip(timings, opened)]
-    finally:
-        if meter is not None:
-            meter.close()
+    cores, load_start, runnable_start = usable_cores(), loadavg(), runnable_others()
+    with contextlib.ExitStack() as stack:
+        workers = start_workers(opts, meter.method if meter is not None else None, stack, reporter)
+        timings, peaks = measure(workers, opts.workload, reporter)
+        infos = [worker.info for worker in workers]
+    load_end, runnable_end = loadavg(), runnable_others()
+    results = []
+    for t, info, peak in zip(timings, infos, peaks):
+        m = summarize(t, opts.workload, method, reason, meter, profile, opts.threads, info["runtime"])
+        m.update(peak_rss_bytes=peak, load_seconds=info["load_seconds"], usable_cores=cores,
+                 loadavg_start=load_start, loadavg_end=load_end, runnable_start=runnable_start,
+                 runnable_end=runnable_end)
+        m["stable"], m["stability_reason"] = stability(m)
+        results.append(m)
     metrics = dict(results[0])
     if opts.compare:
         metrics["compare"] = {str(p): r for p, r in zip(opts.paths, results)}
+        unstable = [f"{p}: {r['stability_reason']}" for p, r in zip(opts.paths, results) if not r["stable"]]
+        # the comparison holds only if every artifact's figures do
+        metrics["stable"], metrics["stability_reason"] = not unstable, " | ".join(unstable) or None
     return Outcome(describe(opts.model), metrics, opts.as_params())

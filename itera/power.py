@@ -11,12 +11,19 @@ Meters, in the order ``--meter auto`` tries them:
 ``--estimate PROFILE`` (only when asked) replaces measurement with arithmetic on a profile from
 ``itera.configs/power``: ``energy = idle_w * wall_s + (tdp_w - idle_w) * cpu_s / cores``, with the
 process's measured CPU time; the record says ``energy_method: "estimate-tdp"``.
+
+Figures (:func:`summarize`) are per-run first, then the median over runs with the spread next to
+it: a run's decode tokens/s is its decode tokens over its decode seconds, and the record's
+``decode_tokens_per_s`` is the median of those, so a run hit by a descheduled step moves the
+IQR and CV, not the headline.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import resource
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -216,6 +223,38 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def sched_times() -> dict[str, tuple[int, int]] | None:
+    """thread id -> (ns on a CPU, ns runnable but waiting for a CPU) for every thread of this
+    process, from ``/proc/self/task/*/schedstat``; None where the kernel does not expose it."""
+    out = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                on_cpu, waiting = f.read().split()[:2]
+        except FileNotFoundError:  # the thread ended between listdir and open
+            continue
+        except (OSError, ValueError):
+            return None
+        out[tid] = (int(on_cpu), int(waiting))
+    return out
+
+
+def sched_delta(before: dict | None, after: dict | None) -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds waiting for one) of this process's threads between two
+    :func:`sched_times` readings; a thread started in between counts from zero."""
+    if before is None or after is None:
+        return None
+    run = wait = 0
+    for tid, (r1, w1) in after.items():
+        r0, w0 = before.get(tid, (0, 0))
+        run, wait = run + r1 - r0, wait + w1 - w0
+    return run / 1e9, wait / 1e9
+
+
 # --------------------------------------------------------------------------- the workload
 
 
@@ -228,6 +267,8 @@ class RunTiming:
     prefill_cpu_s: float = 0.0
     decode_cpu_s: float = 0.0
     wall_s: float = 0.0
+    on_cpu_s: float | None = None  # the process's threads on a CPU during the run (schedstat)
+    cpu_wait_s: float | None = None  # ... and runnable but waiting for a CPU: contention
 
     @property
     def cpu_s(self) -> float:
@@ -265,6 +306,7 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 def measure_run(stepper: Stepper, ids: list[int], gen_tokens: int, meter) -> RunTiming:
     """One measured generation: prefill (to the first token), then ``gen_tokens - 1`` decode steps,
     each timed; energy read at the phase boundaries."""
+    s0 = sched_times()
     c0 = cpu_seconds()
     e0 = meter.read() if meter else None
     t0 = time.perf_counter()
@@ -283,34 +325,72 @@ def measure_run(stepper: Stepper, ids: list[int], gen_tokens: int, meter) -> Run
                   wall_s=t2 - t0)
     if meter:
         r.prefill_j, r.decode_j = meter.joules(e0, e1), meter.joules(e1, e2)
+    sched = sched_delta(s0, sched_times())
+    if sched is not None:
+        r.on_cpu_s, r.cpu_wait_s = sched
     return r
 
 
-def summarize(runs: list[RunTiming], w: Workload, energy_method: str, reason: str | None, meter,
-              profile: PowerProfile | None, threads: int | None, runtime: str) -> dict:
-    """The record's metrics from measured runs (every decode token's latency counts)."""
-    lat = [x for r in runs for x in r.decode_latencies_s]
-    prefill = [r.prefill_s for r in runs]
-    wall = sum(r.wall_s for r in runs)
-    cpu = sum(r.cpu_s for r in runs)
-    n_prompt, n_gen = w.prompt_tokens * len(runs), w.gen_tokens * len(runs)
-    m: dict = {
-        "runs": len(runs), "prompt_tokens": w.prompt_tokens, "gen_tokens": w.gen_tokens,
-        "ttft_ms_p50": percentile(prefill, 50) * 1e3,
-        "prefill_tokens_per_s": n_prompt / sum(prefill),
+def spread(values: list[float]) -> tuple[float, float, float | None]:
+    """(median, interquartile range, coefficient of variation) of per-run values. The CV is the
+    sample standard deviation over the mean; None for fewer than 2 values or a zero mean."""
+    med = statistics.median(values)
+    iqr = percentile(values, 75) - percentile(values, 25)
+    mean = statistics.fmean(values)
+    cv = statistics.stdev(values) / mean if len(values) > 1 and mean else None
+    return med, iqr, cv
+
+
+def per_run_figures(r: RunTiming, w: Workload) -> dict[str, float | None]:
+    """One run's throughput and latency figures (the decode ones None when ``gen_tokens == 1``)."""
+    lat = r.decode_latencies_s
+    return {
+        "ttft_ms": r.prefill_s * 1e3,
+        "prefill_tokens_per_s": w.prompt_tokens / r.prefill_s,
         "decode_tokens_per_s": len(lat) / sum(lat) if lat else None,
         "decode_latency_ms_p50": percentile(lat, 50) * 1e3 if lat else None,
         "decode_latency_ms_p95": percentile(lat, 95) * 1e3 if lat else None,
         "decode_latency_ms_p99": percentile(lat, 99) * 1e3 if lat else None,
         "decode_latency_ms_mean": sum(lat) / len(lat) * 1e3 if lat else None,
+    }
+
+
+# record key of the median over runs -> per-run figure; each also gets ``<key>_iqr`` and ``<key>_cv``
+FIGURES = {"ttft_ms_p50": "ttft_ms", "prefill_tokens_per_s": "prefill_tokens_per_s",
+           "decode_tokens_per_s": "decode_tokens_per_s", "decode_latency_ms_p50": "decode_latency_ms_p50",
+           "decode_latency_ms_p95": "decode_latency_ms_p95", "decode_latency_ms_p99": "decode_latency_ms_p99",
+           "decode_latency_ms_mean": "decode_latency_ms_mean"}
+
+
+def summarize(runs: list[RunTiming], w: Workload, energy_method: str, reason: str | None, meter,
+              profile: PowerProfile | None, threads: int | None, runtime: str) -> dict:
+    """The record's metrics from measured runs: each throughput and latency figure is the median
+    over runs of that run's figure, with its IQR and CV across runs (``_iqr``, ``_cv``) and the
+    per-run values (``per_run``); times, CPU and energy are sums over the runs."""
+    per = [per_run_figures(r, w) for r in runs]
+    wall = sum(r.wall_s for r in runs)
+    cpu = sum(r.cpu_s for r in runs)
+    n_prompt, n_gen = w.prompt_tokens * len(runs), w.gen_tokens * len(runs)
+    n_decoded = sum(len(r.decode_latencies_s) for r in runs)
+    m: dict = {"runs": len(runs), "prompt_tokens": w.prompt_tokens, "gen_tokens": w.gen_tokens}
+    for key, fig in FIGURES.items():
+        values = [p[fig] for p in per]
+        med, iqr, cv = spread(values) if None not in values else (None, None, None)
+        m.update({key: med, f"{key}_iqr": iqr, f"{key}_cv": cv})
+    m["per_run"] = {fig: [p[fig] for p in per] for fig in dict.fromkeys(FIGURES.values())}
+    waits = [r.cpu_wait_s for r in runs]
+    on_cpu = [r.on_cpu_s for r in runs]
+    contended = None not in waits and None not in on_cpu and sum(waits) + sum(on_cpu) > 0
+    m.update({
         "wall_s": wall, "cpu_s": cpu, "cpu_utilisation": cpu / wall,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "cpu_wait_s": sum(waits) if contended else None,
+        "cpu_wait_fraction": sum(waits) / (sum(waits) + sum(on_cpu)) if contended else None,
         "energy_method": energy_method, "energy_reason": reason,
         "sampling_interval_s": getattr(meter, "sampling_interval_s", None) if meter else None,
         "runtime": runtime, "threads": threads,
         "energy_prefill_j": None, "energy_decode_j": None, "energy_j": None,
         "j_per_token": None, "tokens_per_j": None, "avg_power_w": None,
-    }
+    })
     if meter is not None:
         ep, ed = sum(r.prefill_j for r in runs), sum(r.decode_j for r in runs)
     elif profile is not None:  # each phase from its own wall and CPU time
@@ -321,6 +401,6 @@ def summarize(runs: list[RunTiming], w: Workload, energy_method: str, reason: st
         return m
     total = ep + ed
     m.update(energy_prefill_j=ep, energy_decode_j=ed, energy_j=total, j_per_token=total / (n_prompt + n_gen),
-             decode_j_per_token=ed / max(1, len(lat)), tokens_per_j=(n_prompt + n_gen) / total if total > 0 else None,
+             decode_j_per_token=ed / max(1, n_decoded), tokens_per_j=(n_prompt + n_gen) / total if total > 0 else None,
              avg_power_w=total / wall)
     return m

@@ -1,17 +1,29 @@
-"""itera benchmark-power: meters on fake powercap trees and recorded samples, exact estimates,
-percentiles against numpy, and real runs over torch, onnxruntime and llama.cpp."""
+"""itera benchmark-power: meters on fake powercap trees and recorded samples, exact estimates and
+per-run medians, the stability rules, and real runs over torch, onnxruntime and llama.cpp, one of
+them while busy loops occupy every core."""
 
 from __future__ import annotations
 
+import os
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import assert_usage_error, run_itera
-from itera.power import (MeterUnavailable, PowerProfile, RaplMeter, RunTiming, Workload, integrate_power,
-                         percentile, summarize)
+from conftest import assert_usage_error, run_itera, save_tiny
+from itera.benchmark import MAX_CPU_WAIT, MAX_CV, stability, usable_cores
+from itera.power import (MeterUnavailable, PowerProfile, RaplMeter, RunTiming, Workload, integrate_power, open_meter,
+                         percentile, sched_delta, summarize)
 from itera.record import validate
+
+
+def _rapl_readable() -> bool:
+    """Whether this machine has RAPL counters this user can read (then `--meter auto` measures)."""
+    return open_meter("auto")[0] is not None
 
 
 def _zone(root: Path, name: str, label: str, energy: int, max_range: int) -> Path:
@@ -78,7 +90,59 @@ def test_estimate_is_exact_arithmetic_on_profile_and_cpu_time():
     assert m["energy_decode_j"] == pytest.approx(decode_j, rel=1e-12)
     assert m["j_per_token"] == pytest.approx((prefill_j + decode_j) / 30, rel=1e-12)
     assert m["profile"]["name"] == "laptop" and m["energy_method"] == "estimate-tdp"
-    assert m["decode_tokens_per_s"] == pytest.approx(8 / 1.2)
+    # throughput is per run first (4 tokens in 0.4 s, then in 0.8 s), then the median over runs
+    assert m["per_run"]["decode_tokens_per_s"] == pytest.approx([10.0, 5.0], rel=1e-12)
+    assert m["decode_tokens_per_s"] == pytest.approx(7.5, rel=1e-12)
+    assert m["decode_tokens_per_s_iqr"] == pytest.approx(2.5, rel=1e-12)  # 8.75 - 6.25, numpy's interpolation
+    assert m["decode_tokens_per_s_cv"] == pytest.approx(statistics.stdev([10, 5]) / 7.5, rel=1e-12)
+    assert m["ttft_ms_p50"] == pytest.approx(375.0) and m["prefill_tokens_per_s"] == pytest.approx(30.0)
+    assert m["decode_latency_ms_p50"] == pytest.approx(150.0) and m["decode_latency_ms_p50_cv"] == pytest.approx(
+        statistics.stdev([100, 200]) / 150)
+
+
+def test_medians_over_runs_ignore_one_descheduled_run():
+    """Four clean runs at 1 ms a token and one with a 500 ms stall: the median is the clean rate,
+    the stall shows in the spread, and total-over-total (the old figure) would have been 12x off."""
+    clean = [RunTiming(prefill_s=0.01, decode_latencies_s=[0.001] * 9, wall_s=0.02) for _ in range(4)]
+    stalled = RunTiming(prefill_s=0.01, decode_latencies_s=[0.001] * 8 + [0.5], wall_s=0.52)
+    runs = clean[:2] + [stalled] + clean[2:]
+    m = summarize(runs, Workload(prompt_tokens=4, gen_tokens=10, runs=5), "unavailable", "none", None, None, 1, "x")
+    assert m["decode_tokens_per_s"] == pytest.approx(1000.0)
+    assert m["per_run"]["decode_tokens_per_s"][2] == pytest.approx(9 / 0.508)
+    assert 45 / (4 * 0.009 + 0.508) < m["decode_tokens_per_s"] / 12
+    assert m["decode_tokens_per_s_cv"] > MAX_CV and m["decode_tokens_per_s_iqr"] == pytest.approx(0.0)
+    assert m["decode_latency_ms_p99"] == pytest.approx(1.0)  # the stalled run's p99 is an outlier among runs
+
+
+def _figures(**kw):
+    m = {"runs": 5, "decode_tokens_per_s_cv": 0.01, "loadavg_start": 0.2, "loadavg_end": 0.3, "usable_cores": 2,
+         "runnable_start": 0, "runnable_end": 1, "cpu_wait_fraction": 0.0}
+    return {**m, **kw}
+
+
+def test_stability_rules_each_say_why():
+    assert stability(_figures()) == (True, None)
+    cases = {"only 2 measured run": _figures(runs=2), "CV 0.25": _figures(decode_tokens_per_s_cv=0.25),
+             "load average 2.00 at the start": _figures(loadavg_start=2.0),
+             "load average 3.50 at the end": _figures(loadavg_end=3.5),
+             "2 other tasks were runnable at the start": _figures(runnable_start=2),
+             "5 other tasks were runnable at the end": _figures(runnable_end=5),
+             "waited for a CPU 40%": _figures(cpu_wait_fraction=0.4)}
+    for needle, m in cases.items():
+        stable, reason = stability(m)
+        assert stable is False and needle in reason, (needle, reason)
+    assert stability(_figures(cpu_wait_fraction=MAX_CPU_WAIT, decode_tokens_per_s_cv=MAX_CV))[0] is True
+    assert stability(_figures(loadavg_start=1.99, loadavg_end=None, runnable_end=None, cpu_wait_fraction=None))[0]
+    both = stability(_figures(runs=1, cpu_wait_fraction=0.9))[1]
+    assert "only 1 measured run" in both and "waited for a CPU 90%" in both
+
+
+def test_run_queue_wait_is_summed_per_thread():
+    before = {"10": (1_000_000_000, 0), "11": (0, 5_000_000)}
+    after = {"10": (1_500_000_000, 250_000_000), "11": (100_000_000, 5_000_000), "12": (50_000_000, 50_000_000)}
+    on_cpu, waiting = sched_delta(before, after)  # thread 12 started in between: counted from zero
+    assert on_cpu == pytest.approx(0.65) and waiting == pytest.approx(0.30)
+    assert sched_delta(None, after) is None
 
 
 @pytest.fixture(scope="module")
@@ -91,20 +155,39 @@ def artifacts(tiny_ckpt, tmp_path_factory):
 
 def test_real_run_over_three_runtimes_without_a_meter(artifacts):
     res = run_itera("benchmark-power", "--model", artifacts["torch"], "--compare", artifacts["onnxruntime"],
-                    "--compare", artifacts["llama.cpp"], "--prompt-tokens", "16", "--gen-tokens", "24", "--runs", "3")
+                    "--compare", artifacts["llama.cpp"], "--prompt-tokens", "16", "--gen-tokens", "24", "--runs", "3",
+                    "--meter", "none")
     rec = res.record
     validate(rec)
     assert "energy not measured" in res.stderr
+    assert rec["params"]["threads"] == usable_cores() == len(os.sched_getaffinity(0))  # the default, as a number
     per = rec["metrics"]["compare"]
     assert [m["runtime"] for m in per.values()] == ["torch", "onnxruntime", "llama.cpp"]
     for m in per.values():
         assert m["decode_tokens_per_s"] > 0 and m["decode_latency_ms_p50"] > 0 and m["ttft_ms_p50"] > 0
-        assert abs(m["decode_tokens_per_s"] * m["decode_latency_ms_mean"] / 1e3 - 1) < 0.05
+        # an odd number of runs: the median run's tokens/s is exactly 1 / its mean latency
+        assert m["decode_tokens_per_s"] * m["decode_latency_ms_mean"] / 1e3 == pytest.approx(1.0, rel=1e-9)
+        assert m["decode_tokens_per_s"] in m["per_run"]["decode_tokens_per_s"]
+        assert len(m["per_run"]["decode_tokens_per_s"]) == 3 and m["decode_tokens_per_s_iqr"] >= 0
         assert m["decode_latency_ms_p50"] <= m["decode_latency_ms_p95"] <= m["decode_latency_ms_p99"]
-        # no meter here: nothing invented
-        assert m["energy_method"] == "unavailable" and m["energy_reason"]
+        # no meter asked for: nothing invented
+        assert m["energy_method"] == "unavailable" and m["energy_reason"] == "no meter requested (--meter none)"
         assert m["energy_j"] is None and m["j_per_token"] is None and m["tokens_per_j"] is None
-        assert m["peak_rss_bytes"] > 0 and m["cpu_utilisation"] > 0
+        assert m["peak_rss_bytes"] > 0 and m["cpu_utilisation"] > 0 and m["load_seconds"] > 0
+        assert m["threads"] == rec["params"]["threads"] and m["usable_cores"] == usable_cores()
+        assert isinstance(m["stable"], bool) and (m["stable"] or m["stability_reason"])
+    # each artifact in its own process: torch's process holds torch, the others do not
+    rss = {m["runtime"]: m["peak_rss_bytes"] for m in per.values()}
+    assert rss["torch"] > rss["llama.cpp"] and rss["torch"] > rss["onnxruntime"]
+
+
+def test_auto_meter_measures_or_says_why(artifacts):
+    m = run_itera("benchmark-power", "--model", artifacts["llama.cpp"], "--prompt-tokens", "8", "--gen-tokens", "8",
+                  "--runs", "1").record["metrics"]
+    if _rapl_readable():  # a meter here: energy is measured, and positive
+        assert m["energy_method"] == "rapl" and m["energy_j"] > 0 and m["energy_reason"] is None
+    else:
+        assert m["energy_method"] == "unavailable" and "rapl:" in m["energy_reason"] and m["energy_j"] is None
 
 
 def test_estimate_run_from_a_parent_record(artifacts):
@@ -124,10 +207,99 @@ def test_bad_input(artifacts, tmp_path):
     assert_usage_error(run_itera(*base, "--estimate", "toaster"), "unknown power profile 'toaster'")
     assert_usage_error(run_itera(*base, "--runs", "0"), "--runs must be at least 1")
     assert_usage_error(run_itera(*base, "--gen-tokens", "-3"), "--gen-tokens must be at least 1")
-    assert_usage_error(run_itera(*base, "--meter", "rapl"), "--meter rapl cannot measure here")
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF but not really")
     assert_usage_error(run_itera("benchmark-power", "--model", bad), "llama.cpp could not load")
     bad_onnx = tmp_path / "broken.onnx"
     bad_onnx.write_bytes(b"\x00\x01 not a protobuf")
     assert_usage_error(run_itera("benchmark-power", "--model", bad_onnx), "onnxruntime could not load")
+
+
+@pytest.mark.skipif(_rapl_readable(), reason="this machine has readable RAPL counters: --meter rapl measures here")
+def test_meter_rapl_is_refused_where_there_is_none(artifacts):
+    assert_usage_error(run_itera("benchmark-power", "--model", artifacts["torch"], "--meter", "rapl"),
+                       "--meter rapl cannot measure here")
+
+
+# ------------------------------------------------------------------------------- under load
+
+
+@pytest.fixture(scope="module")
+def two_sizes(tmp_path_factory, tokenizer_dir):
+    """Two GGUF files 90x apart in size (a tiny checkpoint and a wider, deeper random one)."""
+    d = tmp_path_factory.mktemp("sizes")
+    small = save_tiny(d / "small", tokenizer_dir)
+    big = save_tiny(d / "big", tokenizer_dir, seed=1, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=4)
+    for ckpt in (small, big):
+        run_itera("export", "--model", ckpt, "--format", "gguf", "--out", d / f"{ckpt.name}.gguf").record
+    return d / "small.gguf", d / "big.gguf"
+
+
+def _cores_busy(seconds: float = 1.0) -> float:
+    """How many cores' worth of CPU the whole machine used over ``seconds`` (``/proc/stat``)."""
+    def sample():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)  # busy (all but idle and iowait), total
+    (b0, t0), _ = sample(), time.sleep(seconds)
+    b1, t1 = sample()
+    return os.cpu_count() * (b1 - b0) / max(1, t1 - t0)
+
+
+BENCH = ["--prompt-tokens", "8", "--gen-tokens", "16", "--runs", "9", "--meter", "none"]
+
+
+@pytest.fixture(scope="module")
+def under_busy_loops(two_sizes):
+    """The two GGUFs benchmarked while two busy loops occupy the cores: once with the default
+    threads (every usable core), once with one thread. Also how busy the machine was before."""
+    small, big = two_sizes
+    before = _cores_busy()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        default = run_itera("benchmark-power", "--model", small, "--compare", big, *BENCH).record
+        one = run_itera("benchmark-power", "--model", small, "--compare", big, *BENCH, "--threads", "1").record
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    return before, default, one
+
+
+def test_busy_cores_are_reported_unstable_with_each_artifacts_own_memory(under_busy_loops, two_sizes):
+    small, big = two_sizes
+    _, rec, one = under_busy_loops
+    per = rec["metrics"]["compare"]
+    assert rec["params"]["threads"] == usable_cores() and one["params"]["threads"] == 1
+    for path, m in per.items():
+        assert isinstance(m["threads"], int) and m["threads"] == usable_cores()
+        # the busy loops are seen at once (runnable count) and in what the runs lost (run-queue wait)
+        assert m["stable"] is False and "waited for a CPU" in m["stability_reason"], m["stability_reason"]
+        assert "other tasks were runnable at the start" in m["stability_reason"]
+        assert m["cpu_wait_fraction"] > MAX_CPU_WAIT and m["runnable_start"] >= 2
+    assert rec["metrics"]["stable"] is False and str(big) in rec["metrics"]["stability_reason"]
+    # each artifact in its own process: the bigger model's peak RSS is bigger by most of its size
+    size = big.stat().st_size - small.stat().st_size
+    for r in (rec, one):
+        grew = r["metrics"]["compare"][str(big)]["peak_rss_bytes"] - r["metrics"]["compare"][str(small)]["peak_rss_bytes"]
+        assert grew > size / 2, (grew, size)
+
+
+def test_medians_stay_within_2x_of_the_step_latency_under_busy_loops(under_busy_loops):
+    """With one runtime thread and two busy loops on two or more cores, fair scheduling gives the
+    runtime at least 2/3 of a core, so a run is about 1.5x slower than its steps at most: the
+    median of runs stays within 2x of 1000 / p50 step latency.
+
+    Not asserted for the default threads (every usable core): there llama.cpp's threads meet at a
+    barrier several times per token, a preempted one holds up the others for a scheduler slice,
+    and every run is 10-100x slower than its steps; medians cannot hide a slowdown that hits every
+    run, and the record says so (``stable: false``, the run-queue wait)."""
+    before, _, one = under_busy_loops
+    if usable_cores() < 2:
+        pytest.skip("one usable core: two busy loops leave the runtime a third of it")
+    if before > 0.25:
+        pytest.skip(f"other processes kept {before:.2f} cores busy before the busy loops started; the 2x bound "
+                    "holds when the loops are the only competition")
+    for path, m in one["metrics"]["compare"].items():
+        ratio = (1000 / m["decode_latency_ms_p50"]) / m["decode_tokens_per_s"]
+        assert 0.5 < ratio < 2, (path, ratio, m["per_run"])
