@@ -387,6 +387,13 @@ class Registry:
 
     # ------------------------------------------------------------------ writes
 
+    def _next_version(self, name: str) -> int:
+        """One past the highest version of ``name``. Only call it inside :meth:`_write`: the read and
+        the INSERT that follows are one ``BEGIN IMMEDIATE`` transaction, so no other writer can take
+        the same number in between (tests/test_registry.py slows this step down to show it)."""
+        (last,) = self.db.execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE name = ?", (name,)).fetchone()
+        return last + 1
+
     def register(self, name: str, artifact: dict, record: dict | None, tags: dict[str, str] | None = None,
                  commit: str | None = None) -> dict:
         """Add the next version of ``name``. ``artifact`` must carry path, kind, format, bytes, sha256."""
@@ -396,9 +403,7 @@ class Registry:
         params = (record or {}).get("params") or {}
         metrics = measured_metrics(record, artifact["sha256"]) if record else {}
         with self._write():
-            (last,) = self.db.execute("SELECT COALESCE(MAX(version), 0) FROM versions WHERE name = ?",
-                                      (name,)).fetchone()
-            version = last + 1
+            version = self._next_version(name)
             self.db.execute(
                 "INSERT INTO versions (name, version, path, kind, format, bytes, sha256, quantization, params, "
                 "metrics, lineage, record, git_commit, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -29,13 +31,17 @@ def reg_cli(db, *args, stdin=None):
     return run_itera("registry", *args, "--registry", db, stdin=stdin)
 
 
-def test_sixteen_concurrent_writers_get_versions_1_to_16(tmp_path, artifact):
+def test_sixteen_concurrent_writers_get_versions_1_to_16(tmp_path):
     db = tmp_path / "r.db"
     env = {**os.environ, "ITERA_REGISTRY": str(db)}
+    arts = []
+    for i in range(16):  # sixteen different artifacts: the same bytes twice may be one version
+        arts.append(tmp_path / f"m{i}.gguf")
+        arts[-1].write_bytes(f"GGUF weights {i}".encode())
     procs = [subprocess.Popen([sys.executable, "-m", "itera", "registry", "register", "--name", "same",
-                               "--path", str(artifact), "--tag", f"writer={i}"],
+                               "--path", str(a), "--tag", f"writer={i}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
-             for i in range(16)]
+             for i, a in enumerate(arts)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1].decode() for o in outs]
     versions = sorted(json.loads(o[0])["params"]["version"] for o in outs)
@@ -45,6 +51,112 @@ def test_sixteen_concurrent_writers_get_versions_1_to_16(tmp_path, artifact):
         assert [v["version"] for v in rows] == list(range(1, 17))
         assert sorted(v["tags"]["writer"] for v in rows) == sorted(str(i) for i in range(16))
         assert reg.integrity_ok()
+
+
+# A writer process for the races below. It slows down the two reads a write depends on (the highest
+# version, the current alias) so that every writer has read before any has written, unless the
+# transaction holds the write lock from its first statement (BEGIN IMMEDIATE). All writers start
+# together: each opens the registry, says "ready", and waits for the barrier file.
+RACER = textwrap.dedent("""
+    import json, os, sys, time
+    from itera.record import describe_artifact
+    from itera.registry import Ref, Registry
+
+    db, barrier, action, arg = sys.argv[1:5]
+    next_version, alias = Registry._next_version, Registry.alias
+
+    def slow_next_version(self, name):
+        v = next_version(self, name)
+        time.sleep(0.3)  # between SELECT MAX(version) and the INSERT
+        return v
+
+    def slow_alias(self, name, which):
+        v = alias(self, name, which)
+        time.sleep(0.3)  # between reading the alias and moving it
+        return v
+
+    Registry._next_version, Registry.alias = slow_next_version, slow_alias
+    reg = Registry(db)
+    print("ready", flush=True)
+    while not os.path.exists(barrier):
+        time.sleep(0.002)
+    if action == "register":
+        row = reg.register("race", describe_artifact(arg, "file", "gguf"), None)
+    elif action == "activate":
+        row = reg.activate(Ref.parse(arg))
+    else:
+        row = reg.promote(Ref.parse(arg), "perplexity", 0.02)
+    print(json.dumps({"version": row["version"]}), flush=True)
+""")
+
+
+def _race(db, barrier, jobs: list[tuple[str, str]]) -> list[tuple[int, str, str]]:
+    """Start one racer per (action, argument) behind the barrier; (exit code, stdout, stderr) of each."""
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(db), str(barrier), action, str(arg)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for action, arg in jobs]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        barrier.touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def _failures(results) -> list[str]:
+    """The last line (the error) of every racer that failed."""
+    return [err.strip().splitlines()[-1] if err.strip() else f"exit {code}" for code, _, err in results if code]
+
+
+def test_racing_registrations_read_and_insert_in_one_immediate_transaction(tmp_path):
+    """Six writers each read MAX(version), pause, then insert. With BEGIN IMMEDIATE they queue on
+    the write lock and get 1..6; with a deferred BEGIN all six read 0 and all but one fail."""
+    db = tmp_path / "r.db"
+    Registry(db).close()
+    arts = []
+    for i in range(6):
+        arts.append(tmp_path / f"w{i}.gguf")
+        arts[-1].write_bytes(f"GGUF writer {i}".encode())
+    results = _race(db, tmp_path / "go", [("register", a) for a in arts])
+    assert not _failures(results), f"{len(_failures(results))} of {len(results)} failed: {_failures(results)}"
+    assert sorted(json.loads(out)["version"] for _, out, _ in results) == list(range(1, 7))
+    with Registry(db) as reg:
+        rows = reg.list("race")
+        assert [r["version"] for r in rows] == list(range(1, 7))
+        assert sorted(r["path"] for r in rows) == sorted(str(a.resolve()) for a in arts)
+        assert [e["version"] for e in reg.history("race")] == list(range(1, 7))
+        assert reg.integrity_ok()
+
+
+def test_racing_activate_and_promote_keep_alias_and_audit_log_consistent(tmp_path):
+    """Two promotions and two activations at once, each reading the active alias and pausing before
+    it moves it: every change lands, one after another, and the log chains them with no lost update."""
+    db = tmp_path / "r.db"
+    with Registry(db) as reg:
+        for i in range(1, 6):
+            _register_with_metric(reg, tmp_path, "race", i, {"perplexity": 10.0})
+        reg.activate(Ref.parse("race@1"))
+    jobs = [("promote", "race@2"), ("activate", "race@3"), ("promote", "race@4"), ("activate", "race@5")]
+    results = _race(db, tmp_path / "go", jobs)
+    assert not _failures(results), f"{len(_failures(results))} of {len(results)} failed: {_failures(results)}"
+    with Registry(db) as reg:
+        changes = [e for e in reg.history("race") if e["event"] in ("activate", "promote")][1:]
+        final = reg.alias("race", "active")
+        assert reg.integrity_ok()
+    # exactly the four changes that were asked for, each once
+    assert sorted((e["event"], e["version"]) for e in changes) == sorted((a, int(r[-1])) for a, r in jobs)
+    # each moved the alias from where the one before left it; the alias is where the last one put it
+    previous = 1
+    for e in changes:
+        assert e["ok"] and e["detail"]["alias"] == "active" and e["detail"]["previous"] == previous, changes
+        if e["event"] == "promote":  # the gate compared with the version that was active at that moment
+            assert e["detail"]["active_version"] == previous
+        previous = e["version"]
+    assert final == previous
 
 
 def test_sigkill_mid_write_leaves_a_consistent_database(tmp_path, artifact):
@@ -145,12 +257,16 @@ def test_names_reach_sql_only_as_parameters(tmp_path, artifact):
 
 
 def _register_with_metric(reg, tmp_path, name, i, metrics):
+    """Version ``i`` of ``name``: a benchmark record with ``metrics`` besides its required ones."""
+    from test_record import MINIMAL
+
     from itera.record import Run, describe_artifact
 
     f = tmp_path / f"{name}-{i}.bin"
     f.write_bytes(f"{name} {i}".encode())
     art = describe_artifact(f, "file", "bin")
-    rec = Run("benchmark-power").record(art, metrics, {})
+    core, params = MINIMAL["benchmark-power"]
+    rec = Run("benchmark-power").record(art, {**core, **metrics}, params)
     return reg.register(name, art, rec)
 
 
@@ -198,7 +314,10 @@ def test_pipeline_register_stores_evaluate_metrics_and_lineage(tmp_path, tiny_ck
     assert show["metrics"][f"datasets.{corpus_file}.perplexity"] == want
     assert show["lineage"][0]["command"] == "evaluate" and show["lineage"][0]["sha256"] == ev.record["artifact"]["sha256"]
     assert show["tags"] == {"stage": "ci"} and show["path"] == str(tiny_ckpt.resolve())
-    assert show["git_commit"] is None or len(show["git_commit"]) == 40
+    if shutil.which("git") and (REPO / ".git").exists():  # registered from a git checkout: its commit
+        assert re.fullmatch(r"[0-9a-f]{40}", show["git_commit"]), show["git_commit"]
+    else:
+        assert show["git_commit"] is None
     # promote with the short metric name works when it is unambiguous
     assert reg_cli(db, "promote", "demo@1", "--metric", "perplexity").returncode == 0
 
@@ -206,7 +325,9 @@ def test_pipeline_register_stores_evaluate_metrics_and_lineage(tmp_path, tiny_ck
 def test_register_refuses_a_changed_artifact(tmp_path, artifact):
     from itera.record import Run, describe_artifact, dumps
 
-    rec = Run("export").record(describe_artifact(artifact, "file", "gguf"), {}, {})
+    from test_record import MINIMAL
+
+    rec = Run("export").record(describe_artifact(artifact, "file", "gguf"), *MINIMAL["export"])
     artifact.write_bytes(b"GGUF changed after export")
     res = reg_cli(tmp_path / "r.db", "register", "--name", "x", stdin=dumps(rec))
     assert_usage_error(res, "changed since the record was written")
