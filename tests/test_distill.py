@@ -31,14 +31,25 @@ def _distill(teacher, corpus, out, *args):
 
 # ------------------------------------------------------------------------------- quality
 
+# Measured (quarter student, 60 steps, deterministic on CPU): perplexity 3.198 with the teacher
+# against 3.241 without on seed 0, 3.205 against 3.260 on seed 1 (1.3% and 1.7% lower); KL to the
+# teacher 0.0019 against 0.0145 and 0.0023 against 0.0163.
+PPL_MARGIN = 0.01
+
 
 def test_distilled_student_beats_cross_entropy_only_student(teacher, distill_corpus, tmp_path):
+    """On the same tokens (same seed, same batches), the student trained with the teacher's soft
+    targets ends at least PPL_MARGIN lower in perplexity, and at half the KL to the teacher, than
+    the one trained on the labels alone, on each of two seeds (one win could be luck)."""
     common = ["--student", "quarter", "--init", "prune", "--steps", "60"]
-    kd = _distill(teacher, distill_corpus, tmp_path / "kd", "--alpha", "0.7", *common)["metrics"]
-    ce = _distill(teacher, distill_corpus, tmp_path / "ce", "--alpha", "0", *common)["metrics"]
-    assert kd["tokens_seen"] == ce["tokens_seen"]
-    assert kd["student_perplexity"] < ce["student_perplexity"], (kd["student_perplexity"], ce["student_perplexity"])
-    assert kd["kl_to_teacher"] < ce["kl_to_teacher"]
+    for seed in ("0", "1"):
+        kd = _distill(teacher, distill_corpus, tmp_path / f"kd{seed}", "--alpha", "0.7", "--seed", seed,
+                      *common)["metrics"]
+        ce = _distill(teacher, distill_corpus, tmp_path / f"ce{seed}", "--alpha", "0", "--seed", seed, *common)["metrics"]
+        assert kd["tokens_seen"] == ce["tokens_seen"]
+        assert kd["student_perplexity"] < ce["student_perplexity"] * (1 - PPL_MARGIN), \
+            (seed, kd["student_perplexity"], ce["student_perplexity"])
+        assert kd["kl_to_teacher"] < ce["kl_to_teacher"] / 2, (seed, kd["kl_to_teacher"], ce["kl_to_teacher"])
     assert kd["compression_ratio"] > 2 and kd["compression_ratio_bytes"] > 2
     assert kd["teacher_perplexity"] > 1 and 0 <= kd["top1_agreement"] <= 1
 
