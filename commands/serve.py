@@ -57,5 +57,6 @@ def serve(
 
 
 def _summary(console, m: dict) -> None:
-    versions = ", ".join(f"{v['version']} ({v['requests']} requests)" for v in m["versions_served"])
-    console.log(f"served versions: {versions}")
+    versions = ", ".join(f"{'version ' + str(v['version']) if v['version'] is not None else v['path']} "
+                         f"({v['requests']} requests)" for v in m["versions_served"])
+    console.log(f"served: {versions}")

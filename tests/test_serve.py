@@ -418,6 +418,23 @@ def test_bad_input_gets_a_4xx_naming_the_field(main_server):
     assert e.value.body["param"] == "max_tokens"
 
 
+def test_a_client_that_leaves_mid_stream_frees_its_slot(main_server, models, ref):
+    n = 256 - len(ref.get(models["gguf"]).tokenizer.encode(PROMPT))
+    c = main_server.client()
+    with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": n, "temperature": 0,
+                                                   "stream": True}) as s:
+        assert next(s.iter_lines()).startswith("data: ")
+    # the connection closed mid-stream: the generation stops (or ends) and its slot comes back
+    t0 = time.monotonic()
+    while (c.get("/health").json()["in_flight"] or c.get("/health").json()["queued"]) and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    assert c.get("/health").json()["in_flight"] == 0
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both slots answer again
+        codes = list(pool.map(lambda _: main_server.client().post(
+            "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}).status_code, range(2)))
+    assert codes == [200, 200]
+
+
 def test_feedback_over_http_trains_dpo_and_peft_loads_the_adapter(main_server, models, tmp_path):
     """Four prompts with one usable signal each (thumbs, A/B, correction, ratings) and one lonely
     up-vote: dpo-train --feedback-db builds exactly four pairs and counts the drop; PEFT applies
@@ -614,10 +631,13 @@ def _register(path: Path, registry: Path, corpus: Path) -> dict:
 
 def test_hot_swap_on_promote_refuses_a_tampered_version_and_drains_on_sigterm(models, ref, tmp_path, corpus_file):
     reg = tmp_path / "registry.db"
-    v3 = tmp_path / "v3.gguf"
-    shutil.copy(models["other_gguf"], v3)
-    for p in (models["gguf"], models["other_gguf"], v3):
-        _register(p, reg, corpus_file)
+    v3 = tmp_path / "v3.gguf"  # version 2's weights under another general.name: other bytes, same answers
+    p = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(models["other_gguf"]), str(v3),
+                        "--general-name", "v3", "--force"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    versions = [_register(path, reg, corpus_file)["params"]["version"]
+                for path in (models["gguf"], models["other_gguf"], v3)]
+    assert versions == [1, 2, 3]
     run_itera("registry", "activate", "tiny@1", "--registry", reg).record
     s = Served("--model", "tiny@active", "--registry", reg, "--feedback-db", tmp_path / "fb.db",
                "--poll-interval", "0.2")
@@ -664,6 +684,7 @@ def test_hot_swap_on_promote_refuses_a_tampered_version_and_drains_on_sigterm(mo
                   "--registry", reg).record
         h = wait_health(lambda h: (h["last_refused"] or {}).get("version") == 3, "version 3 not refused")
         assert h["version"] == 2 and "changed since it was registered" in h["last_refused"]["reason"]
+        assert str(tmp_path) not in json.dumps(h)  # /health needs no key: it names no paths
         assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4).system_fingerprint == "tiny@2"
         assert any("tiny@3 not loaded" in line for line in s.err)
 
@@ -689,3 +710,5 @@ def test_hot_swap_on_promote_refuses_a_tampered_version_and_drains_on_sigterm(mo
     assert [(w["from"], w["to"]) for w in m["swaps"]] == [(1, 2), (2, 1)]
     assert [w["version"] for w in m["swaps_refused"]] == [3] and m["server_errors"] == 0
     assert m["requests_by_status"]["200"] >= 6
+    # a server does not start on a version whose bytes changed either
+    assert_usage_error(run_itera("serve", "--model", "tiny@3", "--registry", reg), "changed since it was registered")

@@ -56,7 +56,12 @@ class Source:
 
 
 class SwapRefused(IteraError):
-    """A registry version that may not be served (missing, changed since registered, unloadable)."""
+    """A registry version that may not be served (missing, changed since registered, unloadable).
+    ``public`` says why without naming paths, for the unauthenticated ``/health``."""
+
+    def __init__(self, message: str, public: str):
+        super().__init__(message)
+        self.public = public
 
 
 def _file_format(path: Path) -> str:
@@ -66,27 +71,28 @@ def _file_format(path: Path) -> str:
 
 
 def verify(row: dict) -> Source:
-    """The registry row as a :class:`Source`, after checking that its artifact is the one registered."""
-    from itera.fsio import artifact_digest
+    """The registry row as a :class:`Source`, after checking that its artifact is the one registered
+    (hashed as the registry hashes it: an ONNX graph with its KV graph and external data)."""
+    from itera.runtime import digest as artifact_digest
 
     path = Path(row["path"])
     label = f"{row['name']}@{row['version']}"
     if not path.exists():
-        raise SwapRefused(f"{label}: its artifact {path} no longer exists")
+        raise SwapRefused(f"{label}: its artifact {path} no longer exists", "its artifact no longer exists")
     try:
         fmt = _file_format(path)
         size, digest = artifact_digest(path)
     except InputError as e:
-        raise SwapRefused(f"{label}: {e}") from None
+        raise SwapRefused(f"{label}: {e}", "its artifact is not a model itera can run") from None
     if digest != row["sha256"]:
-        raise SwapRefused(f"{label}: {path} changed since it was registered (sha256 {digest[:12]}…, registered "
-                          f"{row['sha256'][:12]}…); not loaded")
+        why = f"changed since it was registered (sha256 {digest[:12]}…, registered {row['sha256'][:12]}…)"
+        raise SwapRefused(f"{label}: {path} {why}; not loaded", f"its artifact {why}")
     return Source(path, fmt, row["name"], int(row["version"]), digest, size, "checkpoint" if path.is_dir() else "file")
 
 
 def resolve_source(spec: str, registry: Path | None) -> tuple[Source, "RegistryRef | None"]:
     """``--model`` as a Source, and the ref to follow (None for a path or a pinned ``NAME@N``)."""
-    from itera.fsio import artifact_digest
+    from itera.runtime import digest as artifact_digest
 
     if "@" not in spec:
         path = Path(spec)
@@ -138,6 +144,16 @@ def _eos_ids(runtime, source: Source) -> frozenset:
     return frozenset(ids)
 
 
+def _limit_batch_threads(runtime, threads: int) -> None:
+    """llama.cpp evaluates a prompt with ``n_threads_batch`` threads, which llama-cpp-python sets to
+    every core unless told; with one context per lane that oversubscribes the cores, and ggml's
+    spinning thread barrier then turns a 1 ms prefill into hundreds of milliseconds. One lane
+    keeps to its share of the cores for prompts as for single tokens."""
+    import llama_cpp
+
+    llama_cpp.llama_set_n_threads(runtime.llm.ctx, threads, threads)
+
+
 class LoadedModel:
     """One version in memory with ``lanes`` steppers, its tokenizer, context, end tokens and chat template."""
 
@@ -156,6 +172,8 @@ class LoadedModel:
             self.runtimes.append(first)
             if first.steppers_share_state:
                 self.runtimes += [open_runtime(source.path, threads=lane_threads) for _ in range(lanes - 1)]
+                for rt in self.runtimes:
+                    _limit_batch_threads(rt, lane_threads)
                 steppers = [rt.stepper() for rt in self.runtimes]
             else:
                 steppers = [first.stepper() for _ in range(lanes)]
@@ -313,8 +331,9 @@ class Watcher:
                 raise
         except Exception as e:  # noqa: BLE001 - any failure to load keeps the old model serving
             reason = str(e) if isinstance(e, IteraError) else f"{type(e).__name__}: {e}"
+            public = e.public if isinstance(e, SwapRefused) else f"it did not load ({type(e).__name__})"
             self._tried[key] = reason
-            self.refused.append({"version": row["version"], "sha256": row["sha256"], "reason": reason,
+            self.refused.append({"version": row["version"], "sha256": row["sha256"], "reason": public,
                                  "at": time.time()})
             self.log(f"serve: {label} not loaded, still serving {cur.label}: {reason}")
             self.on_result(False)
