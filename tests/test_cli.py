@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import REPO, run_itera
 from itera.commands import COMMANDS, GROUPS
@@ -54,9 +58,17 @@ def test_schema_command_prints_the_published_schema():
     assert res.returncode == 0 and json.loads(res.stdout) == schema()
 
 
+# The console script pip installed beside the Python that runs the tests (a virtualenv's bin/).
+CONSOLE_SCRIPT = Path(sys.executable).parent / "itera"
+
+
+@pytest.mark.skipif(not CONSOLE_SCRIPT.is_file(), reason=f"no itera console script beside {sys.executable} "
+                    "(install the package with pip into this environment)")
 def test_python_dash_m_and_console_script_agree():
-    exe = REPO / ".venv" / "bin" / "itera"
-    if not exe.exists():
-        return
-    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
+    out = subprocess.run([str(CONSOLE_SCRIPT), "--version"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"itera \d+\.\d+\.\d+\n", out.stdout)
     assert out.stdout == run_itera("--version").stdout
+    help_ = subprocess.run([str(CONSOLE_SCRIPT), "--help"], capture_output=True, text=True, env={**os.environ,
+                                                                                               "COLUMNS": "100"})
+    assert help_.returncode == 0 and _listed_commands(help_.stdout) == set(COMMANDS) | set(GROUPS)
