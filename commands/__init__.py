@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 # The one list of commands (and command groups). A test checks that `itera --help` shows exactly these.
@@ -60,8 +61,14 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="On a terminal, print the whole record indented (by default "
+                                        "a terminal gets one line with the parent chain shortened; pipes and files "
+                                        "always get the whole record).")] = False,
 ) -> None:
     """itera: distill, quantize, export, evaluate and version small language models."""
+    from itera import record
+
+    record.FULL_ON_TERMINAL = json_
 
 
 def _fail(message: str, code: int) -> None:

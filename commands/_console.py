@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Sequence, TextIO
 
-PLAIN_EVERY_S = 10.0  # seconds between plain progress lines
+PLAIN_EVERY_S = float(os.environ.get("ITERA_PROGRESS_EVERY", "10"))  # seconds between plain progress lines
 
 
 def _rank() -> int:

@@ -15,8 +15,12 @@ ModelPath = Annotated[Optional[Path], typer.Option(
     "--model", "-m", help="Checkpoint directory. Default: the artifact of the record on stdin.")]
 RunnablePath = Annotated[Optional[Path], typer.Option(
     "--model", "-m", help="Checkpoint directory, .gguf or .onnx file. Default: the artifact of the record on stdin.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Compute dtype of a checkpoint: float32, bfloat16 or float16.")]
+TrainDtype = Annotated[str, typer.Option("--dtype", help="Training precision: auto (bf16 autocast on CUDA, float32 "
+                                         "on the CPU), float32 or bf16.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (cuda when available).")]
+TextField = Annotated[str, typer.Option("--text-field", help="The .jsonl/.parquet field (or hub column) holding the "
+                                        "text: a string, or chat messages whose contents are joined.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the runtime (default: its own).", min=1)]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (never an input, and never "
                                      "anything that is not a regular file or directory).")]

@@ -5,14 +5,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Force, Device, MetricsOut, execute
+from itera.commands._options import Device, Force, MetricsOut, TextField, TrainDtype, execute
 
 Int = Optional[int]
 
 
 def distill(
-    data: Annotated[str, typer.Option("--data", help="Training text: a file, pydocs[@split] or a datasets name. "
-                                      "Its tail (--holdout) is held out for evaluation.")],
+    data: Annotated[str, typer.Option("--data", help="Training text: a .txt/.jsonl/.parquet file, pydocs\\[@split] "
+                                      "(default train) or a datasets name. Its tail (--holdout) is held out.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the student checkpoint.")],
     teacher: Annotated[Optional[Path], typer.Option(help="Teacher checkpoint. Default: the record on stdin. "
                                                     "Omit with --alpha 0 --tokenizer to train from scratch.")] = None,
@@ -45,7 +45,9 @@ def distill(
     eval_every: Annotated[int, typer.Option(help="Steps between held-out evaluations (0: end only).")] = 0,
     save_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints in OUT.train-state/.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.train-state/ where a run stopped.")] = False,
-    device: Device = "cpu",
+    device: Device = "auto",
+    dtype: TrainDtype = "auto",
+    text_field: TextField = "text",
     force: Force = False,
     metrics_out: MetricsOut = None,
 ) -> None:
@@ -72,14 +74,14 @@ def distill(
         raise UsageError(f"--layer-ids must be comma-separated integers, e.g. 0,2,5 (got {layer_ids!r})") from None
     train = TrainOptions(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                          warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed,
-                         eval_every=eval_every, save_every=save_every).validate()
+                         eval_every=eval_every, save_every=save_every, dtype=dtype).validate()
     parent = record.read_parent() if teacher is None and tokenizer is None else None
-    if parent is not None:
-        teacher = record.input_path(None, parent, "--teacher")
+    if teacher is not None or parent is not None:
+        teacher = record.input_path(teacher, parent, "--teacher")  # a path, org/name from the HF cache, or stdin
     opts = DistillOptions(data=data, out=out, teacher=teacher, student=student, layers=layers, hidden=hidden,
                           heads=heads, kv_heads=kv_heads, ffn=ffn, init=init, layer_ids=ids, alpha=alpha,
                           temperature=temperature, kl=kl, tokenizer=tokenizer, holdout=holdout, eval_tokens=eval_tokens,
-                          resume=resume, train=train, force=force).validate()
+                          resume=resume, train=train, force=force, text_field=text_field).validate()
     dist = init_distributed(resolve_device(device))
     opts.device = dist.device
     execute("distill", run_distill, opts, parent, metrics_out, summary=_summary, dist=dist)

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Force, MetricsOut, ModelPath, execute, model_input
+from itera.commands._options import Device, Force, MetricsOut, ModelPath, TrainDtype, execute, model_input
 
 
 def dpo_train(
@@ -23,7 +23,8 @@ def dpo_train(
     lora_rank: Annotated[int, typer.Option()] = 8,
     lora_alpha: Annotated[float, typer.Option()] = 16.0,
     lora_dropout: Annotated[float, typer.Option()] = 0.0,
-    lora_targets: Annotated[str, typer.Option(help="Projections to adapt: q,k,v,o,gate,up,down.")] = "q,k,v,o,gate,up,down",
+    lora_targets: Annotated[str, typer.Option(help="Projections to adapt: q,k,v,o,gate,up,down (or PEFT's "
+                                              "q_proj,...,down_proj).")] = "q,k,v,o,gate,up,down",
     steps: Annotated[int, typer.Option()] = 100,
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 8,
     lr: Annotated[float, typer.Option()] = 1e-3,
@@ -33,6 +34,8 @@ def dpo_train(
     min_rating_gap: Annotated[float, typer.Option(help="Ratings this far apart make a pair.")] = 1.0,
     save_pairs: Annotated[Optional[Path], typer.Option(help="Write the pairs used (e.g. derived from feedback).")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="Also write the base with the adapter folded in.")] = False,
+    device: Device = "auto",
+    dtype: TrainDtype = "auto",
     force: Force = False,
     metrics_out: MetricsOut = None,
 ) -> None:
@@ -53,6 +56,7 @@ def dpo_train(
       itera dpo-train --model runs/teacher --feedback-db default --out runs/dpo   # what `itera serve` collected
     """
     from itera.dpo import DPOOptions, run_dpo
+    from itera.runtime import resolve_device
     from itera.train import TrainOptions, init_distributed
 
     path, parent = model_input(model)
@@ -61,13 +65,14 @@ def dpo_train(
 
         feedback_db = default_path()
     train = TrainOptions(steps=steps, batch_size=batch_size, seq_len=1, lr=lr, warmup_steps=warmup_steps,
-                         weight_decay=0.0, seed=seed)
+                         weight_decay=0.0, seed=seed, dtype=dtype)
     opts = DPOOptions(model=path, out=out, pairs=pairs, feedback=feedback, feedback_db=feedback_db, beta=beta,
                       loss=loss, label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, lora_targets=lora_targets, holdout=holdout,
                       min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs, train=train, force=force)
-    execute("dpo-train", run_dpo, opts.validate(), parent, metrics_out, summary=_summary,
-            dist=init_distributed("cpu"))
+    dist = init_distributed(resolve_device(device))
+    opts.device = dist.device
+    execute("dpo-train", run_dpo, opts.validate(), parent, metrics_out, summary=_summary, dist=dist)
 
 
 def _summary(console, m: dict) -> None:

@@ -4,13 +4,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Device, Dtype, MetricsOut, RunnablePath, Threads, execute, model_input
+from itera.commands._options import Device, Dtype, MetricsOut, RunnablePath, TextField, Threads, execute, model_input
 
 
 def evaluate(
     dataset: Annotated[list[str], typer.Option(
-        "--dataset", "-d", help="Text to score: a .txt/.jsonl/.parquet file, pydocs[@split], wikitext-2, "
-        "tinystories or a datasets name[:config][@split]. Repeat for several.")],
+        "--dataset", "-d", help="Text to score: a .txt/.jsonl/.parquet file, pydocs\\[@split], wikitext-2, "
+        "tinystories or a datasets name\\[:config]\\[@split] (default split: test; wikitext-2's and tinystories' "
+        "validation for tinystories). Repeat for several.")],
     model: RunnablePath = None,
     window: Annotated[Optional[int], typer.Option(
         help="Tokens per forward pass (context + targets). Default: 512, or the model's context if shorter.")] = None,
@@ -20,8 +21,9 @@ def evaluate(
     bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help="Put BOS in front of the text. "
                                                 "Default: the tokenizer's add_bos_token.")] = None,
     dtype: Dtype = "float32",
-    device: Device = "cpu",
+    device: Device = "auto",
     threads: Threads = None,
+    text_field: TextField = "text",
     metrics_out: MetricsOut = None,
 ) -> None:
     """Perplexity and bits per byte of a model on one or more datasets, with a sliding window.
@@ -38,7 +40,7 @@ def evaluate(
     from itera.evaluate import EvalOptions, EvaluateOptions, run_evaluate
 
     path, parent = model_input(model)
-    opts = EvaluateOptions(model=path, datasets=dataset, dtype=dtype, device=device, threads=threads,
+    opts = EvaluateOptions(model=path, datasets=dataset, dtype=dtype, device=device, threads=threads, text_field=text_field,
                            protocol=EvalOptions(window=window, stride=stride, max_tokens=max_tokens, bos=bos))
     execute("evaluate", run_evaluate, opts.validate(), parent, metrics_out, summary=_summary)
 

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Force, MetricsOut, ModelPath, execute, model_input
+from itera.commands._options import Device, Force, MetricsOut, ModelPath, TextField, execute, model_input
 
 
 def quantize(
@@ -33,6 +33,8 @@ def quantize(
                                                       "embeddings and output head (16-bit by default).")] = False,
     eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity before/after.")] = 4096,
     seed: Annotated[int, typer.Option()] = 0,
+    device: Device = "auto",
+    text_field: TextField = "text",
     force: Force = False,
     metrics_out: MetricsOut = None,
 ) -> None:
@@ -53,7 +55,8 @@ def quantize(
     opts = QuantizeOptions(model=path, out=out, method=method, bits=bits, group_size=group_size, sym=sym,
                            calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, damp=damp,
                            act_order=act_order, target_bpw=target_bpw, auto_bits=auto_bits, auto_base=auto_base,
-                           plan=plan, quantize_embeddings=quantize_embeddings, eval_tokens=eval_tokens, seed=seed, force=force)
+                           plan=plan, quantize_embeddings=quantize_embeddings, eval_tokens=eval_tokens, seed=seed,
+                           device=device, text_field=text_field, force=force)
     execute("quantize", run_quantize, opts.validate(), parent, metrics_out, summary=_summary)
 
 

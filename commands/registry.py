@@ -18,7 +18,8 @@ import typer
 from itera.commands._options import MetricsOut
 
 app = typer.Typer(help="Versioned models with lineage, aliases (active, last-good), promotion gates and rollback.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 RegistryPath = Annotated[Optional[Path], typer.Option(
     "--registry", envvar="ITERA_REGISTRY", help="SQLite file. Default: $ITERA_HOME/registry.db (~/.itera).",
@@ -27,10 +28,11 @@ RefArg = Annotated[str, typer.Argument(help="NAME, NAME@N, NAME@active, NAME@las
 Tags = Annotated[Optional[list[str]], typer.Option("--tag", help="key=value; repeat for several.")]
 
 
-def _open(path: Path | None):
+def _open(path: Path | None, create: bool = True):
+    """The registry; reading commands pass ``create=False`` so a mistyped path is an error, not a new database."""
     from itera.registry import Registry
 
-    return Registry(path)
+    return Registry(path, create=create)
 
 
 def _finite(obj):
@@ -98,6 +100,9 @@ def register(
     path: Annotated[Optional[Path], typer.Option("--path", help="Register a bare artifact (file or "
                                                  "directory) without a record.")] = None,
     tag: Tags = None,
+    allow_duplicate: Annotated[bool, typer.Option("--allow-duplicate", help="Add a new version even when NAME "
+                                                  "already has one with these exact bytes (by default that "
+                                                  "version is reported and nothing is added).")] = False,
     registry: RegistryPath = None,
     metrics_out: MetricsOut = None,
 ) -> None:
@@ -120,9 +125,17 @@ def register(
         parent = rec.read_record_file(record_file) if record_file is not None else rec.read_parent()
     artifact = registration(parent, path)
     commit = git_commit()
-    _change("register", registry, metrics_out, lambda reg: reg.register(name, artifact, parent, tags=tags, commit=commit),
-            parent, extra_params=lambda v: {"tags": tags, "git_commit": v["git_commit"]},
-            say=lambda v: _say(f"registered {name}@{v['version']} ({v['path']})"))
+    def say(v):
+        if v.get("duplicate_of"):
+            _say(f"{name}@{v['version']} already holds these bytes (sha256 {v['sha256'][:12]}…); nothing added "
+                 "(pass --allow-duplicate for a new version)")
+        else:
+            _say(f"registered {name}@{v['version']} ({v['path']})")
+
+    _change("register", registry, metrics_out,
+            lambda reg: reg.register(name, artifact, parent, tags=tags, commit=commit, allow_duplicate=allow_duplicate),
+            parent, extra_params=lambda v: {"tags": tags, "git_commit": v["git_commit"],
+                                            "duplicate_of": v.get("duplicate_of")}, say=say)
 
 
 @app.command("list")
@@ -136,7 +149,7 @@ def list_(
     """List registered versions, optionally filtered by name, tag, format or quantization."""
     from itera.registry import parse_tags
 
-    with _open(registry) as reg:
+    with _open(registry, create=False) as reg:
         versions = reg.list(name, parse_tags(tag or []), fmt, quantization)
         _table("itera registry", ["name", "version", "aliases", "format", "quantization", "bytes", "created", "path"],
                [[v["name"], v["version"], ",".join(v["aliases"]), v["format"], v["quantization"], v["bytes"],
@@ -149,7 +162,7 @@ def show(ref: RefArg, registry: RegistryPath = None) -> None:
     """Everything stored about one version, including its lineage and the full record."""
     from itera.registry import Ref
 
-    with _open(registry) as reg:
+    with _open(registry, create=False) as reg:
         _print_json(reg.get(Ref.parse(ref)))
 
 
@@ -162,7 +175,7 @@ def compare(refs: Annotated[list[str], typer.Argument(help="Two or more versions
 
     if len(refs) < 2:
         raise UsageError("compare needs at least two versions, e.g. demo@1 demo@2")
-    with _open(registry) as reg:
+    with _open(registry, create=False) as reg:
         result = reg.compare([Ref.parse(r) for r in refs])
         cols = result["versions"]
         rows = []
@@ -182,7 +195,7 @@ def compare(refs: Annotated[list[str], typer.Argument(help="Two or more versions
 @app.command()
 def history(name: Annotated[str, typer.Argument()], registry: RegistryPath = None) -> None:
     """The audit log of NAME: registrations, alias changes, refused promotions and rollbacks."""
-    with _open(registry) as reg:
+    with _open(registry, create=False) as reg:
         events = reg.history(name)
         _table(f"history of {name}", ["at", "event", "version", "ok", "detail"],
                [[e["at"][:19], e["event"], e["version"], e["ok"], json.dumps(e["detail"])] for e in events])
@@ -257,13 +270,18 @@ def promote(
 
 @app.command()
 def resolve(ref: RefArg, registry: RegistryPath = None) -> None:
-    """Print the artifact path of a version, for shell use.
+    """Print the artifact path of a version, for shell use (exit 2 when the artifact is gone).
 
     Example:
 
       itera evaluate --model "$(itera registry resolve stories@active)" -d notes.txt
     """
+    from itera.errors import InputError
     from itera.registry import Ref
 
-    with _open(registry) as reg:
-        print(reg.get(Ref.parse(ref))["path"])
+    with _open(registry, create=False) as reg:
+        v = reg.get(Ref.parse(ref))
+    if not Path(v["path"]).exists():
+        raise InputError(f"{v['name']}@{v['version']}'s artifact {v['path']} no longer exists; register it again "
+                         "or roll back to another version")
+    print(v["path"])

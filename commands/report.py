@@ -16,8 +16,12 @@ def report(
     force: Force = False,
     metrics_out: MetricsOut = None,
 ) -> None:
-    """Tables and charts from records and their lineage: size, bits per weight, perplexity, bits per
-    byte, decode tokens/s, J/token with its method, export parity; a size–quality frontier chart.
+    """Tables and charts (Markdown + PNG, or one HTML file) from records and their lineage.
+
+    One row per artifact: size, bits per weight, perplexity and bits per byte per dataset and
+    protocol, median decode tokens/s with its spread and stability, J/token with its method,
+    export parity; charts of the size-quality frontier, throughput and energy. Files that are not
+    itera records are skipped with a note.
 
     Examples:
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from itera.errors import UsageError
+from itera.errors import InputError, UsageError
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
@@ -432,6 +432,7 @@ class DiscoverOptions:
     out: Path | None = None
     hostfile: Path | None = None
     force: bool = False
+    commands: tuple[str, ...] = ()  # the itera commands --launch may start with (the CLI fills it in)
 
     def inputs(self) -> list[Path]:
         return [p for p in (self.hosts_file, self.config, self.ssh_config) if p is not None]
@@ -454,9 +455,12 @@ class DiscoverOptions:
         if not 1 <= self.rdzv_port <= 65535:
             raise UsageError(f"--rdzv-port must be a TCP port from 1 to 65535 (got {self.rdzv_port})")
         try:
-            shlex.split(self.launch)
+            words = shlex.split(self.launch)
         except ValueError as e:
             raise UsageError(f"--launch {self.launch!r} is not a command line ({e})") from None
+        if self.commands and (not words or words[0] not in self.commands):
+            raise UsageError(f"--launch {self.launch!r} does not start with an itera command (the plan runs "
+                             f"`torchrun ... -m itera <launch>`); use one of: {', '.join(self.commands)}")
         return self
 
     def host_specs(self) -> list[str]:
@@ -494,6 +498,9 @@ def run_discover(opts: DiscoverOptions, reporter: Reporter = SILENT) -> Outcome:
     specs = [parse_host_spec(s) for s in texts]  # every spec is checked before anything runs
     policy = Policy.load(opts.config)
     results = discover(specs, policy, timeout=opts.timeout, deadline=opts.deadline, ssh_config=opts.ssh_config)
+    if not any(r.status == "reachable" for r in results):
+        why = "; ".join(f"{r.spec}: {r.status} ({r.error})" for r in results)
+        raise InputError(f"no host is reachable, so there is nothing to plan: {why}")
     plan = launch_plan(results, opts.launch, opts.nproc_per_node, opts.rdzv_port)
     inventory = {"hosts": as_dicts(results), "plan": plan}
     artifact = None

@@ -67,18 +67,57 @@ def local_path(spec: str) -> Path | None:
     return None
 
 
-def load_text(spec: str, purpose: str = "eval") -> TextSource:
-    """Read the source named by ``spec``. ``purpose`` ("train" or "eval") picks the default split."""
+def canonical(spec: str, purpose: str = "eval") -> str:
+    """One name per text, whatever was typed: a local file's resolved path; ``pydocs@<split>``;
+    a hub dataset as ``name[:config]@split`` with aliases expanded and the default split filled
+    in. Records key their figures by it, so ``notes.txt`` and ``./notes.txt`` are one metric."""
+    spec = str(spec).strip()
+    path = local_path(spec)
+    if path is not None:
+        return str(path.resolve())
+    name, _, split = spec.partition("@")
+    if name == BUILTIN:
+        return f"{BUILTIN}@{split or ('test' if purpose == 'eval' else 'train')}"
+    if name in HUB_ALIASES:
+        hub, config, train_split, eval_split = HUB_ALIASES[name]
+    else:
+        hub, _, config = name.partition(":")
+        train_split, eval_split = "train", "test"
+    split = split or (train_split if purpose == "train" else eval_split)
+    return f"{hub}{':' + config if config else ''}@{split}"
+
+
+def load_text(spec: str, purpose: str = "eval", field: str = "text") -> TextSource:
+    """Read the source named by ``spec``. ``purpose`` ("train" or "eval") picks the default split;
+    ``field`` is the column (.jsonl, .parquet, hub datasets) that holds the text: a string, or chat
+    ``messages`` (a list of ``{"role", "content"}``) whose contents are joined by newlines."""
     spec = str(spec).strip()
     if not spec:
         raise DataError("empty data source; pass a file path or a dataset name")
     path = local_path(spec)
     if path is not None:
-        return _load_local(path)
+        return _load_local(path, field)
+    _refuse_mistyped_file(spec)
     name, _, split = spec.partition("@")
     if name == BUILTIN:
         return _load_pydocs(split or ("test" if purpose == "eval" else "train"), spec)
-    return _load_hub(spec, name, split or None, purpose)
+    return _load_hub(spec, name, split or None, purpose, field)
+
+
+def _refuse_mistyped_file(spec: str) -> None:
+    """A spec that is neither a file that exists nor a plausible dataset name: a mistyped file
+    (``notes.tx``) is reported as a missing file, with the closest name that exists beside it."""
+    import difflib
+
+    p = Path(spec).expanduser()
+    parent = p.parent if str(p.parent) else Path(".")
+    names = [c.name for c in parent.iterdir() if c.is_file()] if parent.is_dir() else []
+    close = difflib.get_close_matches(p.name, names, n=1, cutoff=0.75)
+    looks_like_file = bool(p.suffix) and "/" not in spec and "@" not in spec and spec.split(":")[0] not in HUB_ALIASES
+    if close or looks_like_file:
+        hint = f"did you mean {parent / close[0]}?" if close else \
+            "pass an existing .txt, .jsonl or .parquet file, or a dataset name"
+        raise DataError(f"data file {spec} does not exist (no such file); {hint}")
 
 
 def split_heldout(text: str, holdout: float) -> tuple[str, str]:
@@ -97,7 +136,7 @@ def _nonempty(source: TextSource) -> TextSource:
 # --------------------------------------------------------------------------- local files
 
 
-def _load_local(path: Path) -> TextSource:
+def _load_local(path: Path, field: str = "text") -> TextSource:
     from itera.fsio import check_regular
 
     if not path.exists() and not path.is_symlink():
@@ -112,9 +151,9 @@ def _load_local(path: Path) -> TextSource:
         except UnicodeDecodeError as e:
             raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
     elif suffix == ".jsonl":
-        rows = _read_jsonl(path)
+        rows = _read_jsonl(path, field)
     elif suffix == ".parquet":
-        rows = _read_parquet(path)
+        rows = _read_parquet(path, field)
     else:
         raise DataError(f"{path} has an unsupported extension {suffix or '(none)'}; use .txt, .jsonl or .parquet")
     return _nonempty(TextSource(str(path), rows, f"local {suffix[1:]} file"))
@@ -136,8 +175,19 @@ def is_text(obj) -> bool:
     return True
 
 
-def _read_jsonl(path: Path) -> list[str]:
+def _row_text(value, field: str) -> str | None:
+    """A row's text: a string, or chat messages' contents joined by newlines; None otherwise."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 for m in value):
+        return "\n".join(m["content"] for m in value)
+    return None
+
+
+def _read_jsonl(path: Path, field: str = "text") -> list[str]:
     rows = []
+    need = f"each line needs {{\"{field}\": ...}} (or pass --text-field NAME)"
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -145,26 +195,28 @@ def _read_jsonl(path: Path) -> list[str]:
             try:
                 obj = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
-                raise DataError(f"{path} line {lineno} is not a JSON object; each line needs {{\"text\": ...}}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataError(f"{path} line {lineno} has no string \"text\" field; each line needs {{\"text\": ...}}")
-            if not is_text(obj["text"]):
+                raise DataError(f"{path} line {lineno} is not a JSON object; {need}") from None
+            text = _row_text(obj.get(field), field) if isinstance(obj, dict) else None
+            if text is None:
+                raise DataError(f"{path} line {lineno} has no string \"{field}\" field; {need}")
+            if not is_text(text):
                 raise DataError(f"{path} line {lineno}: the text holds a lone surrogate (an unpaired \\uD800-\\uDFFF "
                                 "escape); fix the line")
-            rows.append(obj["text"])
+            rows.append(text)
     return rows
 
 
-def _read_parquet(path: Path) -> list[str]:
+def _read_parquet(path: Path, field: str = "text") -> list[str]:
     import pyarrow.parquet as pq  # installed with `datasets`
 
     try:
         table = pq.read_table(path)
     except Exception as e:
         raise DataError(f"{path} is not a readable parquet file ({e})") from None
-    if "text" not in table.column_names:
-        raise DataError(f"{path} has no \"text\" column (columns: {', '.join(table.column_names)})")
-    return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
+    if field not in table.column_names:
+        raise DataError(f"{path} has no \"{field}\" column (columns: {', '.join(table.column_names)}); pass "
+                        "--text-field NAME")
+    return [t for t in (_row_text(v, field) for v in table.column(field).to_pylist()) if t is not None]
 
 
 # --------------------------------------------------------------------------- built-in corpus
@@ -239,7 +291,17 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return result[0]
 
 
-def _load_hub(spec: str, name: str, split: str | None, purpose: str) -> TextSource:
+def _maybe_cached(hub: str) -> bool:
+    """Whether `datasets`' or the hub's cache holds anything under this dataset's name (a cheap
+    look before the expensive import; `datasets` decides what is usable)."""
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    roots = [Path(os.environ.get("HF_DATASETS_CACHE") or home / "datasets"),
+             Path(os.environ.get("HF_HUB_CACHE") or home / "hub")]
+    stems = {hub.replace("/", "___"), "datasets--" + hub.replace("/", "--")}
+    return any((root / stem).exists() for root in roots for stem in stems)
+
+
+def _load_hub(spec: str, name: str, split: str | None, purpose: str, field: str = "text") -> TextSource:
     config = None
     if name in HUB_ALIASES:
         hub, config, train_split, eval_split = HUB_ALIASES[name]
@@ -252,6 +314,9 @@ def _load_hub(spec: str, name: str, split: str | None, purpose: str) -> TextSour
     split = split or (train_split if purpose == "train" else eval_split)
     online = _hub_reachable()
     if not online:
+        if not _maybe_cached(hub):  # nothing to find: say so without importing `datasets` (seconds)
+            raise DataError(f"dataset {spec!r} is not in the local cache and the Hugging Face Hub is unreachable; "
+                            f"{_LOCAL_HINT}")
         # Let `datasets` look in its local cache only; it reads these at import time.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -265,7 +330,8 @@ def _load_hub(spec: str, name: str, split: str | None, purpose: str) -> TextSour
                 f"dataset {spec!r} is not in the local cache and the Hugging Face Hub is unreachable; {_LOCAL_HINT}"
             ) from None
         raise DataError(f"dataset {spec!r} could not be loaded ({type(e).__name__}: {e}); {_LOCAL_HINT}") from None
-    if "text" not in ds.column_names:
-        raise DataError(f"dataset {spec!r} has no \"text\" column (columns: {', '.join(ds.column_names)})")
-    rows = [t for t in ds["text"] if isinstance(t, str)]
+    if field not in ds.column_names:
+        raise DataError(f"dataset {spec!r} has no \"{field}\" column (columns: {', '.join(ds.column_names)}); pass "
+                        "--text-field NAME")
+    rows = [t for t in (_row_text(v, field) for v in ds[field]) if t is not None]
     return _nonempty(TextSource(spec, rows, f"hub dataset {hub}" + (f":{config}" if config else "") + f"@{split}"))

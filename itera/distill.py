@@ -53,6 +53,7 @@ class DistillOptions:
     resume: bool = False
     device: str = "cpu"
     force: bool = False
+    text_field: str = "text"
     train: TrainOptions = field(default_factory=TrainOptions)
 
     def validate(self) -> "DistillOptions":
@@ -102,7 +103,8 @@ class DistillOptions:
     def outputs(self) -> list:
         from itera.fsio import Output
 
-        return [Output(self.out, "dir", "--out", self.force)]
+        # a resumed run replaces the student it wrote before (extending a finished run)
+        return [Output(self.out, "dir", "--out", self.force or self.resume)]
 
     @property
     def state_dir(self) -> Path:
@@ -160,13 +162,13 @@ class Data:
     held_ids: torch.Tensor
 
 
-def prepare_data(opts: DistillOptions, p: Plan) -> Data:
+def prepare_data(opts: DistillOptions, p: Plan, reporter: Reporter = SILENT) -> Data:
     """Read the text, split off its held-out tail, tokenize it, and fix the student's config."""
     from itera.data import load_text, split_heldout
 
-    src = load_text(opts.data, purpose="train")
+    src = load_text(opts.data, purpose="train", field=opts.text_field)
     train_text, held_text = split_heldout(src.text, opts.holdout)
-    tok = _load_tokenizer(opts, train_text)
+    tok = _load_tokenizer(opts, train_text, reporter)
     t_cfg = p.teacher_cfg
     if t_cfg is not None and opts.tokenizer is None:
         tok.check_fits(t_cfg.vocab_size, str(opts.teacher))
@@ -186,13 +188,18 @@ def prepare_data(opts: DistillOptions, p: Plan) -> Data:
     return Data(src.description, tok, s_cfg, train_ids, held_ids)
 
 
-def _load_tokenizer(opts: DistillOptions, train_text: str):
+def _load_tokenizer(opts: DistillOptions, train_text: str, reporter: Reporter = SILENT):
     from itera.tokenizer import Tokenizer, train_bpe
 
     if opts.tokenizer is None:
         return Tokenizer.from_dir(opts.teacher)
     if opts.tokenizer.startswith("bpe:"):
-        return train_bpe([train_text], vocab_size=int(opts.tokenizer[4:]))
+        tok = train_bpe([train_text], vocab_size=int(opts.tokenizer[4:]))
+        if tok.vocab_size < int(opts.tokenizer[4:]):
+            reporter.log(f"the BPE reached {tok.vocab_size} tokens of the {opts.tokenizer[4:]} asked: {len(train_text):,} "
+                         "characters of training text hold no more pairs that occur twice; pass more text for a larger "
+                         "vocabulary")
+        return tok
     return Tokenizer.from_path(Path(opts.tokenizer))
 
 
@@ -271,7 +278,10 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
     try:
         if opts.resume:
             if trainer.load_state():
-                reporter.log(f"resumed from step {trainer.step} ({opts.state_dir})")
+                if trainer.step >= t.steps:
+                    raise UsageError(f"the run in {opts.state_dir} already reached step {trainer.step}; pass --steps "
+                                     f"above {trainer.step} to extend it")
+                reporter.log(f"resumed from step {trainer.step} of {t.steps} ({opts.state_dir})")
             else:
                 reporter.log(f"nothing to resume in {opts.state_dir}; starting at step 0")
         stats = trainer.run()
@@ -281,9 +291,8 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
 
 
 def write(opts: DistillOptions, student: LlamaForCausalLM, tok, params: dict, prune_plan: dict | None) -> None:
-    """Save the student with its tokenizer, resolved options and pruning plan (rank 0 only); then
-    remove the resumable state, but only when this run wrote or resumed it."""
-    import shutil
+    """Save the student with its tokenizer, resolved options and pruning plan (rank 0 only). The
+    resumable state (with --save-every) stays, so that --resume --steps N can extend the run."""
     import tempfile
 
     from itera.model.checkpoint import save_model
@@ -296,8 +305,6 @@ def write(opts: DistillOptions, student: LlamaForCausalLM, tok, params: dict, pr
         if tok_dir == Path(tmp):
             tok.save(Path(tmp))
         save_model(student, opts.out, tokenizer_from=tok_dir, dtype="float32", extra_files=extra)
-    if opts.train.save_every or opts.resume:
-        shutil.rmtree(opts.state_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the job
@@ -313,7 +320,7 @@ def run_distill(opts: DistillOptions, reporter: Reporter = SILENT, dist: Dist | 
     opts.validate()
     opts.train.validate(dist.world)
     p = plan(opts)
-    data = prepare_data(opts, p)
+    data = prepare_data(opts, p, reporter)
     if opts.resume:
         check_resumable(opts.state_dir, run_fingerprint(opts.train, dist.world, data.student_cfg.num_parameters(),
                                                         data.train_ids.numel()))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def reference_logprobs(model, enc: Encoded, chunk: int = 16) -> torch.Tensor:
             ids = enc.ids[i:i + chunk].flatten(0, 1)
             mask = enc.mask[i:i + chunk].flatten(0, 1)
             out.append(sequence_logprobs(model, ids, mask).view(-1, 2))
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    return torch.cat(out) if out else torch.zeros(0, 2, device=enc.ids.device)
 
 
 def tokenizer_digest(ckpt: Path) -> str:
@@ -105,8 +106,8 @@ def cache_key(model_sha: str, enc: Encoded, tokenizer_sha: str = "") -> str:
     """The reference log-probs' identity: the model's content, its tokenizer's, and the token ids."""
     h = hashlib.sha256(model_sha.encode())
     h.update(tokenizer_sha.encode())
-    h.update(enc.ids.numpy().tobytes())
-    h.update(enc.mask.numpy().tobytes())
+    h.update(enc.ids.cpu().numpy().tobytes())
+    h.update(enc.mask.cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -118,11 +119,12 @@ def cached_reference(model, enc: Encoded, model_sha: str, cache_dir: Path, token
     path = Path(cache_dir) / f"{cache_key(model_sha, enc, tokenizer_sha)}.json"
     if path.is_file():
         try:
-            return torch.tensor(json.loads(path.read_text())["logprobs"], dtype=torch.float32), True
+            return torch.tensor(json.loads(path.read_text())["logprobs"], dtype=torch.float32,
+                                device=enc.ids.device), True
         except (ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
     ref = reference_logprobs(model, enc)
-    write_text_atomic(path, json.dumps({"logprobs": ref.tolist()}))
+    write_text_atomic(path, json.dumps({"logprobs": ref.cpu().tolist()}))
     return ref, False
 
 
@@ -172,6 +174,7 @@ class DPOOptions:
     min_rating_gap: float = 1.0
     merge: bool = False
     save_pairs: Path | None = None
+    device: str = "cpu"
     force: bool = False
     train: TrainOptions = field(default_factory=lambda: TrainOptions(steps=100, batch_size=8, seq_len=1, lr=1e-3,
                                                                      warmup_steps=5, weight_decay=0.0))
@@ -235,12 +238,16 @@ def split_pairs(pairs: list[Pair], holdout: float, seed: int) -> tuple[list[Pair
 # --------------------------------------------------------------------------- phases
 
 
+MIN_HELD = 10  # held-out pairs below which a reward accuracy says little (one pair is 10 points)
+
+
 @dataclass
 class PairData:
     pairs: list[Pair]  # every usable pair (what --save-pairs writes)
     train: Encoded
     held: Encoded
     dropped: dict[str, int]
+    heldout_note: str | None = None  # why there is no held-out evaluation, when there is none
 
 
 def load_pairs(opts: DPOOptions, tok, max_len: int) -> PairData:
@@ -263,6 +270,12 @@ def load_pairs(opts: DPOOptions, tok, max_len: int) -> PairData:
             raise UsageError(f"the feedback in {opts.feedback_db} gives no usable preference pairs "
                              f"(dropped: {dropped})")
     train_pairs, held_pairs = split_pairs(pairs, opts.holdout, opts.train.seed)
+    if opts.holdout > 0 and not held_pairs:
+        dropped_note = (f"the held-out split is empty: {opts.holdout:g} of {len(pairs)} pairs rounds to none; about "
+                        f"{math.ceil(MIN_HELD / opts.holdout)} pairs give {MIN_HELD} held out, the least that says "
+                        "anything")
+    else:
+        dropped_note = None
     if not train_pairs:
         raise UsageError("no pairs left for training after the held-out split; pass more pairs or --holdout 0")
     enc_train, d1 = encode_pairs(tok, train_pairs, max_len)
@@ -271,7 +284,7 @@ def load_pairs(opts: DPOOptions, tok, max_len: int) -> PairData:
         dropped[reason] = dropped.get(reason, 0) + 1
     if enc_train.ids.shape[0] == 0:
         raise UsageError("every training pair was dropped (" + ", ".join(dropped) + ")")
-    return PairData(pairs, enc_train, enc_held, dropped)
+    return PairData(pairs, enc_train, enc_held, dropped, dropped_note)
 
 
 def references(model, data: PairData, ckpt: Path) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -284,7 +297,7 @@ def references(model, data: PairData, ckpt: Path) -> tuple[torch.Tensor, torch.T
     keys = (artifact_digest(Path(ckpt))[1], tokenizer_digest(ckpt))
     ref_train, hit_train = cached_reference(model, data.train, keys[0], ref_dir, keys[1])
     if data.held.ids.shape[0] == 0:
-        return ref_train, torch.zeros(0, 2), hit_train
+        return ref_train, torch.zeros(0, 2, device=ref_train.device), hit_train
     ref_held, hit_held = cached_reference(model, data.held, keys[0], ref_dir, keys[1])
     return ref_train, ref_held, hit_train and hit_held
 
@@ -342,7 +355,7 @@ def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = N
     from itera.tokenizer import Tokenizer
     from itera.train import barrier
 
-    dist = dist or Dist()
+    dist = dist or Dist(device=opts.device)
     opts.validate()
     cfg = load_checked_config(opts.model)[0]
     if cfg.quantization:
@@ -353,7 +366,11 @@ def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = N
     held = data.held.ids.shape[0] > 0
     reporter.log(f"pairs: {data.train.ids.shape[0]} train, {data.held.ids.shape[0]} held out, "
                  f"dropped {sum(data.dropped.values())}")
-    model, _ = load_model(opts.model)
+    if data.heldout_note:
+        reporter.log(data.heldout_note)
+    for enc in (data.train, data.held):  # the pairs live where the model computes
+        enc.ids, enc.mask, enc.lengths = enc.ids.to(dist.device), enc.mask.to(dist.device), enc.lengths.to(dist.device)
+    model, _ = load_model(opts.model, device=dist.device)
     add_lora(model, opts.targets, opts.lora_rank, opts.lora_alpha, opts.lora_dropout, seed=opts.train.seed)
     ref_train, ref_held, hit = references(model, data, Path(opts.model))
     model.eval()
@@ -366,6 +383,7 @@ def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = N
         "heldout_before": before, "kl_to_reference": kl_to_reference(model, data.held) if held else None,
         "pairs_used": int(data.train.ids.shape[0]), "pairs_heldout": int(data.held.ids.shape[0]),
         "pairs_dropped": sum(data.dropped.values()), "dropped_reasons": data.dropped,
+        "heldout_note": data.heldout_note,
         "reference_cache_hit": bool(hit),
         "train_seconds": stats["train_seconds"], "first_loss": stats["first_loss"], "final_loss": stats["final_loss"],
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -374,6 +392,9 @@ def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = N
     artifact = None
     if dist.main:  # under torchrun only rank 0 writes
         write(opts, model, data, params)
-        artifact = describe_artifact(opts.out, "adapter", "peft-lora")
+        if opts.merge:  # what the next command (export, evaluate) takes; the adapter is listed beside it
+            artifact = {**describe_artifact(opts.out / "merged", "checkpoint", "safetensors"), "adapter": str(opts.out)}
+        else:
+            artifact = describe_artifact(opts.out, "adapter", "peft-lora")
     barrier(dist)
     return Outcome(artifact, metrics, params, device=dist.device)

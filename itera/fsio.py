@@ -97,17 +97,23 @@ def directory_manifest(path: Path) -> list[tuple[str, int, str]]:
     return sorted(rows)
 
 
-def artifact_digest(path: Path) -> tuple[int, str]:
+def artifact_digest(path: Path, companions: list[Path] = ()) -> tuple[int, str]:
     """(total bytes, sha256) of a file, or of a directory's manifest.
 
     A directory's digest is the sha256 of its manifest text, one ``<sha256>  <bytes>  <path>``
-    line per file in path order, so renaming, adding or changing any file changes it.
+    line per file in path order, so renaming, adding or changing any file changes it. A file
+    with ``companions`` (an ONNX graph's KV-cache graph and external data) is digested the
+    same way over itself and them, named relative to its directory.
     """
     path = Path(path)
     st = check_regular(path)
-    if stat.S_ISREG(st.st_mode):
+    if stat.S_ISREG(st.st_mode) and not companions:
         return st.st_size, sha256_file(path)
-    rows = directory_manifest(path)
+    if stat.S_ISREG(st.st_mode):
+        files = [path, *companions]
+        rows = sorted((f.name, check_regular(f).st_size, sha256_file(f)) for f in files)
+    else:
+        rows = directory_manifest(path)
     text = "".join(f"{digest}  {size}  {rel}\n" for rel, size, digest in rows)
     return sum(size for _, size, _ in rows), hashlib.sha256(text.encode()).hexdigest()
 
@@ -263,6 +269,12 @@ def temp_path_beside(final: Path, suffix: str = "") -> Path:
     os.close(fd)
     os.chmod(name, 0o666 & ~_umask())
     return Path(name)
+
+
+def temp_dir_beside(final: Path) -> Path:
+    """A new private directory in ``final``'s directory, named ``.NAME.tmp-<pid>-*``."""
+    final = Path(final)
+    return Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
 
 
 @contextlib.contextmanager

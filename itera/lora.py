@@ -35,6 +35,7 @@ class LoRALinear(nn.Module):
             bound = 1 / math.sqrt(base.in_features)  # kaiming_uniform with a=sqrt(5) gives this bound
             self.lora_A.weight.copy_(torch.rand(self.lora_A.weight.shape, generator=gen) * 2 * bound - bound)
             self.lora_B.weight.zero_()
+        self.to(device=base.weight.device)  # beside the base layer (cuda when the model is there)
 
     @property
     def weight(self) -> torch.Tensor:  # so code that reads `.weight` of a projection still works
@@ -50,12 +51,17 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
 
+PEFT_NAMES = {v.split(".")[1]: k for k, v in TARGETS.items()}  # q_proj -> q: the names adapter_config.json writes
+
+
 def parse_targets(spec: str) -> list[str]:
-    names = [t.strip() for t in spec.split(",") if t.strip()]
+    """Short names (q,k,v,o,gate,up,down) or PEFT's module names (q_proj, ..., down_proj), comma-separated."""
+    names = [PEFT_NAMES.get(t.strip(), t.strip()) for t in spec.split(",") if t.strip()]
     bad = [t for t in names if t not in TARGETS]
     if bad or not names:
-        raise UsageError(f"unknown --lora-targets {bad or spec!r}; use a comma list of {', '.join(TARGETS)}")
-    return names
+        raise UsageError(f"unknown --lora-targets {bad or spec!r}; use a comma list of {', '.join(TARGETS)} "
+                         f"(or {', '.join(PEFT_NAMES)})")
+    return list(dict.fromkeys(names))
 
 
 def add_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float, seed: int = 0) -> list[str]:

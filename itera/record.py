@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import socket
 import sys
@@ -48,24 +49,52 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def host_info(device: str = "cpu") -> dict:
-    """Where the record was made. Reads torch's version from package metadata, never imports it."""
+RUNTIME_PACKAGES = ("torch", "onnxruntime", "llama_cpp_python", "gguf", "tokenizers")
+
+
+def _cpu_model() -> str | None:
     try:
-        torch_version: str | None = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        torch_version = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def host_info(device: str = "cpu") -> dict:
+    """Where the record was made: the machine, its CPU, the cores this process may use and the
+    versions of the runtimes. Versions come from package metadata: nothing heavy is imported."""
+    versions = {}
+    for name in RUNTIME_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count()
     return {
         "hostname": socket.gethostname(),
         "python": platform.python_version(),
-        "torch": torch_version,
+        "torch": versions["torch"],
         "device": device,
+        "cpu": _cpu_model(),
+        "usable_cores": cores,
+        "versions": versions,
     }
 
 
-def describe_artifact(path: Path, kind: str, fmt: str) -> dict:
-    """The record's ``artifact`` block for an existing file or directory."""
-    size, digest = artifact_digest(Path(path))
-    return {"path": str(path), "kind": kind, "format": fmt, "bytes": size, "sha256": digest}
+def describe_artifact(path: Path, kind: str, fmt: str, companions: list[Path] = ()) -> dict:
+    """The record's ``artifact`` block for an existing file or directory (with the files that
+    belong to it: bytes and sha256 cover them, and they are listed)."""
+    size, digest = artifact_digest(Path(path), companions)
+    # absolute, so the next command finds it from any directory; what was typed stays in params
+    art = {"path": os.path.abspath(path), "kind": kind, "format": fmt, "bytes": size, "sha256": digest}
+    if companions:
+        art["files"] = [os.path.abspath(path), *(os.path.abspath(c) for c in companions)]
+    return art
 
 
 # --------------------------------------------------------------------------- building
@@ -119,8 +148,22 @@ def dumps(record: dict, pretty: bool = False) -> str:
     return json.dumps(record, indent=2 if pretty else None, allow_nan=False, ensure_ascii=False)
 
 
+FULL_ON_TERMINAL = False  # set by `itera --json`: the whole record, indented, even on a terminal
+
+
+def summary(record: dict) -> dict:
+    """The record as a person at a terminal reads it: its parent chain shortened to the names of
+    the commands and artifacts (the full record goes to pipes, files and --metrics-out)."""
+    chain, node = [], record.get("parent")
+    while isinstance(node, dict):
+        chain.append(f"{node.get('command')} {(node.get('artifact') or {}).get('path', '')}".strip())
+        node = node.get("parent")
+    return {**record, "parent": " <- ".join(chain) or None}
+
+
 def emit(record: dict, out: TextIO | None = None, metrics_out: Path | None = None) -> None:
-    """Print the record on stdout (one line; indented when stdout is a terminal) and to a file.
+    """Print the record on stdout (one line) and to a file. On a terminal the line is
+    :func:`summary`'s, unless ``itera --json``.
 
     ``metrics_out`` is written through (an existing file or device keeps its node: ``/dev/null``
     stays a device); the record's text is made first, so a record that cannot be serialised
@@ -129,7 +172,9 @@ def emit(record: dict, out: TextIO | None = None, metrics_out: Path | None = Non
     line = dumps(record)
     if metrics_out is not None:
         write_text_through(Path(metrics_out), line + "\n")
-    out.write((dumps(record, pretty=True) if out.isatty() else line) + "\n")
+    if out.isatty():
+        line = dumps(record, pretty=True) if FULL_ON_TERMINAL else dumps(summary(record))
+    out.write(line + "\n")
     out.flush()
 
 
@@ -230,7 +275,9 @@ def read_record_file(path: Path) -> dict:
 def input_path(explicit: Path | None, parent: dict | None, option: str) -> Path:
     """Resolve a command's input: the explicit option wins, else the parent record's artifact."""
     if explicit is not None:
-        return Path(explicit)
+        from itera.runtime import resolve_model
+
+        return resolve_model(Path(explicit))
     if parent is not None:
         art = parent.get("artifact")
         if not art or not art.get("path"):

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from itera.errors import InputError, IteraError, UsageError
-from itera.fsio import artifact_digest
 from itera.paths import itera_home
 from itera.record import utc_now
 
@@ -127,7 +126,8 @@ def parse_tags(items: Iterable[str]) -> dict[str, str]:
 
 
 def parse_margin(text: str) -> float:
-    """'2%' -> 0.02; '0.02' -> 0.02. Must be >= 0."""
+    """'2%' -> 0.02; '0.02' -> 0.02. Must be >= 0. A bare number of 1 or more is refused: '2'
+    would otherwise allow a 200% regression where 2% was meant."""
     s = str(text).strip()
     try:
         value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
@@ -135,6 +135,9 @@ def parse_margin(text: str) -> float:
         raise UsageError(f"invalid --max-regression {text!r}: use a percentage like 2% or a fraction like 0.02") from None
     if not math.isfinite(value) or value < 0:
         raise UsageError(f"--max-regression must be a non-negative number, got {text!r}")
+    if not s.endswith("%") and value >= 1:
+        raise UsageError(f"--max-regression {text!r} is ambiguous: write {s}% for {s} percent, or a fraction "
+                         f"below 1 (e.g. {value / 100:g})")
     return value
 
 
@@ -190,6 +193,29 @@ def measured_metrics(record: dict, sha256: str) -> dict[str, float]:
     return merged
 
 
+PROTOCOL_KEYS = ("window", "stride", "bos", "max_tokens")  # which runtime computed a figure is not part of it
+
+
+def evaluation_protocol(record: dict | None, sha256: str, key: str) -> dict | None:
+    """How the figure ``key`` (``datasets.<dataset>.<metric>``) of the artifact ``sha256`` was
+    measured: the evaluate record behind it in the lineage, its windowing, BOS and the number of
+    tokens scored. None when no record says."""
+    if not key.startswith("datasets."):
+        return None
+    node = record
+    while isinstance(node, dict):
+        art = node.get("artifact") or {}
+        datasets = (node.get("metrics") or {}).get("datasets") or {}
+        if node.get("command") == "evaluate" and art.get("sha256") == sha256:
+            for spec, figures in datasets.items():
+                if key.startswith(f"datasets.{spec}.") and "." not in key[len(f"datasets.{spec}."):]:
+                    params = node.get("params") or {}
+                    return {"dataset": spec, **{k: params.get(k) for k in PROTOCOL_KEYS},
+                            "tokens": figures.get("tokens")}
+        node = node.get("parent")
+    return None
+
+
 def quantization_of(record: dict | None) -> str | None:
     """A short label of how the artifact was quantized, from its lineage (None if it was not)."""
     node = record
@@ -201,6 +227,13 @@ def quantization_of(record: dict | None) -> str | None:
             return f"{p['method']}-{p.get('bits')}bit"
         node = node.get("parent")
     return None
+
+
+def artifact_digest_of(path: Path) -> tuple[int, str]:
+    """(bytes, sha256) of an artifact with its companion files (an ONNX graph's KV graph and data)."""
+    from itera.runtime import digest
+
+    return digest(path)
 
 
 def registration(record: dict | None = None, path: Path | None = None) -> dict:
@@ -222,7 +255,7 @@ def registration(record: dict | None = None, path: Path | None = None) -> dict:
     if not p.exists() and not p.is_symlink():
         raise InputError(f"the record's artifact {p} does not exist; register from the directory the pipeline ran in")
     check_artifact(p)
-    size, digest = artifact_digest(p)
+    size, digest = artifact_digest_of(p)
     if artifact.get("sha256") and artifact["sha256"] != digest:
         raise InputError(f"{p} changed since the record was written (sha256 differs); re-run the command that made it")
     return {**artifact, "bytes": size, "sha256": digest}
@@ -236,16 +269,31 @@ def git_commit(cwd: Path | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
+KEY_METRICS = ("perplexity", "bits_per_byte", "decode_tokens_per_s", "j_per_token", "bits_per_weight",
+               "kl_to_source", "top1_agreement", "peak_rss_bytes")
+
+
+def _compare_order(key: str) -> tuple[int, str]:
+    """The artifact's size first, then the figures people compare on, then the rest by name."""
+    if key == "bytes":
+        return (-1, key)
+    leaf = key.rsplit(".", 1)[-1]
+    return (KEY_METRICS.index(leaf) if leaf in KEY_METRICS else len(KEY_METRICS), key)
+
+
 class Registry:
     """One SQLite registry file. Every write is one transaction (``BEGIN IMMEDIATE``); a caller
     may hold one open around several steps with :meth:`transaction`, so that everything that can
     fail (building and serialising the record it will print) happens before the commit."""
 
-    def __init__(self, path: Path | None = None, busy_timeout_s: float | None = None):
+    def __init__(self, path: Path | None = None, busy_timeout_s: float | None = None, create: bool = True):
         self.path = Path(path) if path is not None else default_path()
         self.busy_timeout_s = BUSY_TIMEOUT_S if busy_timeout_s is None else busy_timeout_s
         if self.path.exists() and self.path.is_dir():
             raise InputError(f"registry path {self.path} is a directory; pass a file path with --registry")
+        if not create and not self.path.exists():
+            raise InputError(f"registry {self.path} does not exist; pass --registry PATH (or ITERA_REGISTRY) of an "
+                             "existing one: only register, activate, mark-good, promote and rollback create one")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._depth = 0
         try:
@@ -395,14 +443,22 @@ class Registry:
         return last + 1
 
     def register(self, name: str, artifact: dict, record: dict | None, tags: dict[str, str] | None = None,
-                 commit: str | None = None) -> dict:
-        """Add the next version of ``name``. ``artifact`` must carry path, kind, format, bytes, sha256."""
+                 commit: str | None = None, allow_duplicate: bool = False) -> dict:
+        """Add the next version of ``name``. ``artifact`` must carry path, kind, format, bytes, sha256.
+
+        The same bytes registered again under the same name are that version, not a new one
+        (``duplicate_of`` says which), unless ``allow_duplicate``."""
         validate_name(name)
         # Absolute, so `resolve` and rollback's checks work from any directory.
         artifact = {**artifact, "path": str(Path(artifact["path"]).resolve())}
         params = (record or {}).get("params") or {}
         metrics = measured_metrics(record, artifact["sha256"]) if record else {}
         with self._write():
+            if not allow_duplicate:  # under the write lock: two registrations of the same bytes make one version
+                row = self.db.execute("SELECT MIN(version) FROM versions WHERE name = ? AND sha256 = ?",
+                                      (name, artifact["sha256"])).fetchone()
+                if row[0] is not None:
+                    return {**self._row(name, row[0]), "duplicate_of": row[0]}
             version = self._next_version(name)
             self.db.execute(
                 "INSERT INTO versions (name, version, path, kind, format, bytes, sha256, quantization, params, "
@@ -436,11 +492,13 @@ class Registry:
         """
         validate_name(name)
         with self._write():
+            if name not in self._names():
+                raise InputError(f"no model named {name!r} in registry {self.path}; see `itera registry list`")
+            if to is not None and self._row(name, to) is None:
+                raise InputError(f"{name} has no version {to} to roll back to; see `itera registry list --name {name}`")
             target = to if to is not None else self.alias(name, "last-good")
             problem, row = None, None
-            if name not in self._names():
-                problem = f"no model named {name!r} in registry {self.path}"
-            elif target is None:
+            if target is None:
                 problem = f"{name} has no last-good version; mark one with `itera registry mark-good {name}@N` or pass --to N"
             else:
                 row = self._row(name, target)
@@ -450,7 +508,7 @@ class Registry:
                     path = Path(row["path"])
                     if not path.exists():
                         problem = f"{name}@{target}'s artifact {path} no longer exists"
-                    elif artifact_digest(path)[1] != row["sha256"]:
+                    elif artifact_digest_of(path)[1] != row["sha256"]:
                         problem = (f"{name}@{target}'s artifact {path} changed since it was registered "
                                    f"(sha256 no longer {row['sha256'][:12]}…)")
             if problem is None:
@@ -479,6 +537,12 @@ class Registry:
             if key not in cur["metrics"]:
                 raise UsageError(f"the active version {ref.name}@{active} has no metric {key!r}; "
                                  "evaluate it the same way, or activate the candidate by hand")
+            differs = self._protocol_difference(cand, cur, key)
+            if differs:
+                reason = (f"{key} of {ref.name}@{v} and of active {ref.name}@{active} were measured differently "
+                          f"({differs}); evaluate both the same way")
+                self._event(ref.name, v, "promote-refused", False, reason=reason, **detail)
+                raise RefusedError(f"promotion refused: {reason}; {ref.name}@active stays at version {active}")
             a, c = cur["metrics"][key], cand["metrics"][key]
             worse = (c - a) if direction == "lower" else (a - c)
             regression = worse / abs(a) if a != 0 else (0.0 if worse <= 0 else math.inf)
@@ -494,6 +558,19 @@ class Registry:
         if refused:
             raise RefusedError(f"promotion refused: {refused}; {ref.name}@active stays at version {active}")
         return {**self._row(ref.name, v), "gate": {**detail, "passed": True}}
+
+    @staticmethod
+    def _protocol_difference(cand: dict, cur: dict, key: str) -> str | None:
+        """Which evaluation setting differs between two versions' figures for ``key`` (None: same)."""
+        if not key.startswith("datasets."):
+            return None
+        pc = evaluation_protocol(cand["record"], cand["sha256"], key)
+        pa = evaluation_protocol(cur["record"], cur["sha256"], key)
+        if pc is None or pa is None:
+            return "no evaluate record says how " + ("the candidate's" if pc is None else "the active one's") + \
+                " figure was measured"
+        diff = [f"{k} {pc[k]!r} vs {pa[k]!r}" for k in pc if pc[k] != pa.get(k)]
+        return ", ".join(diff) or None
 
     @staticmethod
     def _metric_key(metrics: dict[str, float], metric: str, where: str) -> str:
@@ -533,8 +610,12 @@ class Registry:
         return [{**dict(r), "ok": bool(r["ok"]), "detail": json.loads(r["detail"])} for r in rows]
 
     def compare(self, refs: list[Ref]) -> dict:
+        """Metrics side by side, size first, then the figures people compare on (perplexity, bits
+        per byte, speed, energy, bits per weight), then everything else alphabetically."""
         versions = [self.get(r) for r in refs]
-        keys = sorted(set().union(*(v["metrics"] for v in versions)))
+        for v in versions:
+            v["metrics"] = {"bytes": v["bytes"], **v["metrics"]}
+        keys = sorted(set().union(*(v["metrics"] for v in versions)), key=_compare_order)
         base = versions[0]["metrics"]
         table = {}
         for k in keys:

@@ -1,9 +1,15 @@
 """``itera report``: tables and charts from records, following their lineage.
 
 Every number in the report is copied from a record: a row per artifact with its size, bits
-per weight (from the quantize step that produced it or its source), perplexity and bits per
-byte per dataset (evaluate), decode tokens/s and J/token with the energy method
-(benchmark-power), and export parity (max |logit diff|, top-1 agreement).
+per weight (the quantize step's, or for a GGUF file the file's own over all its weights),
+perplexity and bits per byte per dataset and evaluation protocol (evaluate), median decode
+tokens/s with its spread and stability, J/token with the energy method (benchmark-power, one
+artifact or several compared in one run), and export parity (max |logit diff|, top-1 agreement).
+
+Rows are labelled by their registry reference when one was registered, else by the shortest
+path suffix that tells them apart (two ``model.gguf`` files in different directories differ).
+Perplexities measured with different protocols (window, stride, BOS, tokens scored)
+are never put in one column: each protocol gets its own, labelled.
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ from __future__ import annotations
 import base64
 import functools
 import math
-from html import escape
+import os
 from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 
 from itera.errors import InputError, UsageError
@@ -26,15 +33,19 @@ class Row:
     format: str
     bytes: int | None = None
     bits_per_weight: float | None = None
-    perplexity: dict = field(default_factory=dict)
+    perplexity: dict = field(default_factory=dict)  # (dataset, protocol) -> value
     bits_per_byte: dict = field(default_factory=dict)
     decode_tokens_per_s: float | None = None
+    decode_iqr: float | None = None
+    stable: bool | None = None
     runtime: str | None = None
     j_per_token: float | None = None
     energy_method: str | None = None
     max_abs_logit_diff: float | None = None
     top1_agreement: float | None = None
     made_by: str | None = None
+    ref: str | None = None  # name@version when registered
+    label: str = ""
 
 
 def chain(record: dict) -> list[dict]:
@@ -45,10 +56,23 @@ def chain(record: dict) -> list[dict]:
     return out
 
 
+def _protocol(node: dict, figures: dict) -> tuple:
+    """What makes two perplexities comparable: windowing, BOS and tokens scored (not the runtime)."""
+    p = node.get("params") or {}
+    return (p.get("window"), p.get("stride"), p.get("bos"), figures.get("tokens"))
+
+
+def _bench(row: Row, m: dict) -> None:
+    row.decode_tokens_per_s, row.runtime = m.get("decode_tokens_per_s"), m.get("runtime")
+    row.decode_iqr, row.stable = m.get("decode_tokens_per_s_iqr"), m.get("stable")
+    row.j_per_token, row.energy_method = m.get("j_per_token"), m.get("energy_method")
+
+
 def collect(records: list[dict]) -> list[Row]:
     """One row per artifact seen anywhere in the records' lineage, in order of first appearance
     from the oldest record."""
     rows: dict[str, Row] = {}
+    by_path: dict[str, Row] = {}
     seen: set[int] = set()
     nodes = []
     for rec in records:
@@ -56,34 +80,68 @@ def collect(records: list[dict]) -> list[Row]:
             if id(node) not in seen:
                 seen.add(id(node))
                 nodes.append(node)
-    # a quantize record's bits per weight also describes what is exported from its artifact
-    bpw_by_sha: dict[str, float] = {}
+    bpw_by_sha: dict[str, float] = {}  # a quantize record's bits per weight describes what is exported from it
     for node in nodes:
         art = node.get("artifact") or {}
         key = art.get("sha256") or art.get("path")
         if not key:
             continue
         row = rows.setdefault(key, Row(path=art["path"], format=art.get("format", "?"), bytes=art.get("bytes")))
-        m, cmd = node.get("metrics") or {}, node.get("command")
+        by_path[os.path.abspath(art["path"])] = row
+        m, cmd, params = node.get("metrics") or {}, node.get("command"), node.get("params") or {}
         parent_art = ((node.get("parent") or {}).get("artifact") or {})
         if cmd == "quantize":
             row.bits_per_weight = m.get("bits_per_weight")
             bpw_by_sha[art.get("sha256")] = row.bits_per_weight
-            row.made_by = f"quantize {node['params'].get('method')}"
+            row.made_by = f"quantize {params.get('method')}"
         elif cmd == "export":
             row.max_abs_logit_diff, row.top1_agreement = m.get("max_abs_logit_diff"), m.get("top1_agreement")
-            row.bits_per_weight = row.bits_per_weight or bpw_by_sha.get(parent_art.get("sha256"))
-            row.made_by = f"export {node['params'].get('format')}" + (
-                f" {node['params'].get('gguf_type')}" if node["params"].get("format") == "gguf" else "")
+            row.bits_per_weight = m.get("bits_per_weight") or row.bits_per_weight or \
+                bpw_by_sha.get(parent_art.get("sha256"))
+            row.made_by = f"export {params.get('format')}" + (
+                f" {params.get('gguf_type')}" if params.get("format") == "gguf" else "")
         elif cmd == "distill":
             row.made_by = "distill"
         elif cmd == "evaluate":
             for ds, v in (m.get("datasets") or {}).items():
-                row.perplexity[ds], row.bits_per_byte[ds] = v.get("perplexity"), v.get("bits_per_byte")
+                proto = _protocol(node, v)
+                row.perplexity[ds, proto], row.bits_per_byte[ds, proto] = v.get("perplexity"), v.get("bits_per_byte")
         elif cmd == "benchmark-power":
-            row.decode_tokens_per_s, row.runtime = m.get("decode_tokens_per_s"), m.get("runtime")
-            row.j_per_token, row.energy_method = m.get("j_per_token"), m.get("energy_method")
+            if "compare" in m:  # several artifacts measured in one run: each figure to its own artifact
+                for path, figures in m["compare"].items():
+                    target = by_path.get(os.path.abspath(path))
+                    if target is None:
+                        target = rows.setdefault(path, Row(path=path, format=Path(path).suffix[1:] or "?"))
+                        by_path[os.path.abspath(path)] = target
+                    _bench(target, figures)
+            else:
+                _bench(row, m)
+        elif cmd == "registry register":
+            row.ref = f"{params.get('name')}@{params.get('version')}"
+    _label(list(rows.values()))
     return list(rows.values())
+
+
+def _label(rows: list[Row]) -> None:
+    """The registry reference, else the shortest path suffix no other row shares."""
+    for r in rows:
+        parts = Path(r.path).parts
+        for n in range(1, len(parts) + 1):
+            suffix = "/".join(parts[-n:])
+            if sum(1 for o in rows if "/".join(Path(o.path).parts[-n:]) == suffix) == 1:
+                break
+        r.label = f"{r.ref} ({suffix})" if r.ref else suffix
+
+
+def size(n: int | None) -> str:
+    """1536 -> 1.5 KiB."""
+    if n is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def fmt(v, spec: str = ".4g") -> str:
@@ -94,18 +152,33 @@ def fmt(v, spec: str = ".4g") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+def _columns(rows: list[Row]) -> list[tuple[str, tuple]]:
+    """(header label, (dataset, protocol)) per perplexity column: one per dataset, or one per
+    protocol of a dataset measured more than one way, each labelled with its protocol."""
+    keys = sorted({k for r in rows for k in r.perplexity}, key=lambda k: (k[0], str(k[1])))
+    out = []
+    for ds, proto in keys:
+        several = sum(1 for d, _ in keys if d == ds) > 1
+        w, st, bos, tokens = proto
+        label = ds + (f" (window {w}, stride {st}, bos {bos}, {tokens} tokens)" if several else "")
+        out.append((label, (ds, proto)))
+    return out
+
+
 def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
-    datasets = sorted({d for r in rows for d in r.perplexity})
-    head = ["artifact", "made by", "format", "bytes", "bits/weight", *[f"ppl {d}" for d in datasets],
-            *[f"bpb {d}" for d in datasets], "decode tok/s", "runtime", "J/token", "energy method",
+    cols = _columns(rows)
+    head = ["artifact", "made by", "format", "size", "bits/weight", *[f"ppl {c}" for c, _ in cols],
+            *[f"bpb {c}" for c, _ in cols], "decode tok/s", "stable", "runtime", "J/token", "energy method",
             "max abs Δlogit", "top-1 agree"]
     body = []
     for r in rows:
-        body.append([Path(r.path).name, r.made_by or "", r.format, fmt(r.bytes, "d"), fmt(r.bits_per_weight, ".3f"),
-                     *[fmt(r.perplexity.get(d), ".3f") for d in datasets],
-                     *[fmt(r.bits_per_byte.get(d), ".4f") for d in datasets],
-                     fmt(r.decode_tokens_per_s, ".1f"), r.runtime or "–", fmt(r.j_per_token, ".4g"),
-                     r.energy_method or "–", fmt(r.max_abs_logit_diff, ".3g"), fmt(r.top1_agreement, ".3f")])
+        tps = fmt(r.decode_tokens_per_s, ".1f") + (f" ± {r.decode_iqr / 2:.1f}" if r.decode_iqr is not None else "")
+        body.append([r.label, r.made_by or "", r.format, size(r.bytes), fmt(r.bits_per_weight, ".3f"),
+                     *[fmt(r.perplexity.get(k), ".3f") for _, k in cols],
+                     *[fmt(r.bits_per_byte.get(k), ".4f") for _, k in cols],
+                     tps, {True: "yes", False: "no"}.get(r.stable, "–"), r.runtime or "–",
+                     fmt(r.j_per_token, ".4g"), r.energy_method or "–", fmt(r.max_abs_logit_diff, ".3g"),
+                     fmt(r.top1_agreement, ".3f")])
     return head, body
 
 
@@ -115,41 +188,48 @@ def _md_cell(text: str) -> str:
 
 
 def charts(rows: list[Row], out: Path) -> list[Path]:
-    """PNG charts for what the records hold: size vs perplexity, decode throughput, energy per token."""
+    """PNG charts: the size-quality frontier (every artifact with a perplexity, one protocol),
+    decode throughput (medians with IQR bars, unstable runs marked), energy per token."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    ds = next((d for r in rows for d in r.perplexity), None)
-    pts = [(r.bytes, r.perplexity[ds], Path(r.path).name) for r in rows if ds and r.bytes and r.perplexity.get(ds)]
-    if pts:
+    cols = _columns(rows)
+    if cols:  # the protocol most artifacts were measured with
+        label, key = max(cols, key=lambda c: sum(1 for r in rows if r.perplexity.get(c[1])))
+        pts = [(r.bytes, r.perplexity[key], r.label) for r in rows if r.bytes and r.perplexity.get(key)]
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=40)
-        for x, y, label in pts:
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        for x, y, text in pts:
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("artifact size (bytes)")
-        ax.set_ylabel(f"perplexity on {ds}")
-        ax.set_title("Size–quality frontier")
+        ax.set_ylabel(f"perplexity on {label}")
+        ax.set_title(f"Size–quality frontier ({len(pts)} artifacts)")
         ax.grid(True, alpha=0.3)
         written.append(_save(fig, out / "frontier.png"))
-    bars = [(f"{Path(r.path).name}\n({r.runtime})", r.decode_tokens_per_s) for r in rows if r.decode_tokens_per_s]
-    if bars:
-        written.append(_bar(bars, "decode tokens/s", "Decode throughput per runtime", out / "throughput.png"))
-    energy = [(Path(r.path).name, r.j_per_token) for r in rows if r.j_per_token is not None]
+    bench = [r for r in rows if r.decode_tokens_per_s]
+    if bench:
+        labels = [f"{r.label}\n({r.runtime}{', UNSTABLE' if r.stable is False else ''})" for r in bench]
+        errs = [(r.decode_iqr or 0) / 2 for r in bench]
+        colors = ["#cc6677" if r.stable is False else "#4477aa" for r in bench]
+        written.append(_bar(list(zip(labels, [r.decode_tokens_per_s for r in bench])), "decode tokens/s (median)",
+                            "Decode throughput (bars: IQR across runs; red: unstable)", out / "throughput.png",
+                            errs, colors))
+    energy = [(r.label, r.j_per_token) for r in rows if r.j_per_token is not None]
     if energy:
         methods = sorted({r.energy_method for r in rows if r.j_per_token is not None})
         written.append(_bar(energy, "J/token", f"Energy per token ({', '.join(methods)})", out / "energy.png"))
     return written
 
 
-def _bar(items, ylabel: str, title: str, path: Path) -> Path:
+def _bar(items, ylabel: str, title: str, path: Path, errors=None, colors=None) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    ax.bar(range(len(items)), [v for _, v in items], color="#4477aa")
+    ax.bar(range(len(items)), [v for _, v in items], color=colors or "#4477aa", yerr=errors, capsize=4)
     ax.set_xticks(range(len(items)), [k for k, _ in items], fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -227,20 +307,32 @@ class ReportOptions:
 
     @functools.cached_property
     def parsed(self) -> list[dict]:
-        """The records, read once."""
+        """The records, read once; files that are not itera records are skipped (see :attr:`skipped`)."""
+        from itera.errors import RecordError
         from itera.record import parse_record, read_record_file
 
-        if self.records:
-            return [read_record_file(p) for p in self.records]
-        lines = self.stdin.decode("utf-8", "strict").splitlines() if self.stdin.strip() else []
-        return [parse_record(line.encode()) for line in lines if line.strip()]
+        self.skipped: list[str] = []
+        if not self.records:
+            lines = self.stdin.decode("utf-8", "strict").splitlines() if self.stdin.strip() else []
+            return [parse_record(line.encode()) for line in lines if line.strip()]
+        out = []
+        for p in self.records:
+            try:
+                out.append(read_record_file(p))
+            except RecordError as e:  # e.g. `registry compare`'s JSON beside the records in runs/demo/
+                self.skipped.append(f"{p} ({str(e).split(';')[0]})")
+        return out
 
 
 def run_report(opts: ReportOptions, reporter: Reporter = SILENT) -> Outcome:
     from itera.record import describe_artifact
 
     opts.validate()
-    result = render(opts.parsed, opts.out, opts.format)
+    records = opts.parsed
+    for note in opts.skipped:
+        reporter.log(f"skipped {note}: not an itera record")
+    result = render(records, opts.out, opts.format)
     reporter.log(f"wrote {result['report']} ({result['artifacts']} artifacts)")
-    params = {"records": [str(p) for p in opts.records], "format": opts.format, "charts": result["charts"]}
+    params = {"records": [str(p) for p in opts.records], "format": opts.format, "charts": result["charts"],
+              "skipped": opts.skipped}
     return Outcome(describe_artifact(opts.out, "report", opts.format), {"artifacts": result["artifacts"]}, params)

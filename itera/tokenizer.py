@@ -1,14 +1,18 @@
 """Tokenizers through the `tokenizers` library (``tokenizer.json``).
 
 BOS/EOS come from ``tokenizer_config.json`` (``bos_token``, ``eos_token``, ``add_bos_token``),
-falling back to ``config.json``'s ``bos_token_id``/``eos_token_id``. :func:`train_bpe` trains
-the byte-level BPE (GPT-2 pre-tokenizer) used by the demo and the tests.
+falling back to ``config.json``'s ``bos_token_id``/``eos_token_id``; when tokenizer_config.json
+does not say whether BOS goes in front, the post-processor does (Llama 3 adds
+``<|begin_of_text|>`` there). Text is encoded with special-token strings as plain text: data
+that happens to contain ``<|im_start|>`` is not a control token (llama.cpp's ``parse_special``
+off does the same); :meth:`Tokenizer.encode` with ``special=True`` parses them, for chat
+templates. :func:`train_bpe` trains the byte-level BPE used by the demo and the tests.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -29,6 +33,17 @@ class Tokenizer:
     bos_id: int | None = None
     eos_id: int | None = None
     add_bos: bool = False
+    config: dict = field(default_factory=dict)  # tokenizer_config.json as read
+    stop_ids: tuple[int, ...] = ()  # every id that ends generation (EOS, generation_config's eos list)
+
+    def __post_init__(self) -> None:
+        self.backend.encode_special_tokens = True  # special-token strings in text are text
+        self._special_backend = None
+
+    @property
+    def chat_template(self) -> str | list | None:
+        """tokenizer_config.json's chat_template (a Jinja string, or a list of named templates)."""
+        return self.config.get("chat_template")
 
     @property
     def vocab_size(self) -> int:
@@ -46,10 +61,19 @@ class Tokenizer:
             raise CheckpointError(f"{where}: the tokenizer has ids up to {self.max_id} but the embedding table has "
                                   f"{vocab_size} rows (config vocab_size); the tokenizer does not belong to these weights")
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
         """Token ids of ``text`` without the tokenizer's own special-token template;
-        BOS is put in front when ``add_bos`` (default: the tokenizer's setting)."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        BOS is put in front when ``add_bos`` (default: the tokenizer's setting). With
+        ``special``, special-token strings in ``text`` become their tokens (rendered chat templates)."""
+        backend = self.backend
+        if special:
+            if self._special_backend is None:
+                from tokenizers import Tokenizer as HFTokenizer
+
+                self._special_backend = HFTokenizer.from_str(self.backend.to_str())
+                self._special_backend.encode_special_tokens = False
+            backend = self._special_backend
+        ids = backend.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos):
             if self.bos_id is None:
                 raise CheckpointError("the tokenizer has no BOS token; pass --no-bos")
@@ -84,13 +108,14 @@ class Tokenizer:
         except UnicodeDecodeError:
             raise CheckpointError(f"{tj} is not UTF-8 text; restore the model's tokenizer.json") from None
         return cls.from_strings(text, _read_json(path / "tokenizer_config.json"), _read_json(path / "config.json"),
-                                source=str(tj))
+                                source=str(tj), gen=_read_json(path / "generation_config.json"))
 
     @classmethod
     def from_strings(cls, tokenizer_json: str, tcfg: dict, mcfg: dict | None = None,
-                     source: str = "tokenizer.json") -> "Tokenizer":
+                     source: str = "tokenizer.json", gen: dict | None = None) -> "Tokenizer":
         """A tokenizer from the text of a tokenizer.json and the parsed tokenizer_config.json (and
-        config.json for BOS/EOS ids); ``source`` names where they came from in messages."""
+        config.json and generation_config.json for special ids); ``source`` names where they came
+        from in messages."""
         from tokenizers import Tokenizer as HFTokenizer
 
         mcfg = mcfg or {}
@@ -110,13 +135,20 @@ class Tokenizer:
             return v if isinstance(v, int) and not isinstance(v, bool) and backend.id_to_token(v) is not None else None
 
         bos, eos = token_id("bos_token"), token_id("eos_token")
-        return cls(backend, bos_id=bos, eos_id=eos, add_bos=bool(tcfg.get("add_bos_token", False)) and bos is not None)
+        add_bos = tcfg.get("add_bos_token")
+        if add_bos is None:  # tokenizer_config.json is silent: the post-processor's template decides
+            add_bos = _post_processor_adds(json.loads(tokenizer_json), bos, backend)
+        stops = [eos] + _ids(mcfg.get("eos_token_id")) + _ids((gen or {}).get("eos_token_id"))
+        stops = tuple(dict.fromkeys(i for i in stops if isinstance(i, int) and backend.id_to_token(i) is not None))
+        return cls(backend, bos_id=bos, eos_id=eos, add_bos=bool(add_bos) and bos is not None, config=dict(tcfg),
+                   stop_ids=stops)
 
     def save(self, path: Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(path / "tokenizer.json"))
         cfg = {
+            **self.config,
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.backend.id_to_token(self.bos_id) if self.bos_id is not None else None,
             "eos_token": self.backend.id_to_token(self.eos_id) if self.eos_id is not None else None,
@@ -126,6 +158,25 @@ class Tokenizer:
             "model_max_length": 1_000_000_000,
         }
         (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _ids(v) -> list[int]:
+    return [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, int) and not isinstance(x, bool)]
+
+
+def _post_processor_adds(tj: dict, bos: int | None, backend) -> bool:
+    """Whether tokenizer.json's post-processor puts BOS in front of a single sequence."""
+    if bos is None:
+        return False
+    pp = tj.get("post_processor") or {}
+    steps = pp.get("processors", [pp]) if pp.get("type") == "Sequence" else [pp]
+    bos_text = backend.id_to_token(bos)
+    for step in steps:
+        if step.get("type") == "TemplateProcessing":
+            single = step.get("single") or []
+            first = single[0] if single else {}
+            return "SpecialToken" in first and first["SpecialToken"].get("id") == bos_text
+    return False
 
 
 def _read_json(path: Path) -> dict:

@@ -8,7 +8,8 @@
 - Distributed: under ``torchrun`` the model is wrapped in DistributedDataParallel (gloo on CPU,
   nccl on GPU); each rank takes its share of every global batch's rows, so N processes with
   the same global batch compute the same update as one.
-- bf16 autocast on CUDA.
+- Precision: ``dtype`` "auto" is bf16 autocast on CUDA and float32 on the CPU; "bf16" or
+  "float32" choose (bf16 on the CPU autocasts there too, which is slower on most CPUs).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class TrainOptions:
     seed: int = 0
     eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
     save_every: int = 0  # steps between resumable checkpoints (0: none)
+    dtype: str = "auto"  # auto | float32 | bf16: the compute precision of the forward and backward passes
 
     def validate(self, world_size: int = 1) -> "TrainOptions":
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
@@ -49,6 +51,8 @@ class TrainOptions:
             raise UsageError(f"--lr must be positive (got {self.lr})")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.save_every < 0:
             raise UsageError("--warmup-steps, --eval-every and --save-every must not be negative")
+        if self.dtype not in ("auto", "float32", "fp32", "bf16", "bfloat16"):
+            raise UsageError(f"--dtype {self.dtype!r} is not a training precision; use auto, float32 or bf16")
         if self.batch_size % (world_size * self.grad_accum):
             raise UsageError(f"--batch-size {self.batch_size} must be divisible by processes x --grad-accum "
                              f"({world_size} x {self.grad_accum})")
@@ -141,8 +145,8 @@ def barrier(d: Dist) -> None:
 def run_fingerprint(opts: TrainOptions, world: int, n_params: int, n_tokens: int) -> str:
     """What must match for a resumed run to continue the same run (logging cadence may change)."""
     o = asdict(opts)
-    o.pop("eval_every")
-    o.pop("save_every")
+    for key in ("eval_every", "save_every", "steps"):  # cadence, and how far to go: a run may be extended
+        o.pop(key)
     return json.dumps({"options": o, "world": world, "params": n_params, "tokens": n_tokens}, sort_keys=True)
 
 
@@ -246,13 +250,19 @@ class Trainer:
         self.step, self.losses, self.train_seconds = state["step"], list(state["losses"]), state["train_seconds"]
         return True
 
+    def autocast(self):
+        """bf16 autocast when asked (or by default on CUDA); None for float32."""
+        kind = "cuda" if self.dist.device.startswith("cuda") else "cpu"
+        wanted = self.opts.dtype in ("bf16", "bfloat16") or (self.opts.dtype == "auto" and kind == "cuda")
+        return torch.autocast(kind, dtype=torch.bfloat16) if wanted else None
+
     # ------------------------------------------------------------------ loop
 
     def run(self) -> dict:
         o, d = self.opts, self.dist
         per_rank = o.batch_size // d.world
         micro = per_rank // o.grad_accum
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.startswith("cuda") else None
+        autocast = self.autocast()
         self.model.train()
         while self.step < o.steps:
             t0 = time.perf_counter()
@@ -288,6 +298,9 @@ class Trainer:
             if o.save_every and self.step % o.save_every == 0 and self.step < o.steps:
                 self.save_state()
                 barrier(d)
+        if self.state_dir and self.step > 0:  # the finished run's state: --resume --steps N extends it
+            self.save_state()
+            barrier(d)
         self.model.eval()
         tokens = o.steps * o.batch_size * o.seq_len  # for token-window batches
         tail = self.losses[-10:]

@@ -103,7 +103,7 @@ def teacher(tmp_path_factory, distill_corpus):
     out = tmp_path_factory.mktemp("teacher") / "teacher"
     res = run_itera("distill", "--alpha", "0", "--tokenizer", "bpe:400", "--layers", "4", "--hidden", "128",
                     "--heads", "4", "--kv-heads", "2", "--ffn", "384", "--data", distill_corpus, "--out", out, "--steps", "150",
-                    *SMALL)
+                    *SMALL, timeout=1800)
     rec = res.record
     from itera.record import validate
 
@@ -122,7 +122,7 @@ def lm(tmp_path_factory):
     out = tmp_path_factory.mktemp("pydocs-lm") / "lm"
     run_itera("distill", "--alpha", "0", "--tokenizer", "bpe:1024", "--layers", "4", "--hidden", "128", "--heads", "4",
               "--kv-heads", "2", "--ffn", "384", "--data", "pydocs@train", "--out", out, "--steps", "300",
-              "--batch-size", "16", "--seq-len", "64", "--lr", "4e-3", "--warmup-steps", "10").record
+              "--batch-size", "16", "--seq-len", "64", "--lr", "4e-3", "--warmup-steps", "10", timeout=1800).record
     return out
 
 
@@ -140,14 +140,15 @@ class Result:
         return json.loads(lines[0])
 
 
-def run_itera(*args, stdin: bytes | str | None = None, env: dict | None = None, timeout: float = 600) -> Result:
+def run_itera(*args, stdin: bytes | str | None = None, env: dict | None = None, timeout: float = 600,
+              cwd: Path | None = None) -> Result:
     """Run the real CLI in a subprocess (``python -m itera``), as a user's shell would."""
     if isinstance(stdin, str):
         stdin = stdin.encode()
     full_env = {**os.environ, **(env or {})}
     full_env.pop("ITERA_DEBUG", None)
     p = subprocess.run([sys.executable, "-m", "itera", *map(str, args)], input=stdin if stdin is not None else b"",
-                       capture_output=True, env=full_env, timeout=timeout, cwd=REPO)
+                       capture_output=True, env=full_env, timeout=timeout, cwd=cwd or REPO)
     return Result(p.returncode, p.stdout.decode(), p.stderr.decode())
 
 
@@ -161,3 +162,80 @@ def assert_usage_error(res: Result, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def stories(tmp_path_factory):
+    """A trained model shaped like llama2.c's stories260K (hidden 64, 8 heads / 4 kv heads, tied,
+    FFN 172 — a width no group of 32 divides), with that family's large weight magnitudes: after
+    training, each RMSNorm's gain is multiplied by 16 and the projections it feeds divided by 16,
+    which leaves the function as it was and the weights and activations 16 times larger."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("stories")
+    (d / "stories.yaml").write_text("layers: 3\nhidden: 64\nheads: 8\nkv_heads: 4\nffn: 172\n"
+                                   "tie_word_embeddings: true\nmax_position_embeddings: 256\n")
+    out = d / "stories"
+    run_itera("distill", "--alpha", "0", "--tokenizer", "bpe:512", "--student", d / "stories.yaml",
+              "--data", "pydocs@train", "--out", out, "--steps", "150", "--batch-size", "16", "--seq-len", "64",
+              "--lr", "5e-3", "--warmup-steps", "10", "--weight-decay", "0", timeout=1800).record
+    sd = load_file(str(out / "model.safetensors"))
+    for i in range(3):
+        p = f"model.layers.{i}."
+        for norm, projs in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            sd[p + norm + ".weight"] = sd[p + norm + ".weight"] * 16
+            for proj in projs:
+                sd[p + proj + ".weight"] = sd[p + proj + ".weight"] / 16
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _placeholder(spec: dict):
+    """A value of the type a schema property asks for (1 satisfies every numeric bound used there;
+    nullable properties get null; objects get their required keys)."""
+    if "enum" in spec:
+        return spec["enum"][0]
+    if "oneOf" in spec or "anyOf" in spec:
+        return _placeholder((spec.get("oneOf") or spec.get("anyOf"))[-1])
+    t = spec.get("type")
+    t = "null" if isinstance(t, list) and "null" in t else (t[0] if isinstance(t, list) else t)
+    if t == "object":
+        return {k: _placeholder(spec.get("properties", {}).get(k, {})) for k in spec.get("required", [])}
+    return {"integer": 1, "number": 1.0, "string": "x", "boolean": True, "array": [], "null": None}.get(t, None)
+
+
+def make_record(command: str, artifact: dict | None, metrics: dict | None = None, params: dict | None = None,
+                parent: dict | None = None) -> dict:
+    """A record built by the real protocol (record.Run) for tests that need hand-made lineages:
+    ``metrics`` and ``params`` as given, and every other key the schema requires for ``command``
+    filled with a typed placeholder, so the tests say only the figures they are about."""
+    from itera.record import Run, schema
+
+    metrics, params = dict(metrics or {}), dict(params or {})
+    root = schema()
+    for block in root.get("allOf", []):
+        cond = block.get("if", {}).get("properties", {}).get("command", {})
+        if cond.get("const") != command and not (cond.get("pattern") and __import__("re").match(cond["pattern"], command)):
+            continue
+        thens = [block.get("then", {})]
+        while thens:  # the block and the conditional blocks inside it: their keys are only added
+            then = thens.pop()
+            thens += [b.get("then", {}) for b in then.get("allOf", [])]
+            for target, part in ((metrics, "metrics"), (params, "params")):
+                for key, sub in _required(then.get("properties", {}).get(part, {}), root):
+                    target.setdefault(key, _placeholder(sub))
+    return Run(command, parent=parent).record(artifact, metrics, params)
+
+
+def _required(spec: dict, root: dict) -> list[tuple[str, dict]]:
+    """(key, its schema) for every key ``spec`` requires, through $ref and allOf."""
+    if "$ref" in spec:
+        node = root
+        for part in spec["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        spec = node
+    out = [(k, spec.get("properties", {}).get(k, {})) for k in spec.get("required", [])]
+    for sub in spec.get("allOf", []):
+        out += _required(sub, root)
+    return out

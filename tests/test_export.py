@@ -188,3 +188,33 @@ def test_sentencepiece_style_tokenizer_exports_with_parity(tmp_path):
         assert ours.decode(ids) == text
     assert any(ours.backend.id_to_token(i).startswith("<0x") for i in ours.encode("北京", add_bos=False))
     rt.close()
+
+
+# ------------------------------------------------------------------------------- a real model's weights
+
+
+@pytest.mark.parametrize("fmt,gguf_type", [("gguf", "F16"), ("gguf", "Q8_0"), ("gguf", "Q4_0"), ("onnx", None)])
+def test_trained_model_with_large_weights_exports_without_allow_mismatch(stories, tmp_path, fmt, gguf_type):
+    """Lossy types of a real model pass: the runtime is checked against the file's own weights,
+    and the loss against the float source is reported, not mistaken for a runtime error."""
+    args = ["--gguf-type", gguf_type] if gguf_type else []
+    rec = export(stories, tmp_path / f"m.{fmt}", "--format", fmt, *args).record
+    m = rec["metrics"]
+    assert m["verified"] and m["problems"] == []
+    assert m["runtime_vs_file"]["rel_rms"] < m["tolerance"]["runtime_vs_file_rel_rms"]
+    assert m["kl_to_source"] < 0.1 and m["perplexity_export"] < m["perplexity_source"] * 1.1
+    if gguf_type == "F16":
+        assert m["tensor_types"] == {"F32": 7, "F16": 22}  # norms F32; FFN 172-wide rows are still whole F16 rows
+
+
+@pytest.mark.parametrize("gguf_type", ["F32", "Q4_0"])
+def test_a_gguf_with_q_k_rows_in_the_wrong_rope_layout_fails(stories, tmp_path, monkeypatch, gguf_type):
+    """A writer that forgot llama.cpp's rope permutation makes a file llama.cpp runs wrongly: the
+    runtime-against-file check catches it for a float type and a block type alike."""
+    import itera.export.gguf as gguf_writer
+    from itera.export.job import ExportOptions, VerificationError, run_export
+
+    monkeypatch.setattr(gguf_writer, "rope_permutation", lambda n, hd: torch.arange(n * hd))
+    with pytest.raises(VerificationError, match="disagrees with the file's own weights"):
+        run_export(ExportOptions(model=stories, out=tmp_path / "bad.gguf", format="gguf", gguf_type=gguf_type))
+    assert list(tmp_path.iterdir()) == []

@@ -8,13 +8,14 @@ import shlex
 
 import pytest
 
-from conftest import REPO, run_itera
-from itera.record import Run, dumps
+from conftest import REPO, make_record, run_itera
+from itera.record import dumps
+from itera.report import size
 
 
 def _rec(command, path, fmt, sha, metrics, params, parent=None, kind="file"):
     art = {"path": path, "kind": kind, "format": fmt, "bytes": 1000 + len(path) * 37, "sha256": sha * 64}
-    return Run(command, parent=parent).record(art, metrics, params)
+    return make_record(command, art, metrics, params, parent)
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def test_report_tables_equal_the_records(records, tmp_path):
     assert s["ppl pydocs@test"] == "230.734" and s["bpb pydocs@test"] == "2.1731"
     assert s["bits/weight"] == "4.500" and s["decode tok/s"] == "6081.9" and s["J/token"] == "0.0123"
     assert s["energy method"] == "estimate-tdp" and s["max abs Δlogit"] == "0.0474" and s["top-1 agree"] == "0.992"
-    assert s["bytes"] == str(bp["artifact"]["bytes"]) and s["made by"] == "export gguf Q4_0"
+    assert s["size"] == size(bp["artifact"]["bytes"]) and s["made by"] == "export gguf Q4_0"
     t = rows["teacher-f16.gguf"]
     assert t["ppl pydocs@test"] == "240.176" and t["decode tok/s"] == "2745.5" and t["bits/weight"] == "–"
     assert rows["student-q4"]["bits/weight"] == "4.500" and rows["student-q4"]["made by"] == "quantize gptq"
@@ -126,3 +127,31 @@ def test_readme_commands_use_real_commands_and_flags():
             if word.startswith("--") and len(word) > 2:
                 flag = word.split("=")[0].split("/")[0]
                 assert flag in helps[key], (line, flag)
+
+
+def test_labels_protocols_and_non_records(tmp_path):
+    """Two model.gguf files in different directories get different labels, a registered one its
+    ref; perplexities measured with different protocols get separate, labelled columns; a JSON
+    file that is not a record is skipped with a note, not an error."""
+    recs = []
+    for d, window, ppl in (("a", 64, 10.0), ("b", 128, 11.0)):
+        ex = _rec("export", f"runs/{d}/model.gguf", "gguf", d, {"max_abs_logit_diff": 0.01, "top1_agreement": 1.0,
+                                                              "bits_per_weight": 4.5}, {"format": "gguf", "gguf_type": "Q4_0"})
+        ev = _rec("evaluate", f"runs/{d}/model.gguf", "gguf", d, {"datasets": {"notes.txt": {
+            "perplexity": ppl, "bits_per_byte": 1.0, "tokens": 500, "bytes": 2000, "tokens_per_s": 1.0}}},
+            {"window": window, "stride": window // 2, "bos": False, "runtime": "llama.cpp"}, ex)
+        recs.append(ev)
+    reg = make_record("registry register", recs[1]["artifact"], {}, {"name": "m", "version": 2}, recs[1])
+    files = [tmp_path / "a.json", tmp_path / "b.json", tmp_path / "compare.json"]
+    files[0].write_text(dumps(recs[0]))
+    files[1].write_text(dumps(reg))
+    files[2].write_text('{"versions": ["m@1", "m@2"], "metrics": {}}')
+    res = run_itera("report", *files, "--out", tmp_path / "rep")
+    rec = res.record
+    assert "skipped" in res.stderr and "compare.json" in res.stderr and rec["params"]["skipped"]
+    rows = {r["artifact"]: r for r in _md_table((tmp_path / "rep" / "report.md").read_text())}
+    assert set(rows) == {"a/model.gguf", "m@2 (b/model.gguf)"}
+    head = list(next(iter(rows.values())))
+    ppl_cols = [h for h in head if h.startswith("ppl ")]
+    assert len(ppl_cols) == 2 and all("window" in h and "500 tokens" in h for h in ppl_cols)
+    assert rows["a/model.gguf"]["bits/weight"] == "4.500"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL, assert_usage_error, run_itera
+from conftest import REPO, SMALL, assert_usage_error, make_record, run_itera
 
 
 def tree(path: Path) -> dict[str, str]:
@@ -71,10 +71,9 @@ def test_existing_directory_is_refused_without_force_and_replaced_only_with_it(m
 def test_report_default_out_keeps_the_users_report_directory(tmp_path):
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "thesis.tex").write_text("mine")
-    from itera.record import Run, dumps
+    from itera.record import dumps
 
-    rec = Run("export").record({"path": "x.gguf", "kind": "file", "format": "gguf", "bytes": 1, "sha256": "a" * 64},
-                               {}, {})
+    rec = make_record("export", {"path": "x.gguf", "kind": "file", "format": "gguf", "bytes": 1, "sha256": "a" * 64})
     (tmp_path / "r.json").write_text(dumps(rec))
     p = subprocess.run([sys.executable, "-m", "itera", "report", str(tmp_path / "r.json")], cwd=tmp_path,
                        capture_output=True, text=True)
@@ -323,9 +322,9 @@ def test_a_change_with_an_unwritable_metrics_out_changes_nothing(registry, tmp_p
 
 def test_a_record_with_nan_registers_nothing(registry, tmp_path):
     db, arts = registry
-    from itera.record import Run, describe_artifact, dumps
+    from itera.record import describe_artifact, dumps
 
-    text = dumps(Run("benchmark-power").record(describe_artifact(arts[1], "file", "gguf"), {"x": 1.5}, {}))
+    text = dumps(make_record("benchmark-power", describe_artifact(arts[1], "file", "gguf"), {"x": 1.5}))
     before = _db_bytes(db)
     res = run_itera("registry", "register", "--name", "m", "--registry", db, stdin=text.replace("1.5", "NaN"))
     assert_usage_error(res, "NaN")
@@ -364,13 +363,13 @@ def test_a_locked_registry_waits_a_bounded_time_then_says_it_is_busy(registry):
 
 
 def test_html_report_of_hostile_names_holds_no_markup(tmp_path):
-    from itera.record import Run, dumps
+    from itera.record import dumps
 
     evil = "<script>alert(1)</script>"
     art = {"path": f"runs/{evil}.gguf", "kind": "file", "format": "<b onmouseover=alert(2)>gguf",
            "bytes": 1234, "sha256": "c" * 64}
-    ev = Run("evaluate").record(art, {"datasets": {"<img src=x onerror=alert(3)>": {
-        "perplexity": 12.5, "bits_per_byte": 1.5, "tokens": 100, "bytes": 400, "tokens_per_s": 10.0}}}, {})
+    ev = make_record("evaluate", art, {"datasets": {"<img src=x onerror=alert(3)>": {
+        "perplexity": 12.5, "bits_per_byte": 1.5, "tokens": 100, "bytes": 400, "tokens_per_s": 10.0}}})
     (tmp_path / "r.json").write_text(dumps(ev))
     run_itera("report", tmp_path / "r.json", "--out", tmp_path / "h", "--format", "html").record
     html = (tmp_path / "h" / "report.html").read_text()

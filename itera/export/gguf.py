@@ -20,14 +20,16 @@ quantizer run on an F16 export (:func:`llama_quantize`).
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
+import functools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from itera.errors import UnsupportedModelError, UsageError
+from itera.export.gguf_vocab import check_tokenizer, write_vocab
 from itera.model.config import ModelConfig
 
 DIRECT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
@@ -35,7 +37,7 @@ DIRECT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 LLAMA_QUANT_TYPES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q3_K_M", "Q2_K", "Q4_1", "Q5_0", "Q5_1")
 GGUF_TYPES = DIRECT_TYPES + LLAMA_QUANT_TYPES
 BLOCK = 32
-BYTE_TOKEN = re.compile(r"^<0x[0-9A-F]{2}>$")
+BLOCK_TYPES = ("Q8_0", "Q4_0")
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -100,178 +102,151 @@ def _model_metadata(w, cfg: ModelConfig, name: str, gguf_type: str) -> None:
         w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
 
 
-def _tokenizer_metadata(w, ckpt: Path, tok) -> None:
-    """Embed the tokenizer: byte-level BPE as llama.cpp's ``gpt2`` model, SentencePiece-style BPE
-    with byte fallback as its ``llama`` model; then the special-token ids."""
-    tj = json.loads((ckpt / "tokenizer.json").read_text("utf-8"))
-    model = tj.get("model", {})
-    pre = tj.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE":
-        raise UnsupportedModelError(f"GGUF export supports BPE tokenizers; this one is {model.get('type')}")
-    spm = bool(model.get("byte_fallback"))
-    if not spm and pre.get("type") != "ByteLevel":
-        raise UnsupportedModelError("GGUF export supports byte-level BPE (GPT-2 style) and SentencePiece-style BPE "
-                                    f"with byte fallback; this BPE has pre-tokenizer {pre.get('type')}")
-    vocab = tok.backend.get_vocab(with_added_tokens=True)
-    tokens = [""] * (max(vocab.values()) + 1)
-    for text, i in vocab.items():
-        tokens[i] = text
-    added = {t["id"]: t for t in tj.get("added_tokens", [])}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    (_spm_vocab if spm else _gpt2_vocab)(w, tokens, added, merges, model.get("unk_token"), vocab)
-    if tok.bos_id is not None:
-        w.add_bos_token_id(tok.bos_id)
-    if tok.eos_id is not None:
-        w.add_eos_token_id(tok.eos_id)
-    w.add_add_bos_token(bool(tok.add_bos))
-    w.add_add_eos_token(False)
-
-
-def _gpt2_vocab(w, tokens: list[str], added: dict, merges: list[str], unk, vocab: dict) -> None:
-    import gguf
-
-    types = [gguf.TokenType.CONTROL if added.get(i, {}).get("special") else
-             gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL for i in range(len(tokens))]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")  # llama.cpp: LLAMA_VOCAB_PRE_TYPE_GPT2, the GPT-2 split regex
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-
-
-def _spm_vocab(w, tokens: list[str], added: dict, merges: list[str], unk, vocab: dict) -> None:
-    """SPM scores are minus the rank of the merge that made each token, so llama.cpp's
-    highest-score-first merging replays the BPE merge order."""
-    import gguf
-
-    rank = {m.replace(" ", ""): r for r, m in reversed(list(enumerate(merges)))}
-    types, scores = [], []
-    for i, t in enumerate(tokens):
-        if t == unk:
-            types.append(gguf.TokenType.UNKNOWN)
-        elif BYTE_TOKEN.match(t):
-            types.append(gguf.TokenType.BYTE)
-        elif added.get(i, {}).get("special"):
-            types.append(gguf.TokenType.CONTROL)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-        scores.append(-float(rank[t]) if t in rank else 0.0)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_add_space_prefix(True)
-    if unk is not None and unk in vocab:
-        w.add_unk_token_id(vocab[unk])
-
-
 # --------------------------------------------------------------------------- tensors
 
 
-class _Tensors:
-    """Adds tensors to the writer, counting types and recording every fallback."""
+@dataclass
+class Planned:
+    """One tensor of the file: its GGUF name, numpy shape, type, and how to make its data."""
 
-    def __init__(self, w, gguf_type: str):
-        self.w, self.gguf_type = w, gguf_type
-        self.counts: dict[str, int] = {}
-        self.fallbacks: list[dict] = []
-        self.direct = 0
+    name: str
+    shape: tuple[int, ...]
+    type: str  # F32 | F16 | BF16 | Q8_0 | Q4_0
+    produce: Callable[[], np.ndarray]
+    direct: bool = False  # blocks straight from an itera checkpoint's codes
 
-    def add(self, name: str, data: np.ndarray, raw, type_name: str) -> None:
-        self.counts[type_name] = self.counts.get(type_name, 0) + 1
-        self.w.add_tensor(name, data, raw_dtype=raw)
-
-    def add_float(self, name: str, x: torch.Tensor, want: str) -> None:
+    def info(self) -> tuple[tuple[int, ...], np.dtype, int, object]:
+        """(shape, dtype, bytes, raw type) as GGUFWriter.add_tensor_info takes them."""
         import gguf
 
-        x = x.float()
-        if x.ndim == 1 or want == "F32":
-            self.add(name, x.numpy().astype(np.float32), None, "F32")
-            return
-        if want in ("Q8_0", "Q4_0") and x.shape[-1] % BLOCK:
-            self.fallbacks.append({"tensor": name, "wanted": want, "written": "F16",
-                                   "reason": f"row length {x.shape[-1]} is not a multiple of {BLOCK}"})
-            want = "F16"
-        if want == "F16":
-            self.add(name, x.numpy().astype(np.float16), None, "F16")
-        else:
-            t = getattr(gguf.GGMLQuantizationType, want)
-            self.add(name, gguf.quants.quantize(x.numpy().astype(np.float32), t), t, want)
-
-    def add_quantized(self, name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, q) -> None:
-        """A layer itera quantized: blocks straight from its codes when they fit the requested
-        type, else the dequantized weight re-quantized to it (a listed fallback)."""
-        import gguf
-
-        from itera.quant.formats import dequantize, ggml_blocks
-
-        block_type = {4: "Q4_0", 8: "Q8_0"}.get(q.bits)
-        if q.sym and q.group_size == BLOCK and block_type == self.gguf_type:
-            self.add(name, ggml_blocks(codes, scales, q.bits), getattr(gguf.GGMLQuantizationType, block_type),
-                     block_type)
-            self.direct += 1
-            return
-        if zeros is None:
-            zeros = torch.full(scales.shape, 2 ** (q.bits - 1))
-        self.fallbacks.append({"tensor": name, "wanted": self.gguf_type, "written": self.gguf_type,
-                               "reason": f"source is {q.bits}-bit group {q.group_size} "
-                                         f"{'sym' if q.sym else 'asym'}: re-quantized from its dequantized values"})
-        self.add_float(name, dequantize(codes, scales, zeros), self.gguf_type)
+        if self.type == "F32":
+            return self.shape, np.dtype(np.float32), 4 * int(np.prod(self.shape)), None
+        if self.type == "F16":
+            return self.shape, np.dtype(np.float16), 2 * int(np.prod(self.shape)), None
+        qtype = getattr(gguf.GGMLQuantizationType, self.type)
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(self.shape, qtype)
+        return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype
 
 
-def _read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+class _Lazy:
+    """Tensors of a checkpoint read one at a time (safetensors maps the files; nothing is held)."""
 
-    from itera.model.checkpoint import weight_files
+    def __init__(self, ckpt: Path):
+        from safetensors import safe_open
 
-    tensors = {}
-    for f in weight_files(ckpt):
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                tensors[k] = st.get_tensor(k)
-    return tensors
+        from itera.model.checkpoint import read_headers
+
+        self.where = {name: f for name, (f, _) in read_headers(ckpt).items()}
+        self.files = {f: safe_open(str(f), framework="pt") for f in set(self.where.values())}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.files[self.where[name]].get_tensor(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
 
 
-def _add_weights(out: _Tensors, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """Every weight and bias config.json implies; q/k rows (and q/k biases) permuted to llama.cpp's rope layout."""
+def _float_data(x: torch.Tensor, t: str) -> np.ndarray:
+    import gguf
+
+    x = x.float()
+    if t == "F32":
+        return x.numpy().astype(np.float32)
+    if t == "F16":
+        return x.numpy().astype(np.float16)
+    return gguf.quants.quantize(x.numpy().astype(np.float32), getattr(gguf.GGMLQuantizationType, t))
+
+
+def plan_tensors(cfg: ModelConfig, src: _Lazy, gguf_type: str) -> tuple[list[Planned], list[dict], list[dict]]:
+    """Every tensor the file will hold, in order, with its type; and the fallbacks taken.
+
+    1-D tensors are F32. A tensor whose rows are not a multiple of 32 falls back to F16 for the
+    block types. Layers itera quantized become blocks from their codes when their layout is the
+    type's (symmetric, group 32, 4 or 8 bits); otherwise they are re-quantized from their
+    dequantized values (a listed fallback). Tensors left 16-bit by quantize stay F16."""
     from itera.model.checkpoint import expected_shapes
-    from itera.quant.formats import layer_plan, unpack
+    from itera.quant.formats import layer_plan
 
     plan = layer_plan(cfg.quantization) if cfg.quantization else {}
     perms = {"self_attn.q_proj": rope_permutation(cfg.num_attention_heads, cfg.head_dim),
              "self_attn.k_proj": rope_permutation(cfg.num_key_value_heads, cfg.head_dim)}
+    out: list[Planned] = []
+    fallbacks: list[dict] = []
+    requantized: list[dict] = []
     shapes = expected_shapes(cfg)
-    for name in shapes:
-        module = name.rsplit(".", 1)[0]
+    for hf, shape in shapes.items():
+        module = hf.rsplit(".", 1)[0]
         perm = next((p for suffix, p in perms.items() if module.endswith(suffix)), None)
+        name = gguf_name(hf)
         if module in plan:
-            q = plan[module]
-            codes = unpack(tensors[module + ".qweight"], q.bits, shapes[name][1])
-            scales, zeros = tensors[module + ".scales"], tensors.get(module + ".zeros")
-            if perm is not None:
-                codes, scales = codes[perm], scales[perm]
-                zeros = zeros[perm] if zeros is not None else None
-            out.add_quantized(gguf_name(name), codes, scales, zeros, q)
+            out.append(_plan_quantized(name, module, shape, plan[module], perm, src, gguf_type, fallbacks, requantized))
             continue
-        x = tensors[name] if perm is None else tensors[name][perm]
-        want = out.gguf_type
-        if cfg.quantization and x.ndim == 2:
-            want = "F16" if out.gguf_type != "F32" else "F32"  # not quantized in the source: keep 16-bit
-        out.add_float(gguf_name(name), x, want)
+        want = "F32" if len(shape) == 1 or gguf_type == "F32" else gguf_type
+        if cfg.quantization and want != "F32":
+            want = "F16"  # not quantized in the source: keep 16-bit
+        if want in BLOCK_TYPES and shape[-1] % BLOCK:
+            fallbacks.append({"tensor": name, "wanted": want, "written": "F16",
+                              "reason": f"row length {shape[-1]} is not a multiple of {BLOCK}"})
+            want = "F16"
+        out.append(Planned(name, shape, want, functools.partial(_load_float, src, hf, perm, want)))
     if cfg.rope_type == "llama3":
         from itera.model.llama import rope_inv_freq
 
         # llama.cpp divides each rotary frequency by its factor: unscaled / scaled.
         factors = (rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None)) / rope_inv_freq(cfg)).float()
-        out.add("rope_freqs.weight", factors.numpy().astype(np.float32), None, "F32")
+        out.append(Planned("rope_freqs.weight", tuple(factors.shape), "F32", lambda: factors.numpy().astype(np.float32)))
+    return out, fallbacks, requantized
+
+
+def _load_float(src: _Lazy, hf: str, perm, t: str) -> np.ndarray:
+    x = src.get(hf)
+    return _float_data(x if perm is None else x[perm], t)
+
+
+def _plan_quantized(name: str, module: str, shape: tuple, q, perm, src: _Lazy, gguf_type: str,
+                    fallbacks: list, requantized: list) -> Planned:
+    from itera.quant.formats import dequantize, ggml_blocks, unpack
+
+    def parts():
+        codes = unpack(src.get(module + ".qweight"), q.bits, shape[1])
+        scales = src.get(module + ".scales")
+        zeros = src.get(module + ".zeros") if module + ".zeros" in src else None
+        if perm is not None:
+            codes, scales = codes[perm], scales[perm]
+            zeros = zeros[perm] if zeros is not None else None
+        return codes, scales, zeros
+
+    block_type = {4: "Q4_0", 8: "Q8_0"}.get(q.bits)
+    if q.sym and q.group_size == BLOCK and block_type == gguf_type:
+        def blocks():
+            codes, scales, _ = parts()
+            return ggml_blocks(codes, scales, q.bits)
+
+        return Planned(name, shape, block_type, blocks, direct=True)
+    want = gguf_type
+    if want in BLOCK_TYPES and shape[-1] % BLOCK:
+        want = "F16"
+    why = f"source is {q.bits}-bit group {q.group_size} {'sym' if q.sym else 'asym'}"
+    if want != gguf_type:
+        fallbacks.append({"tensor": name, "wanted": gguf_type, "written": want,
+                          "reason": f"{why} and its rows are not a multiple of {BLOCK}"})
+    else:  # the requested type, from the dequantized values: not a fallback, but not lossless either
+        requantized.append({"tensor": name, "type": want, "reason": f"{why}: re-quantized from its dequantized values"})
+
+    def requantized():
+        codes, scales, zeros = parts()
+        if zeros is None:
+            zeros = torch.full(scales.shape, 2 ** (q.bits - 1))
+        return _float_data(dequantize(codes, scales, zeros), want)
+
+    return Planned(name, shape, want, requantized)
 
 
 def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
-    """Write ``ckpt`` as a GGUF file at ``out`` (the caller makes the write atomic).
+    """Write ``ckpt`` as a GGUF file at ``out`` (the caller makes the write atomic), one tensor at a
+    time: peak memory is one tensor, not the model.
 
-    Returns {"tensor_types": {type: count}, "fallbacks": [...], "direct_from_codes": n}.
-    """
+    Returns tensor types and counts, fallbacks, tensors written from codes, and the vocabulary."""
     import gguf
 
     from itera.model.checkpoint import load_config
@@ -281,29 +256,43 @@ def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
         raise UsageError(f"--gguf-type {gguf_type} is written by llama.cpp's quantizer, not directly")
     cfg = load_config(ckpt)
     check_exportable(cfg)
+    src = _Lazy(ckpt)
+    planned, fallbacks, requantized = plan_tensors(cfg, src, gguf_type)
     w = gguf.GGUFWriter(str(out), "llama")
     _model_metadata(w, cfg, ckpt.name, gguf_type)
-    _tokenizer_metadata(w, ckpt, Tokenizer.from_dir(ckpt))
-    tensors = _Tensors(w, gguf_type)
-    _add_weights(tensors, cfg, _read_tensors(ckpt))
+    vocab = write_vocab(w, ckpt, Tokenizer.from_dir(ckpt), cfg)
+    for t in planned:
+        shape, dtype, nbytes, raw = t.info()
+        w.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for t in planned:
+        w.write_tensor_data(t.produce())
     w.close()
-    return {"tensor_types": tensors.counts, "fallbacks": tensors.fallbacks, "direct_from_codes": tensors.direct}
+    counts: dict[str, int] = {}
+    for t in planned:
+        counts[t.type] = counts.get(t.type, 0) + 1
+    return {"tensor_types": counts, "fallbacks": fallbacks, "requantized": requantized,
+            "direct_from_codes": sum(t.direct for t in planned), "vocabulary": vocab}
 
 
-def llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = None) -> None:
-    """Run llama.cpp's quantizer (through llama-cpp-python) from ``src`` to ``dst``."""
+def llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = None) -> str:
+    """Run llama.cpp's quantizer (through llama-cpp-python) from ``src`` to ``dst``. Its log (a
+    line per tensor) goes to a file under ``$ITERA_HOME/logs``; returns that file's path."""
     import llama_cpp
+
+    from itera.runtime.llamacpp_backend import native_log
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or 0
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    with native_log("llama-quantize") as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
-        raise RuntimeError(f"llama.cpp's quantizer failed with code {rc}")
+        raise RuntimeError(f"llama.cpp's quantizer failed with code {rc} (log: {log})")
+    return str(log)
 
 
 # --------------------------------------------------------------------------- the format's entry
@@ -311,6 +300,7 @@ def llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = N
 
 def check(cfg: ModelConfig, opts) -> None:
     check_exportable(cfg)
+    check_tokenizer(opts.model)
 
 
 def write(src, opts, staging, reporter) -> dict:
@@ -319,16 +309,46 @@ def write(src, opts, staging, reporter) -> dict:
         return write_gguf(src.path, staging.main, opts.gguf_type)
     f16 = staging.temp(".f16.gguf")
     info = write_gguf(src.path, f16, "F16")
-    reporter.log(f"running llama.cpp's quantizer to {opts.gguf_type}")
-    llama_quantize(f16, staging.main, opts.gguf_type, opts.threads)
-    return {"tensor_types": None, "fallbacks": info["fallbacks"], "direct_from_codes": 0, "quantized_by": "llama.cpp"}
+    log = llama_quantize(f16, staging.main, opts.gguf_type, opts.threads)
+    f16.unlink()
+    fallbacks = llama_fallbacks(staging.main, opts.gguf_type)
+    reporter.log(f"llama.cpp's quantizer wrote {opts.gguf_type}" + (f"; {len(fallbacks)} tensors fell back to "
+                 "other types (listed in the record)" if fallbacks else "") + f" (its log: {log})")
+    return {**info, "fallbacks": info["fallbacks"] + fallbacks, "direct_from_codes": 0, "quantized_by": "llama.cpp",
+            "quantizer_log": log}
 
 
-def verify(src, opts, artifact: Path, info: dict) -> tuple[np.ndarray, dict, list[str]]:
-    """llama.cpp's logits on the source's ids, and whether it tokenizes the verify text alike."""
+def llama_fallbacks(path: Path, gguf_type: str) -> list[dict]:
+    """Tensors llama.cpp's quantizer wrote with a smaller block than the requested type's (it
+    does so when a row is not a multiple of the block, 256 for K-quants), read from the file."""
+    import gguf
+
+    base = gguf_type.split("_K")[0] + "_K" if "_K" in gguf_type else gguf_type
+    want_block = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, base)][0]
+    out = []
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if len(t.shape) < 2:
+            continue
+        block = gguf.GGML_QUANT_SIZES[t.tensor_type][0]
+        if block < want_block:
+            out.append({"tensor": t.name, "wanted": gguf_type, "written": t.tensor_type.name,
+                        "reason": f"row length {int(t.shape[0])} is not a multiple of {want_block} "
+                                  "(llama.cpp's quantizer chose the type)"})
+    return out
+
+
+def verify(src, opts, artifact: Path, info: dict):
+    """llama.cpp's logits on the source's ids; the logits of the file's own weights in torch;
+    tokenization of a varied text; the tensor types the file really holds."""
+    from itera.export.verify import PARITY_TEXT, file_logits_gguf, gguf_tensor_types, tokenizer_parity
     from itera.runtime.llamacpp_backend import LlamaCppRuntime
 
+    file_logits = file_logits_gguf(artifact, src.cfg, src.ids)  # before llama.cpp maps the file: peak memory
+    types, bpw = gguf_tensor_types(artifact)
     with LlamaCppRuntime(artifact, threads=opts.threads) as rt:
-        ours = src.tokenizer.encode(src.verify_text, add_bos=False)
-        parity = rt.tokenizer.encode(src.verify_text, add_bos=False) == ours
-        return rt.logits(src.ids), {"tokenizer_parity": parity}, [] if parity else ["tokenizer mismatch"]
+        parity, problem = tokenizer_parity(src.tokenizer.encode(PARITY_TEXT, add_bos=False),
+                                           rt.tokenizer.encode(PARITY_TEXT, add_bos=False), PARITY_TEXT)
+        runtime = rt.logits(src.ids)
+    checks = {"tokenizer_parity": parity["match"], "tokenizer_parity_tokens": parity["tokens"],
+              "tensor_types": types, "bits_per_weight": bpw}
+    return runtime, file_logits, checks, [problem] if problem else []

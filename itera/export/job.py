@@ -1,26 +1,29 @@
-"""``itera export``: write an artifact for a runtime, then prove the runtime agrees with the source.
+"""``itera export``: write an artifact for a runtime, then prove the runtime runs it right.
 
 Phases: :func:`load_source` (config checked against the weights, the format's own checks, the
-source model's reference logits on fixed token ids), the format's ``write`` into a staging
-path, its ``verify`` in the target runtime (llama.cpp, onnxruntime, torch.export, TorchScript),
-:func:`gate` on the figures, and the rename into place. Beyond the tolerance of the artifact's
-type the export fails and nothing is left behind, unless ``allow_mismatch``.
+float source's logits on real text), the format's ``write`` into a staging path, its ``verify``
+in the target runtime (llama.cpp, onnxruntime, torch.export, TorchScript), :func:`judge` (see
+:mod:`itera.export.verify`: runtime against the file's own weights, tokenization, quality loss
+against the source), and the rename into place. A failed check removes everything, unless
+``allow_mismatch``.
 
 A new format is a module with ``check(cfg, opts)``, ``write(src, opts, staging, reporter) -> info``
-and ``verify(src, opts, path, info) -> (logits, figures, problems)``, and a row in :data:`FORMATS`.
+and ``verify(src, opts, path, info) -> (runtime logits, file logits or None, figures, problems)``,
+and a row in :data:`FORMATS`.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from itera.errors import InputError, IteraError, UsageError
-from itera.fsio import set_file_mode, temp_path_beside
+from itera.fsio import set_file_mode, temp_dir_beside, temp_path_beside
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome, describe_artifact
 
@@ -42,19 +45,6 @@ FORMATS = {
     "pt2": Format(".pt2", "torchfmt", "write_pt2", "verify_pt2"),
     "torchscript": Format(".pt", "torchfmt", "write_torchscript", "verify_torchscript"),
 }
-# Checked against the source model's logits on the same ids: max |diff| for float types, top-1
-# agreement for quantized ones (whose logits move by design).
-MAX_ABS = {"F32": 1e-3, "F16": 5e-2, "BF16": 0.25, "onnx": 1e-4, "pt2": 1e-4, "torchscript": 1e-4}
-MIN_TOP1 = {"Q8_0": 0.9, "int8": 0.8, "Q4_0": 0.6, "int4": 0.6}
-DEFAULT_MIN_TOP1 = 0.6  # llama.cpp's K-quants and other low-bit types
-VERIFY_TEXT = (
-    "The river ran past the old mill, and the miller counted sacks of flour by lamplight. "
-    "Return the number of items in the list, or raise ValueError if the list is empty. "
-    "Eine kleine Nachtmusik; une petite phrase; una frase corta; 北京的秋天; Привет, мир! "
-    "def area(r):\n    return 3.14159 * r ** 2\n"
-)
-
-
 class VerificationError(IteraError):
     """The runtime disagreed with the source model beyond the tolerance."""
 
@@ -69,9 +59,11 @@ class ExportOptions:
     gguf_type: str = "F16"
     onnx_quant: str | None = None
     allow_mismatch: bool = False
-    verify_tokens: int = 128
+    verify_tokens: int = 256
     threads: int | None = None
-    max_logit_diff: float | None = None  # overrides the type's tolerance
+    max_logit_diff: float | None = None  # the user's bound on max |logit diff| against the float source
+    max_kl: float | None = None  # the user's bound on KL(source || export) per token (default: by type)
+    min_top1: float | None = None  # the user's bound on top-1 agreement with the source
     force: bool = False
 
     def validate(self) -> "ExportOptions":
@@ -80,6 +72,7 @@ class ExportOptions:
 
         if self.format not in FORMATS:
             raise UsageError(f"unknown --format {self.format!r}; use gguf, onnx, pt2 or torchscript")
+        self.gguf_type = self.gguf_type.upper()  # llama.cpp's tools take q4_k_m as well as Q4_K_M
         if self.format == "gguf" and self.gguf_type not in GGUF_TYPES:
             raise UsageError(f"unknown --gguf-type {self.gguf_type!r}; use one of {', '.join(GGUF_TYPES)}")
         if self.onnx_quant is not None and (self.format != "onnx" or self.onnx_quant not in ONNX_QUANT):
@@ -90,7 +83,18 @@ class ExportOptions:
             raise UsageError(f"--out {self.out} is a directory; pass a file name like model{FORMATS[self.format].suffix}")
         if self.verify_tokens < 2:
             raise UsageError("--verify-tokens must be at least 2")
+        for name in ("max_logit_diff", "max_kl", "min_top1"):
+            v = getattr(self, name)
+            if v is not None and not (v >= 0 and v == v and v != float("inf")):
+                raise UsageError(f"--{name.replace('_', '-')} must be a non-negative number (got {v})")
+        if self.min_top1 is not None and self.min_top1 > 1:
+            raise UsageError(f"--min-top1 must be at most 1 (got {self.min_top1})")
         return self
+
+    @property
+    def kind(self) -> str:
+        """The artifact's type for tolerances: the GGUF type, the ONNX quantization, or the format."""
+        return self.gguf_type if self.format == "gguf" else (self.onnx_quant or self.format)
 
     def inputs(self) -> list[Path]:
         return [self.model]
@@ -101,27 +105,29 @@ class ExportOptions:
 
         outs = [Output(self.out, "file", "--out", self.force)]
         if self.format == "onnx":
-            outs.append(Output(kv_path(self.out), "file", "--out (its .kv.onnx graph)", self.force))
+            kv = kv_path(self.out)
+            outs += [Output(kv, "file", "--out (its .kv.onnx graph)", self.force),
+                     Output(self.out.with_name(self.out.name + ".data"), "file", "--out (its .data file)", self.force),
+                     Output(kv.with_name(kv.name + ".data"), "file", "--out (its .kv.onnx.data file)", self.force)]
         return outs
 
     def tolerance(self) -> dict:
+        """What the export is held to: the runtime against the file's weights (relative RMS of the
+        logits), and the quality loss against the source (the user's bounds, or the type's)."""
+        from itera.export.verify import BLOCK_TOLERANCE, DEFAULT_MAX_KL, MAX_KL, RUNTIME_TOLERANCE
+
+        tol = {"runtime_vs_file_rel_rms": RUNTIME_TOLERANCE.get(self.kind, BLOCK_TOLERANCE),
+               "max_kl": self.max_kl if self.max_kl is not None else MAX_KL.get(self.kind, DEFAULT_MAX_KL)}
         if self.max_logit_diff is not None:
-            return {"max_abs_logit_diff": self.max_logit_diff}
-        kind = self.gguf_type if self.format == "gguf" else (self.onnx_quant or self.format)
-        if kind in MAX_ABS:
-            return {"max_abs_logit_diff": MAX_ABS[kind]}
-        return {"min_top1_agreement": MIN_TOP1.get(kind, DEFAULT_MIN_TOP1)}
+            tol["max_abs_logit_diff"] = self.max_logit_diff
+        if self.min_top1 is not None:
+            tol["min_top1_agreement"] = self.min_top1
+        return tol
 
     def as_params(self) -> dict:
         d = asdict(self)
         d["model"], d["out"] = str(self.model), str(self.out)
         return d
-
-
-def compare(ref: np.ndarray, got: np.ndarray) -> dict:
-    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
-    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
-            "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
 
 
 # --------------------------------------------------------------------------- phases
@@ -134,15 +140,17 @@ class Source:
     path: Path
     cfg: object
     tokenizer: object
-    model: object  # the torch model, float (dequantized for itera-quant checkpoints)
-    ids: list[int]  # the token ids every runtime is run on
-    ref: np.ndarray  # the source model's logits on ``ids``
-    verify_text: str = VERIFY_TEXT
+    model: object  # the float torch model (dequantized for itera-quant checkpoints); None once not needed
+    ids: list[int]  # real text's token ids every runtime is run on
+    ref: np.ndarray  # the float source's logits on ``ids``
 
 
 def load_source(opts: ExportOptions, fmt: Format) -> Source:
+    """Check everything cheap, then the source's logits on real text. GGUF is written from the
+    checkpoint's files, not the model, so for it the model is let go at once (peak memory)."""
     import torch
 
+    from itera.export.verify import quality_ids
     from itera.model.checkpoint import load_checked_config, load_model
     from itera.tokenizer import Tokenizer
 
@@ -153,27 +161,41 @@ def load_source(opts: ExportOptions, fmt: Format) -> Source:
     fmt.entry("check")(cfg, opts)
     tok = Tokenizer.from_dir(opts.model)
     tok.check_fits(cfg.vocab_size, str(opts.model))
-    ids = tok.encode(VERIFY_TEXT * 4, add_bos=False)[: min(opts.verify_tokens, cfg.max_position_embeddings)]
+    ids = quality_ids(tok, min(opts.verify_tokens, cfg.max_position_embeddings))
     model, _ = load_model(opts.model)
     with torch.no_grad():
         ref = model(torch.tensor([ids]))[0].numpy()
-    return Source(Path(opts.model), cfg, tok, model, ids, ref)
+    return Source(Path(opts.model), cfg, tok, None if opts.format == "gguf" else model, ids, ref)
 
 
 class Staging:
     """Temporary files beside the output (``.NAME.tmp-*``): ``main`` for the artifact, more with
-    :meth:`temp`. :meth:`commit` renames those that have a final name into place; every
-    temporary file still there when the block ends is removed."""
+    :meth:`temp`, whole private directories with :meth:`private` (files in them are given their
+    final names with :meth:`stage`). :meth:`commit` renames every staged file into place, the
+    artifact last; whatever is left when the block ends is removed."""
 
     def __init__(self, out: Path, suffix: str):
         self.out = Path(out)
         self.files: list[tuple[Path, Path | None]] = []
+        self.dirs: list[Path] = []
         self.main = self.temp(suffix, final=self.out)
 
     def temp(self, suffix: str, final: Path | None = None) -> Path:
         tmp = temp_path_beside(self.out, suffix)
         self.files.append((tmp, final))
         return tmp
+
+    def private(self) -> Path:
+        d = temp_dir_beside(self.out)
+        self.dirs.append(d)
+        return d
+
+    def stage(self, tmp: Path, final: Path, main: bool = False) -> None:
+        """``tmp`` (in a private directory) becomes ``final`` at commit; with ``main`` it is the artifact."""
+        if main:
+            self.main = tmp
+        else:
+            self.files.append((tmp, final))
 
     def commit(self) -> list[Path]:
         """Rename every file with a final name (the artifact last); returns the extra outputs."""
@@ -189,13 +211,41 @@ class Staging:
     def __exit__(self, *exc) -> None:
         for tmp, _ in self.files:
             tmp.unlink(missing_ok=True)
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
 
-def gate(opts: ExportOptions, figures: dict, problems: list[str]) -> bool:
-    """Whether the artifact is within its type's tolerance and passed the format's own checks."""
-    ok = all(figures["max_abs_logit_diff"] <= v if k == "max_abs_logit_diff" else figures["top1_agreement"] >= v
-             for k, v in opts.tolerance().items())
-    return ok and not problems
+def judge(opts: ExportOptions, src: Source, runtime: np.ndarray, file_logits: np.ndarray | None,
+          problems: list[str]) -> tuple[dict, list[str]]:
+    """Figures of the three questions and every problem found (none: verified)."""
+    from itera.export.verify import compare, quality
+
+    tol = opts.tolerance()
+    problems = list(problems)
+    vs_source = compare(src.ref, runtime)
+    q = quality(src.ref, runtime, src.ids)
+    figures = {"max_abs_logit_diff": vs_source["max_abs_logit_diff"],
+               "mean_abs_logit_diff": vs_source["mean_abs_logit_diff"], "top1_agreement": q["top1_agreement"],
+               "kl_to_source": q["kl_to_source"], "perplexity_source": q["perplexity_source"],
+               "perplexity_export": q["perplexity_export"], "verify_tokens": len(src.ids),
+               "runtime_vs_file": None}
+    if file_logits is not None:
+        rv = compare(file_logits, runtime)
+        figures["runtime_vs_file"] = rv
+        if rv["rel_rms"] > tol["runtime_vs_file_rel_rms"]:
+            problems.append(f"the runtime disagrees with the file's own weights (relative RMS logit difference "
+                            f"{rv['rel_rms']:.3g} > {tol['runtime_vs_file_rel_rms']:.3g}): the file is not what "
+                            "the runtime computes with")
+    lost = []
+    if q["kl_to_source"] > tol["max_kl"]:
+        lost.append(f"KL {q['kl_to_source']:.4g} > {tol['max_kl']:.4g}")
+    if "max_abs_logit_diff" in tol and vs_source["max_abs_logit_diff"] > tol["max_abs_logit_diff"]:
+        lost.append(f"max |logit diff| {vs_source['max_abs_logit_diff']:.3g} > {tol['max_abs_logit_diff']:.3g}")
+    if "min_top1_agreement" in tol and q["top1_agreement"] < tol["min_top1_agreement"]:
+        lost.append(f"top-1 agreement {q['top1_agreement']:.3f} < {tol['min_top1_agreement']:.3f}")
+    if lost:
+        problems.append("it disagrees with the source model beyond tolerance (" + ", ".join(lost) + ")")
+    return figures, problems
 
 
 # --------------------------------------------------------------------------- the job
@@ -207,16 +257,13 @@ def run_export(opts: ExportOptions, reporter: Reporter = SILENT) -> Outcome:
     src = load_source(opts, fmt)
     with Staging(opts.out, fmt.suffix) as staging:
         info = fmt.entry(fmt.write)(src, opts, staging, reporter)
-        got, checks, problems = fmt.entry(fmt.verify)(src, opts, staging.main, info)
-        figures = {**compare(src.ref, got), "verify_tokens": len(src.ids)}
-        ok = gate(opts, figures, problems)
-        if not ok and not opts.allow_mismatch:
-            raise VerificationError(
-                f"the {opts.format} export disagrees with the source model beyond tolerance {opts.tolerance()}: "
-                f"max |logit diff| {figures['max_abs_logit_diff']:.3g}, top-1 agreement "
-                f"{figures['top1_agreement']:.3f}" + "".join(f", {p}" for p in problems)
-                + "; the artifact was removed (pass --allow-mismatch to keep it)")
+        runtime, file_logits, checks, problems = fmt.entry(fmt.verify)(src, opts, staging.main, info)
+        figures, problems = judge(opts, src, runtime, file_logits, problems)
+        if problems and not opts.allow_mismatch:
+            raise VerificationError(f"the {opts.format} export failed verification: " + "; ".join(problems)
+                                    + "; the artifact was removed (pass --allow-mismatch to keep it)")
         extras = staging.commit()
-    metrics = {**figures, **info, **checks, "verified": ok, "tolerance": opts.tolerance()}
+    metrics = {**figures, **info, **checks, "verified": not problems, "problems": problems,
+               "tolerance": opts.tolerance()}
     params = {**opts.as_params(), "extra_outputs": [str(p) for p in extras]}
-    return Outcome(describe_artifact(opts.out, "file", opts.format), metrics, params)
+    return Outcome(describe_artifact(opts.out, "file", opts.format, companions=extras), metrics, params)

@@ -13,12 +13,13 @@ MatMul weights) or ``int4`` (MatMulNBits, 4-bit blocks of 32, symmetric).
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from itera.errors import UnsupportedModelError
 from itera.export.torchfmt import LogitsOnly
 from itera.model.llama import KVCache
 from itera.runtime.onnx_backend import kv_path
@@ -26,6 +27,7 @@ from itera.runtime.onnx_backend import kv_path
 OPSET = 17
 ONNX_QUANT = ("int8", "int4")
 KV_CHECK_PROMPT, KV_CHECK_NEW = 8, 16  # greedy tokens from the KV graph checked against torch
+LARGE = 1_800_000_000  # weight bytes past which graphs keep their tensors in a .data file (protobuf stops at 2 GB)
 
 
 class _WithCache(torch.nn.Module):
@@ -39,45 +41,79 @@ class _WithCache(torch.nn.Module):
         return (logits, *[t for kv in cache.layers for t in kv])
 
 
-def _embed_tokenizer(path: Path, ckpt: Path, cfg) -> None:
-    import onnx
-
-    m = onnx.load(str(path))
+def _metadata(ckpt: Path, cfg) -> dict[str, str]:
+    """What travels inside the file: the tokenizer (and its config, chat template included), the context."""
     meta = {"itera.tokenizer.json": (ckpt / "tokenizer.json").read_text("utf-8"),
             "itera.max_position_embeddings": str(cfg.max_position_embeddings),
             "itera.num_hidden_layers": str(cfg.num_hidden_layers)}
     if (ckpt / "tokenizer_config.json").is_file():
-        meta["itera.tokenizer_config.json"] = (ckpt / "tokenizer_config.json").read_text("utf-8")
-    for k, v in meta.items():
-        m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    onnx.save(m, str(path))
+        text = (ckpt / "tokenizer_config.json").read_text("utf-8")
+        meta["itera.tokenizer_config.json"] = text
+        template = json.loads(text).get("chat_template")
+        if template:
+            meta["itera.chat_template"] = template if isinstance(template, str) else json.dumps(template)
+    return meta
 
 
-def _quantize(path: Path, mode: str) -> None:
-    tmp = path.with_name(path.name + ".q.onnx")
-    if mode == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+def _quantize(model, mode: str, work: Path):
+    """Weight quantization with onnxruntime's tools; returns the quantized ModelProto."""
+    import onnx
 
-        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
-    else:
-        import onnx
+    if mode == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        q = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=32, is_symmetric=True)
+        q = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True)
         q.process()
-        q.model.save_model_to_file(str(tmp))
-    tmp.replace(path)
+        return q.model.model
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = work / "float.onnx", work / "int8.onnx"
+    onnx.save(model, str(src))
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    return onnx.load(str(dst))
 
 
-def write_onnx(model, cfg, ckpt: Path, out: Path, kv_out: Path, quant: str | None = None) -> None:
-    """Export ``model`` (float, eval mode) to ``out`` and its KV-cache variant to ``kv_out``."""
-    wrapped = LogitsOnly(model).eval()
+def _finish(raw: Path, dest: Path, meta: dict[str, str], quant: str | None, external: bool) -> list[Path]:
+    """The exporter's graph (``raw``, tensors possibly in files beside it) saved as ``dest`` with
+    the metadata, weights quantized if asked, and past protobuf's 2 GB limit in one external
+    data file ``dest.name + '.data'`` beside it. Returns the files written."""
+    import onnx
+
+    model = onnx.load(str(raw))
+    if quant:
+        model = _quantize(model, quant, raw.parent)
+    for k, v in meta.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    if not external:
+        onnx.save(model, str(dest))
+        return [dest]
+    onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dest.name + ".data", size_threshold=1024)
+    return [dest, dest.with_name(dest.name + ".data")]
+
+
+def write_onnx(model, cfg, ckpt: Path, out: Path, kv_out: Path, quant: str | None = None, work: Path | None = None
+               ) -> list[Path]:
+    """Export ``model`` (float, eval mode) to ``out`` and its KV-cache variant to ``kv_out``; returns
+    every file written (with ``.data`` files for models past 2 GB). ``work`` holds the exporter's
+    own output (its directory of tensor files, for large models) and is the caller's to remove."""
+    import tempfile
+
+    work = Path(work or tempfile.mkdtemp())
+    external = sum(p.numel() * p.element_size() for p in model.parameters()) > LARGE
+    if external and quant:
+        raise UnsupportedModelError(f"--onnx-quant {quant} of a model past 2 GB is not supported; export it "
+                                    "without --onnx-quant, or as GGUF")
+    meta = _metadata(ckpt, cfg)
     x = torch.zeros(1, 8, dtype=torch.long)
+    written = []
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notices
-        torch.onnx.export(wrapped, (x,), str(out), input_names=["input_ids"], output_names=["logits"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
-                          opset_version=OPSET, dynamo=False)
+        (work / "logits").mkdir()
+        torch.onnx.export(LogitsOnly(model).eval(), (x,), str(work / "logits" / "g.onnx"), input_names=["input_ids"],
+                          output_names=["logits"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}})
+        written += _finish(work / "logits" / "g.onnx", out, meta, quant, external)
         L, nkv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         past = [torch.zeros(1, nkv, 3, hd) for _ in range(2 * L)]
         names_in = [f"past_{kind}_{i}" for i in range(L) for kind in ("key", "value")]
@@ -85,27 +121,35 @@ def write_onnx(model, cfg, ckpt: Path, out: Path, kv_out: Path, quant: str | Non
         axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
         axes.update({n: {0: "batch", 2: "past"} for n in names_in})
         axes.update({n: {0: "batch", 2: "total"} for n in names_out})
-        torch.onnx.export(_WithCache(model).eval(), (x[:, :1], *past), str(kv_out),
+        (work / "kv").mkdir()
+        torch.onnx.export(_WithCache(model).eval(), (x[:, :1], *past), str(work / "kv" / "g.onnx"),
                           input_names=["input_ids", *names_in], output_names=["logits", *names_out],
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-    for p in (out, kv_out):
-        if quant:
-            _quantize(p, quant)
-        _embed_tokenizer(p, ckpt, cfg)
+        written += _finish(work / "kv" / "g.onnx", kv_out, meta, quant, external)
+    return written
 
 
 # --------------------------------------------------------------------------- the format's entry
 
 
 def check(cfg, opts) -> None:
-    pass
+    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings:
+        raise UnsupportedModelError(f"{opts.format} export of a sliding-window model ({cfg.model_type}, window "
+                                    f"{cfg.sliding_window}) is not supported: the traced graph has no window mask; "
+                                    "evaluate and serve it from the checkpoint (torch runtime)")
 
 
 def write(src, opts, staging, reporter) -> dict:
-    """The logits graph at the staged path and the KV-cache graph beside it (renamed together)."""
-    kv_tmp = staging.temp(".kv.onnx", final=kv_path(opts.out))
-    write_onnx(src.model, src.cfg, src.path, staging.main, kv_tmp, opts.onnx_quant)
-    return {"kv_graph": kv_tmp}
+    """Both graphs (and their external data, past 2 GB) in a private directory beside the output,
+    under their final names, so that the files refer to each other as they will; the staging
+    renames them all into place after verification."""
+    private = staging.private()
+    final_kv = kv_path(opts.out)
+    files = write_onnx(src.model, src.cfg, src.path, private / opts.out.name, private / final_kv.name,
+                       opts.onnx_quant, work=staging.private())
+    for f in files:
+        staging.stage(f, opts.out.parent / f.name, main=f.name == opts.out.name)
+    return {"kv_graph": private / final_kv.name, "external_data": any(f.suffix == ".data" for f in files)}
 
 
 def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -117,17 +161,26 @@ def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-def verify(src, opts, artifact: Path, info: dict) -> tuple[np.ndarray, dict, list[str]]:
-    """onnxruntime's logits on the source's ids, and greedy tokens from the KV graph against torch's."""
+def verify(src, opts, artifact: Path, info: dict):
+    """onnxruntime's logits on the source's ids (float graphs hold the source's weights, so those
+    are the reference; quantized graphs also quantize activations, so they have none), greedy
+    tokens from the KV graph against torch's, and the embedded tokenizer's parity."""
+    from itera.export.verify import PARITY_TEXT, tokenizer_parity
     from itera.runtime.base import greedy
     from itera.runtime.onnx_backend import OnnxRuntime, OnnxStepper
 
     kv_graph = info.pop("kv_graph")
     with OnnxRuntime(artifact, threads=opts.threads) as rt:
-        got = rt.logits(src.ids)
+        runtime = rt.logits(src.ids)
+        parity, problem = tokenizer_parity(src.tokenizer.encode(PARITY_TEXT, add_bos=False),
+                                           rt.tokenizer.encode(PARITY_TEXT, add_bos=False), PARITY_TEXT)
     prompt = src.ids[:KV_CHECK_PROMPT]
     kv_tokens = greedy(OnnxStepper(kv_graph, opts.threads), prompt, KV_CHECK_NEW)
     ref_tokens = _torch_greedy(src.model, prompt, KV_CHECK_NEW)
     agreement = sum(a == b for a, b in zip(kv_tokens, ref_tokens)) / KV_CHECK_NEW
-    problems = [f"kv greedy agreement {agreement}"] if agreement < 1.0 and not opts.onnx_quant else []
-    return got, {"kv_greedy_agreement": agreement}, problems
+    problems = [problem] if problem else []
+    if agreement < 1.0 and not opts.onnx_quant:
+        problems.append(f"kv greedy agreement {agreement}")
+    checks = {"kv_greedy_agreement": agreement, "tokenizer_parity": parity["match"],
+              "tokenizer_parity_tokens": parity["tokens"]}
+    return runtime, None if opts.onnx_quant else src.ref, checks, problems

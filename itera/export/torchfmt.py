@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -26,7 +25,9 @@ class LogitsOnly(torch.nn.Module):
 
 
 def check(cfg, opts) -> None:
-    pass
+    from itera.export.onnx import check as check_traceable
+
+    check_traceable(cfg, opts)  # the same trace, the same missing window mask
 
 
 def write_pt2(src, opts, staging, reporter) -> dict:
@@ -38,9 +39,10 @@ def write_pt2(src, opts, staging, reporter) -> dict:
     return {}
 
 
-def verify_pt2(src, opts, artifact: Path, info: dict) -> tuple[np.ndarray, dict, list[str]]:
+def verify_pt2(src, opts, artifact: Path, info: dict):
+    """The loaded program's logits; the file holds the source's weights, so they are the reference."""
     with torch.no_grad():
-        return torch.export.load(str(artifact)).module()(torch.tensor([src.ids]))[0].numpy(), {}, []
+        return torch.export.load(str(artifact)).module()(torch.tensor([src.ids]))[0].numpy(), src.ref, {}, []
 
 
 def write_torchscript(src, opts, staging, reporter) -> dict:
@@ -50,6 +52,7 @@ def write_torchscript(src, opts, staging, reporter) -> dict:
     return {}
 
 
-def verify_torchscript(src, opts, artifact: Path, info: dict) -> tuple[np.ndarray, dict, list[str]]:
+def verify_torchscript(src, opts, artifact: Path, info: dict):
+    """The loaded module's logits against the source's (the file holds its weights)."""
     with torch.no_grad():
-        return torch.jit.load(str(artifact))(torch.tensor([src.ids]))[0].numpy(), {}, []
+        return torch.jit.load(str(artifact))(torch.tensor([src.ids]))[0].numpy(), src.ref, {}, []

@@ -255,16 +255,8 @@ def load_state_dict(ckpt: Path, headers: dict[str, tuple[Path, dict]] | None = N
 def load_model(path: Path, dtype: "torch.dtype | str | None" = None, device: str = "cpu"
                ) -> tuple["LlamaForCausalLM", ModelConfig]:
     """Load a checkpoint directory into an itera model on ``device`` in ``dtype`` (default fp32)."""
-    import torch
-
-    from itera.model.llama import LlamaForCausalLM, rope_inv_freq
-
     cfg, headers = load_checked_config(path)
     state = load_state_dict(path, headers)
-    dtype = resolve_dtype(dtype)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model.to_empty(device=device)
     if cfg.quantization:  # dequantize: the torch backend computes with w = d * (u - z) in float
         from itera.quant.formats import from_tensors, layer_plan
 
@@ -273,19 +265,40 @@ def load_model(path: Path, dtype: "torch.dtype | str | None" = None, device: str
             state[module + ".weight"] = from_tensors(module, state, q, in_f)
             for suffix in (".qweight", ".scales", ".zeros"):
                 state.pop(module + suffix, None)
-    for name, tensor in state.items():
+    return model_from_state(cfg, state, device, dtype, where=str(path)), cfg
+
+
+def model_from_state(cfg: ModelConfig, state: dict[str, "torch.Tensor"], device: str = "cpu",
+                     dtype: "torch.dtype | str | None" = None, where: str = "") -> "LlamaForCausalLM":
+    """A model holding exactly ``state``'s float tensors (Hugging Face names). Tensors are
+    assigned, not copied, and ``state`` is emptied as it goes: peak memory is one copy of the
+    weights. Non-finite weights are refused naming the tensor."""
+    import torch
+
+    from itera.model.llama import LlamaForCausalLM, rope_inv_freq
+
+    dtype = resolve_dtype(dtype)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    params = {}
+    for name in list(state):
+        t = state.pop(name)
         if name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue
-        param = model.get_parameter(name)
-        with torch.no_grad():
-            param.copy_(tensor.to(device=device, dtype=param.dtype))
-    check_finite(model, path)
-    model.inv_freq = rope_inv_freq(cfg).to(device)  # to_empty left the buffer uninitialised
+        params[name] = t.to(device=device, dtype=dtype).contiguous()
+    if cfg.tie_word_embeddings:
+        params["lm_head.weight"] = params["model.embed_tokens.weight"]
+    try:
+        model.load_state_dict(params, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: the weights do not fit the model config.json describes "
+                              f"({' '.join(str(e).split())[:200]})") from None
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.to(dtype=dtype)
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # a buffer, not in the state: computed from the config
     model.eval()
-    return model, cfg
+    check_finite(model, where)
+    return model
 
 
 def check_finite(model: "LlamaForCausalLM", path: Path) -> None:

@@ -154,7 +154,8 @@ def from_tensors(prefix: str, tensors: dict, q: LayerQuant, in_features: int) ->
     """Dequantized float32 weight of one layer from its safetensors entries."""
     codes = unpack(tensors[f"{prefix}.qweight"], q.bits, in_features)
     scales = tensors[f"{prefix}.scales"]
-    zeros = tensors[f"{prefix}.zeros"] if not q.sym else torch.full(scales.shape, 2 ** (q.bits - 1))
+    zeros = tensors[f"{prefix}.zeros"] if not q.sym else torch.full(scales.shape, 2 ** (q.bits - 1),
+                                                                     device=scales.device)
     return dequantize(codes, scales, zeros)
 
 

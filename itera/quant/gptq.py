@@ -32,11 +32,11 @@ def gptq(w: torch.Tensor, h: torch.Tensor, q: LayerQuant, damp: float = 0.01, ac
     if static:  # per-channel, or act-order: parameters from the weights as they are
         scales, zeros = group_params(W, q)
     else:
-        scales = torch.zeros(out, n // gw)
-        zeros = torch.zeros(out, n // gw)
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+        scales = torch.zeros(out, n // gw, device=W.device)
+        zeros = torch.zeros(out, n // gw, device=W.device)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, device=W.device)
     try:
         L = torch.linalg.cholesky(H)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
@@ -45,7 +45,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, q: LayerQuant, damp: float = 0.01, ac
                          "pass a larger --damp or more --calib-samples") from None
     if grouped and not act_order:
         block = max(block // gw, 1) * gw  # every group inside one block
-    codes = torch.zeros(out, n)
+    codes = torch.zeros(out, n, device=W.device)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1 = W[:, i1:i2].clone()

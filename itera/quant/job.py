@@ -48,6 +48,8 @@ class QuantizeOptions:
     eval_tokens: int = 4096
     holdout: float = 0.1
     seed: int = 0
+    device: str = "cpu"  # where calibration and GPTQ run (cuda, cuda:N, auto)
+    text_field: str = "text"
     force: bool = False
 
     def validate(self) -> "QuantizeOptions":
@@ -89,9 +91,6 @@ class QuantizeOptions:
 
         return [Output(self.out, "dir", "--out", self.force)]
 
-    def layer_quant(self, bits: int | None = None) -> LayerQuant:
-        return LayerQuant(bits or self.bits, self.group_size, self.sym)
-
     def as_params(self) -> dict:
         d = asdict(self)
         for k in ("model", "out", "plan"):
@@ -113,17 +112,39 @@ def target_modules(model, quantize_embeddings: bool) -> dict[str, torch.nn.Modul
     return mods
 
 
-def check_shapes(mods: dict, opts: QuantizeOptions, bits_used: set[int]) -> None:
-    """Every layer's input width fits the group size and the bit packing; say what to pass if not."""
-    widths = {name: m.weight.shape[1] for name, m in mods.items()}
-    for name, n in widths.items():
-        if opts.group_size is not None and n % opts.group_size:
-            fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths.values())]
-            hint = f"pass --group-size {fits[-1]}" if fits else "omit --group-size for per-channel scales"
-            raise UsageError(f"--group-size {opts.group_size} does not divide the {n} input columns of {name}; {hint}")
-        for b in bits_used:
-            if (n * b) % 8:
-                raise UsageError(f"{b}-bit codes of {name} ({n} columns) do not fill whole bytes; use other --bits")
+MIN_GROUP = 16  # below this a float16 scale costs a bit per weight or more: per-channel is better
+
+
+def fit_layer(name: str, n_in: int, bits: int, group_size: int | None, sym: bool) -> tuple[LayerQuant, dict | None]:
+    """The quantization a layer of ``n_in`` input columns gets, and the fallback taken, if any.
+
+    A group size that does not divide the columns is halved down to 16 until one does, else the
+    layer gets one scale per output row; codes that would not fill whole bytes (3 bits on an
+    odd width) move to the next width that packs. Never a refusal: llama.cpp falls back per
+    tensor the same way."""
+    group, reasons = group_size, []
+    if group is not None and n_in % group:
+        g = group // 2
+        while g >= MIN_GROUP and n_in % g:
+            g //= 2
+        group = g if g >= MIN_GROUP else None
+        reasons.append(f"{group_size} does not divide its {n_in} input columns: "
+                       + (f"the smaller group {group} does" if group else "one scale per output row"))
+    width = bits
+    while (n_in * width) % 8:
+        width = next(b for b in SUPPORTED_BITS if b > width)
+    if width != bits:
+        reasons.append(f"{bits}-bit codes of {n_in} columns do not fill whole bytes: {width} bits do")
+    q = LayerQuant(width, group, sym)
+    if not reasons:
+        return q, None
+    return q, {"tensor": name, "wanted": _label(LayerQuant(bits, group_size, sym)), "used": _label(q),
+               "reason": "; ".join(reasons)}
+
+
+def _label(q: LayerQuant) -> str:
+    return f"{q.bits}-bit " + (f"group {q.group_size}" if q.group_size else "per-channel") + \
+        (" sym" if q.sym else " asym")
 
 
 # --------------------------------------------------------------------------- phases
@@ -151,7 +172,7 @@ def load_source(opts: QuantizeOptions) -> Source:
     load_checked_config(opts.model)
     tok = Tokenizer.from_dir(opts.model)
     tok.check_fits(cfg.vocab_size, str(opts.model))
-    model, _ = load_model(opts.model)
+    model, _ = load_model(opts.model, device=opts.device)
     mods = target_modules(model, opts.quantize_embeddings)
     fixed_plan = None
     if opts.plan is not None:
@@ -163,13 +184,10 @@ def load_source(opts: QuantizeOptions) -> Source:
         unknown = sorted(set(fixed_plan) ^ set(mods))
         if unknown:
             raise InputError(f"--plan {opts.plan} does not match this model's layers (e.g. {unknown[0]})")
-    bits_used = set(opts.auto_bits) if opts.method == "auto" and fixed_plan is None else (
-        set(fixed_plan.values()) if fixed_plan else {opts.bits})
-    check_shapes(mods, opts, bits_used)
     if opts.method == "auto" and fixed_plan is None:
         n_weights = sum(m.weight.numel() for m in mods.values())
-        smallest = sum(opts.layer_quant(min(opts.auto_bits)).stored_bytes(*m.weight.shape)
-                       for m in mods.values()) * 8 / n_weights
+        smallest = sum(fit_layer(n, m.weight.shape[1], min(opts.auto_bits), opts.group_size, opts.sym)[0]
+                       .stored_bytes(*m.weight.shape) for n, m in mods.items()) * 8 / n_weights
         if opts.target_bpw < smallest:
             raise UsageError(f"--target-bpw {opts.target_bpw} is below the smallest plan ({smallest:.3f} bits per "
                              f"weight with {min(opts.auto_bits)}-bit layers); pass at least {smallest:.3f}")
@@ -183,32 +201,37 @@ def calibrate(opts: QuantizeOptions, src: Source) -> tuple[torch.Tensor | None, 
 
     if not opts.calib:
         return None, None
-    text = load_text(opts.calib, purpose="train").text
+    text = load_text(opts.calib, purpose="train", field=opts.text_field).text
     head, held = split_heldout(text, opts.holdout)
     tokens = torch.tensor(src.tokenizer.encode(head, add_bos=False), dtype=torch.long)
     seqlen = min(opts.calib_seqlen, src.cfg.max_position_embeddings)
-    return calibration_ids(tokens, opts.calib_samples, seqlen, opts.seed), held
+    return calibration_ids(tokens, opts.calib_samples, seqlen, opts.seed).to(opts.device), held
 
 
 def choose_layers(opts: QuantizeOptions, src: Source, calib: torch.Tensor | None, reporter: Reporter
-                  ) -> tuple[dict[str, LayerQuant], dict | None]:
-    """How each layer is quantized, and for a measured ``auto`` plan the sensitivities behind it."""
-    if opts.method != "auto":
-        return {n: opts.layer_quant() for n in src.mods}, None
+                  ) -> tuple[dict[str, LayerQuant], dict | None, list[dict]]:
+    """How each layer is quantized, the sensitivities behind a measured ``auto`` plan, and the
+    fallbacks layers' widths forced."""
+    fit = {n: {b: fit_layer(n, m.weight.shape[1], b, opts.group_size, opts.sym)
+               for b in (opts.auto_bits if opts.method == "auto" else (opts.bits,))} for n, m in src.mods.items()}
     sens, bits = None, src.fixed_plan
-    if bits is None:
+    if opts.method != "auto":
+        bits = {n: opts.bits for n in src.mods}
+    elif bits is None:
         reporter.log(f"measuring sensitivity of {len(src.mods)} layers at {list(opts.auto_bits)} bits")
         task = reporter.task("sensitivity", total=len(src.mods), unit="layers")
         try:
-            sens = sensitivities(src.model, src.mods, calib[: min(8, len(calib))], opts.auto_bits, opts.group_size,
-                                 opts.sym, task.update)
+            sens = sensitivities(src.model, src.mods, calib[: min(8, len(calib))],
+                                 {n: {b: q for b, (q, _) in fit[n].items()} for n in src.mods}, task.update)
         finally:
             task.close()
-        sizes = {n: tuple(m.weight.shape) for n, m in src.mods.items()}
-        costs = {n: {b: opts.layer_quant(b).stored_bytes(*sizes[n]) for b in opts.auto_bits} for n in src.mods}
+        costs = {n: {b: fit[n][b][0].stored_bytes(*src.mods[n].weight.shape) for b in opts.auto_bits}
+                 for n in src.mods}
         n_weights = sum(m.weight.numel() for m in src.mods.values())
         bits = choose_plan(costs, sens, int(opts.target_bpw * n_weights / 8))
-    return {n: opts.layer_quant(bits[n]) for n in src.mods}, sens
+    chosen = {n: fit[n][bits[n]] if bits[n] in fit[n] else
+              fit_layer(n, src.mods[n].weight.shape[1], bits[n], opts.group_size, opts.sym) for n in src.mods}
+    return {n: q for n, (q, _) in chosen.items()}, sens, [fb for _, fb in chosen.values() if fb]
 
 
 def round_unquantized(src: Source, plan: dict[str, LayerQuant]) -> dict[str, torch.Tensor]:
@@ -219,7 +242,7 @@ def round_unquantized(src: Source, plan: dict[str, LayerQuant]) -> dict[str, tor
         module = name.rsplit(".", 1)[0]
         if (module in plan and name.endswith(".weight")) or (src.cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue
-        keep[name] = t.half()
+        keep[name] = t.half().cpu()
         with torch.no_grad():
             src.model.get_parameter(name).copy_(t.half().float())
     return keep
@@ -247,7 +270,7 @@ def _heldout_perplexity(src: Source, held: str | None, opts: QuantizeOptions) ->
 
     if not held:
         return None
-    return evaluate_text(TorchRuntime(src.model, src.tokenizer, "cpu"), held,
+    return evaluate_text(TorchRuntime(src.model, src.tokenizer, opts.device), held,
                          EvalOptions(max_tokens=opts.eval_tokens, bos=False), source="held-out")
 
 
@@ -263,12 +286,17 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
     """:func:`run_quantize`, also returning the quantized model as it is in memory."""
     from itera.model.checkpoint import weight_bytes
 
+    from itera.runtime import resolve_device
+
     opts.validate()
+    opts.device = resolve_device(opts.device)
     src = load_source(opts)
     calib, held = calibrate(opts, src)
     before = _heldout_perplexity(src, held, opts)
     t0 = time.perf_counter()
-    plan, sens = choose_layers(opts, src, calib, reporter)
+    plan, sens, fallbacks = choose_layers(opts, src, calib, reporter)
+    for fb in fallbacks:
+        reporter.log(f"fallback: {fb['tensor']} {fb['wanted']} -> {fb['used']} ({fb['reason']})")
     apply_method = opts.auto_base if opts.method == "auto" else opts.method
     reporter.log(f"quantizing {len(src.mods)} layers with {apply_method}")
     task = reporter.task("quantize", total=src.cfg.num_hidden_layers, unit="layers")
@@ -293,7 +321,7 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
         "perplexity_after": after["perplexity"] if after else None,
         "eval_tokens": after["tokens"] if after else None,
         "mean_weight_error": sum(f["weight_error"] for f in figures.values()) / len(figures),
-        "layers": figures,
+        "layers": figures, "fallbacks": fallbacks,
     }
     if before is None:
         metrics["perplexity_note"] = "no --calib text: perplexity not measured"
@@ -301,5 +329,5 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
         metrics["plan_bits"] = {n: q.bits for n, q in plan.items()}
         metrics["sensitivity_kl"] = sens
     outcome = Outcome(describe_artifact(opts.out, "checkpoint", "itera-quant"), metrics,
-                      {**opts.as_params(), "applied_method": apply_method})
+                      {**opts.as_params(), "applied_method": apply_method}, device=opts.device)
     return outcome, src.model

@@ -15,7 +15,7 @@ from itera.quant.gptq import gptq
 @torch.no_grad()
 def layer_inputs_hessians(layer, x: torch.Tensor, cos, sin, names: dict[str, torch.nn.Module], chunk: int = 8):
     """Run one decoder layer over the calibration hidden states; return H = X^T X / n per linear."""
-    hs = {n: torch.zeros(m.weight.shape[1], m.weight.shape[1]) for n, m in names.items()}
+    hs = {n: torch.zeros(m.weight.shape[1], m.weight.shape[1], device=x.device) for n, m in names.items()}
     counts = {n: 0 for n in names}
     hooks = []
 
@@ -68,13 +68,13 @@ def quantize_model(model, mods: dict, plan: dict[str, LayerQuant], method: str, 
             codes, scales, zeros = rtn(w, q)
         w_hat = dequantize(codes, scales, zeros)
         figures[name] = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym, **_errors(w, w_hat, h)}
-        tensors.update(to_tensors(name, codes, scales, zeros, q))
+        tensors.update(to_tensors(name, codes.cpu(), scales.cpu(), zeros.cpu(), q))
         module.weight.data = w_hat.to(w.dtype)
 
     layers = model.model.layers
     if calib is not None:
         x = model.model.embed_tokens(calib).float()
-        cos, sin = model.rotary(torch.arange(calib.shape[1]), x.dtype)
+        cos, sin = model.rotary(torch.arange(calib.shape[1], device=x.device), x.dtype)
         for i, layer in enumerate(layers):
             names = {n: m for n, m in mods.items() if n.startswith(f"model.layers.{i}.")}
             hs = layer_inputs_hessians(layer, x, cos, sin, names)

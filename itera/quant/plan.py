@@ -19,16 +19,17 @@ from itera.quant.formats import LayerQuant, dequantize, rtn
 
 
 @torch.no_grad()
-def sensitivities(model, mods: dict, calib: torch.Tensor, candidates: tuple[int, ...], group_size: int | None,
-                  sym: bool, progress=None) -> dict[str, dict[int, float]]:
-    """KL(float || model with only this layer quantized at b bits, RTN), mean per calibration token."""
+def sensitivities(model, mods: dict, calib: torch.Tensor, options: dict[str, dict[int, LayerQuant]],
+                  progress=None) -> dict[str, dict[int, float]]:
+    """KL(float || model with only this layer quantized at b bits, RTN), mean per calibration token,
+    for every layer and each of its ``options`` (bits -> how the layer is quantized at that width)."""
     ref = F.log_softmax(model(calib).float(), -1)  # (B, T, V)
     out: dict[str, dict[int, float]] = {}
     for k, (name, m) in enumerate(mods.items()):
         w = m.weight.data.clone()
         out[name] = {}
-        for b in candidates:
-            codes, scales, zeros = rtn(w, LayerQuant(b, group_size, sym))
+        for b, q in options[name].items():
+            codes, scales, zeros = rtn(w, q)
             m.weight.data = dequantize(codes, scales, zeros).to(w.dtype)
             logp = F.log_softmax(model(calib).float(), -1)
             out[name][b] = kl_div(ref, logp).mean().item()

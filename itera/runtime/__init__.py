@@ -11,6 +11,8 @@ here imports torch, onnxruntime or llama_cpp until a runtime is opened.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from itera.errors import InputError
@@ -45,6 +47,10 @@ def check_model_path(path: Path) -> str:
         if not path.is_file():
             raise InputError(f"{path} is not a file; pass a .{fmt} file")
         return fmt
+    if path.suffix.lower() in (".pt2", ".pt"):
+        raise InputError(f"{path} is a {'torch.export program' if fmt == 'pt2' else 'TorchScript module'} for "
+                         "PyTorch deployments; itera runs checkpoints, .gguf and .onnx files, so pass the checkpoint "
+                         "it was exported from")
     raise InputError(f"{path} is not a checkpoint directory, .gguf or .onnx file; pass one of those")
 
 
@@ -93,11 +99,63 @@ def check_artifact(path: Path) -> Path:
     return path
 
 
+def companions(path: Path) -> list[Path]:
+    """Files that belong to an artifact file: an ONNX graph's KV-cache graph and external data."""
+    from itera.runtime.onnx_backend import kv_path
+
+    path = Path(path)
+    if path.suffix.lower() != ".onnx" or not path.is_file():
+        return []
+    kv = kv_path(path)
+    candidates = [kv, path.with_name(path.name + ".data"), kv.with_name(kv.name + ".data")]
+    return [p for p in candidates if p != path and p.is_file()]
+
+
 def describe(path: Path) -> dict:
-    """The record's artifact block of an existing artifact: path, kind, format, bytes, sha256."""
+    """The record's artifact block of an existing artifact: path, kind, format, bytes, sha256
+    (over its companion files too)."""
     from itera.record import describe_artifact
 
-    return describe_artifact(path, *detect(path))
+    return describe_artifact(path, *detect(path), companions=companions(path))
+
+
+def digest(path: Path) -> tuple[int, str]:
+    """(bytes, sha256) of an artifact as :func:`describe` computes them."""
+    from itera.fsio import artifact_digest
+
+    return artifact_digest(Path(path), companions(path))
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+
+
+def hub_cache() -> Path:
+    """huggingface_hub's cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def resolve_model(path: Path) -> Path:
+    """A model path as given, or for ``org/name`` that is not a local path, the snapshot of that
+    repository in the local Hugging Face cache (``refs/main``, else the only snapshot). Never
+    touches the network: a repository that is not cached is an error saying how to get it."""
+    path = Path(path)
+    text = str(path)
+    if path.exists() or path.is_symlink() or not HUB_ID.fullmatch(text):
+        return path
+    repo = hub_cache() / ("models--" + text.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = snapshots / ref.read_text().strip()
+        if snap.is_dir():
+            return snap
+    found = sorted(snapshots.iterdir()) if snapshots.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    raise InputError(f"{text} is neither a local path nor a model in the Hugging Face cache ({hub_cache()}); "
+                     f"download it with `huggingface-cli download {text}` or pass a checkpoint directory")
 
 
 def resolve_device(device: str) -> str:

@@ -107,10 +107,11 @@ class LlamaCppRuntime(RuntimeBase):
 
         train_ctx = context_length(path)
         n_ctx = n_ctx or min(train_ctx, MAX_CONTEXT)
+        self.threads = threads or len(os.sched_getaffinity(0))  # the cores this process may use
         with contextlib.redirect_stderr(io.StringIO()):
             try:
                 self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                                           n_threads=threads or os.cpu_count(), type_k=GGML_TYPE_F32,
+                                           n_threads=self.threads, type_k=GGML_TYPE_F32,
                                            type_v=GGML_TYPE_F32, n_batch=512)
             except ValueError:
                 raise InputError(f"llama.cpp could not load {path}; pass a GGUF file written by `itera export` "

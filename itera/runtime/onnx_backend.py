@@ -8,6 +8,7 @@ KV-cache graph beside it: ``NAME.kv.onnx`` for ``NAME.onnx`` (:func:`kv_path`).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -24,11 +25,13 @@ def kv_path(onnx_file: Path) -> Path:
 
 
 def _session(path: Path, threads: int | None):
+    """An inference session computing with ``threads`` CPU threads (default: the cores this
+    process may use), so that records can say how many it used."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    opts.log_severity_level = 3  # onnxruntime's warnings are for its developers, not the user's screen
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -39,7 +42,7 @@ class OnnxRuntime(RuntimeBase):
     def __init__(self, path: Path, threads: int | None = None):
         from itera.tokenizer import Tokenizer
 
-        self.path, self.threads = Path(path), threads
+        self.path, self.threads = Path(path), threads or len(os.sched_getaffinity(0))
         try:
             self.session = _session(path, threads)
         except Exception as e:  # onnxruntime raises its own exception types
