@@ -31,8 +31,22 @@ test: install
 lint: install
 	$(PYTHON) -m compileall -q itera commands scripts tests
 
+# Each scripts/bench_NAME.py prints one JSON object: kept as runs/bench/NAME.json (written only when
+# the script succeeds) and printed. `make bench BENCHES=scripts/bench_startup.py` runs a subset.
+# A script that cannot run here (bench_runtimes without runs/demo/teacher) says why on stderr; the
+# others still run, and the target fails at the end naming every script that left no JSON.
+BENCH_OUT := runs/bench
+BENCHES   ?= $(wildcard scripts/bench_*.py)
+
 bench: install
-	@for b in scripts/bench_*.py; do $(PYTHON) $$b; done
+	@mkdir -p $(BENCH_OUT); failed=""; \
+	for b in $(BENCHES); do \
+	  name=$$(basename $$b .py); name=$${name#bench_}; out=$(BENCH_OUT)/$$name.json; \
+	  echo "== $(PYTHON) $$b > $$out" >&2; \
+	  if $(PYTHON) $$b > $$out.tmp; then mv $$out.tmp $$out; cat $$out; \
+	  else rm -f $$out.tmp; failed="$$failed $$b"; fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "no JSON from:$$failed" >&2; exit 1; fi
 
 clean:
 	rm -rf runs .pytest_cache
