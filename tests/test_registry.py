@@ -225,9 +225,9 @@ def test_rollback_refusals_leave_aliases_and_log_an_event(tmp_path, artifact):
     before = _aliases(db)
     res = reg_cli(db, "rollback", "m")
     assert res.returncode == 3 and "no last-good version" in res.stderr and res.stdout == ""
-    # A version that does not exist.
-    res = reg_cli(db, "rollback", "m", "--to", "9")
-    assert res.returncode == 3 and "has no version 9" in res.stderr
+    # A version that does not exist is bad input (exit 2), not a refusal: nothing to log.
+    assert_usage_error(reg_cli(db, "rollback", "m", "--to", "9"), "has no version 9 to roll back to")
+    assert _aliases(db) == before
     # The artifact's bytes changed after registration.
     assert reg_cli(db, "mark-good", "m@1").returncode == 0
     before = _aliases(db)
@@ -238,13 +238,18 @@ def test_rollback_refusals_leave_aliases_and_log_an_event(tmp_path, artifact):
     assert _aliases(db) == before
     with Registry(db) as reg:
         refused = [e for e in reg.history("m") if e["event"] == "rollback-refused"]
-    assert len(refused) == 3 and all(not e["ok"] and e["detail"]["reason"] for e in refused)
+        assert all(e["version"] != 9 for e in reg.history("m"))
+    assert len(refused) == 2 and all(not e["ok"] and e["detail"]["reason"] for e in refused)
+    assert "no last-good version" in refused[0]["detail"]["reason"]
+    assert "changed since it was registered" in refused[1]["detail"]["reason"]
 
 
 def test_names_reach_sql_only_as_parameters(tmp_path, artifact):
     db = tmp_path / "r.db"
     evil = "x'; DROP TABLE versions; --"
     assert_usage_error(reg_cli(db, "register", "--name", evil, "--path", artifact), "invalid model name")
+    assert not db.exists()  # refused before the registry was opened
+    assert reg_cli(db, "register", "--name", "first", "--path", artifact).returncode == 0
     assert_usage_error(reg_cli(db, "show", evil + "@1"), "invalid model name")
     # Values that are not validated (tag values) are stored literally, never executed.
     res = reg_cli(db, "register", "--name", "ok", "--path", artifact, "--tag", f"note={evil}")
@@ -364,8 +369,10 @@ def test_not_a_database(tmp_path):
 
 def test_show_missing_things(tmp_path, artifact):
     db = tmp_path / "r.db"
+    assert_usage_error(reg_cli(db, "show", "nobody"), "registry", "does not exist")
+    assert not db.exists()  # a read never creates a registry
+    assert reg_cli(db, "register", "--name", "m", "--path", artifact).returncode == 0
     assert_usage_error(reg_cli(db, "show", "nobody"), "no model named 'nobody'")
-    reg_cli(db, "register", "--name", "m", "--path", artifact)
     assert_usage_error(reg_cli(db, "show", "m@7"), "has no version 7")
     assert_usage_error(reg_cli(db, "show", "m@active"), "has no 'active' version")
     assert_usage_error(reg_cli(db, "show", "m@0"), "invalid version")
