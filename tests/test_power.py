@@ -251,11 +251,12 @@ BENCH = ["--prompt-tokens", "8", "--gen-tokens", "16", "--runs", "9", "--meter",
 
 @pytest.fixture(scope="module")
 def under_busy_loops(two_sizes):
-    """The two GGUFs benchmarked while two busy loops occupy the cores: once with the default
-    threads (every usable core), once with one thread. Also how busy the machine was before."""
+    """The two GGUFs benchmarked while busy loops occupy the cores (two on this project's 2-core
+    machines; one per usable core, at least two, elsewhere): once with the default threads (every
+    usable core), once with one thread. Also how busy the machine was before."""
     small, big = two_sizes
     before = _cores_busy()
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(2, usable_cores()))]
     try:
         default = run_itera("benchmark-power", "--model", small, "--compare", big, *BENCH).record
         one = run_itera("benchmark-power", "--model", small, "--compare", big, *BENCH, "--threads", "1").record
@@ -276,7 +277,7 @@ def test_busy_cores_are_reported_unstable_with_each_artifacts_own_memory(under_b
         # the busy loops are seen at once (runnable count) and in what the runs lost (run-queue wait)
         assert m["stable"] is False and "waited for a CPU" in m["stability_reason"], m["stability_reason"]
         assert "other tasks were runnable at the start" in m["stability_reason"]
-        assert m["cpu_wait_fraction"] > MAX_CPU_WAIT and m["runnable_start"] >= 2
+        assert m["cpu_wait_fraction"] > MAX_CPU_WAIT and m["runnable_start"] >= usable_cores()
     assert rec["metrics"]["stable"] is False and str(big) in rec["metrics"]["stability_reason"]
     # each artifact in its own process: the bigger model's peak RSS is bigger by most of its size
     size = big.stat().st_size - small.stat().st_size
@@ -286,14 +287,15 @@ def test_busy_cores_are_reported_unstable_with_each_artifacts_own_memory(under_b
 
 
 def test_medians_stay_within_2x_of_the_step_latency_under_busy_loops(under_busy_loops):
-    """With one runtime thread and two busy loops on two or more cores, fair scheduling gives the
-    runtime at least 2/3 of a core, so a run is about 1.5x slower than its steps at most: the
-    median of runs stays within 2x of 1000 / p50 step latency.
+    """With one runtime thread and one busy loop per core (two or more cores), fair scheduling
+    gives the runtime at least 2/3 of a core, so a run is about 1.5x slower than its steps at
+    most: the median of runs stays within 2x of 1000 / p50 step latency.
 
     Not asserted for the default threads (every usable core): there llama.cpp's threads meet at a
     barrier several times per token, a preempted one holds up the others for a scheduler slice,
-    and every run is 10-100x slower than its steps; medians cannot hide a slowdown that hits every
-    run, and the record says so (``stable: false``, the run-queue wait)."""
+    and nearly every run is many times slower than its steps (7x to 60x measured on 2 cores);
+    medians cannot hide a slowdown that hits every run, and the record says so (``stable: false``,
+    the run-queue wait)."""
     before, _, one = under_busy_loops
     if usable_cores() < 2:
         pytest.skip("one usable core: two busy loops leave the runtime a third of it")
