@@ -206,10 +206,11 @@ def _serve(job: dict, requests, send) -> None:
             if need > rt.max_context:
                 raise UsageError(f"--prompt-tokens + --gen-tokens = {need} exceeds the context of {job['path']} "
                                  f"({rt.max_context})")
+            runtime_threads = _use_threads(rt, job["threads"])
             stepper = rt.stepper()
             ids = prompt_ids(rt.tokenizer, job["prompt_tokens"])
             send({"ok": True, "load_seconds": time.perf_counter() - t0, "runtime": rt.name,
-                  "peak_rss_bytes": peak_rss_bytes()})
+                  "runtime_threads": runtime_threads, "peak_rss_bytes": peak_rss_bytes()})
             for line in requests:
                 msg = json.loads(line)
                 r = measure_run(stepper, ids, job["gen_tokens"], meter if msg["measured"] else None)
@@ -217,6 +218,22 @@ def _serve(job: dict, requests, send) -> None:
     finally:
         if meter is not None:
             meter.close()
+
+
+def _use_threads(rt, threads: int) -> dict[str, int]:
+    """Make the runtime compute prompts and single tokens with ``threads`` threads, and return what
+    it reports using. llama-cpp-python gives prompt evaluation (``n_threads_batch``) every core
+    unless told, whatever ``n_threads`` is; ``--threads 1`` must mean one thread for the prompt too."""
+    if rt.name == "llama.cpp":
+        import llama_cpp
+
+        llama_cpp.llama_set_n_threads(rt.llm.ctx, threads, threads)
+        return {"decode": llama_cpp.llama_n_threads(rt.llm.ctx), "prompt": llama_cpp.llama_n_threads_batch(rt.llm.ctx)}
+    if rt.name == "torch":
+        import torch
+
+        return {"decode": torch.get_num_threads(), "prompt": torch.get_num_threads()}
+    return {"decode": threads, "prompt": threads}  # onnxruntime: one intra-op pool, set when the sessions were made
 
 
 # --------------------------------------------------------------------------- phases
@@ -299,7 +316,8 @@ def run_benchmark(opts: BenchmarkOptions, reporter: Reporter = SILENT) -> Outcom
     results = []
     for t, info, peak in zip(timings, infos, peaks):
         m = summarize(t, opts.workload, method, reason, meter, profile, opts.threads, info["runtime"])
-        m.update(peak_rss_bytes=peak, load_seconds=info["load_seconds"], usable_cores=cores,
+        m.update(peak_rss_bytes=peak, load_seconds=info["load_seconds"], runtime_threads=info["runtime_threads"],
+                 usable_cores=cores,
                  loadavg_start=load_start, loadavg_end=load_end, runnable_start=runnable_start,
                  runnable_end=runnable_end)
         m["stable"], m["stability_reason"] = stability(m)

@@ -175,6 +175,7 @@ def test_real_run_over_three_runtimes_without_a_meter(artifacts):
         assert m["energy_j"] is None and m["j_per_token"] is None and m["tokens_per_j"] is None
         assert m["peak_rss_bytes"] > 0 and m["cpu_utilisation"] > 0 and m["load_seconds"] > 0
         assert m["threads"] == rec["params"]["threads"] and m["usable_cores"] == usable_cores()
+        assert m["runtime_threads"] == {"decode": m["threads"], "prompt": m["threads"]}
         assert isinstance(m["stable"], bool) and (m["stable"] or m["stability_reason"])
     # each artifact in its own process: torch's process holds torch, the others do not
     rss = {m["runtime"]: m["peak_rss_bytes"] for m in per.values()}
@@ -272,6 +273,8 @@ def test_busy_cores_are_reported_unstable_with_each_artifacts_own_memory(under_b
     _, rec, one = under_busy_loops
     per = rec["metrics"]["compare"]
     assert rec["params"]["threads"] == usable_cores() and one["params"]["threads"] == 1
+    for m in one["metrics"]["compare"].values():  # llama.cpp's prompt threads too, not every core
+        assert m["threads"] == 1 and m["runtime_threads"] == {"decode": 1, "prompt": 1}
     for path, m in per.items():
         assert isinstance(m["threads"], int) and m["threads"] == usable_cores()
         # the busy loops are seen at once (runnable count) and in what the runs lost (run-queue wait)
