@@ -58,5 +58,5 @@ def serve(
 
 def _summary(console, m: dict) -> None:
     versions = ", ".join(f"{'version ' + str(v['version']) if v['version'] is not None else v['path']} "
-                         f"({v['requests']} requests)" for v in m["versions_served"])
+                         f"({v['requests']} request{'' if v['requests'] == 1 else 's'})" for v in m["versions_served"])
     console.log(f"served: {versions}")

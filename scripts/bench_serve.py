@@ -6,10 +6,11 @@ that overload is answered with 429 (no 5xx) while no acknowledged feedback row i
         [--overload-concurrency 8] [--max-concurrency 2] [--max-queue 2] [--repeats 3] [--threads 1]
 
 1. starts ``python -m itera serve`` on 127.0.0.1 (a free port) with its own feedback store;
-2. ``--repeats`` times, interleaved: ``--requests`` streamed greedy completions one at a time
-   through the server, then the same prompts through llama-cpp-python's ``Llama.generate`` in
-   this process (same file, same thread count, same token budget) — tokens/s of each, and their
-   ratio (server / bare) as the overhead;
+2. ``--repeats`` times, interleaved: the same ``--requests`` prompts, one at a time and greedily,
+   (a) through llama-cpp-python's own ``Llama.generate`` in this process, (b) through itera's
+   runtime layer in this process (the server's stepper and ``Generation``, no HTTP), (c) streamed
+   through the server — same file, thread count and token budget; tokens/s of each and the ratios
+   (server / bare is the overhead; the in-process figure splits it into runtime and HTTP);
 3. ``--requests`` requests from ``--overload-concurrency`` clients at once against
    ``--max-concurrency``/``--max-queue``: status counts (429s expected, 5xx not), and a thumbs
    feedback posted for every answered request;
@@ -181,6 +182,27 @@ def bare_llama_cpp(model: Path, prompts: list[str], max_tokens: int, threads: in
     return {"completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
+def itera_in_process(model: Path, prompts: list[str], max_tokens: int, threads: int) -> dict:
+    """The server's decoding without the server: the llama.cpp runtime and its stepper, sampling's
+    Generation at temperature 0, the same lane thread limits."""
+    from itera.runtime.llamacpp_backend import LlamaCppRuntime
+    from itera.runtime.sampling import Generation, SamplingParams
+    from itera.serve.engine import limit_batch_threads
+
+    with LlamaCppRuntime(model, threads=threads) as rt:
+        limit_batch_threads(rt, threads)
+        stepper, tok = rt.stepper(), rt.tokenizer
+        tokens, t0 = 0, time.perf_counter()
+        for p in prompts:
+            g = Generation(stepper, tok.decode, tok.encode(p), SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                           frozenset({tok.eos_id}) - {None})
+            for _ in g:
+                pass
+            tokens += len(g.tokens)
+        wall = time.perf_counter() - t0
+    return {"completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=Path("runs/demo/teacher-f16.gguf"))
@@ -206,11 +228,11 @@ def main() -> None:
         server = Server(args.model, store, args)
         try:
             scenario(server.url, prompts[:2], args.max_tokens, 1, feedback=False)  # warm-up
-            served, bare, runs = [], [], []
+            served, bare, inproc, runs = [], [], [], []
             for _ in range(args.repeats):
-                b = bare_llama_cpp(args.model, prompts, args.max_tokens, args.threads)
+                bare.append(bare_llama_cpp(args.model, prompts, args.max_tokens, args.threads)["tokens_per_s"])
+                inproc.append(itera_in_process(args.model, prompts, args.max_tokens, args.threads)["tokens_per_s"])
                 s = scenario(server.url, prompts, args.max_tokens, 1, feedback=False)
-                bare.append(b["tokens_per_s"])
                 served.append(s["tokens_per_s"])
                 runs.append(s)
             over = scenario(server.url, prompts, args.max_tokens, args.overload_concurrency, feedback=True)
@@ -230,7 +252,11 @@ def main() -> None:
         "sequential": {**sequential, "tokens_per_s_runs": summary(served)},
         "bare_llama_cpp": {"tokens_per_s_runs": summary(bare),
                            "loop": "Llama.generate(top_k=1, temp=0), llama.cpp's default KV cache and logits"},
+        "itera_in_process": {"tokens_per_s_runs": summary(inproc),
+                             "loop": "itera's llama.cpp runtime (F32 KV cache, all logits) + sampling.Generation"},
         "overhead_ratio": statistics.median(served) / statistics.median(bare),
+        "runtime_ratio": statistics.median(inproc) / statistics.median(bare),
+        "http_ratio": statistics.median(served) / statistics.median(inproc),
         "overload": over,
         "feedback_store": {"acknowledged": len(acked), "rows": len(rows), "lost": len(set(acked) - rows),
                            "integrity": integrity},

@@ -77,8 +77,8 @@ EOF
 echo "   $(cat "$LOOP/feedback-summary.json")" >&2
 
 echo "== 3. dpo-train on what the server collected, merge, export GGUF F16, evaluate, register" >&2
-$ITERA dpo-train --model "$RUNS/teacher" --feedback-db "$LOOP/feedback.db" --out "$LOOP/dpo" --steps 60 \
-    --batch-size 8 --lr 2e-3 --beta 0.2 --holdout 0.2 --merge --metrics-out "$LOOP/dpo.json" > /dev/null
+$ITERA dpo-train --model "$RUNS/teacher" --feedback-db "$LOOP/feedback.db" --out "$LOOP/dpo" --steps 20 \
+    --batch-size 8 --lr 5e-4 --beta 0.5 --holdout 0.2 --merge --metrics-out "$LOOP/dpo.json" > /dev/null
 $ITERA export --model "$LOOP/dpo/merged" --format gguf --gguf-type F16 --out "$LOOP/dpo-f16.gguf" \
   | $ITERA evaluate --dataset pydocs@test --max-tokens 20000 \
   | $ITERA registry register --name pydocs-demo --tag role=dpo "${REG[@]}" > "$LOOP/dpo-register.json"

@@ -335,6 +335,9 @@ def test_openai_client_chat_equals_greedy_on_the_models_template(main_server, mo
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert chunks[-1].usage.completion_tokens == n and chunks[-2].choices[0].finish_reason == "length"
+    parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in MESSAGES]  # content as parts
+    r = main_server.client().post("/v1/chat/completions", json={"messages": parts, "max_tokens": 20, "temperature": 0})
+    assert r.json()["choices"][0]["message"]["content"] == want
     with pytest.raises(openai.BadRequestError) as e:  # the template's own raise_exception
         client.chat.completions.create(model="chat", messages=[{"role": "assistant", "content": "hi"}])
     assert e.value.body["param"] == "messages" and "starts with a system or user" in e.value.body["message"]
@@ -343,7 +346,8 @@ def test_openai_client_chat_equals_greedy_on_the_models_template(main_server, mo
 def test_sampling_is_seeded_and_stop_strings_cut(main_server, models, ref):
     c = main_server.client()
     body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 1.0, "top_p": 0.9, "seed": 11}
-    a, b = (c.post("/v1/completions", json=body).json() for _ in range(2))
+    neutral = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": None, "user": "u-1"}
+    a, b = (c.post("/v1/completions", json={**body, **neutral}).json() for _ in range(2))
     assert a["choices"][0]["text"] == b["choices"][0]["text"] and a["id"] != b["id"]
     rt = ref.get(models["gguf"])
     g = Generation(rt.stepper(), rt.tokenizer.decode, rt.tokenizer.encode(PROMPT),

@@ -369,9 +369,18 @@ def build_app(server: Server):
             try:
                 if endpoint == "chat":
                     yield chunk(None, role=True)
+                pending = None
                 while True:
-                    kind, value = await q.get()
+                    kind, value = pending or await q.get()
+                    pending = None
                     if kind == "text":
+                        # text that queued up while the last chunk was being sent goes out as one chunk
+                        while not q.empty():
+                            nxt = q.get_nowait()
+                            if nxt[0] != "text":
+                                pending = nxt
+                                break
+                            value += nxt[1]
                         yield chunk(value)
                         continue
                     if value.exception() is not None:

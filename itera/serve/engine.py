@@ -64,6 +64,16 @@ class SwapRefused(IteraError):
         self.public = public
 
 
+def _digest(path: Path) -> tuple[int, str]:
+    """(bytes, sha256) of an artifact as the registry computes them: ``itera.runtime.digest`` (an ONNX
+    graph's hash covers its KV-cache graph and external data), or the file's own where that is absent."""
+    try:
+        from itera.runtime import digest
+    except ImportError:
+        from itera.fsio import artifact_digest as digest
+    return digest(path)
+
+
 def _file_format(path: Path) -> str:
     from itera.runtime import check_model_path
 
@@ -73,15 +83,13 @@ def _file_format(path: Path) -> str:
 def verify(row: dict) -> Source:
     """The registry row as a :class:`Source`, after checking that its artifact is the one registered
     (hashed as the registry hashes it: an ONNX graph with its KV graph and external data)."""
-    from itera.runtime import digest as artifact_digest
-
     path = Path(row["path"])
     label = f"{row['name']}@{row['version']}"
     if not path.exists():
         raise SwapRefused(f"{label}: its artifact {path} no longer exists", "its artifact no longer exists")
     try:
         fmt = _file_format(path)
-        size, digest = artifact_digest(path)
+        size, digest = _digest(path)
     except InputError as e:
         raise SwapRefused(f"{label}: {e}", "its artifact is not a model itera can run") from None
     if digest != row["sha256"]:
@@ -92,12 +100,10 @@ def verify(row: dict) -> Source:
 
 def resolve_source(spec: str, registry: Path | None) -> tuple[Source, "RegistryRef | None"]:
     """``--model`` as a Source, and the ref to follow (None for a path or a pinned ``NAME@N``)."""
-    from itera.runtime import digest as artifact_digest
-
     if "@" not in spec:
         path = Path(spec)
         fmt = _file_format(path)
-        size, digest = artifact_digest(path)
+        size, digest = _digest(path)
         name = path.name[: -len(path.suffix)] if path.suffix.lower() in (".gguf", ".onnx") else path.name
         return Source(path.resolve(), fmt, name or "model", None, digest, size,
                       "checkpoint" if path.is_dir() else "file"), None
@@ -144,7 +150,7 @@ def _eos_ids(runtime, source: Source) -> frozenset:
     return frozenset(ids)
 
 
-def _limit_batch_threads(runtime, threads: int) -> None:
+def limit_batch_threads(runtime, threads: int) -> None:
     """llama.cpp evaluates a prompt with ``n_threads_batch`` threads, which llama-cpp-python sets to
     every core unless told; with one context per lane that oversubscribes the cores, and ggml's
     spinning thread barrier then turns a 1 ms prefill into hundreds of milliseconds. One lane
@@ -173,7 +179,7 @@ class LoadedModel:
             if first.steppers_share_state:
                 self.runtimes += [open_runtime(source.path, threads=lane_threads) for _ in range(lanes - 1)]
                 for rt in self.runtimes:
-                    _limit_batch_threads(rt, lane_threads)
+                    limit_batch_threads(rt, lane_threads)
                 steppers = [rt.stepper() for rt in self.runtimes]
             else:
                 steppers = [first.stepper() for _ in range(lanes)]
