@@ -556,6 +556,16 @@ def test_unsafe_or_broken_options_are_refused_before_serving(models, tmp_path):
     assert_usage_error(run_itera("serve", "--model", models["gguf"], "--registry", tmp_path / "r.db"), "--registry")
 
 
+def test_dpo_train_feedback_db_options(models, tmp_path):
+    base = ["dpo-train", "--model", models["ckpt"], "--out", tmp_path / "a"]
+    assert_usage_error(run_itera(*base, "--feedback-db", tmp_path / "none.db"), "no feedback store at")
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    assert_usage_error(run_itera(*base, "--pairs", pairs, "--feedback-db", tmp_path / "none.db"),
+                       "pass exactly one of --pairs FILE or --feedback FILE")
+    assert not (tmp_path / "a").exists()
+
+
 # --------------------------------------------------------------------------- load, durability
 
 

@@ -135,3 +135,5 @@ def _serve(uv, sock: socket.socket, server, watcher, reporter: Reporter) -> None
             signal.signal(sig, handler)
     if not uv.started:
         raise InputError("the HTTP server did not start; see the messages above")
+    if signals["n"] == 0:  # it stopped by itself: that is a failure, not a shutdown
+        raise RuntimeError("the HTTP server stopped without being asked to; see the messages above")
