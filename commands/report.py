@@ -21,7 +21,7 @@ def report(
     One row per artifact: size, bits per weight, perplexity and bits per byte per dataset and
     protocol, median decode tokens/s with its spread and stability, J/token with its method,
     export parity; charts of the size-quality frontier, throughput and energy. Files that are not
-    itera records are skipped with a note.
+    itera records are skipped with a note (an error when no file is a record).
 
     Examples:
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import json
+import os
 import shlex
 import socket
 import subprocess
@@ -107,9 +108,15 @@ class Policy:
     def load(cls, path: Path | None = None) -> "Policy":
         from itera.paths import config_file
 
-        path = Path(path) if path else config_file("cluster.yaml")
-        if not path.is_file():
-            raise UsageError(f"cluster policy {path} does not exist; pass --config FILE")
+        if path:
+            from itera.fsio import check_input_file
+
+            path = Path(path)
+            check_input_file(path, "cluster policy", "pass --config FILE (a YAML file)", UsageError)
+        else:
+            path = config_file("cluster.yaml")
+            if not path.is_file():
+                raise UsageError(f"cluster policy {path} does not exist; pass --config FILE")
         try:
             d = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -201,13 +208,40 @@ def _ssh_config_files(ssh_config: Path | None) -> list[Path]:
     return [Path.home() / ".ssh" / "config", Path("/etc/ssh/ssh_config")]
 
 
-def match_exec_lines(ssh_config: Path | None, _depth: int = 0) -> list[str]:
+def _check_ssh_config_file(f: Path, where: str) -> bool:
+    """Whether ``f`` is a file to scan: a missing or unreadable one is skipped, as ssh skips it;
+    a FIFO, device or socket is refused (reading it would block or never end)."""
+    import stat as _stat
+
+    from itera.fsio import check_input_file
+
+    try:
+        st = os.stat(f)
+    except OSError:
+        return False
+    if _stat.S_ISDIR(st.st_mode):
+        return False
+    check_input_file(f, "ssh configuration file", "ssh reads only regular files; point it at one", UsageError,
+                     where)
+    return True
+
+
+def match_exec_lines(ssh_config: Path | None, _depth: int = 0, _where: str = "") -> list[str]:
     """``file:line`` of every ``Match ... exec`` in the ssh configuration (Include followed):
-    ssh runs that command whenever it reads the configuration, even for ``ssh -G``."""
+    ssh runs that command whenever it reads the configuration, even for ``ssh -G``.
+
+    A --ssh-config that is not a regular file, and any file it includes that is a FIFO, device
+    or socket, is refused (UsageError): reading it would block forever."""
     import glob as _glob
 
+    from itera.fsio import check_input_file
+
     found = []
+    if _depth == 0 and ssh_config is not None:
+        check_input_file(Path(ssh_config), "--ssh-config", "pass an ssh configuration file", UsageError)
     for f in _ssh_config_files(ssh_config) if _depth == 0 else [Path(ssh_config)]:
+        if not _check_ssh_config_file(f, _where):
+            continue
         try:
             lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
@@ -224,7 +258,7 @@ def match_exec_lines(ssh_config: Path | None, _depth: int = 0) -> list[str]:
                 for pattern in words[1:]:
                     for inc in sorted(_glob.glob(str(Path(pattern).expanduser() if pattern.startswith("~")
                                                      else base / pattern))):
-                        found += match_exec_lines(Path(inc), _depth + 1)
+                        found += match_exec_lines(Path(inc), _depth + 1, f"included at {f}:{n}")
     return found
 
 
@@ -454,6 +488,10 @@ class DiscoverOptions:
             raise UsageError(f"--nproc-per-node must be from 1 to 1024 (got {self.nproc_per_node})")
         if not 1 <= self.rdzv_port <= 65535:
             raise UsageError(f"--rdzv-port must be a TCP port from 1 to 65535 (got {self.rdzv_port})")
+        if self.ssh_config is not None:  # ssh -F reads it: a FIFO would block ssh (and itera) forever
+            from itera.fsio import check_input_file
+
+            check_input_file(Path(self.ssh_config), "--ssh-config", "pass an ssh configuration file", UsageError)
         try:
             words = shlex.split(self.launch)
         except ValueError as e:
@@ -467,11 +505,10 @@ class DiscoverOptions:
         """The hosts as typed, then those of --hosts-file (one per line, '#' comments)."""
         specs = list(self.hosts)
         if self.hosts_file is not None:
-            from itera.fsio import check_regular
+            from itera.fsio import check_input_file
 
-            if not Path(self.hosts_file).exists():
-                raise UsageError(f"--hosts-file {self.hosts_file} does not exist")
-            check_regular(Path(self.hosts_file), "--hosts-file")
+            check_input_file(Path(self.hosts_file), "--hosts-file", "pass a text file with one host per line",
+                             UsageError)
             try:
                 text = Path(self.hosts_file).read_text(encoding="utf-8")
             except (UnicodeDecodeError, IsADirectoryError):

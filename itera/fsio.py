@@ -70,6 +70,28 @@ def check_regular(path: Path, what: str = "artifact") -> os.stat_result:
     return st
 
 
+def check_input_file(path: Path, what: str = "", fix: str = "pass a regular file",
+                     error: type[InputError | UsageError] = InputError, where: str = "") -> os.stat_result:
+    """stat() of a file the user named as an input (links followed), which itera is about to read:
+    it must exist and be a regular file. A FIFO would block the read forever and a device never end,
+    so they are refused before anything opens them. Messages read ``<what> <path> (<where>) is ...;
+    <fix>``."""
+    name = (f"{what} {path}" if what else str(path)) + (f" ({where})" if where else "")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise error(f"{name} is a symbolic link to a file that does not exist; {fix}") from None
+        raise error(f"{name} does not exist; {fix}") from None
+    except OSError as e:
+        raise error(f"{name} cannot be read ({e.strerror}); {fix}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{name} is a directory, not a file; {fix}")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{name} is {_kind(st.st_mode)}, not a regular file; {fix}")
+    return st
+
+
 def directory_manifest(path: Path) -> list[tuple[str, int, str]]:
     """(relative path, bytes, sha256) for every file under ``path``, sorted by path.
 
@@ -188,7 +210,8 @@ def check_output(out: Path, inputs: list[Path] = (), force: bool = False, kind: 
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UsageError(f"{option} {out} cannot be written: {parent} is not writable ({e.strerror})") from None
+        raise UsageError(f"{option} {out} cannot be written: no file can be created in {parent} ({e.strerror}); "
+                         "choose another path") from None
     remove_stale_temporaries(out)
 
 

@@ -26,15 +26,45 @@ def config_file(*parts: str) -> Traversable:
 def preset_path(name_or_path: str, group: str, kind: str) -> Traversable | Path:
     """A YAML preset: a path ending in .yaml/.yml, or a name looked up in ``itera.configs/<group>``.
 
-    Raises UsageError naming the known presets when there is none."""
+    Raises UsageError naming the known presets when there is none, and when a named file is missing
+    or is not a regular file (a FIFO would block the read)."""
     from itera.errors import UsageError
 
+    def known() -> str:
+        return ", ".join(sorted(p.name[: -len(".yaml")] for p in config_file(group).iterdir()
+                                if p.name.endswith(".yaml")))
+
     if Path(name_or_path).suffix in (".yaml", ".yml"):
-        path: Traversable | Path = Path(name_or_path)
-    else:
-        path = config_file(group, f"{name_or_path}.yaml")
+        from itera.fsio import check_input_file
+
+        path = Path(name_or_path)
+        check_input_file(path, kind, f"pass a YAML file or one of {known()}", UsageError)
+        return path
+    path = config_file(group, f"{name_or_path}.yaml")
     if not path.is_file():
-        known = ", ".join(sorted(p.name[: -len(".yaml")] for p in config_file(group).iterdir()
-                                 if p.name.endswith(".yaml")))
-        raise UsageError(f"unknown {kind} {name_or_path!r}; use one of {known} or a YAML file")
+        raise UsageError(f"unknown {kind} {name_or_path!r}; use one of {known()} or a YAML file")
     return path
+
+
+def load_preset(name_or_path: str, group: str, kind: str, fields: str) -> tuple[Traversable | Path, dict]:
+    """(path, mapping) of a YAML preset (see :func:`preset_path`). A file that is not UTF-8, not
+    YAML, or not a mapping is a UsageError naming it and ``fields`` (what the mapping holds)."""
+    import yaml
+
+    from itera.errors import UsageError
+
+    path = preset_path(name_or_path, group, kind)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{kind} {path} is not UTF-8 text; save it as UTF-8 YAML with {fields}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{kind} {path} is not valid YAML ({' '.join(str(e).split())[:160]}); "
+                         f"write a mapping with {fields}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        name = type(data).__name__
+        raise UsageError(f"{kind} {path} must be a YAML mapping with {fields}, not {'an' if name[0] in 'aeiou' else 'a'} "
+                         f"{name}")
+    return path, data

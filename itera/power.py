@@ -29,8 +29,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from itera.errors import UsageError
 from itera.runtime.base import Stepper
 
@@ -196,17 +194,30 @@ class PowerProfile:
 
     @classmethod
     def load(cls, name_or_path: str) -> "PowerProfile":
-        from itera.paths import preset_path
+        """A preset name or YAML file with tdp_w and idle_w (finite watts, tdp_w > 0, tdp_w >= idle_w
+        >= 0) and cores (an integer >= 1); anything else is a UsageError naming the file and field."""
+        from itera.paths import load_preset
 
-        path = preset_path(name_or_path, "power", "power profile")
-        d = yaml.safe_load(path.read_text()) or {}
-        try:
-            p = cls(name=str(d.get("name", Path(str(path)).stem)), tdp_w=float(d["tdp_w"]), idle_w=float(d["idle_w"]),
-                    cores=int(d["cores"]))
-        except (KeyError, TypeError, ValueError):
-            raise UsageError(f"power profile {name_or_path} needs tdp_w, idle_w and cores") from None
-        if p.cores < 1 or p.tdp_w < p.idle_w or p.idle_w < 0:
-            raise UsageError(f"power profile {name_or_path}: need cores >= 1 and tdp_w >= idle_w >= 0")
+        need = "tdp_w, idle_w and cores (e.g. tdp_w: 28, idle_w: 4, cores: 8)"
+        path, d = load_preset(name_or_path, "power", "power profile", need)
+        missing = [k for k in ("tdp_w", "idle_w", "cores") if k not in d]
+        if missing:
+            raise UsageError(f"power profile {name_or_path} has no {missing[0]}; it needs {need}")
+        watts = {}
+        for key in ("tdp_w", "idle_w"):
+            v = d[key]
+            ok = not isinstance(v, bool) and isinstance(v, (int, float))
+            watts[key] = float(v) if ok and abs(v) < 1e300 else math.nan
+            if not math.isfinite(watts[key]):  # NaN and Infinity would reach every J/token figure
+                raise UsageError(f"power profile {name_or_path}: {key} must be a finite number of watts, got {v!r}")
+        cores = d["cores"]
+        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+            raise UsageError(f"power profile {name_or_path}: cores must be an integer >= 1, got {cores!r}")
+        p = cls(name=str(d.get("name", Path(str(path)).stem)), tdp_w=watts["tdp_w"], idle_w=watts["idle_w"],
+                cores=cores)
+        if not (p.tdp_w > 0 and p.tdp_w >= p.idle_w >= 0):
+            raise UsageError(f"power profile {name_or_path}: need tdp_w > 0 and tdp_w >= idle_w >= 0 "
+                             f"(tdp_w is {p.tdp_w:g}, idle_w {p.idle_w:g})")
         return p
 
     def joules(self, wall_s: float, cpu_s: float) -> float:

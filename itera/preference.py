@@ -20,6 +20,7 @@ and counted with their reason.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,10 @@ class Pair:
 
 def _lines(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; strict about encoding and JSON."""
+    from itera.fsio import check_input_file
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; pass a JSONL file")
+    check_input_file(path, fix="pass a JSONL file", error=DataError)
     raw = path.read_bytes()
     if raw.startswith(b"\xef\xbb\xbf"):
         raise DataError(f"{path}:1: the file starts with a UTF-8 byte-order mark; save it as UTF-8 without BOM")
@@ -88,6 +90,17 @@ def pairs_from_feedback(path: Path, min_rating_gap: float = 1.0) -> tuple[list[P
     return pairs_from_events((ev for _, ev in _lines(path)), min_rating_gap)
 
 
+def _finite(v) -> float | None:
+    """``v`` as a finite float, or None when it is not a number (bools, NaN and Infinity included)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
 class _Collected:
     """Feedback events sorted by what they say: direct pairs, votes and ratings per prompt."""
 
@@ -119,11 +132,11 @@ class _Collected:
         elif kind == "correction" and self._need(ev, "prompt", "response", "corrected"):
             self.pairs.append(Pair(ev["prompt"], ev["corrected"], ev["response"]))
         elif kind == "rating" and self._need(ev, "prompt", "response"):
-            r = ev.get("rating")
-            if isinstance(r, bool) or not isinstance(r, (int, float)):
+            r = _finite(ev.get("rating"))
+            if r is None:  # not a number, NaN or Infinity (which JSON does not have), or beyond a float
                 self.dropped["rating: rating is not a number"] += 1
             else:
-                self.ratings[ev["prompt"]].append((float(r), ev["response"]))
+                self.ratings[ev["prompt"]].append((r, ev["response"]))
         elif kind not in ("thumbs", "ab", "correction", "rating"):
             self.dropped["unknown event type"] += 1
 

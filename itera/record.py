@@ -184,8 +184,12 @@ def emit(record: dict, out: TextIO | None = None, metrics_out: Path | None = Non
 MAX_DEPTH = 200  # a record nests its parents; no pipeline is this deep, a hostile document may be
 
 
+class _NotANumber(ValueError):
+    """NaN, Infinity or -Infinity in a JSON text (the argument is which)."""
+
+
 def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
+    raise _NotANumber(name)
 
 
 def _depth(obj, limit: int) -> int:
@@ -222,8 +226,12 @@ def parse_record(data: bytes, source: str = "stdin") -> dict:
             f"{source} is not a JSON record (line {e.lineno} column {e.colno}: {e.msg}); "
             "pipe the output of an itera command or pass the input explicitly"
         ) from None
-    except ValueError as e:
-        raise RecordError(f"{source} holds {e}; pipe the record an itera command printed") from None
+    except _NotANumber as e:
+        raise RecordError(f"{source} holds {e}, which is not a JSON number; pipe the record an itera command "
+                          "printed") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise RecordError(f"{source} is not a JSON record itera can read ({str(e).split(';')[0]}); "
+                          "pipe the record an itera command printed") from None
     except RecursionError:
         raise RecordError(f"{source} is JSON nested too deeply to be an itera record") from None
     rest = text[end:].strip()
@@ -261,14 +269,10 @@ def read_parent(stdin: Any = None) -> dict | None:
 
 
 def read_record_file(path: Path) -> dict:
-    from itera.fsio import check_regular
+    from itera.fsio import check_input_file
 
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"record file {path} does not exist; pass a file written with --metrics-out")
-    check_regular(path, "record file")
-    if path.is_dir():
-        raise InputError(f"record file {path} is a directory; pass a file written with --metrics-out")
+    check_input_file(path, "record file", "pass a file written with --metrics-out")
     return parse_record(path.read_bytes(), source=str(path))
 
 

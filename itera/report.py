@@ -307,20 +307,33 @@ class ReportOptions:
 
     @functools.cached_property
     def parsed(self) -> list[dict]:
-        """The records, read once; files that are not itera records are skipped (see :attr:`skipped`)."""
+        """The records, read once. Files that are not itera records are skipped (see :attr:`skipped`)
+        when others are records (``runs/demo/*.json`` holds `registry compare`'s JSON too); when none
+        is, that is a RecordError naming the first of them and why."""
         from itera.errors import RecordError
         from itera.record import parse_record, read_record_file
 
         self.skipped: list[str] = []
         if not self.records:
-            lines = self.stdin.decode("utf-8", "strict").splitlines() if self.stdin.strip() else []
-            return [parse_record(line.encode()) for line in lines if line.strip()]
-        out = []
+            try:
+                text = self.stdin.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecordError(f"stdin is not UTF-8 text (byte {e.start}); pipe the JSON records itera "
+                                  "commands printed") from None
+            return [parse_record(line.encode()) for line in text.splitlines() if line.strip()]
+        out, reasons = [], []
         for p in self.records:
             try:
                 out.append(read_record_file(p))
             except RecordError as e:  # e.g. `registry compare`'s JSON beside the records in runs/demo/
-                self.skipped.append(f"{p} ({str(e).split(';')[0]})")
+                why = str(e).split(";")[0]
+                self.skipped.append(f"{p} ({why})")
+                reasons.append(why if why.startswith(str(p)) else f"{p} is not an itera record: {why}")
+        if reasons and not out:
+            n = len(reasons) - 1
+            more = f" (and {n} more file{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} not an itera record)" \
+                if n else ""
+            raise RecordError(f"{reasons[0]}{more}; pass record files written with --metrics-out")
         return out
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-import yaml
-
 from itera.errors import UsageError
 from itera.model.config import ModelConfig
 
@@ -33,17 +31,29 @@ class StudentSpec:
     @classmethod
     def from_preset(cls, preset: str) -> "StudentSpec":
         """A preset name from configs/students/ or a path to a YAML file with these field names."""
-        from itera.paths import preset_path
+        from itera.paths import load_preset
 
-        path = preset_path(preset, "students", "student preset")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UsageError(f"student preset {path} is not valid YAML: {e}") from None
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
+        names = [f.name for f in fields(cls)]
+        path, data = load_preset(preset, "students", "student preset", "fields " + ", ".join(sorted(names)))
+        unknown = sorted((k for k in data if k not in names), key=str)
         if unknown:
             raise UsageError(f"student preset {path} has unknown field {unknown[0]!r}; fields: {', '.join(sorted(names))}")
+        for key, v in data.items():
+            if v is None:
+                continue
+            kind = _FIELD_KINDS[key]
+            if kind == "int":
+                ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                want = "an integer >= 1"
+            elif kind == "fraction":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+                want = "a number in (0, 1]"
+            elif kind == "bool":
+                ok, want = isinstance(v, bool), "true or false"
+            else:
+                ok, want = v in INITS, "one of " + ", ".join(INITS)
+            if not ok:
+                raise UsageError(f"student preset {path}: field {key} must be {want}, got {v!r}")
         return cls(**data)
 
     def merged(self, **overrides) -> "StudentSpec":
@@ -96,6 +106,12 @@ class StudentSpec:
         return ModelConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                            num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
                            bos_token_id=bos, eos_token_id=eos, **base)
+
+
+# what each StudentSpec field of a preset file holds (checked before anything uses it)
+_FIELD_KINDS = {"layers": "int", "hidden": "int", "heads": "int", "kv_heads": "int", "ffn": "int",
+                "max_position_embeddings": "int", "depth": "fraction", "width": "fraction", "init": "init",
+                "tie_word_embeddings": "bool"}
 
 
 def _largest_divisor_at_most(n: int, k: int) -> int:

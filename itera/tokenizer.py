@@ -93,8 +93,9 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             return cls.from_dir(path)
-        if not path.is_file():
-            raise CheckpointError(f"tokenizer {path} does not exist; pass a tokenizer.json or a directory holding one")
+        from itera.fsio import check_input_file
+
+        check_input_file(path, "tokenizer", "pass a tokenizer.json or a directory holding one", CheckpointError)
         return cls.from_dir(path.parent, tokenizer_file=path)
 
     @classmethod

@@ -154,10 +154,13 @@ def read_state(path: Path, device: str = "cpu") -> dict:
     """A training state written by :meth:`Trainer.save_state`, read without unpickling code.
     Anything else (a truncated file, a pickle that would run code) is refused naming the file."""
     import pickle
+    import warnings
     import zipfile
 
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle's protocol on stderr first: one line only
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError,
             AttributeError, TypeError):
         # torch's own message suggests weights_only=False, which would run the file's code: never say that

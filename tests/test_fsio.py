@@ -45,3 +45,27 @@ def test_directory_digest_tracks_content_and_names(tmp_path):
     f = tmp_path / "f.bin"
     f.write_bytes(b"abc")
     assert fsio.artifact_digest(f) == (3, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+
+
+def test_check_input_file_refuses_all_but_a_regular_file_without_opening_it(tmp_path):
+    """A FIFO would block the read forever: refused by stat alone, named, with the fix."""
+    import os
+
+    from itera.errors import InputError, UsageError
+
+    f = tmp_path / "ok.yaml"
+    f.write_text("a: 1\n")
+    assert fsio.check_input_file(f).st_size == 5
+    os.mkfifo(tmp_path / "pipe")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    cases = [(tmp_path / "pipe", "is a FIFO (named pipe), not a regular file"),
+             (tmp_path / "missing", "does not exist"),
+             (tmp_path, "is a directory, not a file"),
+             (tmp_path / "dangling", "is a symbolic link to a file that does not exist"),
+             ("/dev/null", "is a device, not a regular file")]
+    for path, words in cases:
+        with pytest.raises(InputError) as e:
+            fsio.check_input_file(path, "--config", "pass a YAML file")
+        assert str(e.value) == f"--config {path} {words}; pass a YAML file", str(e.value)
+    with pytest.raises(UsageError, match=r"^f .*pipe \(included at x:1\) is a FIFO"):
+        fsio.check_input_file(tmp_path / "pipe", "f", error=UsageError, where="included at x:1")
