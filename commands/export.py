@@ -13,8 +13,15 @@ def export(
     fmt: Annotated[str, typer.Option("--format", "-f", help="gguf (llama.cpp), onnx (onnxruntime), pt2 "
                                      "(torch.export) or torchscript (deprecated by PyTorch; for existing deployments).")],
     model: ModelPath = None,
-    gguf_type: Annotated[str, typer.Option(help="GGUF tensor type: F32, F16, BF16, Q8_0, Q4_0 (written by "
-                                           "itera), or a llama.cpp quantization such as Q4_K_M, Q5_K_M, Q6_K.")] = "F16",
+    gguf_type: Annotated[str, typer.Option(help="GGUF tensor type: AUTO (the checkpoint's own: the types "
+                                           "`itera quantize` stored, F16 for a float checkpoint), F32, F16, BF16, "
+                                           "Q8_0, Q4_0 (written by itera), or a llama.cpp quantization such as "
+                                           "Q4_K_M, Q5_K_M, Q6_K.")] = "AUTO",
+    calib: Annotated[Optional[str], typer.Option(help="Calibration text (file or dataset) for llama.cpp's "
+                                                 "quantizer: importance data (mean square of every input), as "
+                                                 "llama-imatrix collects it.")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration sequences for --calib.")] = 32,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
     onnx_quant: Annotated[Optional[str], typer.Option(help="ONNX weight quantization: int8 (dynamic) or "
                                                       "int4 (MatMulNBits).")] = None,
     allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Keep the artifact even when its "
@@ -34,14 +41,17 @@ def export(
 
     Examples:
 
-      itera export --model runs/q4 --format gguf --gguf-type Q4_0 --out runs/q4.gguf
+      itera export --model runs/q4 --format gguf --out runs/q4.gguf   (the types itera quantize chose)
+
+      itera export --model runs/teacher --format gguf --gguf-type Q4_K_M --calib pydocs@train --out m.gguf
 
       itera export --model runs/teacher --format onnx --out m.onnx   (also writes m.kv.onnx)
     """
     from itera.export.job import ExportOptions, run_export
 
     path, parent = model_input(model)
-    opts = ExportOptions(model=path, out=out, format=fmt, gguf_type=gguf_type, onnx_quant=onnx_quant,
+    opts = ExportOptions(model=path, out=out, format=fmt, gguf_type=gguf_type, calib=calib,
+                         calib_samples=calib_samples, calib_seqlen=calib_seqlen, onnx_quant=onnx_quant,
                          allow_mismatch=allow_mismatch, verify_tokens=verify_tokens, threads=threads,
                          max_logit_diff=max_logit_diff, force=force)
     execute("export", run_export, opts.validate(), parent, metrics_out, summary=lambda c, m: _summary(c, out, m))

@@ -11,8 +11,12 @@ from itera.commands._options import Device, Force, MetricsOut, ModelPath, TextFi
 def quantize(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the quantized checkpoint.")],
     model: ModelPath = None,
-    method: Annotated[str, typer.Option(help="rtn | gptq | auto (mixed precision from measured sensitivity).")] = "gptq",
+    method: Annotated[str, typer.Option(help="rtn | gptq | auto (a GGUF type per tensor from measured "
+                                        "sensitivity, under a budget in GGUF file bytes).")] = "gptq",
     bits: Annotated[int, typer.Option(help="8, 4, 3 or 2 (rtn, gptq).")] = 4,
+    gguf_type: Annotated[Optional[str], typer.Option(help="rtn, gptq: store every layer as this GGUF block "
+                                                     "type instead (Q2_K, Q3_K, IQ4_XS, Q4_0, IQ4_NL, Q4_K, Q4_1, "
+                                                     "Q5_0, Q5_K, Q5_1, Q6_K, Q8_0).")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="Input columns per scale, e.g. 32, 64, 128. "
                                                       "Default: one scale per output channel.")] = None,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric codes (GGUF Q4_0/Q8_0 compatible at "
@@ -24,9 +28,11 @@ def quantize(
     damp: Annotated[float, typer.Option(help="GPTQ Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
     act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize columns by decreasing "
                                             "Hessian diagonal (static groups).")] = False,
-    target_bpw: Annotated[Optional[float], typer.Option(help="auto: budget in bits per weight over the "
-                                                        "quantized layers, e.g. 4.5.")] = None,
-    auto_bits: Annotated[str, typer.Option(help="auto: candidate bit widths.")] = "2,3,4,8",
+    target_bpw: Annotated[Optional[float], typer.Option(help="auto: budget in bits per weight over every "
+                                                        "tensor of the GGUF file, e.g. 4.5.")] = None,
+    target_bytes: Annotated[Optional[int], typer.Option(help="auto: budget in bytes of the GGUF file.")] = None,
+    auto_types: Annotated[str, typer.Option(help="auto: candidate GGUF types, comma-separated, or all "
+                                            "(F16 is always one).")] = "all",
     auto_base: Annotated[str, typer.Option(help="auto: apply the chosen plan with rtn or gptq.")] = "gptq",
     plan: Annotated[Optional[Path], typer.Option(help="auto: reuse a quant_plan.json instead of measuring.")] = None,
     quantize_embeddings: Annotated[bool, typer.Option("--quantize-embeddings", help="Also quantize the "
@@ -38,23 +44,27 @@ def quantize(
     force: Force = False,
     metrics_out: MetricsOut = None,
 ) -> None:
-    """Quantize a checkpoint's weights to 8/4/3/2 bits with round-to-nearest, GPTQ, or a mixed-precision plan.
+    """Quantize a checkpoint's weights with round-to-nearest, GPTQ, or a per-tensor plan under a GGUF size budget.
 
-    The output keeps the checkpoint layout (packed codes, float16 scales, quantization_config in
-    config.json) and loads back in itera; `itera evaluate` runs on it.
+    The output keeps the checkpoint layout (packed codes or GGUF blocks, quantization_config in
+    config.json) and loads back in itera; `itera evaluate` runs on it and `itera export --format
+    gguf` writes its blocks as they are.
 
     Examples:
 
       itera quantize --model runs/teacher --method gptq --bits 4 --group-size 32 --calib pydocs@test --out runs/q4
 
-      itera quantize --model runs/teacher --method auto --target-bpw 4.5 --calib notes.txt --out runs/mixed
+      itera quantize --model runs/teacher --method gptq --gguf-type Q4_K --calib pydocs@test --out runs/q4k
+
+      itera quantize --model runs/teacher --method auto --target-bytes 1858464 --calib notes.txt --out runs/mixed
     """
     from itera.quant.job import QuantizeOptions, run_quantize
 
     path, parent = model_input(model)
     opts = QuantizeOptions(model=path, out=out, method=method, bits=bits, group_size=group_size, sym=sym,
                            calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, damp=damp,
-                           act_order=act_order, target_bpw=target_bpw, auto_bits=auto_bits, auto_base=auto_base,
+                           act_order=act_order, gguf_type=gguf_type, target_bpw=target_bpw,
+                           target_bytes=target_bytes, auto_types=auto_types, auto_base=auto_base,
                            plan=plan, quantize_embeddings=quantize_embeddings, eval_tokens=eval_tokens, seed=seed,
                            device=device, text_field=text_field, force=force)
     execute("quantize", run_quantize, opts.validate(), parent, metrics_out, summary=_summary)
@@ -62,6 +72,8 @@ def quantize(
 
 def _summary(console, m: dict) -> None:
     line = f"{m['bits_per_weight']:.3f} bits per weight, {m['size_ratio']:.2f}x smaller"
+    if m.get("gguf_bytes"):
+        line += f"; as GGUF {m['gguf_bytes']:,} bytes, {m['gguf_bits_per_weight']:.3f} bits per weight over every tensor"
     if m["perplexity_after"]:
         line += (f", held-out perplexity {m['perplexity_before']:.3f} -> {m['perplexity_after']:.3f} "
                  f"({m['eval_tokens']} tokens of the --calib text's tail)")

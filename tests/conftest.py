@@ -126,6 +126,20 @@ def lm(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def wide_lm(tmp_path_factory):
+    """A small model trained on natural text whose every matrix is a multiple of 256 wide (hidden
+    256, FFN 512), so llama.cpp's and itera's K-quant types fit all of them; untied output head."""
+    d = tmp_path_factory.mktemp("wide-lm")
+    (d / "wide.yaml").write_text("layers: 2\nhidden: 256\nheads: 4\nkv_heads: 2\nffn: 512\n"
+                                 "tie_word_embeddings: false\nmax_position_embeddings: 512\n")
+    out = d / "wide"
+    run_itera("distill", "--alpha", "0", "--tokenizer", "bpe:1024", "--student", d / "wide.yaml", "--data",
+              "pydocs@train", "--out", out, "--steps", "200", "--batch-size", "16", "--seq-len", "64", "--lr", "4e-3",
+              "--warmup-steps", "10", timeout=1800).record
+    return out
+
+
 @dataclass
 class Result:
     returncode: int

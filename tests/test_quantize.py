@@ -1,4 +1,5 @@
-"""itera quantize: the format, RTN/GPTQ/auto quality bounds, exact round trip, GGUF block parity, bad input."""
+"""itera quantize: the format, RTN/GPTQ quality bounds, exact round trip, GGUF block parity, bad input
+(``--method auto`` against llama.cpp: test_frontier.py; GGML block types: test_ggml.py)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,6 @@ def results(lm, tmp_path_factory):
         "gptq4": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
     }
     out = {k: _quantize(lm, d / k, *v) for k, v in runs.items()}
-    bpw = out["rtn4"]["metrics"]["bits_per_weight"]
-    out["auto"] = _quantize(lm, d / "auto", "--method", "auto", "--target-bpw", str(bpw),
-                            "--group-size", "128", "--auto-base", "rtn")
     out["dir"] = d
     return out
 
@@ -59,25 +57,11 @@ def test_gptq_beats_round_to_nearest_at_4_bits_group_128(results):
     assert out_err(gptq4) < out_err(rtn4)
 
 
-def test_auto_beats_uniform_rtn_at_the_same_budget(results):
-    auto, rtn4 = results["auto"]["metrics"], results["rtn4"]["metrics"]
-    assert auto["bits_per_weight"] <= rtn4["bits_per_weight"] + 1e-9  # the written size respects the budget
-    assert auto["perplexity_after"] < rtn4["perplexity_after"], (auto["perplexity_after"], rtn4["perplexity_after"])
-    plan = json.loads((results["dir"] / "auto" / "quant_plan.json").read_text())["bits"]
-    assert plan == auto["plan_bits"] and len(set(plan.values())) > 1  # a real mix of widths
-
-
-def test_auto_plan_can_be_reused(results, lm, tmp_path):
-    plan = results["dir"] / "auto" / "quant_plan.json"
-    rec = _quantize(lm, tmp_path / "again", "--method", "auto", "--plan", plan,
-                    "--group-size", "128", "--auto-base", "rtn")
-    assert rec["metrics"]["bits_per_weight"] == results["auto"]["metrics"]["bits_per_weight"]
-    assert rec["metrics"]["perplexity_after"] == pytest.approx(results["auto"]["metrics"]["perplexity_after"], rel=1e-9)
-
-
 def test_round_trip_reproduces_in_memory_logits_exactly(teacher, distill_corpus, tmp_path):
     for args in (dict(method="gptq", bits=4, group_size=32), dict(method="rtn", bits=3, group_size=64, sym=False),
-                 dict(method="rtn", bits=2, quantize_embeddings=True)):
+                 dict(method="rtn", bits=2, quantize_embeddings=True),
+                 dict(method="gptq", gguf_type="IQ4_NL", quantize_embeddings=True),
+                 dict(method="rtn", gguf_type="Q4_K")):  # hidden 128: Q4_K falls back to Q5_0, as in llama.cpp
         out = tmp_path / "q"
         opts = QuantizeOptions(model=teacher, out=out, calib=str(distill_corpus), calib_samples=4, calib_seqlen=64,
                                eval_tokens=200, **args)
@@ -162,8 +146,9 @@ def test_bad_input(teacher, distill_corpus, tmp_path, results):
     assert_usage_error(run_itera("quantize", "--model", results["dir"] / "rtn4", "--out", tmp_path / "q2",
                                  "--method", "rtn"), "is already quantized (rtn, 4 bits)")
     assert_usage_error(run_itera(*q, "--method", "gptq"), "--method gptq needs calibration text")
-    assert_usage_error(run_itera(*q, "--method", "auto", "--calib", distill_corpus, "--target-bpw", "1"),
-                       "--target-bpw 1.0 is below the smallest plan")
+    assert_usage_error(run_itera(*q, "--method", "auto", "--calib", distill_corpus),
+                       "--method auto needs one of --target-bpw")
+    assert_usage_error(run_itera(*q, "--method", "rtn", "--gguf-type", "Q9_K"), "unknown --gguf-type 'Q9_K'")
     assert not (tmp_path / "q").exists() and not (tmp_path / "q2").exists()
 
 

@@ -7,12 +7,13 @@ scaling in metadata. The tokenizer goes in as llama.cpp's ``gpt2`` model (byte-l
 its ``llama`` model (SentencePiece-style BPE with byte fallback), so llama.cpp splits and
 merges text exactly as itera does.
 
-Tensor types: F32, F16, BF16, Q8_0, Q4_0 directly; 1-D tensors are always F32, and a 2-D tensor
-whose rows are not a multiple of 32 falls back to F16 (listed in the result). From an itera
-checkpoint quantized symmetrically with group size 32, 4-bit layers become Q4_0 and 8-bit
-layers Q8_0 blocks straight from their codes and scales (no re-quantization). Tensors that
-were not quantized in the source stay F16. llama.cpp's K-quants come from llama.cpp's own
-quantizer run on an F16 export (:func:`llama_quantize`).
+Tensor types: ``AUTO`` (the default), F32, F16, BF16, Q8_0, Q4_0 directly; 1-D tensors are
+always F32, and a 2-D tensor whose rows are not a multiple of 32 falls back to F16 (listed in the
+result). ``AUTO`` writes what the checkpoint holds: the GGUF block types of an ``itera quantize
+--method auto`` checkpoint exactly as stored, Q4_0 / Q8_0 blocks from layers quantized
+symmetrically with group size 32 at 4 / 8 bits (no re-quantization), and F16 for everything else
+(so a float checkpoint becomes F16). llama.cpp's K-quants come from llama.cpp's own quantizer run
+on an F16 export (:func:`llama_quantize`), with importance data when given calibration text.
 
 :func:`write` and :func:`verify` are this format's entry in :data:`itera.export.job.FORMATS`.
 """
@@ -32,7 +33,8 @@ from itera.errors import UnsupportedModelError, UsageError
 from itera.export.gguf_vocab import check_tokenizer, write_vocab
 from itera.model.config import ModelConfig
 
-DIRECT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+AUTO = "AUTO"  # the checkpoint's own types
+DIRECT_TYPES = (AUTO, "F32", "F16", "BF16", "Q8_0", "Q4_0")
 # llama.cpp's quantizer, run through llama-cpp-python on an F16 file.
 LLAMA_QUANT_TYPES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q3_K_M", "Q2_K", "Q4_1", "Q5_0", "Q5_1")
 GGUF_TYPES = DIRECT_TYPES + LLAMA_QUANT_TYPES
@@ -96,10 +98,29 @@ def _model_metadata(w, cfg: ModelConfig, name: str, gguf_type: str) -> None:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if gguf_type == "F32" else f"MOSTLY_{gguf_type}"))
+    w.add_file_type(file_type(gguf_type))
     if cfg.rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+
+
+def file_type(gguf_type: str) -> int:
+    """general.file_type for a file of mostly ``gguf_type`` (llama.cpp reports it; it reads each
+    tensor's own type)."""
+    import gguf
+
+    names = {"F32": "ALL_F32", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M",
+             "Q5_K": "MOSTLY_Q5_K_M"}
+    return getattr(gguf.LlamaFileType, names.get(gguf_type, f"MOSTLY_{gguf_type}"))
+
+
+def dominant_type(planned: list) -> str:
+    """The type holding the most weights among the file's matrices."""
+    weights: dict[str, int] = {}
+    for t in planned:
+        if len(t.shape) == 2:
+            weights[t.type] = weights.get(t.type, 0) + int(np.prod(t.shape))
+    return max(weights, key=weights.get) if weights else "F32"
 
 
 # --------------------------------------------------------------------------- tensors
@@ -111,7 +132,7 @@ class Planned:
 
     name: str
     shape: tuple[int, ...]
-    type: str  # F32 | F16 | BF16 | Q8_0 | Q4_0
+    type: str  # F32 | F16 | BF16 | a GGML block type
     produce: Callable[[], np.ndarray]
     direct: bool = False  # blocks straight from an itera checkpoint's codes
 
@@ -161,9 +182,9 @@ def plan_tensors(cfg: ModelConfig, src: _Lazy, gguf_type: str) -> tuple[list[Pla
     """Every tensor the file will hold, in order, with its type; and the fallbacks taken.
 
     1-D tensors are F32. A tensor whose rows are not a multiple of 32 falls back to F16 for the
-    block types. Layers itera quantized become blocks from their codes when their layout is the
-    type's (symmetric, group 32, 4 or 8 bits); otherwise they are re-quantized from their
-    dequantized values (a listed fallback). Tensors left 16-bit by quantize stay F16."""
+    block types. Layers itera quantized are written from their codes when the requested type is
+    theirs (``AUTO``: always, where the layout has a GGUF type); otherwise they are re-quantized
+    from their dequantized values (listed). Tensors left 16-bit by quantize stay F16."""
     from itera.model.checkpoint import expected_shapes
     from itera.quant.formats import layer_plan
 
@@ -173,8 +194,7 @@ def plan_tensors(cfg: ModelConfig, src: _Lazy, gguf_type: str) -> tuple[list[Pla
     out: list[Planned] = []
     fallbacks: list[dict] = []
     requantized: list[dict] = []
-    shapes = expected_shapes(cfg)
-    for hf, shape in shapes.items():
+    for hf, shape in expected_shapes(cfg).items():
         module = hf.rsplit(".", 1)[0]
         perm = next((p for suffix, p in perms.items() if module.endswith(suffix)), None)
         name = gguf_name(hf)
@@ -182,7 +202,7 @@ def plan_tensors(cfg: ModelConfig, src: _Lazy, gguf_type: str) -> tuple[list[Pla
             out.append(_plan_quantized(name, module, shape, plan[module], perm, src, gguf_type, fallbacks, requantized))
             continue
         want = "F32" if len(shape) == 1 or gguf_type == "F32" else gguf_type
-        if cfg.quantization and want != "F32":
+        if (cfg.quantization or want == AUTO) and want != "F32":
             want = "F16"  # not quantized in the source: keep 16-bit
         if want in BLOCK_TYPES and shape[-1] % BLOCK:
             fallbacks.append({"tensor": name, "wanted": want, "written": "F16",
@@ -203,43 +223,109 @@ def _load_float(src: _Lazy, hf: str, perm, t: str) -> np.ndarray:
     return _float_data(x if perm is None else x[perm], t)
 
 
+def _stored_type(q) -> str | None:
+    """The GGUF type whose blocks a quantized layer holds as they are, if any."""
+    if hasattr(q, "nbytes"):  # a GGML block type
+        return q.name
+    if q.sym and q.group_size == BLOCK:
+        return {4: "Q4_0", 8: "Q8_0"}.get(q.bits)
+    return None
+
+
 def _plan_quantized(name: str, module: str, shape: tuple, q, perm, src: _Lazy, gguf_type: str,
                     fallbacks: list, requantized: list) -> Planned:
-    from itera.quant.formats import dequantize, ggml_blocks, unpack
+    from itera.quant.formats import ggml_blocks, unpack
 
-    def parts():
-        codes = unpack(src.get(module + ".qweight"), q.bits, shape[1])
-        scales = src.get(module + ".scales")
-        zeros = src.get(module + ".zeros") if module + ".zeros" in src else None
-        if perm is not None:
-            codes, scales = codes[perm], scales[perm]
-            zeros = zeros[perm] if zeros is not None else None
-        return codes, scales, zeros
-
-    block_type = {4: "Q4_0", 8: "Q8_0"}.get(q.bits)
-    if q.sym and q.group_size == BLOCK and block_type == gguf_type:
+    stored = _stored_type(q)
+    if stored is not None and gguf_type in (AUTO, stored):
         def blocks():
-            codes, scales, _ = parts()
+            if hasattr(q, "nbytes"):
+                b = src.get(module + ".ggml")
+                return (b if perm is None else b[perm]).numpy()
+            codes, scales = unpack(src.get(module + ".qweight"), q.bits, shape[1]), src.get(module + ".scales")
+            if perm is not None:
+                codes, scales = codes[perm], scales[perm]
             return ggml_blocks(codes, scales, q.bits)
 
-        return Planned(name, shape, block_type, blocks, direct=True)
-    want = gguf_type
+        return Planned(name, shape, stored, blocks, direct=True)
+    want = "F16" if gguf_type == AUTO else gguf_type
     if want in BLOCK_TYPES and shape[-1] % BLOCK:
         want = "F16"
-    why = f"source is {q.bits}-bit group {q.group_size} {'sym' if q.sym else 'asym'}"
+    why = f"source is {q.label()}"
     if want != gguf_type:
         fallbacks.append({"tensor": name, "wanted": gguf_type, "written": want,
-                          "reason": f"{why} and its rows are not a multiple of {BLOCK}"})
+                          "reason": f"{why}, which has no GGUF block type" if gguf_type == AUTO else
+                          f"{why} and its rows are not a multiple of {BLOCK}"})
     else:  # the requested type, from the dequantized values: not a fallback, but not lossless either
         requantized.append({"tensor": name, "type": want, "reason": f"{why}: re-quantized from its dequantized values"})
 
-    def requantized():
-        codes, scales, zeros = parts()
-        if zeros is None:
-            zeros = torch.full(scales.shape, 2 ** (q.bits - 1))
-        return _float_data(dequantize(codes, scales, zeros), want)
+    def requantized_data():
+        state = {k: src.get(k) for k in q.shapes(module, *shape)}
+        w = q.weight(module, state, *shape)
+        return _float_data(w if perm is None else w[perm], want)
 
-    return Planned(name, shape, want, requantized)
+    return Planned(name, shape, want, requantized_data)
+
+
+@dataclass
+class Layout:
+    """What a GGUF export of a checkpoint spends bytes on besides its matrices' data: header,
+    metadata (vocabulary included) and tensor directory (``meta_bytes``, padded), and the 1-D
+    tensors (F32); and the matrices themselves, by Hugging Face module name (rows, cols)."""
+
+    meta_bytes: int
+    fixed_bytes: int
+    fixed_weights: int
+    matrices: dict[str, tuple[int, int]]
+    alignment: int = 32
+
+    def padded(self, nbytes: int) -> int:
+        return -(-nbytes // self.alignment) * self.alignment
+
+    def file_bytes(self, matrix_bytes: dict[str, int]) -> int:
+        return self.meta_bytes + self.fixed_bytes + sum(self.padded(b) for b in matrix_bytes.values())
+
+    @property
+    def weights(self) -> int:
+        return self.fixed_weights + sum(r * c for r, c in self.matrices.values())
+
+
+def layout(ckpt: Path) -> Layout:
+    """The :class:`Layout` of ``ckpt``'s GGUF export, measured by writing its header, metadata and
+    tensor directory (the part whose size does not depend on the tensor types) to a scratch file."""
+    import tempfile
+
+    import gguf
+
+    from itera.model.checkpoint import expected_shapes, load_config
+    from itera.tokenizer import Tokenizer
+
+    cfg = load_config(ckpt)
+    check_exportable(cfg)
+    planned, _, _ = plan_tensors(cfg, _Lazy(ckpt), "F16")
+    with tempfile.TemporaryDirectory(prefix="itera-gguf-layout-") as d:
+        w = gguf.GGUFWriter(str(Path(d) / "h.gguf"), "llama")
+        _model_metadata(w, cfg, ckpt.name, "F16")
+        write_vocab(w, ckpt, Tokenizer.from_dir(ckpt), cfg)
+        for t in planned:
+            shape, dtype, nbytes, raw = t.info()
+            w.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        head = (Path(d) / "h.gguf").stat().st_size
+        align = w.data_alignment
+    lay = Layout(0, 0, 0, {}, align)
+    lay.meta_bytes = lay.padded(head)
+    by_name = {gguf_name(hf): hf.rsplit(".", 1)[0] for hf in expected_shapes(cfg)}
+    for t in planned:
+        if len(t.shape) == 2:
+            lay.matrices[by_name[t.name]] = (int(t.shape[0]), int(t.shape[1]))
+        else:
+            lay.fixed_bytes += lay.padded(t.info()[2])
+            lay.fixed_weights += int(np.prod(t.shape))
+    return lay
 
 
 def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
@@ -259,7 +345,7 @@ def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
     src = _Lazy(ckpt)
     planned, fallbacks, requantized = plan_tensors(cfg, src, gguf_type)
     w = gguf.GGUFWriter(str(out), "llama")
-    _model_metadata(w, cfg, ckpt.name, gguf_type)
+    _model_metadata(w, cfg, ckpt.name, dominant_type(planned) if gguf_type == AUTO else gguf_type)
     vocab = write_vocab(w, ckpt, Tokenizer.from_dir(ckpt), cfg)
     for t in planned:
         shape, dtype, nbytes, raw = t.info()
@@ -277,9 +363,14 @@ def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
             "direct_from_codes": sum(t.direct for t in planned), "vocabulary": vocab}
 
 
-def llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = None) -> str:
-    """Run llama.cpp's quantizer (through llama-cpp-python) from ``src`` to ``dst``. Its log (a
-    line per tensor) goes to a file under ``$ITERA_HOME/logs``; returns that file's path."""
+def llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = None,
+                   importance: dict[str, np.ndarray] | None = None) -> str:
+    """Run llama.cpp's quantizer (through llama-cpp-python) from ``src`` to ``dst``, with importance
+    data (GGUF tensor name -> mean square of each input column, :mod:`itera.quant.importance`)
+    passed as llama.cpp's ``imatrix``. Its log (a line per tensor) goes to a file under
+    ``$ITERA_HOME/logs``; returns that file's path."""
+    import ctypes
+
     import llama_cpp
 
     from itera.runtime.llamacpp_backend import native_log
@@ -288,6 +379,14 @@ def llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = N
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or 0
+    if importance:
+        keep = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in importance.items()}
+        entries = (llama_cpp.llama_model_imatrix_data * (len(keep) + 1))()
+        for e, (name, v) in zip(entries, keep.items()):
+            e.name, e.size = name.encode(), v.size
+            e.data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[len(keep)].name = None  # the list ends with a null name
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     with native_log("llama-quantize") as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
@@ -301,6 +400,10 @@ def llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = N
 def check(cfg: ModelConfig, opts) -> None:
     check_exportable(cfg)
     check_tokenizer(opts.model)
+    if opts.calib and opts.gguf_type not in LLAMA_QUANT_TYPES:
+        raise UsageError(f"--calib gives llama.cpp's quantizer importance data; --gguf-type {opts.gguf_type} is not "
+                         f"written by it (use one of {', '.join(LLAMA_QUANT_TYPES)}), and itera's own types take "
+                         "their importance data at `itera quantize`")
 
 
 def write(src, opts, staging, reporter) -> dict:
@@ -309,13 +412,13 @@ def write(src, opts, staging, reporter) -> dict:
         return write_gguf(src.path, staging.main, opts.gguf_type)
     f16 = staging.temp(".f16.gguf")
     info = write_gguf(src.path, f16, "F16")
-    log = llama_quantize(f16, staging.main, opts.gguf_type, opts.threads)
+    log = llama_quantize(f16, staging.main, opts.gguf_type, opts.threads, src.importance)
     f16.unlink()
     fallbacks = llama_fallbacks(staging.main, opts.gguf_type)
     reporter.log(f"llama.cpp's quantizer wrote {opts.gguf_type}" + (f"; {len(fallbacks)} tensors fell back to "
                  "other types (listed in the record)" if fallbacks else "") + f" (its log: {log})")
     return {**info, "fallbacks": info["fallbacks"] + fallbacks, "direct_from_codes": 0, "quantized_by": "llama.cpp",
-            "quantizer_log": log}
+            "quantizer_log": log, "importance": src.importance_figures}
 
 
 def llama_fallbacks(path: Path, gguf_type: str) -> list[dict]:
@@ -350,5 +453,5 @@ def verify(src, opts, artifact: Path, info: dict):
                                            rt.tokenizer.encode(PARITY_TEXT, add_bos=False), PARITY_TEXT)
         runtime = rt.logits(src.ids)
     checks = {"tokenizer_parity": parity["match"], "tokenizer_parity_tokens": parity["tokens"],
-              "tensor_types": types, "bits_per_weight": bpw}
+              "tensor_types": types, "bits_per_weight": bpw, "file_bytes": artifact.stat().st_size}
     return runtime, file_logits, checks, [problem] if problem else []

@@ -56,7 +56,11 @@ class ExportOptions:
     model: Path
     out: Path
     format: str
-    gguf_type: str = "F16"
+    gguf_type: str = "AUTO"  # the checkpoint's own types (F16 for a float checkpoint)
+    calib: str | None = None  # importance data for llama.cpp's quantizer, from this text
+    calib_samples: int = 32
+    calib_seqlen: int = 256
+    text_field: str = "text"
     onnx_quant: str | None = None
     allow_mismatch: bool = False
     verify_tokens: int = 256
@@ -75,6 +79,10 @@ class ExportOptions:
         self.gguf_type = self.gguf_type.upper()  # llama.cpp's tools take q4_k_m as well as Q4_K_M
         if self.format == "gguf" and self.gguf_type not in GGUF_TYPES:
             raise UsageError(f"unknown --gguf-type {self.gguf_type!r}; use one of {', '.join(GGUF_TYPES)}")
+        if self.calib is not None and self.format != "gguf":
+            raise UsageError("--calib (importance data for llama.cpp's quantizer) goes with --format gguf")
+        if self.calib_samples < 1 or self.calib_seqlen < 2:
+            raise UsageError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
         if self.onnx_quant is not None and (self.format != "onnx" or self.onnx_quant not in ONNX_QUANT):
             raise UsageError("--onnx-quant takes int8 or int4 and goes with --format onnx")
         if not self.out.parent.is_dir():
@@ -97,7 +105,9 @@ class ExportOptions:
         return self.gguf_type if self.format == "gguf" else (self.onnx_quant or self.format)
 
     def inputs(self) -> list[Path]:
-        return [self.model]
+        from itera.data import local_path
+
+        return [p for p in (self.model, local_path(self.calib) if self.calib else None) if p is not None]
 
     def outputs(self) -> list:
         from itera.fsio import Output
@@ -143,6 +153,8 @@ class Source:
     model: object  # the float torch model (dequantized for itera-quant checkpoints); None once not needed
     ids: list[int]  # real text's token ids every runtime is run on
     ref: np.ndarray  # the float source's logits on ``ids``
+    importance: dict | None = None  # GGUF tensor name -> importance data, with --calib
+    importance_figures: dict | None = None
 
 
 def load_source(opts: ExportOptions, fmt: Format) -> Source:
@@ -155,6 +167,8 @@ def load_source(opts: ExportOptions, fmt: Format) -> Source:
     from itera.tokenizer import Tokenizer
 
     cfg = load_checked_config(opts.model)[0]
+    if opts.format == "gguf" and opts.gguf_type == "AUTO" and not cfg.quantization:
+        opts.gguf_type = "F16"  # a float checkpoint's own type
     if not (Path(opts.model) / "tokenizer.json").is_file():
         raise InputError(f"{opts.model} has no tokenizer.json; an export carries the tokenizer, so add the "
                          "model's tokenizer.json to the checkpoint")
@@ -165,7 +179,26 @@ def load_source(opts: ExportOptions, fmt: Format) -> Source:
     model, _ = load_model(opts.model)
     with torch.no_grad():
         ref = model(torch.tensor([ids]))[0].numpy()
-    return Source(Path(opts.model), cfg, tok, None if opts.format == "gguf" else model, ids, ref)
+    src = Source(Path(opts.model), cfg, tok, None if opts.format == "gguf" else model, ids, ref)
+    if opts.calib:
+        src.importance, src.importance_figures = importance_data(opts, cfg, tok, model)
+    return src
+
+
+def importance_data(opts: ExportOptions, cfg, tok, model) -> tuple[dict, dict]:
+    """Importance data for llama.cpp's quantizer from the head of --calib (its tail is held out,
+    as in ``itera quantize``), by GGUF tensor name."""
+    import torch
+
+    from itera.data import load_text, split_heldout
+    from itera.quant.importance import gguf_importance, input_mean_squares
+    from itera.train import calibration_ids
+
+    head, _ = split_heldout(load_text(opts.calib, purpose="train", field=opts.text_field).text, 0.1)
+    tokens = torch.tensor(tok.encode(head, add_bos=False), dtype=torch.long)
+    calib = calibration_ids(tokens, opts.calib_samples, min(opts.calib_seqlen, cfg.max_position_embeddings), 0)
+    data = gguf_importance(input_mean_squares(model, calib), cfg)
+    return data, {"source": opts.calib, "tokens": int(calib.numel()), "tensors": len(data)}
 
 
 class Staging:

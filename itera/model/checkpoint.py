@@ -179,7 +179,6 @@ def read_headers(ckpt: Path) -> dict[str, tuple[Path, dict]]:
 
 def quantized_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Like :func:`expected_shapes`, with each quantized layer's weight replaced by its packed tensors."""
-    from itera.quant.formats import expected_shapes as q_shapes
     from itera.quant.formats import layer_plan
 
     shapes = expected_shapes(cfg)
@@ -188,9 +187,9 @@ def quantized_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if name not in shapes:
             raise CheckpointError(f"quantization_config names {module}, which this model does not have")
         out_f, in_f = shapes.pop(name)
-        if in_f % q.group_width(in_f) or (in_f * q.bits) % 8:
+        if not q.fits(in_f):
             raise CheckpointError(f"quantization_config for {module} does not fit its {in_f} input columns")
-        shapes.update({k: shape for k, (shape, _) in q_shapes(module, q, out_f, in_f).items()})
+        shapes.update({k: shape for k, (shape, _) in q.shapes(module, out_f, in_f).items()})
     return shapes
 
 
@@ -257,13 +256,13 @@ def load_model(path: Path, dtype: "torch.dtype | str | None" = None, device: str
     """Load a checkpoint directory into an itera model on ``device`` in ``dtype`` (default fp32)."""
     cfg, headers = load_checked_config(path)
     state = load_state_dict(path, headers)
-    if cfg.quantization:  # dequantize: the torch backend computes with w = d * (u - z) in float
-        from itera.quant.formats import from_tensors, layer_plan
+    if cfg.quantization:  # dequantize: the torch backend computes with the stored weights in float
+        from itera.quant.formats import layer_plan
 
+        shapes = expected_shapes(cfg)
         for module, q in layer_plan(cfg.quantization).items():
-            in_f = expected_shapes(cfg)[module + ".weight"][1]
-            state[module + ".weight"] = from_tensors(module, state, q, in_f)
-            for suffix in (".qweight", ".scales", ".zeros"):
+            state[module + ".weight"] = q.weight(module, state, *shapes[module + ".weight"])
+            for suffix in (".qweight", ".scales", ".zeros", ".ggml"):
                 state.pop(module + suffix, None)
     return model_from_state(cfg, state, device, dtype, where=str(path)), cfg
 

@@ -67,6 +67,41 @@ class LayerQuant:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    # what a checkpoint stores for a layer quantized this way (the same methods as a GGMLType's)
+
+    def fits(self, in_features: int) -> bool:
+        return in_features % self.group_width(in_features) == 0 and (in_features * self.bits) % 8 == 0
+
+    def shapes(self, prefix: str, out_features: int, in_features: int) -> dict[str, tuple[tuple, str]]:
+        return expected_shapes(prefix, self, out_features, in_features)
+
+    def tensors(self, prefix: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dict:
+        return to_tensors(prefix, codes, scales, zeros, self)
+
+    def weight(self, prefix: str, tensors: dict, out_features: int, in_features: int) -> torch.Tensor:
+        return from_tensors(prefix, tensors, self, in_features)
+
+    def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None):
+        return rtn(w, self)
+
+    def expand(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        return dequantize(codes, scales, zeros)
+
+    def label(self) -> str:
+        return f"{self.bits}-bit " + (f"group {self.group_size}" if self.group_size else "per-channel") + \
+            (" sym" if self.sym else " asym")
+
+    # the GPTQ scheme (itera.quant.gptq): scales d and zero points z, w = d * (u - z)
+
+    def params(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return group_params(w, self)  # ggml's rule; no search
+
+    def codes(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        return quantize_codes(w, scales, zeros, self)
+
+    def dequant(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        return scales * (codes - zeros)
+
 
 # --------------------------------------------------------------------------- packing
 
@@ -169,9 +204,14 @@ def expected_shapes(prefix: str, q: LayerQuant, out_features: int, in_features: 
     return shapes
 
 
-def layer_plan(qcfg: dict) -> dict[str, LayerQuant]:
-    """module name -> LayerQuant from a config's quantization_config."""
-    return {name: LayerQuant(int(v["bits"]), v.get("group_size"), bool(v["sym"])) for name, v in qcfg["layers"].items()}
+def layer_plan(qcfg: dict) -> dict:
+    """module name -> how it is stored, from a config's quantization_config: a :class:`LayerQuant`,
+    or a GGML block type (:class:`itera.quant.ggml.GGMLType`) for layers written as GGUF blocks."""
+    from itera.quant.ggml import TYPES
+
+    return {name: TYPES[v["gguf_type"]] if "gguf_type" in v else LayerQuant(int(v["bits"]), v.get("group_size"),
+                                                                              bool(v["sym"]))
+            for name, v in qcfg["layers"].items()}
 
 
 # --------------------------------------------------------------------------- GGUF blocks

@@ -14,26 +14,31 @@ from __future__ import annotations
 import torch
 
 from itera.errors import IteraError
-from itera.quant.formats import LayerQuant, group_params, quantize_codes
 
 
-def gptq(w: torch.Tensor, h: torch.Tensor, q: LayerQuant, damp: float = 0.01, act_order: bool = False,
+def gptq(w: torch.Tensor, h: torch.Tensor, q, damp: float = 0.01, act_order: bool = False,
          block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes, scales, zeros) for ``w`` (out, in) given the Hessian ``h`` (in, in)."""
+    """(codes, a, b) for ``w`` (out, in) given the Hessian ``h`` (in, in).
+
+    ``q`` is the scheme: itera's :class:`~itera.quant.formats.LayerQuant` (``a, b`` are scales and
+    zero points) or a GGML :class:`~itera.quant.ggml.GGMLType` (``w = a * grid[q] + b`` per sub-block). It
+    gives ``params`` of a group, ``codes`` and ``dequant``; the algorithm is the same for all."""
     W = w.detach().float().clone()
     H = h.detach().float().clone()
     out, n = W.shape
     gw = q.group_width(n)
+    sub = getattr(q, "sub", gw)  # columns sharing one (a, b); a GGML K type has several per block
     grouped = q.group_size is not None
     dead = torch.diag(H) == 0  # inputs that never fire: weights there do not matter
     H[dead, dead] = 1
     W[:, dead] = 0
+    importance = torch.diag(H)  # the mean square of each input: how much its column's error costs
     static = (not grouped) or act_order
     if static:  # per-channel, or act-order: parameters from the weights as they are
-        scales, zeros = group_params(W, q)
+        scales, zeros = q.params(W, importance)
     else:
-        scales = torch.zeros(out, n // gw, device=W.device)
-        zeros = torch.zeros(out, n // gw, device=W.device)
+        scales = torch.zeros(out, n // sub, device=W.device)
+        zeros = torch.zeros(out, n // sub, device=W.device)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(n, device=W.device)
@@ -53,13 +58,13 @@ def gptq(w: torch.Tensor, h: torch.Tensor, q: LayerQuant, damp: float = 0.01, ac
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
-            g = col // gw
+            g = col // sub
             if not static and col % gw == 0:
-                s, z = group_params(W1[:, i:i + gw], LayerQuant(q.bits, None, q.sym))
-                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-            c = quantize_codes(W1[:, i:i + 1], scales[:, g:g + 1], zeros[:, g:g + 1], q)[:, 0]
+                s, z = q.params(W1[:, i:i + gw], importance[col:col + gw])  # from the error-updated weights
+                scales[:, g:g + gw // sub], zeros[:, g:g + gw // sub] = s, z
+            c = q.codes(W1[:, i:i + 1], scales[:, g:g + 1], zeros[:, g:g + 1])[:, 0]
             codes[:, col] = c
-            deq = scales[:, g] * (c - zeros[:, g])
+            deq = q.dequant(c, scales[:, g], zeros[:, g])
             err = (W1[:, i] - deq) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err[:, i] = err

@@ -2,8 +2,11 @@
 :func:`choose_layers` (the plan), :func:`quantize_model` (apply), :func:`write`, and the
 figures measured before and after.
 
-Methods: ``rtn`` (round-to-nearest), ``gptq`` (:mod:`itera.quant.gptq`) and ``auto`` (per-layer
-bit widths chosen from measured sensitivity under a size budget, :mod:`itera.quant.plan`).
+Methods: ``rtn`` (round-to-nearest), ``gptq`` (:mod:`itera.quant.gptq`) and ``auto`` (a GGUF block
+type per tensor, embeddings and output head included, chosen from measured sensitivity under a
+budget in the bytes of the GGUF file, :mod:`itera.quant.plan`). ``rtn`` and ``gptq`` store itera's
+own layout (``--bits``, ``--group-size``), or with ``--gguf-type`` one GGML block type for every
+layer (:mod:`itera.quant.ggml`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,18 @@ import torch
 from itera.errors import InputError, UsageError
 from itera.progress import SILENT, Reporter
 from itera.quant.formats import FORMAT_VERSION, LINEAR_SUFFIXES, QUANT_METHOD, SUPPORTED_BITS, LayerQuant
+from itera.quant.budget import Budget, make_budget, read_plan
+from itera.quant.ggml import TYPES
 from itera.quant.layerwise import quantize_model
 from itera.quant.plan import choose_plan, sensitivities
 from itera.record import Outcome, describe_artifact
 
 METHODS = ("rtn", "gptq", "auto")
+F16 = "F16"  # a tensor the plan leaves in float16
+SENSITIVITY_WINDOWS, SENSITIVITY_TOKENS = 4, 128  # auto: calibration text each option's KL is measured on
+AUTO_TYPES = (*TYPES, F16)
+# llama.cpp's choice when a row is not a multiple of a type's block (llama-quant.cpp's fallback)
+ROW_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 @dataclass
@@ -40,10 +50,12 @@ class QuantizeOptions:
     calib_seqlen: int = 256
     damp: float = 0.01
     act_order: bool = False
-    target_bpw: float | None = None  # auto: budget in bits per weight over the quantized layers
-    auto_bits: tuple[int, ...] | str = (2, 3, 4, 8)  # auto: candidate widths (or "2,3,4,8")
+    gguf_type: str | None = None  # rtn/gptq: store every layer as this GGML block type (e.g. Q4_K)
+    target_bpw: float | None = None  # auto: bits per weight over every tensor of the GGUF file
+    target_bytes: int | None = None  # auto: bytes of the GGUF file
+    auto_types: tuple[str, ...] | str = AUTO_TYPES  # auto: candidate types (or "Q4_0,Q4_K,Q8_0,F16")
     auto_base: str = "gptq"  # auto: how the chosen plan is applied (rtn or gptq)
-    plan: Path | None = None  # a plan (module -> bits) written by an earlier `auto` run
+    plan: Path | None = None  # a plan (module -> type) written by an earlier `auto` run
     quantize_embeddings: bool = False
     eval_tokens: int = 4096
     holdout: float = 0.1
@@ -53,12 +65,11 @@ class QuantizeOptions:
     force: bool = False
 
     def validate(self) -> "QuantizeOptions":
-        if isinstance(self.auto_bits, str):
-            try:
-                self.auto_bits = tuple(int(b) for b in self.auto_bits.split(","))
-            except ValueError:
-                raise UsageError(f"--auto-bits must be comma-separated integers, e.g. 2,3,4,8 "
-                                 f"(got {self.auto_bits!r})") from None
+        if isinstance(self.auto_types, str):
+            self.auto_types = AUTO_TYPES if self.auto_types.strip().lower() == "all" else \
+                tuple(t.strip().upper() for t in self.auto_types.split(",") if t.strip())
+        if self.gguf_type is not None:
+            self.gguf_type = self.gguf_type.upper()
         if self.method not in METHODS:
             raise UsageError(f"unknown --method {self.method!r}; use rtn, gptq or auto")
         if self.bits not in SUPPORTED_BITS:
@@ -67,19 +78,42 @@ class QuantizeOptions:
             raise UsageError(f"--group-size must be positive (got {self.group_size})")
         if self.method in ("gptq", "auto") and not self.calib:
             raise UsageError(f"--method {self.method} needs calibration text: pass --calib FILE_OR_DATASET")
-        if self.method == "auto" and self.target_bpw is None and self.plan is None:
-            raise UsageError("--method auto needs --target-bpw (e.g. 4.5) or --plan FILE")
-        if self.method != "auto" and (self.target_bpw is not None or self.plan is not None):
-            raise UsageError("--target-bpw and --plan go with --method auto")
-        if any(b not in SUPPORTED_BITS for b in self.auto_bits):
-            raise UsageError(f"--auto-bits must be among {SUPPORTED_BITS}")
-        if self.auto_base not in ("rtn", "gptq"):
-            raise UsageError("--auto-base must be rtn or gptq")
+        if self.gguf_type is not None and self.gguf_type not in TYPES:
+            raise UsageError(f"unknown --gguf-type {self.gguf_type!r}; itera writes {', '.join(TYPES)}")
+        self._validate_auto()
         if self.calib_samples < 1 or self.calib_seqlen < 2 or self.eval_tokens < 2:
             raise UsageError("--calib-samples must be >= 1, --calib-seqlen and --eval-tokens >= 2")
         if not 0 < self.damp < 1:
             raise UsageError(f"--damp must be between 0 and 1 (got {self.damp})")
         return self
+
+    def _validate_auto(self) -> None:
+        budgets = [b for b in (self.target_bpw, self.target_bytes) if b is not None]
+        if self.method != "auto":
+            if budgets or self.plan is not None:
+                raise UsageError("--target-bpw, --target-bytes and --plan go with --method auto")
+            return
+        if len(budgets) + (self.plan is not None) != 1:
+            raise UsageError("--method auto needs one of --target-bpw (e.g. 4.5), --target-bytes (e.g. 2000000) "
+                             "or --plan FILE")
+        if self.group_size is not None or self.gguf_type is not None:
+            raise UsageError("--group-size and --gguf-type do not go with --method auto: its candidates are GGUF "
+                             "block types with their own block sizes (choose them with --auto-types)")
+        unknown = [t for t in self.auto_types if t not in AUTO_TYPES]
+        if unknown or not self.auto_types:
+            raise UsageError(f"--auto-types must be a comma-separated list of {', '.join(AUTO_TYPES)} "
+                             f"(got {','.join(self.auto_types)!r})")
+        if self.auto_base not in ("rtn", "gptq"):
+            raise UsageError("--auto-base must be rtn or gptq")
+        if self.plan is not None:
+            from itera.fsio import check_input_file
+
+            check_input_file(Path(self.plan), "--plan", "pass the quant_plan.json an earlier `itera quantize "
+                             "--method auto` wrote", UsageError)
+        for name in ("target_bpw", "target_bytes"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and v != float("inf")):
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive number (got {v})")
 
     def inputs(self) -> list[Path]:
         from itera.data import local_path
@@ -95,7 +129,7 @@ class QuantizeOptions:
         d = asdict(self)
         for k in ("model", "out", "plan"):
             d[k] = str(d[k]) if d[k] is not None else None
-        d["auto_bits"] = list(self.auto_bits)
+        d["auto_types"] = list(self.auto_types)
         return d
 
 
@@ -138,13 +172,21 @@ def fit_layer(name: str, n_in: int, bits: int, group_size: int | None, sym: bool
     q = LayerQuant(width, group, sym)
     if not reasons:
         return q, None
-    return q, {"tensor": name, "wanted": _label(LayerQuant(bits, group_size, sym)), "used": _label(q),
+    return q, {"tensor": name, "wanted": LayerQuant(bits, group_size, sym).label(), "used": q.label(),
                "reason": "; ".join(reasons)}
 
 
-def _label(q: LayerQuant) -> str:
-    return f"{q.bits}-bit " + (f"group {q.group_size}" if q.group_size else "per-channel") + \
-        (" sym" if q.sym else " asym")
+def fit_type(name: str, n_in: int, gguf_type: str):
+    """The GGML type a layer of ``n_in`` input columns gets for ``gguf_type``, and the fallback taken:
+    llama.cpp's own choice when a row is not a multiple of the type's block, F16 when no block fits."""
+    t = gguf_type
+    while t != F16 and not TYPES[t].fits(n_in):
+        t = ROW_FALLBACK.get(t, F16)
+    if t == gguf_type:
+        return TYPES[t], None
+    block = TYPES[gguf_type].block
+    return (TYPES[t] if t != F16 else F16), {"tensor": name, "wanted": gguf_type, "used": t,
+                                             "reason": f"its {n_in} input columns are not a multiple of {block}"}
 
 
 # --------------------------------------------------------------------------- phases
@@ -155,14 +197,18 @@ class Source:
     cfg: object
     tokenizer: object
     model: torch.nn.Module
-    mods: dict[str, torch.nn.Module]  # the layers to quantize
-    fixed_plan: dict[str, int] | None  # bits per layer from --plan
+    mods: dict[str, torch.nn.Module]  # the matrices to quantize (auto: every matrix of the GGUF file)
+    budget: Budget | None = None  # auto with --target-bpw / --target-bytes
+    fixed_plan: dict[str, str] | None = None  # auto with --plan: module -> type
+    layout: object = None  # the GGUF file's layout (None: the model has no GGUF export)
 
 
-def load_source(opts: QuantizeOptions) -> Source:
-    """The float model, the layers to quantize, and a --plan checked against them."""
-    from itera.model.checkpoint import load_checked_config, load_config, load_model
-    from itera.tokenizer import Tokenizer
+def check_source(opts: QuantizeOptions):
+    """Everything cheap, before the weights are read: the config against the weights, the
+    tokenizer, and for ``auto`` the budget (refused with the achievable range) or the plan."""
+    from itera.errors import UnsupportedModelError
+    from itera.export.gguf import layout
+    from itera.model.checkpoint import load_checked_config, load_config
 
     cfg = load_config(opts.model)
     if cfg.quantization:
@@ -170,28 +216,30 @@ def load_source(opts: QuantizeOptions) -> Source:
         raise InputError(f"{opts.model} is already quantized ({q.get('method')}, {q.get('bits')} bits); "
                          "pass the float checkpoint it came from")
     load_checked_config(opts.model)
+    try:
+        lay = layout(opts.model)
+    except UnsupportedModelError as e:
+        if opts.method == "auto":
+            raise UnsupportedModelError(f"--method auto plans a GGUF file, and {e}") from None
+        lay = None
+    if opts.method != "auto":
+        return cfg, lay, None, None
+    if opts.plan is not None:
+        return cfg, lay, None, read_plan(opts.plan, lay.matrices)
+    return cfg, lay, make_budget(lay, opts.auto_types, opts.target_bytes, opts.target_bpw), None
+
+
+def load_source(opts: QuantizeOptions) -> Source:
+    """The float model and the layers to quantize, after :func:`check_source`."""
+    from itera.model.checkpoint import load_model
+    from itera.tokenizer import Tokenizer
+
+    cfg, lay, budget, fixed_plan = check_source(opts)
     tok = Tokenizer.from_dir(opts.model)
     tok.check_fits(cfg.vocab_size, str(opts.model))
     model, _ = load_model(opts.model, device=opts.device)
-    mods = target_modules(model, opts.quantize_embeddings)
-    fixed_plan = None
-    if opts.plan is not None:
-        try:
-            fixed_plan = {k: int(v) for k, v in json.loads(Path(opts.plan).read_text())["bits"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise InputError(f"--plan {opts.plan} is not a plan file written by `itera quantize --method auto` "
-                             "(quant_plan.json)") from None
-        unknown = sorted(set(fixed_plan) ^ set(mods))
-        if unknown:
-            raise InputError(f"--plan {opts.plan} does not match this model's layers (e.g. {unknown[0]})")
-    if opts.method == "auto" and fixed_plan is None:
-        n_weights = sum(m.weight.numel() for m in mods.values())
-        smallest = sum(fit_layer(n, m.weight.shape[1], min(opts.auto_bits), opts.group_size, opts.sym)[0]
-                       .stored_bytes(*m.weight.shape) for n, m in mods.items()) * 8 / n_weights
-        if opts.target_bpw < smallest:
-            raise UsageError(f"--target-bpw {opts.target_bpw} is below the smallest plan ({smallest:.3f} bits per "
-                             f"weight with {min(opts.auto_bits)}-bit layers); pass at least {smallest:.3f}")
-    return Source(cfg, tok, model, mods, fixed_plan)
+    mods = target_modules(model, opts.quantize_embeddings or opts.method == "auto")
+    return Source(cfg, tok, model, mods, budget, fixed_plan, lay)
 
 
 def calibrate(opts: QuantizeOptions, src: Source) -> tuple[torch.Tensor | None, str | None]:
@@ -208,33 +256,47 @@ def calibrate(opts: QuantizeOptions, src: Source) -> tuple[torch.Tensor | None, 
     return calibration_ids(tokens, opts.calib_samples, seqlen, opts.seed).to(opts.device), held
 
 
-def choose_layers(opts: QuantizeOptions, src: Source, calib: torch.Tensor | None, reporter: Reporter
-                  ) -> tuple[dict[str, LayerQuant], dict | None, list[dict]]:
-    """How each layer is quantized, the sensitivities behind a measured ``auto`` plan, and the
-    fallbacks layers' widths forced."""
-    fit = {n: {b: fit_layer(n, m.weight.shape[1], b, opts.group_size, opts.sym)
-               for b in (opts.auto_bits if opts.method == "auto" else (opts.bits,))} for n, m in src.mods.items()}
-    sens, bits = None, src.fixed_plan
+def module_importance(src: Source, calib: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Importance data (mean square of each input) per module to quantize; the tied embedding
+    matrix takes the output head's, the role in which llama.cpp multiplies by it."""
+    from itera.quant.importance import input_mean_squares
+
+    if calib is None:
+        return {}
+    imp = input_mean_squares(src.model, calib)
+    out = {n: imp[n] for n in src.mods if n in imp}
+    if src.cfg.tie_word_embeddings and "model.embed_tokens" in src.mods:
+        out["model.embed_tokens"] = imp["lm_head"]
+    return out
+
+
+def choose_layers(opts: QuantizeOptions, src: Source, calib: torch.Tensor | None, importance: dict,
+                  reporter: Reporter) -> tuple[dict, dict | None, list[dict]]:
+    """How each matrix is stored (a LayerQuant, a GGML type, or F16), the sensitivities behind a
+    measured ``auto`` plan, and the fallbacks that row lengths forced."""
     if opts.method != "auto":
-        bits = {n: opts.bits for n in src.mods}
-    elif bits is None:
-        reporter.log(f"measuring sensitivity of {len(src.mods)} layers at {list(opts.auto_bits)} bits")
-        task = reporter.task("sensitivity", total=len(src.mods), unit="layers")
+        if opts.gguf_type is not None:
+            chosen = {n: fit_type(n, m.weight.shape[1], opts.gguf_type) for n, m in src.mods.items()}
+        else:
+            chosen = {n: fit_layer(n, m.weight.shape[1], opts.bits, opts.group_size, opts.sym)
+                      for n, m in src.mods.items()}
+        return {n: q for n, (q, _) in chosen.items()}, None, [fb for _, fb in chosen.values() if fb]
+    sens, types = None, src.fixed_plan
+    if types is None:
+        costs = src.budget.costs
+        reporter.log(f"measuring the sensitivity of {len(src.mods)} tensors to {len(opts.auto_types)} types")
+        task = reporter.task("sensitivity", total=len(src.mods), unit="tensors")
         try:
-            sens = sensitivities(src.model, src.mods, calib[: min(8, len(calib))],
-                                 {n: {b: q for b, (q, _) in fit[n].items()} for n in src.mods}, task.update)
+            sens = sensitivities(src.model, src.mods, calib[:SENSITIVITY_WINDOWS, :SENSITIVITY_TOKENS],
+                                 {n: {t: TYPES.get(t, F16) for t in costs[n]} for n in src.mods}, importance,
+                                 task.update)
         finally:
             task.close()
-        costs = {n: {b: fit[n][b][0].stored_bytes(*src.mods[n].weight.shape) for b in opts.auto_bits}
-                 for n in src.mods}
-        n_weights = sum(m.weight.numel() for m in src.mods.values())
-        bits = choose_plan(costs, sens, int(opts.target_bpw * n_weights / 8))
-    chosen = {n: fit[n][bits[n]] if bits[n] in fit[n] else
-              fit_layer(n, src.mods[n].weight.shape[1], bits[n], opts.group_size, opts.sym) for n in src.mods}
-    return {n: q for n, (q, _) in chosen.items()}, sens, [fb for _, fb in chosen.values() if fb]
+        types = choose_plan(costs, sens, src.budget.available)
+    return {n: TYPES.get(t, F16) for n, t in types.items()}, sens, []
 
 
-def round_unquantized(src: Source, plan: dict[str, LayerQuant]) -> dict[str, torch.Tensor]:
+def round_unquantized(src: Source, plan: dict) -> dict[str, torch.Tensor]:
     """Everything not quantized is stored in float16: round it the same way in memory, so the
     model measured here is bit for bit the model that loads back. Returns those tensors."""
     keep = {}
@@ -248,20 +310,26 @@ def round_unquantized(src: Source, plan: dict[str, LayerQuant]) -> dict[str, tor
     return keep
 
 
-def write(opts: QuantizeOptions, src: Source, plan: dict[str, LayerQuant], tensors: dict) -> None:
+def write(opts: QuantizeOptions, src: Source, plan: dict, tensors: dict) -> None:
     """The quantized checkpoint, through the one checkpoint writer, with its plan and options."""
     from itera.model.checkpoint import write_checkpoint
 
     config = src.cfg.to_dict()
+    auto = opts.method == "auto"
     config["quantization_config"] = {
         "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": opts.method,
-        "bits": opts.bits if opts.method != "auto" else None, "group_size": opts.group_size, "sym": opts.sym,
-        "quantize_embeddings": opts.quantize_embeddings, "layers": {n: q.as_dict() for n, q in plan.items()}}
+        "bits": opts.bits if not (auto or opts.gguf_type) else None, "group_size": opts.group_size,
+        "sym": opts.sym, "gguf_type": opts.gguf_type, "quantize_embeddings": opts.quantize_embeddings or auto,
+        "layers": {n: q.as_dict() for n, q in plan.items() if q != F16}}
     config["torch_dtype"] = "float16"
-    plan_file = {"bits": {n: q.bits for n, q in plan.items()}, "group_size": opts.group_size, "sym": opts.sym}
-    write_checkpoint(opts.out, tensors, config, tokenizer_from=Path(opts.model), extra_files={
-        "quant_plan.json": json.dumps(plan_file, indent=2) + "\n",
-        "quantize_config.json": json.dumps(opts.as_params(), indent=2) + "\n"})
+    extra = {"quantize_config.json": json.dumps(opts.as_params(), indent=2) + "\n"}
+    if auto:
+        extra["quant_plan.json"] = json.dumps({"types": {n: _type_name(q) for n, q in plan.items()}}, indent=2) + "\n"
+    write_checkpoint(opts.out, tensors, config, tokenizer_from=Path(opts.model), extra_files=extra)
+
+
+def _type_name(q) -> str:
+    return F16 if q == F16 else getattr(q, "name", None) or q.label()
 
 
 def _heldout_perplexity(src: Source, held: str | None, opts: QuantizeOptions) -> dict | None:
@@ -274,6 +342,14 @@ def _heldout_perplexity(src: Source, held: str | None, opts: QuantizeOptions) ->
                          EvalOptions(max_tokens=opts.eval_tokens, bos=False), source="held-out")
 
 
+def gguf_types(src: Source, plan: dict) -> dict[str, str]:
+    """module -> the type `itera export --format gguf` writes for it (GGUF types as stored; itera's
+    symmetric group-32 4/8-bit layers as Q4_0/Q8_0; F16 otherwise)."""
+    from itera.export.gguf import _stored_type
+
+    return {n: (_stored_type(q) or F16) if q != F16 else F16 for n, q in plan.items()}
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -284,8 +360,6 @@ def run_quantize(opts: QuantizeOptions, reporter: Reporter = SILENT) -> Outcome:
 
 def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tuple[Outcome, torch.nn.Module]:
     """:func:`run_quantize`, also returning the quantized model as it is in memory."""
-    from itera.model.checkpoint import weight_bytes
-
     from itera.runtime import resolve_device
 
     opts.validate()
@@ -294,40 +368,55 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
     calib, held = calibrate(opts, src)
     before = _heldout_perplexity(src, held, opts)
     t0 = time.perf_counter()
-    plan, sens, fallbacks = choose_layers(opts, src, calib, reporter)
+    importance = module_importance(src, calib) if opts.method == "auto" or opts.gguf_type else {}
+    plan, sens, fallbacks = choose_layers(opts, src, calib, importance, reporter)
     for fb in fallbacks:
         reporter.log(f"fallback: {fb['tensor']} {fb['wanted']} -> {fb['used']} ({fb['reason']})")
     apply_method = opts.auto_base if opts.method == "auto" else opts.method
-    reporter.log(f"quantizing {len(src.mods)} layers with {apply_method}")
+    reporter.log(f"quantizing {len(src.mods)} tensors with {apply_method}")
     task = reporter.task("quantize", total=src.cfg.num_hidden_layers, unit="layers")
     try:
         tensors, figures = quantize_model(src.model, src.mods, plan, apply_method, calib, opts.damp, opts.act_order,
-                                          task.update)
+                                          task.update, importance)
     finally:
         task.close()
     quant_seconds = time.perf_counter() - t0
-    keep = round_unquantized(src, plan)
+    stored = {n: q for n, q in plan.items() if q != F16}
+    keep = round_unquantized(src, stored)
     after = _heldout_perplexity(src, held, opts)
-    write(opts, src, plan, {**keep, **tensors})
-    q_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    write(opts, src, stored, {**keep, **tensors})
+    metrics = _metrics(opts, src, plan, tensors, figures, before, after)
+    metrics.update(quantize_seconds=quant_seconds, fallbacks=fallbacks)
+    if sens is not None or src.fixed_plan is not None:
+        metrics["plan_types"] = {n: _type_name(q) for n, q in plan.items()}
+        metrics["sensitivity_kl"] = sens
+    if src.budget is not None:
+        metrics["budget"] = src.budget.figures()
+    outcome = Outcome(describe_artifact(opts.out, "checkpoint", "itera-quant"), metrics,
+                      {**opts.as_params(), "applied_method": apply_method}, device=opts.device)
+    return outcome, src.model
+
+
+def _metrics(opts, src: Source, plan: dict, tensors: dict, figures: dict, before, after) -> dict:
+    from itera.model.checkpoint import weight_bytes
+    from itera.quant.budget import gguf_figures, matrix_bytes
+
     n_weights = sum(m.weight.numel() for m in src.mods.values())
+    q_bytes = sum(t.numel() * t.element_size() for t in tensors.values()) + sum(
+        matrix_bytes(F16, *src.mods[n].weight.shape) for n, q in plan.items() if q == F16)
     out_bytes, src_bytes = weight_bytes(opts.out), weight_bytes(opts.model)
     metrics = {
         "bits_per_weight": q_bytes * 8 / n_weights, "quantized_weights": n_weights,
         "file_bits_per_param": out_bytes * 8 / src.model.num_parameters(),
         "source_bytes": src_bytes, "quantized_bytes": out_bytes, "size_ratio": src_bytes / out_bytes,
-        "quantize_seconds": quant_seconds,
         "perplexity_before": before["perplexity"] if before else None,
         "perplexity_after": after["perplexity"] if after else None,
         "eval_tokens": after["tokens"] if after else None,
         "mean_weight_error": sum(f["weight_error"] for f in figures.values()) / len(figures),
-        "layers": figures, "fallbacks": fallbacks,
+        "layers": figures,
     }
+    if src.layout is not None:  # what `itera export --format gguf` will write
+        metrics.update(gguf_figures(src.layout, gguf_types(src, plan)))
     if before is None:
         metrics["perplexity_note"] = "no --calib text: perplexity not measured"
-    if sens is not None:
-        metrics["plan_bits"] = {n: q.bits for n, q in plan.items()}
-        metrics["sensitivity_kl"] = sens
-    outcome = Outcome(describe_artifact(opts.out, "checkpoint", "itera-quant"), metrics,
-                      {**opts.as_params(), "applied_method": apply_method}, device=opts.device)
-    return outcome, src.model
+    return metrics

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from itera.quant.formats import EMBEDDINGS, LayerQuant, dequantize, rtn, to_tensors
+from itera.quant.formats import EMBEDDINGS
 from itera.quant.gptq import gptq
 
 
@@ -49,29 +49,48 @@ def _errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> dic
     return out
 
 
+def _figures(q, w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> dict:
+    if q == "F16":
+        desc = {"type": "F16", "bits_per_weight": 16.0}
+    elif hasattr(q, "nbytes"):
+        desc = {"type": q.name, "bits_per_weight": q.bits_per_weight()}
+    else:
+        desc = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym}
+    return {**desc, **_errors(w, w_hat, h)}
+
+
 @torch.no_grad()
-def quantize_model(model, mods: dict, plan: dict[str, LayerQuant], method: str, calib: torch.Tensor | None,
-                   damp: float, act_order: bool, progress=None) -> tuple[dict, dict]:
+def quantize_model(model, mods: dict, plan: dict, method: str, calib: torch.Tensor | None, damp: float,
+                   act_order: bool, progress=None, importance: dict | None = None) -> tuple[dict, dict]:
     """Quantize ``model`` in place (weights replaced by their dequantized values), layer by layer.
 
-    Returns (tensors to write for the quantized layers, per-layer figures). With calibration
-    data each decoder layer sees the outputs of the already-quantized layers before it.
+    ``plan``: module -> a :class:`LayerQuant`, a GGML type, or ``"F16"``. Returns (tensors to write
+    for the quantized modules, per-module figures). With calibration data each decoder layer sees
+    the outputs of the already-quantized layers before it, and with GPTQ the output head (the tied
+    embedding matrix when there is no separate head) is quantized against the final hidden states.
     """
     tensors, figures = {}, {}
+    importance = importance or {}
 
     def apply(name: str, module, h: torch.Tensor | None):
         q = plan[name]
         w = module.weight.data
-        if method == "gptq" and h is not None:
-            codes, scales, zeros = gptq(w, h, q, damp=damp, act_order=act_order)
+        if q == "F16":
+            w_hat = w.half().float()
         else:
-            codes, scales, zeros = rtn(w, q)
-        w_hat = dequantize(codes, scales, zeros)
-        figures[name] = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym, **_errors(w, w_hat, h)}
-        tensors.update(to_tensors(name, codes.cpu(), scales.cpu(), zeros.cpu(), q))
+            if method == "gptq" and h is not None:
+                codes, a, b = gptq(w, h, q, damp=damp, act_order=act_order)
+            else:
+                imp = importance.get(name)
+                codes, a, b = q.quantize(w.float(), None if imp is None else imp.to(w.device))
+            w_hat = q.expand(codes, a, b)
+            tensors.update(q.tensors(name, codes.cpu(), a.cpu(), b.cpu()))
+        figures[name] = _figures(q, w, w_hat, h)
         module.weight.data = w_hat.to(w.dtype)
 
     layers = model.model.layers
+    head = "lm_head" if "lm_head" in mods else ("model.embed_tokens" if model.config.tie_word_embeddings
+                                                 and "model.embed_tokens" in mods else None)
     if calib is not None:
         x = model.model.embed_tokens(calib).float()
         cos, sin = model.rotary(torch.arange(calib.shape[1], device=x.device), x.dtype)
@@ -83,6 +102,9 @@ def quantize_model(model, mods: dict, plan: dict[str, LayerQuant], method: str, 
             x = torch.cat([layer(x[j:j + 8], cos, sin, None, None) for j in range(0, x.shape[0], 8)])
             if progress:
                 progress(i + 1)
+        if head is not None and method == "gptq":
+            a = model.model.norm(x).flatten(0, -2)
+            apply(head, mods[head], a.T @ a / a.shape[0])
     else:
         for i in range(len(layers)):
             for n, m in mods.items():
@@ -90,7 +112,7 @@ def quantize_model(model, mods: dict, plan: dict[str, LayerQuant], method: str, 
                     apply(n, m, None)
             if progress:
                 progress(i + 1)
-    for n in EMBEDDINGS:  # embeddings and head: round-to-nearest (their "inputs" are token ids)
-        if n in mods:
+    for n in EMBEDDINGS:  # the rest: round-to-nearest (an embedding's "inputs" are token ids)
+        if n in mods and n not in figures:
             apply(n, mods[n], None)
     return tensors, figures

@@ -1,75 +1,112 @@
-"""``--method auto``: per-layer bit widths chosen from measured sensitivity under a size budget.
+"""``--method auto``: a storage type per tensor, chosen from measured sensitivity under a size budget.
 
-For every layer and candidate width the layer alone is quantized (round-to-nearest) and the KL
-divergence of the model's next-token distribution from the float model's is measured on
-calibration text; a multiple-choice knapsack then picks the widths that minimise the summed KL
-with the bytes written under the budget.
+For every tensor and candidate type the tensor alone is quantized (round-to-nearest with the
+type's importance-weighted parameter search) and the KL divergence of the model's next-token
+distribution from the float model's is measured on calibration text; a multiple-choice knapsack
+then picks the types that minimise the summed KL with the bytes under the budget.
 """
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from itera.errors import UsageError
 from itera.losses import kl_div
-from itera.quant.formats import LayerQuant, dequantize, rtn
+
+
+def f16_round(w: torch.Tensor) -> torch.Tensor:
+    return w.half().to(w.dtype)
+
+
+class _Runner:
+    """The model's log-probabilities on fixed calibration tokens, recomputed only from the first
+    layer a change can affect: the float model's input to every decoder layer is cached."""
+
+    def __init__(self, model, calib: torch.Tensor):
+        self.model, self.calib = model, calib
+        inner = model.model
+        self.cos, self.sin = model.rotary(torch.arange(calib.shape[1], device=calib.device), torch.float32)
+        self.mask = model._mask(calib.shape[1], 0, calib.device, None)  # None: plain causal
+        self.inputs = [inner.embed_tokens(calib).float()]
+        for layer in inner.layers:
+            self.inputs.append(layer(self.inputs[-1], self.cos, self.sin, self.mask, None))
+
+    def logp(self, start: int | None) -> torch.Tensor:
+        """From decoder layer ``start`` on (None: the whole model, the embeddings changed)."""
+        if start is None:
+            return F.log_softmax(self.model(self.calib).float(), -1)
+        x = self.inputs[start]
+        for layer in self.model.model.layers[start:]:
+            x = layer(x, self.cos, self.sin, self.mask, None)
+        return F.log_softmax(self.model.lm_head(self.model.model.norm(x)).float(), -1)
+
+
+def _first_layer(name: str, n_layers: int) -> int | None:
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2])
+    return n_layers if name == "lm_head" else None
 
 
 @torch.no_grad()
-def sensitivities(model, mods: dict, calib: torch.Tensor, options: dict[str, dict[int, LayerQuant]],
-                  progress=None) -> dict[str, dict[int, float]]:
-    """KL(float || model with only this layer quantized at b bits, RTN), mean per calibration token,
-    for every layer and each of its ``options`` (bits -> how the layer is quantized at that width)."""
-    ref = F.log_softmax(model(calib).float(), -1)  # (B, T, V)
-    out: dict[str, dict[int, float]] = {}
+def sensitivities(model, mods: dict, calib: torch.Tensor, options: dict[str, dict], importance: dict | None = None,
+                  progress=None) -> dict[str, dict]:
+    """KL(float || model with only this tensor quantized one way), mean per calibration token, for
+    every tensor and each of its ``options`` (key -> scheme with ``quantize``/``expand``, or
+    ``"F16"`` for float16)."""
+    run = _Runner(model, calib)
+    ref = run.logp(len(model.model.layers))
+    out: dict[str, dict] = {}
     for k, (name, m) in enumerate(mods.items()):
+        start = _first_layer(name, len(model.model.layers))
         w = m.weight.data.clone()
+        imp = (importance or {}).get(name)
         out[name] = {}
-        for b, q in options[name].items():
-            codes, scales, zeros = rtn(w, q)
-            m.weight.data = dequantize(codes, scales, zeros).to(w.dtype)
-            logp = F.log_softmax(model(calib).float(), -1)
-            out[name][b] = kl_div(ref, logp).mean().item()
+        for key, q in options[name].items():
+            if q == "F16":
+                m.weight.data = f16_round(w)
+            else:
+                m.weight.data = q.expand(*q.quantize(w.float(), imp)).to(w.dtype)
+            out[name][key] = max(kl_div(ref, run.logp(start)).mean().item(), 0.0)
         m.weight.data = w
         if progress:
             progress(k + 1)
     return out
 
 
-def choose_plan(costs: dict[str, dict[int, int]], losses: dict[str, dict[int, float]], budget_bytes: int,
-                units: int = 4000) -> dict[str, int]:
-    """Bits per layer minimising the summed measured loss with total bytes <= budget.
+def choose_plan(costs: dict[str, dict], losses: dict[str, dict], budget_bytes: int, units: int = 50000) -> dict:
+    """The option per tensor minimising the summed measured loss with total bytes <= budget.
 
     A multiple-choice knapsack solved by dynamic programming over the budget cut into ``units``
     steps; each option's bytes are rounded *up* to whole steps, so the plan never exceeds the budget.
     """
     names = list(costs)
-    step = max(1, math.ceil(budget_bytes / units))
+    step = max(1, -(-budget_bytes // units))
     cap = budget_bytes // step
-    INF = float("inf")
-    best = [0.0] + [INF] * cap  # best[c]: least loss of the layers so far using exactly c steps
-    choice: list[list[int | None]] = []
+    best = np.full(cap + 1, np.inf)
+    best[0] = 0.0  # best[c]: least loss of the tensors so far using exactly c steps
+    picks = []
     for name in names:
-        new = [INF] * (cap + 1)
-        pick: list[int | None] = [None] * (cap + 1)
-        for b, nbytes in costs[name].items():
-            c = math.ceil(nbytes / step)
-            loss = losses[name][b]
-            for used in range(cap - c + 1):
-                if best[used] + loss < new[used + c]:
-                    new[used + c] = best[used] + loss
-                    pick[used + c] = b
+        keys = list(costs[name])
+        new = np.full(cap + 1, np.inf)
+        pick = np.full(cap + 1, -1)
+        for j, key in enumerate(keys):
+            c = -(-costs[name][key] // step)
+            if c > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[c:] = best[:cap + 1 - c] + losses[name][key]
+            better = cand < new
+            new[better], pick[better] = cand[better], j
         best = new
-        choice.append(pick)
-    end = min(range(cap + 1), key=lambda c: best[c])
-    if best[end] == INF:
-        raise UsageError("no plan fits the --target-bpw budget")
-    plan: dict[str, int] = {}
-    for name, pick in zip(reversed(names), reversed(choice)):
-        b = pick[end]
-        plan[name] = b
-        end -= math.ceil(costs[name][b] / step)
+        picks.append((keys, pick))
+    if not np.isfinite(best).any():
+        raise UsageError("no plan fits the budget")
+    end = int(np.argmin(best))
+    plan = {}
+    for name, (keys, pick) in zip(reversed(names), reversed(picks)):
+        key = keys[pick[end]]
+        plan[name] = key
+        end -= -(-costs[name][key] // step)
     return dict(reversed(list(plan.items())))

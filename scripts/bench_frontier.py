@@ -1,0 +1,252 @@
+"""Size against quality: itera's GGUF files against llama.cpp's quantizer, byte for byte.
+
+For each of llama.cpp's types (Q2_K, Q3_K_M, Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0 by default) the F32
+export of --model is quantized by llama.cpp's own quantizer, without and with importance data
+(itera's, from --calib, as llama-imatrix collects it); then ``itera quantize --method auto`` is
+given the smaller of those two files' sizes as ``--target-bytes`` and its checkpoint is exported
+with ``itera export --format gguf`` (verified as usual). Every file is scored by llama.cpp on the
+same windows of held-out --text: perplexity, and mean KL(F32 || file) per token from llama.cpp's
+own logits. The goal: at every llama.cpp point, itera's increase in perplexity over F32 is at most
+half the better llama.cpp file's.
+
+The sensitivities behind the plans do not depend on the budget: the first ``auto`` run measures
+them, and the other budgets reuse them through ``--plan`` (what a user does to try several sizes).
+
+Prints one JSON object and writes it, and the frontier as PNG, under --out.
+
+    python scripts/bench_frontier.py --model runs/demo/teacher --text pydocs@test --calib pydocs@train
+    python scripts/bench_frontier.py --model large --text pydocs@test --calib pydocs@train
+
+``--model large`` trains a hidden-512 model once (cached under runs/bench/frontier-large/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA_TYPES = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+LARGE = ROOT / "runs" / "bench" / "frontier-large"
+LARGE_TRAIN = ["--alpha", "0", "--tokenizer", "bpe:2048", "--layers", "4", "--hidden", "512", "--heads", "8",
+               "--kv-heads", "2", "--ffn", "1280", "--data", "pydocs@train", "--steps", "250", "--lr", "3e-3",
+               "--warmup-steps", "20", "--batch-size", "8", "--seq-len", "128"]
+
+
+def log(msg: str) -> None:
+    print(f"[frontier] {msg}", file=sys.stderr, flush=True)
+
+
+def large_model() -> Path:
+    ckpt = LARGE / "teacher"
+    if not (ckpt / "config.json").is_file():
+        LARGE.mkdir(parents=True, exist_ok=True)
+        log(f"training the larger model once into {ckpt}")
+        subprocess.run([str(ROOT / ".venv" / "bin" / "itera"), "distill", *LARGE_TRAIN, "--out", str(ckpt)],
+                       check=True, stdout=subprocess.DEVNULL)
+    return ckpt
+
+
+# --------------------------------------------------------------------------- scoring in llama.cpp
+
+
+class Scorer:
+    """Perplexity and KL to the F32 file, all from llama.cpp's logits on the same windows."""
+
+    def __init__(self, tokenizer, text: str, tokens: int, window: int, stride: int, threads: int | None):
+        from itera.evaluate import windows
+
+        ids = tokenizer.encode(text, add_bos=False)
+        if tokenizer.add_bos and tokenizer.bos_id is not None:
+            ids = [tokenizer.bos_id] + ids
+        self.ids = ids[:tokens]
+        self.plan = list(windows(len(self.ids), window, stride))
+        self.threads = threads
+        self.ref: list[np.ndarray] | None = None  # F32's log-probabilities per window
+
+    def score(self, path: Path) -> dict:
+        from itera.runtime.llamacpp_backend import LlamaCppRuntime
+
+        nll, kl, logps = 0.0, 0.0, []
+        with LlamaCppRuntime(path, threads=self.threads) as rt:
+            for i, (b, e, n) in enumerate(self.plan):
+                x = rt.logits(self.ids[b:e])[e - b - n - 1: e - b - 1].astype(np.float64)
+                lp = x - x.max(-1, keepdims=True)
+                lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+                nll -= lp[np.arange(n), self.ids[e - n: e]].sum()
+                if self.ref is None:
+                    logps.append(lp.astype(np.float32))
+                else:
+                    ref = self.ref[i].astype(np.float64)
+                    kl += (np.exp(ref) * (ref - lp)).sum()
+        scored = sum(n for _, _, n in self.plan)
+        if self.ref is None:
+            self.ref = logps
+        return {"perplexity": math.exp(nll / scored), "kl": kl / scored, "tokens": scored}
+
+
+# --------------------------------------------------------------------------- the files
+
+
+def llama_files(f32: Path, out: Path, types, importance, threads) -> dict[str, Path]:
+    from itera.export.gguf import llama_quantize
+
+    files = {}
+    for t in types:
+        for tag, imp in (("plain", None), ("imatrix", importance)):
+            dst = out / f"llama-{t}-{tag}.gguf"
+            if not dst.exists():
+                tmp = dst.with_name(dst.name + ".tmp")
+                llama_quantize(f32, tmp, t, threads, imp)
+                os.replace(tmp, dst)
+            files[f"{t}/{tag}"] = dst
+    return files
+
+
+def itera_file(model: Path, out: Path, name: str, calib: str, budget: int, plan: Path | None, threads) -> tuple:
+    """itera auto at ``budget`` bytes (measuring, or with ``plan``), exported; (gguf, quantize record)."""
+    from itera.export.job import ExportOptions, run_export
+    from itera.quant.job import QuantizeOptions, run_quantize
+
+    ckpt, gguf = out / f"itera-{name}", out / f"itera-{name}.gguf"
+    rec_path = out / f"itera-{name}.quantize.json"
+    if not gguf.exists():
+        q = QuantizeOptions(model=model, out=ckpt, method="auto", calib=calib, force=True,
+                            **({"plan": plan} if plan else {"target_bytes": budget}))
+        rec_path.write_text(json.dumps({"metrics": run_quantize(q).metrics}))
+        run_export(ExportOptions(model=ckpt, out=gguf, format="gguf", threads=threads, force=True))
+    return gguf, json.loads(rec_path.read_text())
+
+
+def plan_for(model: Path, sens: dict, budget: int, path: Path) -> Path:
+    """quant_plan.json for ``budget`` bytes from already measured sensitivities."""
+    from itera.export.gguf import layout
+    from itera.quant.budget import make_budget
+    from itera.quant.job import AUTO_TYPES
+    from itera.quant.plan import choose_plan
+
+    b = make_budget(layout(model), AUTO_TYPES, budget, None)
+    path.write_text(json.dumps({"types": choose_plan(b.costs, sens, b.available)}))
+    return path
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(args) -> dict:
+    import torch
+
+    from itera.data import load_text
+    from itera.export.gguf import write_gguf
+    from itera.model.checkpoint import load_model
+    from itera.quant.importance import gguf_importance, input_mean_squares
+    from itera.tokenizer import Tokenizer
+    from itera.train import calibration_ids
+
+    model = large_model() if args.model == "large" else Path(args.model)
+    out = Path(args.out or ROOT / "runs" / "bench" / f"frontier-{model.parent.name}-{model.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_dir(model)
+    f32 = out / "f32.gguf"
+    if not f32.exists():
+        write_gguf(model, f32.with_name("f32.tmp"), "F32")
+        os.replace(f32.with_name("f32.tmp"), f32)
+    log("importance data from the calibration text")
+    m, cfg = load_model(model)
+    calib_ids = torch.tensor(tok.encode(load_text(args.calib, purpose="train").text, add_bos=False))
+    importance = gguf_importance(input_mean_squares(m, calibration_ids(calib_ids, 32, 256, 0)), cfg)
+    del m
+    files = llama_files(f32, out, args.types, importance, args.threads)
+    scorer = Scorer(tok, load_text(args.text, purpose="eval").text, args.tokens, args.window, args.stride,
+                    args.threads)
+    base = {"bytes": f32.stat().st_size, **scorer.score(f32)}
+    log(f"F32: {base['bytes']:,} bytes, perplexity {base['perplexity']:.3f}")
+    rows, sens = [], None
+    for t in args.types:
+        row = {"type": t}
+        for tag in ("plain", "imatrix"):
+            f = files[f"{t}/{tag}"]
+            row[f"llama_{tag}"] = {"bytes": f.stat().st_size, **scorer.score(f)}
+        budget = min(row["llama_plain"]["bytes"], row["llama_imatrix"]["bytes"])
+        plan = plan_for(model, sens, budget, out / f"plan-{t}.json") if sens else None
+        t0 = time.perf_counter()
+        gguf, rec = itera_file(model, out, t, args.calib, budget, plan, args.threads)
+        sens = sens or rec["metrics"]["sensitivity_kl"]
+        row["itera"] = {"bytes": gguf.stat().st_size, **scorer.score(gguf), "budget": budget,
+                        "types": _count(rec["metrics"]["plan_types"]), "seconds": time.perf_counter() - t0}
+        for k in ("llama_plain", "llama_imatrix", "itera"):
+            row[k]["delta_perplexity"] = row[k]["perplexity"] - base["perplexity"]
+        best = min(row["llama_plain"]["delta_perplexity"], row["llama_imatrix"]["delta_perplexity"])
+        row["itera_delta_over_best_llama"] = row["itera"]["delta_perplexity"] / best if best > 0 else None
+        row["goal_met"] = row["itera"]["bytes"] <= budget and row["itera"]["delta_perplexity"] <= 0.5 * best
+        log(f"{t}: llama.cpp {row['llama_plain']['bytes']:,} B dppl {row['llama_plain']['delta_perplexity']:+.3f} "
+            f"(imatrix {row['llama_imatrix']['delta_perplexity']:+.3f}); itera {row['itera']['bytes']:,} B "
+            f"dppl {row['itera']['delta_perplexity']:+.3f} -> {'met' if row['goal_met'] else 'NOT met'}")
+        rows.append(row)
+    result = {"bench": "frontier", "model": str(model), "text": args.text, "calib": args.calib,
+              "protocol": {"tokens": len(scorer.ids), "window": args.window, "stride": args.stride,
+                           "scored": base["tokens"]},
+              "f32": base, "points": rows, "goal_met_everywhere": all(r["goal_met"] for r in rows)}
+    (out / "frontier.json").write_text(json.dumps(result, indent=2))
+    draw(result, out / "frontier.png")
+    result["png"] = str(out / "frontier.png")
+    return result
+
+
+def _count(types: dict) -> dict:
+    out: dict[str, int] = {}
+    for t in types.values():
+        out[t] = out.get(t, 0) + 1
+    return out
+
+
+def draw(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, style in (("llama_plain", "llama.cpp", "o--"), ("llama_imatrix", "llama.cpp + importance", "s--"),
+                              ("itera", "itera auto", "D-")):
+        pts = sorted((r[key]["bytes"], r[key]["perplexity"]) for r in result["points"])
+        ax.plot([b / 1e6 for b, _ in pts], [p for _, p in pts], style, label=label)
+    ax.axhline(result["f32"]["perplexity"], color="gray", lw=0.8, label="F32")
+    ax.set_xlabel("GGUF file size (MB)")
+    ax.set_ylabel(f"perplexity (llama.cpp, {result['protocol']['scored']} held-out tokens)")
+    ax.set_title(Path(result["model"]).name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(ROOT / "runs" / "demo" / "teacher"),
+                    help="float checkpoint, or 'large' (trained once, cached)")
+    ap.add_argument("--text", default="pydocs@test", help="held-out text to score on")
+    ap.add_argument("--calib", default="pydocs@train", help="calibration text (itera auto, importance data)")
+    ap.add_argument("--types", default=",".join(LLAMA_TYPES))
+    ap.add_argument("--tokens", type=int, default=8000)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--stride", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    args.types = [t.strip().upper() for t in args.types.split(",")]
+    print(json.dumps(run(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()
