@@ -38,7 +38,8 @@ def main() -> None:
         "int8-rtn": dict(method="rtn", bits=8),
         f"4bit-rtn-g{g}": dict(method="rtn", bits=4, group_size=g),
         f"4bit-gptq-g{g}": dict(method="gptq", bits=4, group_size=g),
-        f"auto-4.5bpw-g{g}": dict(method="auto", target_bpw=4.5, group_size=g),
+        "4bit-gptq-Q4_K": dict(method="gptq", gguf_type="Q4_K"),
+        "auto-4.5bpw": dict(method="auto", target_bpw=4.5),  # over every tensor of the GGUF file
     }
     results = {}
     for name, kw in cases.items():
@@ -48,6 +49,7 @@ def main() -> None:
         results.setdefault("float", {"bytes": m["source_bytes"], "bits_per_weight": None,
                                      "perplexity": m["perplexity_before"], "quantize_seconds": 0.0})
         results[name] = {"bytes": m["quantized_bytes"], "bits_per_weight": round(m["bits_per_weight"], 4),
+                         "gguf_bytes": m.get("gguf_bytes"),
                          "perplexity": m["perplexity_after"], "quantize_seconds": round(m["quantize_seconds"], 2)}
     base = results["float"]["perplexity"]
     for r in results.values():
