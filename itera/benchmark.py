@@ -10,7 +10,10 @@ time). Figures are medians over runs with their spread (:func:`itera.power.summa
 A result is marked ``stable: false``, with the reasons in ``stability_reason``, when
 
 - fewer than :data:`MIN_RUNS` runs were measured (a spread of one or two values says nothing);
-- the coefficient of variation of the per-run decode tokens/s is above :data:`MAX_CV`;
+- the coefficient of variation across runs of the decode tokens/s (at the median step, or over
+  wall time) is above :data:`MAX_CV`;
+- decode tokens over wall time are more than :data:`MAX_STALL` times below the median step's rate
+  (steps were delayed: the scheduler, or another process, took the cores);
 - the 1-minute load average at the start or the end is at or above the usable cores;
 - at the start or the end, other tasks runnable at that instant (``/proc/loadavg``'s running
   count, less this process) are at least as many as the usable cores; or
@@ -39,6 +42,7 @@ from itera.progress import SILENT, Reporter
 from itera.record import Outcome
 
 MIN_RUNS = 3
+MAX_STALL = 1.5  # wall-time decode rate this many times below the median step's rate: steps were delayed
 MAX_CV = 0.10
 MAX_CPU_WAIT = 0.10
 
@@ -278,9 +282,15 @@ def stability(m: dict) -> tuple[bool, str | None]:
     reasons = []
     if m["runs"] < MIN_RUNS:
         reasons.append(f"only {m['runs']} measured run(s); the spread needs at least {MIN_RUNS}")
-    cv = m.get("decode_tokens_per_s_cv")
-    if cv is not None and cv > MAX_CV:
-        reasons.append(f"decode tokens/s varies across runs (CV {cv:.2f} > {MAX_CV:.2f})")
+    for key, what in (("decode_tokens_per_s", "decode tokens/s"),
+                      ("decode_tokens_per_s_wall", "decode tokens/s over wall time")):
+        cv = m.get(f"{key}_cv")
+        if cv is not None and cv > MAX_CV:
+            reasons.append(f"{what} varies across runs (CV {cv:.2f} > {MAX_CV:.2f})")
+    step, wall = m.get("decode_tokens_per_s"), m.get("decode_tokens_per_s_wall")
+    if step and wall and wall < step / MAX_STALL:
+        reasons.append(f"decode steps were delayed: tokens over wall time ({wall:.1f}/s) are {step / wall:.1f}x "
+                       f"below the rate of a median step ({step:.1f}/s)")
     for when in ("start", "end"):
         load = m.get(f"loadavg_{when}")
         if load is not None and load >= m["usable_cores"]:

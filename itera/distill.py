@@ -277,10 +277,7 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
                       on_eval=on_eval)
     try:
         if opts.resume:
-            if trainer.load_state():
-                if trainer.step >= t.steps:
-                    raise UsageError(f"the run in {opts.state_dir} already reached step {trainer.step}; pass --steps "
-                                     f"above {trainer.step} to extend it")
+            if trainer.load_state():  # run_distill already refused a state at or past --steps
                 reporter.log(f"resumed from step {trainer.step} of {t.steps} ({opts.state_dir})")
             else:
                 reporter.log(f"nothing to resume in {opts.state_dir}; starting at step 0")
@@ -323,7 +320,7 @@ def run_distill(opts: DistillOptions, reporter: Reporter = SILENT, dist: Dist | 
     data = prepare_data(opts, p, reporter)
     if opts.resume:
         check_resumable(opts.state_dir, run_fingerprint(opts.train, dist.world, data.student_cfg.num_parameters(),
-                                                        data.train_ids.numel()))
+                                                        data.train_ids.numel()), steps=opts.train.steps)
     reporter.log(f"data: {data.description}: {data.train_ids.numel():,} training and "
                  f"{data.held_ids.numel():,} held-out tokens")
     teacher, student, prune_plan = build_models(opts, p, data, dist.device)

@@ -171,9 +171,10 @@ def read_state(path: Path, device: str = "cpu") -> dict:
     return state
 
 
-def check_resumable(state_dir: Path, fingerprint: str, state: dict | None = None) -> bool:
+def check_resumable(state_dir: Path, fingerprint: str, state: dict | None = None, steps: int | None = None) -> bool:
     """True if ``state_dir`` holds a checkpoint of the run with this fingerprint, False if it holds
-    none; UsageError if it holds another run's. Cheap enough to call before loading any model."""
+    none; UsageError if it holds another run's, or (given ``steps``) one already at or past
+    ``steps``. Cheap enough to call before loading any model."""
     path = Path(state_dir) / "state.pt"
     if not path.is_file():
         return False
@@ -182,6 +183,9 @@ def check_resumable(state_dir: Path, fingerprint: str, state: dict | None = None
     if state.get("fingerprint") != fingerprint:
         raise UsageError(f"the checkpoint in {state_dir} is from a run with other options or data; "
                          "pass the same options to --resume, or remove that directory to start over")
+    if steps is not None and state["step"] >= steps:
+        raise UsageError(f"the run in {state_dir} already reached step {state['step']}; pass --steps above "
+                         f"{state['step']} to extend it")
     return True
 
 

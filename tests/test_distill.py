@@ -103,7 +103,14 @@ def test_killed_run_resumes_to_the_same_weights(teacher, distill_corpus, tmp_pat
     a, b = _weights(tmp_path / "whole"), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert rec["metrics"]["tokens_seen"] == 40 * 8 * 48
-    assert not (tmp_path / "killed.train-state").exists()
+    # the state stays, at the last step, so that --resume --steps N can extend the run; not past it
+    assert torch.load(state, weights_only=True)["step"] == 40
+    before = _weights(out)
+    assert_usage_error(run_itera("distill", "--teacher", teacher, "--data", distill_corpus, "--out", out, *SMALL,
+                                 *args, "--resume", "--force"),
+                       "already reached step 40; pass --steps above 40 to extend it")
+    after = _weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the refused run left the student alone
 
 
 def test_resume_refuses_a_checkpoint_from_other_options(teacher, distill_corpus, tmp_path):

@@ -101,17 +101,33 @@ def test_estimate_is_exact_arithmetic_on_profile_and_cpu_time():
 
 
 def test_medians_over_runs_ignore_one_descheduled_run():
-    """Four clean runs at 1 ms a token and one with a 500 ms stall: the median is the clean rate,
-    the stall shows in the spread, and total-over-total (the old figure) would have been 12x off."""
+    """Four clean runs at 1 ms a token and one with a 500 ms stall: the headline is the clean rate,
+    the stall shows in the wall-time rate's spread, and total-over-total (the old figure) would
+    have been 12x off."""
     clean = [RunTiming(prefill_s=0.01, decode_latencies_s=[0.001] * 9, wall_s=0.02) for _ in range(4)]
     stalled = RunTiming(prefill_s=0.01, decode_latencies_s=[0.001] * 8 + [0.5], wall_s=0.52)
     runs = clean[:2] + [stalled] + clean[2:]
     m = summarize(runs, Workload(prompt_tokens=4, gen_tokens=10, runs=5), "unavailable", "none", None, None, 1, "x")
     assert m["decode_tokens_per_s"] == pytest.approx(1000.0)
-    assert m["per_run"]["decode_tokens_per_s"][2] == pytest.approx(9 / 0.508)
+    assert m["per_run"]["decode_tokens_per_s"][2] == pytest.approx(1000.0)  # its median step was not delayed
+    assert m["per_run"]["decode_tokens_per_s_wall"][2] == pytest.approx(9 / 0.508)
+    assert m["decode_tokens_per_s_wall"] == pytest.approx(1000.0)  # the median run is a clean one
     assert 45 / (4 * 0.009 + 0.508) < m["decode_tokens_per_s"] / 12
-    assert m["decode_tokens_per_s_cv"] > MAX_CV and m["decode_tokens_per_s_iqr"] == pytest.approx(0.0)
-    assert m["decode_latency_ms_p99"] == pytest.approx(1.0)  # the stalled run's p99 is an outlier among runs
+    assert m["decode_tokens_per_s_wall_cv"] > MAX_CV and m["decode_tokens_per_s_wall_iqr"] == pytest.approx(0.0)
+    assert m["decode_tokens_per_s_cv"] == pytest.approx(0.0)
+
+
+def test_a_run_whose_every_step_stalls_a_little_is_flagged():
+    """Steps at 1 ms, every fourth delayed to 5 ms: the median step is 1 ms (1,000 tokens/s), wall
+    time says 500; the record keeps both and calls the run unstable."""
+    runs = [RunTiming(prefill_s=0.01, decode_latencies_s=[0.001, 0.001, 0.001, 0.005] * 5, wall_s=0.05)
+            for _ in range(5)]
+    m = summarize(runs, Workload(prompt_tokens=4, gen_tokens=21, runs=5), "unavailable", "none", None, None, 1, "x")
+    assert m["decode_tokens_per_s"] == pytest.approx(1000.0) and m["decode_tokens_per_s_wall"] == pytest.approx(500.0)
+    stable, reason = stability({**_figures(), **m})
+    assert stable is False and "decode steps were delayed: tokens over wall time (500.0/s) are 2.0x below" in reason
+    # the delayed quarter of the steps shows in the tail latencies, not in the median
+    assert m["decode_latency_ms_p50"] == pytest.approx(1.0) and m["decode_latency_ms_p95"] == pytest.approx(5.0)
 
 
 def _figures(**kw):
@@ -165,8 +181,10 @@ def test_real_run_over_three_runtimes_without_a_meter(artifacts):
     assert [m["runtime"] for m in per.values()] == ["torch", "onnxruntime", "llama.cpp"]
     for m in per.values():
         assert m["decode_tokens_per_s"] > 0 and m["decode_latency_ms_p50"] > 0 and m["ttft_ms_p50"] > 0
-        # an odd number of runs: the median run's tokens/s is exactly 1 / its mean latency
-        assert m["decode_tokens_per_s"] * m["decode_latency_ms_mean"] / 1e3 == pytest.approx(1.0, rel=1e-9)
+        # an odd number of runs: the median run's wall-time tokens/s is exactly 1 / its mean latency,
+        # and the headline exactly 1 / the median run's median step
+        assert m["decode_tokens_per_s_wall"] * m["decode_latency_ms_mean"] / 1e3 == pytest.approx(1.0, rel=1e-9)
+        assert m["decode_tokens_per_s"] * m["decode_latency_ms_p50"] / 1e3 == pytest.approx(1.0, rel=1e-9)
         assert m["decode_tokens_per_s"] in m["per_run"]["decode_tokens_per_s"]
         assert len(m["per_run"]["decode_tokens_per_s"]) == 3 and m["decode_tokens_per_s_iqr"] >= 0
         assert m["decode_latency_ms_p50"] <= m["decode_latency_ms_p95"] <= m["decode_latency_ms_p99"]
@@ -290,21 +308,14 @@ def test_busy_cores_are_reported_unstable_with_each_artifacts_own_memory(under_b
 
 
 def test_medians_stay_within_2x_of_the_step_latency_under_busy_loops(under_busy_loops):
-    """With one runtime thread and one busy loop per core (two or more cores), fair scheduling
-    gives the runtime at least 2/3 of a core, so a run is about 1.5x slower than its steps at
-    most: the median of runs stays within 2x of 1000 / p50 step latency.
-
-    Not asserted for the default threads (every usable core): there llama.cpp's threads meet at a
-    barrier several times per token, a preempted one holds up the others for a scheduler slice,
-    and nearly every run is many times slower than its steps (7x to 82x measured on 2 cores);
-    medians cannot hide a slowdown that hits every run, and the record says so (``stable: false``,
-    the run-queue wait)."""
-    before, _, one = under_busy_loops
-    if usable_cores() < 2:
-        pytest.skip("one usable core: two busy loops leave the runtime a third of it")
-    if before > 0.25:
-        pytest.skip(f"other processes kept {before:.2f} cores busy before the busy loops started; the 2x bound "
-                    "holds when the loops are the only competition")
-    for path, m in one["metrics"]["compare"].items():
-        ratio = (1000 / m["decode_latency_ms_p50"]) / m["decode_tokens_per_s"]
-        assert 0.5 < ratio < 2, (path, ratio, m["per_run"])
+    """The headline decode_tokens_per_s is the rate at each run's median step, so descheduled steps
+    do not move it: within 2x of 1000 / p50 step latency for the default threads and for one
+    thread. What the busy loops cost shows in decode_tokens_per_s_wall (tokens over wall time),
+    which falls well below, and in the reasons the record gives for ``stable: false``."""
+    _, rec, one = under_busy_loops
+    for r in (rec, one):
+        for path, m in r["metrics"]["compare"].items():
+            ratio = (1000 / m["decode_latency_ms_p50"]) / m["decode_tokens_per_s"]
+            assert 0.5 < ratio < 2, (path, ratio, m["per_run"])
+            assert m["decode_tokens_per_s_wall"] <= m["decode_tokens_per_s"] * 1.01, m["per_run"]
+            assert m["stable"] is False
