@@ -80,6 +80,7 @@ def collect(records: list[dict]) -> list[Row]:
             if id(node) not in seen:
                 seen.add(id(node))
                 nodes.append(node)
+    compared: list[tuple[str, dict]] = []
     bpw_by_sha: dict[str, float] = {}  # a quantize record's bits per weight describes what is exported from it
     for node in nodes:
         art = node.get("artifact") or {}
@@ -107,17 +108,19 @@ def collect(records: list[dict]) -> list[Row]:
                 proto = _protocol(node, v)
                 row.perplexity[ds, proto], row.bits_per_byte[ds, proto] = v.get("perplexity"), v.get("bits_per_byte")
         elif cmd == "benchmark-power":
-            if "compare" in m:  # several artifacts measured in one run: each figure to its own artifact
-                for path, figures in m["compare"].items():
-                    target = by_path.get(os.path.abspath(path))
-                    if target is None:
-                        target = rows.setdefault(path, Row(path=path, format=Path(path).suffix[1:] or "?"))
-                        by_path[os.path.abspath(path)] = target
-                    _bench(target, figures)
+            if "compare" in m:  # several artifacts measured in one run: each figure to its own artifact,
+                # matched once every record's artifacts are known (a compared file may be described later)
+                compared.extend(m["compare"].items())
             else:
                 _bench(row, m)
         elif cmd == "registry register":
             row.ref = f"{params.get('name')}@{params.get('version')}"
+    for path, figures in compared:
+        target = by_path.get(os.path.abspath(path))
+        if target is None:
+            target = rows.setdefault(path, Row(path=path, format=Path(path).suffix[1:] or "?"))
+            by_path[os.path.abspath(path)] = target
+        _bench(target, figures)
     _label(list(rows.values()))
     return list(rows.values())
 
@@ -202,9 +205,16 @@ def charts(rows: list[Row], out: Path) -> list[Path]:
         pts = [(r.bytes, r.perplexity[key], r.label) for r in rows if r.bytes and r.perplexity.get(key)]
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=40)
-        for x, y, text in pts:
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # neighbours in size alternate above and below their points, and labels in the right half
+        # of the axis run leftwards, so that they neither overlap nor leave the chart
+        xs = sorted(math.log(p[0]) for p in pts)
+        mid = (xs[0] + xs[-1]) / 2
+        for i, (x, y, text) in enumerate(sorted(pts)):
+            right = math.log(x) > mid
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(-5 if right else 5, 6 if i % 2 == 0 else -13),
+                        ha="right" if right else "left", fontsize=8)
         ax.set_xscale("log")
+        ax.margins(x=0.08, y=0.15)
         ax.set_xlabel("artifact size (bytes)")
         ax.set_ylabel(f"perplexity on {label}")
         ax.set_title(f"Size–quality frontier ({len(pts)} artifacts)")

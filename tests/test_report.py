@@ -155,3 +155,25 @@ def test_labels_protocols_and_non_records(tmp_path):
     ppl_cols = [h for h in head if h.startswith("ppl ")]
     assert len(ppl_cols) == 2 and all("window" in h and "500 tokens" in h for h in ppl_cols)
     assert rows["a/model.gguf"]["bits/weight"] == "4.500"
+
+
+def test_compared_figures_go_to_an_artifact_described_in_a_later_record(tmp_path):
+    """`benchmark-power --compare` names the second file by the path it was given (relative); the
+    record that describes that file comes later, with an absolute path. One row, with the speed."""
+    t = _rec("export", str(tmp_path / "runs/teacher.gguf"), "gguf", "d", {}, {"format": "gguf", "gguf_type": "F16"})
+    def result(tokens_per_s):  # one artifact's figures, every key the schema requires
+        return _rec("benchmark-power", "x", "gguf", "f", {"decode_tokens_per_s": tokens_per_s,
+                                                         "runtime": "llama.cpp"}, {})["metrics"]
+
+    bp = _rec("benchmark-power", t["artifact"]["path"], "gguf", "d", {**result(3579.1), "compare": {
+        t["artifact"]["path"]: result(3579.1), "runs/student.gguf": result(9347.5)}}, {}, t)
+    s = _rec("export", str(tmp_path / "runs/student.gguf"), "gguf", "e", {}, {"format": "gguf", "gguf_type": "Q4_0"})
+    files = []
+    for name, r in (("bench.json", bp), ("student.json", s)):
+        (tmp_path / name).write_text(dumps(r) + "\n")
+        files.append(tmp_path / name)
+    run_itera("report", *files, "--out", tmp_path / "rep", cwd=tmp_path)  # the relative path is from here
+    rows = {r["artifact"]: r for r in _md_table((tmp_path / "rep" / "report.md").read_text())}
+    assert set(rows) == {"teacher.gguf", "student.gguf"}
+    assert rows["student.gguf"]["decode tok/s"] == "9347.5" and rows["student.gguf"]["made by"] == "export gguf Q4_0"
+    assert rows["teacher.gguf"]["decode tok/s"] == "3579.1"
