@@ -117,3 +117,25 @@ def test_gguf_type_checkpoint_round_trips_and_exports_its_blocks_unchanged(wide_
         want = stored[module + ".ggml"]
         want = want[perm] if module.endswith("q_proj") else want
         assert np.array_equal(np.asarray(t.data).reshape(want.shape), want.numpy()), module
+
+
+def test_inputs_are_rounded_as_llama_cpp_rounds_them():
+    """The GGUF verification's reference rounds each product's input as llama.cpp's CPU backend
+    does: 8-bit blocks of 32 for Q4_0-family weights (exactly gguf's Q8_0 round trip), float16
+    for F16 weights, 8-bit blocks of 256 (scale from the value of largest magnitude) for K-quants."""
+    import gguf
+
+    from itera.export.verify import input_as_llama_cpp
+
+    x = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32) * 3
+    x[0, :32] = 0  # an all-zero block stays zero
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    ref = gguf.quants.dequantize(gguf.quants.quantize(x, q8), q8)
+    for t in ("Q4_0", "Q5_1", "Q8_0", "IQ4_NL"):
+        assert np.array_equal(input_as_llama_cpp(torch.from_numpy(x), t).numpy(), ref)
+    assert np.array_equal(input_as_llama_cpp(torch.from_numpy(x), "F16").numpy(), x.astype(np.float16).astype(np.float32))
+    k = input_as_llama_cpp(torch.from_numpy(x), "Q4_K").numpy().reshape(8, 2, 256)
+    blocks = x.reshape(8, 2, 256)
+    m = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
+    assert np.allclose(k, np.round(blocks * (-127 / m)) / (-127 / m), rtol=1e-6, atol=0)
+    assert len(np.unique(k[1, 0])) <= 255 and np.array_equal(input_as_llama_cpp(torch.from_numpy(x), "F32").numpy(), x)
