@@ -12,7 +12,9 @@ half the better llama.cpp file's.
 The sensitivities behind the plans do not depend on the budget: the first ``auto`` run measures
 them, and the other budgets reuse them through ``--plan`` (what a user does to try several sizes).
 
-Prints one JSON object and writes it, and the frontier as PNG, under --out.
+Prints one JSON object and writes it, and the frontier as PNG, under --out (default
+runs/bench/frontier-<model's parent>-<model>/, or runs/bench/frontier-large/). Files already
+there are reused: remove the directory after changing the quantizers.
 
     python scripts/bench_frontier.py --model runs/demo/teacher --text pydocs@test --calib pydocs@train
     python scripts/bench_frontier.py --model large --text pydocs@test --calib pydocs@train
@@ -154,7 +156,8 @@ def run(args) -> dict:
     from itera.train import calibration_ids
 
     model = large_model() if args.model == "large" else Path(args.model)
-    out = Path(args.out or ROOT / "runs" / "bench" / f"frontier-{model.parent.name}-{model.name}")
+    out = Path(args.out or (LARGE if args.model == "large" else
+                            ROOT / "runs" / "bench" / f"frontier-{model.parent.name}-{model.name}"))
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_dir(model)
     f32 = out / "f32.gguf"

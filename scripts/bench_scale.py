@@ -60,7 +60,11 @@ def build(shape: str, out: Path) -> Path:
 
 
 def step(name: str, argv: list[str], ckpt_bytes: int, log: Path) -> dict:
-    """Run one itera command in its own process; its wall time and its own peak RSS."""
+    """Run one itera command in its own process; its wall time and its own peak RSS.
+
+    Linux carries a process's peak RSS across fork and exec, so a child's ``ru_maxrss`` is never
+    below this process's peak when it was started: this process stays small (it never imports
+    torch; checkpoints are built in a child of their own) and reports its own peak beside the steps."""
     t0 = time.perf_counter()
     with open(log, "ab") as err:
         err.write(f"\n== {name}: itera {' '.join(argv)}\n".encode())
@@ -84,14 +88,21 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--work", type=Path, default=Path("runs/bench/scale"))
     ap.add_argument("--skip", nargs="*", default=[], help="Step names to leave out.")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)  # the child that builds
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    from itera.model.checkpoint import weight_bytes
+    if a.build_only:
+        for shape in a.shapes:
+            build(shape, a.work / shape)
+        return
+    import resource
 
     results = {}
     for shape in a.shapes:
-        ckpt = build(shape, a.work / shape)
-        size = weight_bytes(ckpt)
+        ckpt = a.work / shape
+        subprocess.run([sys.executable, __file__, "--build-only", "--shapes", shape, "--work", str(a.work)],
+                       check=True)
+        size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         w = a.work / f"{shape}-out"
         w.mkdir(exist_ok=True)
         log = a.work / f"{shape}.log"
@@ -117,7 +128,9 @@ def main() -> None:
             rows.append(step(name, [str(x) for x in argv], size, log))
             print(json.dumps({"shape": shape, **rows[-1]}), file=sys.stderr, flush=True)
         results[shape] = {"checkpoint_bytes": size, "config": SHAPES[shape], "steps": rows}
-    print(json.dumps({"benchmark": "scale", "cpus": os.cpu_count(), "results": results}, indent=2))
+    harness = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"benchmark": "scale", "cpus": os.cpu_count(), "harness_peak_rss_bytes": harness,
+                      "results": results}, indent=2))
 
 
 if __name__ == "__main__":
