@@ -1,0 +1,55 @@
+"""The README's quantize, export and evaluate examples run as written.
+
+Each line below is copied from the README (the test fails if the README no longer has it) and
+run unchanged in a scratch directory where ``M`` and ``runs/demo/teacher`` are a small trained
+model and ``notes.txt`` is a text file: the names a reader substitutes, nothing else. Lines that
+train (distill, dpo-train) or need other machines are left to their own tests."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from conftest import REPO, run_itera
+
+EXAMPLES = [
+    "itera quantize --model M --method rtn --bits 8 --out runs/int8",
+    "itera quantize --model M --method gptq --gguf-type Q4_K --calib notes.txt --out runs/q4k",
+    "itera quantize --model M --method auto --target-bpw 5 --calib notes.txt --out runs/mixed",
+    "itera quantize --model M --method auto --plan runs/mixed/quant_plan.json --calib notes.txt --out runs/again",
+    "itera export --model runs/mixed --format gguf --out mixed.gguf",
+    "itera quantize --model runs/demo/teacher --method gptq --bits 4 --group-size 32 --calib pydocs@test --out runs/q4",
+    "itera export --model runs/q4 --format gguf --out runs/q4.gguf",
+    "itera export --model M --format gguf --gguf-type Q4_K_M --calib notes.txt --out m.gguf",
+    "itera export --model M --format pt2 --out m.pt2",
+    "itera evaluate --model m.gguf -d notes.txt",
+    "itera evaluate --model runs/demo/teacher -d pydocs@test",
+]
+
+
+def test_readme_examples_run_as_written(lm, corpus_file, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    for line in EXAMPLES:
+        assert line in readme, f"the README no longer has: {line}"
+    (tmp_path / "M").symlink_to(lm)
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "teacher").symlink_to(lm)
+    (tmp_path / "notes.txt").write_text(corpus_file.read_text())
+    records = {}
+    for line in EXAMPLES:
+        res = run_itera(*shlex.split(line)[1:], cwd=tmp_path)
+        assert res.returncode == 0, (line, res.stderr)
+        records[line] = rec = res.record
+        if rec["artifact"] is not None and "--out" in line:
+            out = shlex.split(line)[shlex.split(line).index("--out") + 1]
+            assert (tmp_path / out).exists(), line
+    # what the README says each does
+    plan = json.loads((tmp_path / "runs" / "mixed" / "quant_plan.json").read_text())
+    again = records[EXAMPLES[3]]["metrics"]["plan_types"]
+    assert again == records[EXAMPLES[2]]["metrics"]["plan_types"] and set(again.values()) <= set(plan["types"].values())
+    assert records[EXAMPLES[2]]["metrics"]["gguf_bits_per_weight"] <= 5
+    assert records[EXAMPLES[4]]["metrics"]["file_bytes"] == records[EXAMPLES[2]]["metrics"]["gguf_bytes"]
+    assert records[EXAMPLES[6]]["metrics"]["direct_from_codes"] > 0  # Q4_0 blocks straight from GPTQ's codes
+    assert records[EXAMPLES[7]]["metrics"]["importance"] is not None
+    (scores,) = records[EXAMPLES[9]]["metrics"]["datasets"].values()  # keyed by the file's resolved path
+    assert 1 < scores["perplexity"] < 5000
