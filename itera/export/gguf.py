@@ -307,12 +307,7 @@ def layout(ckpt: Path) -> Layout:
         w = gguf.GGUFWriter(str(Path(d) / "h.gguf"), "llama")
         _model_metadata(w, cfg, ckpt.name, "F16")
         write_vocab(w, ckpt, Tokenizer.from_dir(ckpt), cfg)
-        for t in planned:
-            shape, dtype, nbytes, raw = t.info()
-            w.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+        _write_head(w, planned)
         w.close()
         head = (Path(d) / "h.gguf").stat().st_size
         align = w.data_alignment
@@ -326,6 +321,16 @@ def layout(ckpt: Path) -> Layout:
             lay.fixed_bytes += lay.padded(t.info()[2])
             lay.fixed_weights += int(np.prod(t.shape))
     return lay
+
+
+def _write_head(w, planned) -> None:
+    """Everything before the tensor data: header, metadata and the planned tensors' infos."""
+    for t in planned:
+        shape, dtype, nbytes, raw = t.info()
+        w.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
 
 
 def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
@@ -347,12 +352,7 @@ def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
     w = gguf.GGUFWriter(str(out), "llama")
     _model_metadata(w, cfg, ckpt.name, dominant_type(planned) if gguf_type == AUTO else gguf_type)
     vocab = write_vocab(w, ckpt, Tokenizer.from_dir(ckpt), cfg)
-    for t in planned:
-        shape, dtype, nbytes, raw = t.info()
-        w.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
+    _write_head(w, planned)
     for t in planned:
         w.write_tensor_data(t.produce())
     w.close()
