@@ -54,17 +54,23 @@ def _kind(mode: int) -> str:
     return "not a regular file or directory"
 
 
+def _stat(path: Path, name: str, tail: str, error: type[InputError | UsageError]) -> os.stat_result:
+    """os.stat(path), links followed; a missing path, a dangling link or an unreadable one is
+    ``error("<name> ...<tail>")``."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise error(f"{name} is a symbolic link to a file that does not exist{tail}") from None
+        raise error(f"{name} does not exist{tail}") from None
+    except OSError as e:
+        raise error(f"{name} cannot be read ({e.strerror}){tail}") from None
+
+
 def check_regular(path: Path, what: str = "artifact") -> os.stat_result:
     """stat() of ``path`` (links followed), refusing anything that is not a regular file or directory:
     hashing a FIFO or /dev/zero would never end."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise InputError(f"{what} {path} is a symbolic link to a file that does not exist") from None
-        raise InputError(f"{what} {path} does not exist") from None
-    except OSError as e:
-        raise InputError(f"{what} {path} cannot be read ({e.strerror})") from None
+    st = _stat(path, f"{what} {path}", "", InputError)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise InputError(f"{what} {path} is {_kind(st.st_mode)}, not a regular file; pass a file or directory")
     return st
@@ -77,14 +83,7 @@ def check_input_file(path: Path, what: str = "", fix: str = "pass a regular file
     so they are refused before anything opens them. Messages read ``<what> <path> (<where>) is ...;
     <fix>``."""
     name = (f"{what} {path}" if what else str(path)) + (f" ({where})" if where else "")
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise error(f"{name} is a symbolic link to a file that does not exist; {fix}") from None
-        raise error(f"{name} does not exist; {fix}") from None
-    except OSError as e:
-        raise error(f"{name} cannot be read ({e.strerror}); {fix}") from None
+    st = _stat(path, name, f"; {fix}", error)
     if stat.S_ISDIR(st.st_mode):
         raise error(f"{name} is a directory, not a file; {fix}")
     if not stat.S_ISREG(st.st_mode):
