@@ -60,6 +60,12 @@ def test_llama_cpp_tokenizes_like_itera(lm, tmp_path):
     for text in (MULTILINGUAL, MULTILINGUAL[::-1], "  leading spaces", "x"):
         assert rt.tokenizer.encode(text, add_bos=False) == ours.encode(text, add_bos=False), text
     rt.close()
+    import llama_cpp
+
+    from itera.runtime.llamacpp_backend import LlamaCppRuntime
+
+    with LlamaCppRuntime(tmp_path / "m.gguf", threads=1) as one:  # prompts too, not every core
+        assert (llama_cpp.llama_n_threads(one.llm.ctx), llama_cpp.llama_n_threads_batch(one.llm.ctx)) == (1, 1)
 
 
 def _ppl(path, text, window=128, stride=64):

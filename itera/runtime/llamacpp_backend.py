@@ -111,8 +111,8 @@ class LlamaCppRuntime(RuntimeBase):
         with contextlib.redirect_stderr(io.StringIO()):
             try:
                 self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                                           n_threads=self.threads, type_k=GGML_TYPE_F32,
-                                           type_v=GGML_TYPE_F32, n_batch=512)
+                                           n_threads=self.threads, n_threads_batch=self.threads,
+                                           type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, n_batch=512)
             except ValueError:
                 raise InputError(f"llama.cpp could not load {path}; pass a GGUF file written by `itera export` "
                                  "or llama.cpp's tools") from None
