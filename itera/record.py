@@ -33,8 +33,8 @@ def schema() -> dict:
     return json.loads(text)
 
 
-def validate(record: dict) -> None:
-    """Raise :class:`RecordError` naming the first violation if ``record`` breaks the schema."""
+def validate(record: dict, source: str = "record") -> None:
+    """Raise :class:`RecordError` naming ``source`` and the first violation if ``record`` breaks the schema."""
     import jsonschema  # light, but only needed when a record is built or read
 
     validator = jsonschema.Draft202012Validator(schema())
@@ -42,7 +42,7 @@ def validate(record: dict) -> None:
     if errors:
         err = errors[0]
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise RecordError(f"record does not match the itera schema at {where}: {err.message}")
+        raise RecordError(f"{source} does not match the itera schema at {where}: {err.message}")
 
 
 def utc_now() -> str:
@@ -247,7 +247,7 @@ def parse_record(data: bytes, source: str = "stdin") -> dict:
         )
     if _depth(obj, MAX_DEPTH) > MAX_DEPTH:
         raise RecordError(f"{source} is JSON nested more than {MAX_DEPTH} levels deep; not an itera record")
-    validate(obj)
+    validate(obj, f"the record on {source}" if source == "stdin" else f"the record in {source}")
     return obj
 
 

@@ -97,10 +97,18 @@ def test_config_not_json(ckpt_copy):
     (b'{"itera": 1}\n{"itera": 1}\n', "more than one JSON document"),
     (b"\xff\xfe{}", "stdin is not UTF-8"),
     (b'{"hello": "world"}', "not an itera record"),
-    (b'{"itera": 1, "command": "evaluate"}', "does not match the itera schema"),
+    (b'{"itera": 1, "command": "evaluate"}', "the record on stdin does not match the itera schema at (top level)"),
 ])
 def test_bad_stdin(stdin, needle):
     assert_usage_error(run_itera("evaluate", "--dataset", "x.txt", stdin=stdin), needle)
+
+
+def test_a_record_file_that_breaks_the_schema_is_named(tmp_path):
+    bad = tmp_path / "old.json"
+    bad.write_text('{"itera": 1, "command": "evaluate"}')
+    res = run_itera("registry", "register", "--name", "m", "--record", bad, "--registry", tmp_path / "r.db")
+    assert_usage_error(res, f"the record in {bad} does not match the itera schema at (top level)")
+    assert not (tmp_path / "r.db").exists()
 
 
 def test_no_input_at_all():
