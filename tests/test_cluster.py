@@ -115,7 +115,8 @@ def test_host_outside_the_allowlist_is_never_contacted(sshd):
 
 
 def test_host_spec_parsing():
-    assert parse_host_spec("user@host:2222") == parse_host_spec("user@host:2222")
+    s = parse_host_spec("user@host")
+    assert (s.user, s.host, s.port) == ("user", "host", None)  # no port: ssh and its config choose
     s = parse_host_spec("alice@gpu-box:2222")
     assert (s.user, s.host, s.port) == ("alice", "gpu-box", 2222)
     s = parse_host_spec("[fe80::1]:22")

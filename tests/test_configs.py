@@ -36,6 +36,6 @@ def test_config_loads(name, path):
         teacher = ModelConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                               num_attention_heads=8, num_key_value_heads=4)
         cfg = student.resolve(None if student.layers else teacher, vocab_size=100)
-        assert 0 < cfg.num_parameters() <= max(teacher.num_parameters(), cfg.num_parameters())
+        assert cfg.vocab_size == 100 and cfg.num_parameters() > 0
         if student.depth or student.width:
             assert cfg.num_parameters() < teacher.num_parameters()
