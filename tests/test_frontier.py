@@ -179,3 +179,23 @@ def test_calib_goes_with_llama_cpp_quantizer_types(lm, tmp_path):
                                  "--out", tmp_path / "m.onnx"), "--calib (importance data for llama.cpp's quantizer) "
                        "goes with --format gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_frontier_bench_gives_a_paired_difference_its_standard_error_over_windows():
+    """bench_frontier's margins: the mean per-token difference of two files' NLL, and the standard
+    error of that mean over windows (the windows' scored tokens do not overlap)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_frontier.py"
+    spec = importlib.util.spec_from_file_location("bench_frontier", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    s = bench.Scorer.__new__(bench.Scorer)
+    s.counts = np.array([256.0, 256.0])
+    s.nll = {"f32": np.array([1000.0, 1200.0]), "a": np.array([1000.0 + 0.3 * 256, 1200.0 - 0.1 * 256])}
+    mean, se = s.delta({"a": 1.0, "f32": -1.0})  # +0.3 and -0.1 nats per token
+    assert mean == pytest.approx(0.1) and se == pytest.approx(0.2 / np.sqrt(2))
+    s.nll["b"] = s.nll["f32"] + 0.05 * s.counts  # the same shift in every window: no spread
+    assert s.delta({"b": 1.0, "f32": -1.0}) == pytest.approx((0.05, 0.0))
+    assert s.delta({"a": 0.5, "f32": 0.5, "b": -1.0})[0] == pytest.approx(0.5 * 0.1 - 0.05)
