@@ -199,3 +199,30 @@ def test_the_frontier_bench_gives_a_paired_difference_its_standard_error_over_wi
     s.nll["b"] = s.nll["f32"] + 0.05 * s.counts  # the same shift in every window: no spread
     assert s.delta({"b": 1.0, "f32": -1.0}) == pytest.approx((0.05, 0.0))
     assert s.delta({"a": 0.5, "f32": 0.5, "b": -1.0})[0] == pytest.approx(0.5 * 0.1 - 0.05)
+
+
+def test_auto_measures_each_type_with_its_input_rounded_as_llama_cpp_rounds_it(outlier_lm):
+    """Weights kept exactly, only each product's input rounded the way llama.cpp's CPU backend
+    rounds it for the type: a K-quant's input (8-bit blocks of 256, whose scale the outlier channels
+    set) costs far more KL than Q8_0's (blocks of 32); an untied embedding, a row lookup, nothing."""
+    import torch
+
+    from itera.model.checkpoint import load_model
+    from itera.quant.plan import sensitivities
+
+    class Keep:  # the weights exactly as they are: what is measured is the input rounding alone
+        def quantize(self, w, imp):
+            return (w,)
+
+        def expand(self, w):
+            return w
+
+    m, cfg = load_model(outlier_lm)
+    assert not cfg.tie_word_embeddings
+    mods = {"model.layers.0.self_attn.q_proj": m.model.layers[0].self_attn.q_proj,
+            "model.layers.1.mlp.up_proj": m.model.layers[1].mlp.up_proj, "model.embed_tokens": m.model.embed_tokens}
+    calib = torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    sens = sensitivities(m, mods, calib, {n: {"Q4_K": Keep(), "Q8_0": Keep()} for n in mods})
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+        assert sens[name]["Q4_K"] > 2.5 * sens[name]["Q8_0"] > 0, sens[name]  # measured 5.4x and 3.7x
+    assert sens["model.embed_tokens"] == {"Q4_K": 0.0, "Q8_0": 0.0}

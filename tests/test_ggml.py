@@ -125,7 +125,7 @@ def test_inputs_are_rounded_as_llama_cpp_rounds_them():
     for F16 weights, 8-bit blocks of 256 (scale from the value of largest magnitude) for K-quants."""
     import gguf
 
-    from itera.export.verify import input_as_llama_cpp
+    from itera.quant.ggml import input_as_llama_cpp
 
     x = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32) * 3
     x[0, :32] = 0  # an all-zero block stays zero

@@ -145,37 +145,6 @@ def gguf_tensor_types(path: Path) -> tuple[dict[str, int], float]:
     return counts, nbytes * 8 / max(elems, 1)
 
 
-# What llama.cpp's CPU backend does to a matrix product's input before it meets a weight of each
-# type (ggml-cpu's ``vec_dot_type``): rounded to float16 or bfloat16, or quantized to 8 bits in
-# blocks of 32 with a float16 scale (Q8_0, Q8_1) or in blocks of 256 with a float32 scale (Q8_K).
-Q8_0_INPUT = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
-Q8_K_INPUT = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}
-
-
-def input_as_llama_cpp(x, weight_type: str):
-    """``x`` (float32, last dimension the product's inner one) as llama.cpp's CPU backend hands it
-    to a product with a ``weight_type`` weight (ggml's quantize_row_q8_0 / q8_K, round to nearest
-    even as its SIMD paths do)."""
-    import torch
-
-    if weight_type == "F16":
-        return x.half().float()
-    if weight_type == "BF16":
-        return x.bfloat16().float()
-    if weight_type in Q8_0_INPUT:
-        b = x.reshape(*x.shape[:-1], -1, 32)
-        d = b.abs().amax(-1, keepdim=True) / 127
-        q = torch.round(b * torch.where(d > 0, 1 / d, torch.zeros_like(d)))
-        return (q * d.half().float()).reshape(x.shape)
-    if weight_type in Q8_K_INPUT:
-        b = x.reshape(*x.shape[:-1], -1, 256)
-        m = b.gather(-1, b.abs().argmax(-1, keepdim=True))  # the value of largest magnitude, sign kept
-        iscale = torch.where(m != 0, -127 / m, torch.zeros_like(m))
-        q = torch.round(b * iscale).clamp(max=127)
-        return (q * torch.where(m != 0, 1 / iscale, torch.zeros_like(m))).reshape(x.shape)
-    return x
-
-
 def file_logits_gguf(path: Path, cfg, ids: list[int]) -> np.ndarray:
     """Logits of the checkpoint's model holding exactly the GGUF file's weights, every matrix
     product's input rounded as llama.cpp rounds it for that weight's type: what is left between
@@ -183,6 +152,7 @@ def file_logits_gguf(path: Path, cfg, ids: list[int]) -> np.ndarray:
     import torch
 
     from itera.model.checkpoint import model_from_state
+    from itera.quant.ggml import input_as_llama_cpp
 
     types: dict[str, str] = {}
     model = model_from_state(cfg, gguf_state(path, cfg, types), where=str(path))
