@@ -338,7 +338,7 @@ class ReportOptions:
             except RecordError as e:  # e.g. `registry compare`'s JSON beside the records in runs/demo/
                 why = str(e).split(";")[0]
                 self.skipped.append(f"{p} ({why})")
-                reasons.append(why if why.startswith(str(p)) else f"{p} is not an itera record: {why}")
+                reasons.append(why if str(p) in why else f"{p} is not an itera record: {why}")
         if reasons and not out:
             n = len(reasons) - 1
             more = f" (and {n} more file{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} not an itera record)" \

@@ -114,12 +114,14 @@ class Scorer:
     def delta(self, weights: dict[Path, float]) -> tuple[float, float]:
         """sum(w * mean NLL of file) over ``weights``, and its standard error over windows.
 
-        With weights {a: 1, f32: -1} that is log(ppl_a / ppl_f32); the error treats windows as
-        independent samples (their scored tokens do not overlap)."""
+        With weights {a: 1, f32: -1} that is log(ppl_a / ppl_f32); with {a: ppl_a, f32: -ppl_f32}
+        its error is the error of ppl_a - ppl_f32 (to first order). Windows are taken as independent
+        samples (their scored tokens do not overlap; their contexts do, so this is a lower bound)."""
         per = sum(w * self.nll[str(f)] for f, w in weights.items()) / self.counts  # per-window mean
         mean = float((per * self.counts).sum() / self.counts.sum())
         resid = (per - mean) * self.counts
-        return mean, float(math.sqrt((resid ** 2).sum()) / self.counts.sum())
+        k = len(self.counts)
+        return mean, float(math.sqrt((resid ** 2).sum() * k / max(k - 1, 1)) / self.counts.sum())
 
 
 # --------------------------------------------------------------------------- the files
@@ -213,21 +215,26 @@ def run(args) -> dict:
         row["itera"] = {"bytes": gguf.stat().st_size, **scorer.score(gguf), "budget": budget,
                         "types": _count(rec["metrics"]["plan_types"]), "seconds": time.perf_counter() - t0}
         paths = {"llama_plain": files[f"{t}/plain"], "llama_imatrix": files[f"{t}/imatrix"], "itera": gguf}
+        ppl = {k: row[k]["perplexity"] for k in paths}
         for k, f in paths.items():
-            row[k]["delta_perplexity"] = row[k]["perplexity"] - base["perplexity"]
-            row[k]["delta_perplexity_se"] = row[k]["perplexity"] * scorer.delta({f: 1.0, f32: -1.0})[1]
+            row[k]["delta_perplexity"] = ppl[k] - base["perplexity"]
+            row[k]["delta_perplexity_se"] = scorer.delta({f: ppl[k], f32: -base["perplexity"]})[1]
         best_key = min(("llama_plain", "llama_imatrix"), key=lambda k: row[k]["delta_perplexity"])
         best = row[best_key]["delta_perplexity"]
         row["itera_delta_over_best_llama"] = row["itera"]["delta_perplexity"] / best if best > 0 else None
-        row["goal_met"] = row["itera"]["bytes"] <= budget and row["itera"]["delta_perplexity"] <= 0.5 * best
+        fits = row["itera"]["bytes"] <= budget
+        row["goal_met"] = fits and row["itera"]["delta_perplexity"] <= 0.5 * best
         # how far inside (+) or outside (-) the goal, in perplexity, with its paired standard error
-        margin, se = scorer.delta({paths[best_key]: 0.5, f32: 0.5, gguf: -1.0})
-        row["goal_margin"] = {"perplexity": margin * base["perplexity"], "se": se * base["perplexity"]}
-        row["verdict"] = ("met" if row["goal_met"] else "not met" if margin < -2 * se else "within noise")
+        margin = 0.5 * best - row["itera"]["delta_perplexity"]
+        se = scorer.delta({paths[best_key]: 0.5 * ppl[best_key], f32: 0.5 * base["perplexity"],
+                           gguf: -ppl["itera"]})[1]
+        row["goal_margin"] = {"perplexity": margin, "se": se}
+        row["verdict"] = ("met" if row["goal_met"] else "not met" if not fits or margin < -2 * se else
+                          "within noise")
         log(f"{t}: llama.cpp {row['llama_plain']['bytes']:,} B dppl {row['llama_plain']['delta_perplexity']:+.3f} "
             f"(imatrix {row['llama_imatrix']['delta_perplexity']:+.3f}); itera {row['itera']['bytes']:,} B "
             f"dppl {row['itera']['delta_perplexity']:+.3f} (se {row['itera']['delta_perplexity_se']:.3f}) -> "
-            f"{row['verdict']}, margin {margin * base['perplexity']:+.3f} +- {se * base['perplexity']:.3f}")
+            f"{row['verdict']}, margin {margin:+.3f} +- {se:.3f}")
         rows.append(row)
     result = {"bench": "frontier", "model": str(model), "text": args.text, "calib": args.calib,
               "protocol": {"tokens": len(scorer.ids), "window": args.window, "stride": args.stride,

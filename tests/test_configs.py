@@ -36,6 +36,12 @@ def test_config_loads(name, path):
         teacher = ModelConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                               num_attention_heads=8, num_key_value_heads=4)
         cfg = student.resolve(None if student.layers else teacher, vocab_size=100)
-        assert cfg.vocab_size == 100 and cfg.num_parameters() > 0
+        explicit = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
+                    "kv_heads": "num_key_value_heads", "ffn": "intermediate_size"}
+        for key, attr in explicit.items():  # what the preset spells out is what the student gets
+            if spec.get(key) is not None:
+                assert getattr(cfg, attr) == spec[key], (key, getattr(cfg, attr))
+        if student.depth:
+            assert cfg.num_hidden_layers == round(teacher.num_hidden_layers * student.depth)
         if student.depth or student.width:
             assert cfg.num_parameters() < teacher.num_parameters()

@@ -195,7 +195,7 @@ def test_the_frontier_bench_gives_a_paired_difference_its_standard_error_over_wi
     s.counts = np.array([256.0, 256.0])
     s.nll = {"f32": np.array([1000.0, 1200.0]), "a": np.array([1000.0 + 0.3 * 256, 1200.0 - 0.1 * 256])}
     mean, se = s.delta({"a": 1.0, "f32": -1.0})  # +0.3 and -0.1 nats per token
-    assert mean == pytest.approx(0.1) and se == pytest.approx(0.2 / np.sqrt(2))
+    assert mean == pytest.approx(0.1) and se == pytest.approx(0.2)  # sample sd 0.2*sqrt(2), over sqrt(2)
     s.nll["b"] = s.nll["f32"] + 0.05 * s.counts  # the same shift in every window: no spread
     assert s.delta({"b": 1.0, "f32": -1.0}) == pytest.approx((0.05, 0.0))
     assert s.delta({"a": 0.5, "f32": 0.5, "b": -1.0})[0] == pytest.approx(0.5 * 0.1 - 0.05)
@@ -226,3 +226,33 @@ def test_auto_measures_each_type_with_its_input_rounded_as_llama_cpp_rounds_it(o
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
         assert sens[name]["Q4_K"] > 2.5 * sens[name]["Q8_0"] > 0, sens[name]  # measured 5.4x and 3.7x
     assert sens["model.embed_tokens"] == {"Q4_K": 0.0, "Q8_0": 0.0}
+
+
+def test_a_tied_embedding_is_measured_through_the_output_product_it_feeds():
+    """Tied, the embedding table is also the output matrix: its candidate types are measured with
+    the output product's input rounded (llama.cpp rounds it for the table's type), untied not."""
+    import torch
+
+    from itera.model.config import ModelConfig
+    from itera.model.llama import LlamaForCausalLM
+    from itera.quant.plan import sensitivities
+
+    class Keep:
+        def quantize(self, w, imp):
+            return (w,)
+
+        def expand(self, w):
+            return w
+
+    out = {}
+    for tied in (True, False):
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+        m = LlamaForCausalLM(cfg).eval()
+        with torch.no_grad():  # logits of about unit spread, not one-hot (a KL of exactly 0 says nothing)
+            m.model.embed_tokens.weight.mul_(0.05)
+        calib = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+        out[tied] = sensitivities(m, {"model.embed_tokens": m.model.embed_tokens}, calib,
+                                  {"model.embed_tokens": {"Q4_K": Keep()}})["model.embed_tokens"]["Q4_K"]
+    assert out[True] > 0 and out[False] == 0.0, out

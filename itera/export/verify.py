@@ -7,7 +7,7 @@
    weights themselves. This must agree tightly for every type: a wrong graph, rope layout or
    block layout fails, whatever the type. The tolerance is on the relative RMS difference of
    the logits (``rel_rms``). The reference rounds every matrix product's input as llama.cpp's CPU
-   backend does for that weight's type (float16, or 8-bit blocks: :func:`input_as_llama_cpp`),
+   backend does for that weight's type (float16, or 8-bit blocks: ``itera.quant.ggml.input_as_llama_cpp``),
    which removes most of the difference; the tolerance covers the rest (summation order and
    llama.cpp's own kernels).
 2. **How much did the type lose?** Against the float source on the same ids (real text, the

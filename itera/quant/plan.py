@@ -71,22 +71,24 @@ def sensitivities(model, mods: dict, calib: torch.Tensor, options: dict[str, dic
         w = m.weight.data.clone()
         imp = (importance or {}).get(name)
         out[name] = {}
-        for key, q in options[name].items():
-            if q == "F16":
-                m.weight.data = f16_round(w)
-            else:
-                m.weight.data = q.expand(*q.quantize(w.float(), imp)).to(w.dtype)
-            # an embedding is a row lookup (no product), unless tied: then the output product reads it
-            product = m if isinstance(m, torch.nn.Linear) else (
-                model.lm_head if model.lm_head.weight is m.weight else None)
-            hook = (product.register_forward_pre_hook(lambda _m, args, t=key: (input_as_llama_cpp(args[0], t),))
-                    if product is not None else None)
-            try:
-                out[name][key] = max(kl_div(ref, run.logp(start)).mean().item(), 0.0)
-            finally:
-                if hook is not None:
-                    hook.remove()
-        m.weight.data = w
+        # an embedding is a row lookup (no product), unless tied: then the output product reads it
+        product = m if isinstance(m, torch.nn.Linear) else (
+            model.lm_head if model.lm_head.weight is m.weight else None)
+        try:
+            for key, q in options[name].items():
+                if q == "F16":
+                    m.weight.data = f16_round(w)
+                else:
+                    m.weight.data = q.expand(*q.quantize(w.float(), imp)).to(w.dtype)
+                hook = (product.register_forward_pre_hook(lambda _m, args, t=key: (input_as_llama_cpp(args[0], t),))
+                        if product is not None else None)
+                try:
+                    out[name][key] = max(kl_div(ref, run.logp(start)).mean().item(), 0.0)
+                finally:
+                    if hook is not None:
+                        hook.remove()
+        finally:
+            m.weight.data = w
         if progress:
             progress(k + 1)
     return out
