@@ -225,13 +225,11 @@ def _serve(job: dict, requests, send) -> None:
 
 
 def _use_threads(rt, threads: int) -> dict[str, int]:
-    """Make the runtime compute prompts and single tokens with ``threads`` threads, and return what
-    it reports using. llama-cpp-python gives prompt evaluation (``n_threads_batch``) every core
-    unless told, whatever ``n_threads`` is; ``--threads 1`` must mean one thread for the prompt too."""
+    """The threads the runtime reports computing prompts and single tokens with (opened with
+    ``threads``; ``--threads 1`` must mean one thread for the prompt too, which the record shows)."""
     if rt.name == "llama.cpp":
         import llama_cpp
 
-        llama_cpp.llama_set_n_threads(rt.llm.ctx, threads, threads)
         return {"decode": llama_cpp.llama_n_threads(rt.llm.ctx), "prompt": llama_cpp.llama_n_threads_batch(rt.llm.ctx)}
     if rt.name == "torch":
         import torch

@@ -187,10 +187,8 @@ def itera_in_process(model: Path, prompts: list[str], max_tokens: int, threads: 
     Generation at temperature 0, the same lane thread limits."""
     from itera.runtime.llamacpp_backend import LlamaCppRuntime
     from itera.runtime.sampling import Generation, SamplingParams
-    from itera.serve.engine import limit_batch_threads
 
-    with LlamaCppRuntime(model, threads=threads) as rt:
-        limit_batch_threads(rt, threads)
+    with LlamaCppRuntime(model, threads=threads) as rt:  # prompts and single tokens on `threads`
         stepper, tok = rt.stepper(), rt.tokenizer
         tokens, t0 = 0, time.perf_counter()
         for p in prompts:

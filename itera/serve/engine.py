@@ -150,16 +150,6 @@ def _eos_ids(runtime, source: Source) -> frozenset:
     return frozenset(ids)
 
 
-def limit_batch_threads(runtime, threads: int) -> None:
-    """llama.cpp evaluates a prompt with ``n_threads_batch`` threads, which llama-cpp-python sets to
-    every core unless told; with one context per lane that oversubscribes the cores, and ggml's
-    spinning thread barrier then turns a 1 ms prefill into hundreds of milliseconds. One lane
-    keeps to its share of the cores for prompts as for single tokens."""
-    import llama_cpp
-
-    llama_cpp.llama_set_n_threads(runtime.llm.ctx, threads, threads)
-
-
 class LoadedModel:
     """One version in memory with ``lanes`` steppers, its tokenizer, context, end tokens and chat template."""
 
@@ -177,9 +167,9 @@ class LoadedModel:
             first = open_runtime(source.path, threads=lane_threads if source.format == "gguf" else threads)
             self.runtimes.append(first)
             if first.steppers_share_state:
+                # one llama.cpp context per lane, each on its share of the cores for prompts as for
+                # single tokens (the runtime sets both): ggml's spinning barrier punishes oversubscription
                 self.runtimes += [open_runtime(source.path, threads=lane_threads) for _ in range(lanes - 1)]
-                for rt in self.runtimes:
-                    limit_batch_threads(rt, lane_threads)
                 steppers = [rt.stepper() for rt in self.runtimes]
             else:
                 steppers = [first.stepper() for _ in range(lanes)]
