@@ -16,6 +16,17 @@ from itera.record import validate
 HELD_OUT = "pydocs@test"  # the models train on pydocs@train; calibration is pydocs@train too
 
 
+class _Keep:
+    """A candidate "type" that keeps the weights exactly: what a sensitivity then measures is the
+    rounding of the product's input alone."""
+
+    def quantize(self, w, imp):
+        return (w,)
+
+    def expand(self, w):
+        return w
+
+
 def _perplexity(path, tokens: int = 4000) -> float:
     rec = run_itera("evaluate", "--model", path, "-d", HELD_OUT, "--max-tokens", str(tokens), "--window", "256",
                     "--stride", "128").record
@@ -210,19 +221,12 @@ def test_auto_measures_each_type_with_its_input_rounded_as_llama_cpp_rounds_it(o
     from itera.model.checkpoint import load_model
     from itera.quant.plan import sensitivities
 
-    class Keep:  # the weights exactly as they are: what is measured is the input rounding alone
-        def quantize(self, w, imp):
-            return (w,)
-
-        def expand(self, w):
-            return w
-
     m, cfg = load_model(outlier_lm)
     assert not cfg.tie_word_embeddings
     mods = {"model.layers.0.self_attn.q_proj": m.model.layers[0].self_attn.q_proj,
             "model.layers.1.mlp.up_proj": m.model.layers[1].mlp.up_proj, "model.embed_tokens": m.model.embed_tokens}
     calib = torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
-    sens = sensitivities(m, mods, calib, {n: {"Q4_K": Keep(), "Q8_0": Keep()} for n in mods})
+    sens = sensitivities(m, mods, calib, {n: {"Q4_K": _Keep(), "Q8_0": _Keep()} for n in mods})
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
         assert sens[name]["Q4_K"] > 2.5 * sens[name]["Q8_0"] > 0, sens[name]  # measured 5.4x and 3.7x
     assert sens["model.embed_tokens"] == {"Q4_K": 0.0, "Q8_0": 0.0}
@@ -237,13 +241,6 @@ def test_a_tied_embedding_is_measured_through_the_output_product_it_feeds():
     from itera.model.llama import LlamaForCausalLM
     from itera.quant.plan import sensitivities
 
-    class Keep:
-        def quantize(self, w, imp):
-            return (w,)
-
-        def expand(self, w):
-            return w
-
     out = {}
     for tied in (True, False):
         torch.manual_seed(0)
@@ -254,5 +251,5 @@ def test_a_tied_embedding_is_measured_through_the_output_product_it_feeds():
             m.model.embed_tokens.weight.mul_(0.05)
         calib = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
         out[tied] = sensitivities(m, {"model.embed_tokens": m.model.embed_tokens}, calib,
-                                  {"model.embed_tokens": {"Q4_K": Keep()}})["model.embed_tokens"]["Q4_K"]
+                                  {"model.embed_tokens": {"Q4_K": _Keep()}})["model.embed_tokens"]["Q4_K"]
     assert out[True] > 0 and out[False] == 0.0, out

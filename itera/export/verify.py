@@ -152,7 +152,7 @@ def file_logits_gguf(path: Path, cfg, ids: list[int]) -> np.ndarray:
     import torch
 
     from itera.model.checkpoint import model_from_state
-    from itera.quant.ggml import input_as_llama_cpp
+    from itera.quant.ggml import round_inputs_as_llama_cpp
 
     types: dict[str, str] = {}
     model = model_from_state(cfg, gguf_state(path, cfg, types), where=str(path))
@@ -161,6 +161,6 @@ def file_logits_gguf(path: Path, cfg, ids: list[int]) -> np.ndarray:
     for name, module in model.named_modules():
         wtype = types.get(f"{name}.weight")
         if isinstance(module, torch.nn.Linear) and wtype not in (None, "F32"):
-            module.register_forward_pre_hook(lambda _m, args, t=wtype: (input_as_llama_cpp(args[0], t),))
+            round_inputs_as_llama_cpp(module, wtype)
     with torch.no_grad():
         return model(torch.tensor([ids]))[0].numpy()

@@ -408,3 +408,9 @@ def input_as_llama_cpp(x, weight_type: str):
         q = torch.round(b * iscale).clamp(max=127)
         return (q * torch.where(m != 0, 1 / iscale, torch.zeros_like(m))).reshape(x.shape)
     return x
+
+
+def round_inputs_as_llama_cpp(module, weight_type: str):
+    """Registers a forward pre-hook on ``module`` (a matrix product) that rounds its input as
+    llama.cpp's CPU backend does for a ``weight_type`` weight; returns the hook's handle."""
+    return module.register_forward_pre_hook(lambda _m, args: (input_as_llama_cpp(args[0], weight_type),))

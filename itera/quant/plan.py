@@ -61,7 +61,7 @@ def sensitivities(model, mods: dict, calib: torch.Tensor, options: dict[str, dic
     """KL(float || model with only this tensor quantized one way), mean per calibration token, for
     every tensor and each of its ``options`` (key -> scheme with ``quantize``/``expand``, or
     ``"F16"`` for float16)."""
-    from itera.quant.ggml import input_as_llama_cpp
+    from itera.quant.ggml import round_inputs_as_llama_cpp
 
     run = _Runner(model, calib)
     ref = run.logp(len(model.model.layers))
@@ -80,8 +80,7 @@ def sensitivities(model, mods: dict, calib: torch.Tensor, options: dict[str, dic
                     m.weight.data = f16_round(w)
                 else:
                     m.weight.data = q.expand(*q.quantize(w.float(), imp)).to(w.dtype)
-                hook = (product.register_forward_pre_hook(lambda _m, args, t=key: (input_as_llama_cpp(args[0], t),))
-                        if product is not None else None)
+                hook = round_inputs_as_llama_cpp(product, key) if product is not None else None
                 try:
                     out[name][key] = max(kl_div(ref, run.logp(start)).mean().item(), 0.0)
                 finally:
