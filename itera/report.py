@@ -337,7 +337,7 @@ class ReportOptions:
                 out.append(read_record_file(p))
             except RecordError as e:  # e.g. `registry compare`'s JSON beside the records in runs/demo/
                 why = str(e).split(";")[0]
-                self.skipped.append(f"{p} ({why})")
+                self.skipped.append(why if str(p) in why else f"{p}: {why}")  # the path once
                 reasons.append(why if str(p) in why else f"{p} is not an itera record: {why}")
         if reasons and not out:
             n = len(reasons) - 1
@@ -353,7 +353,7 @@ def run_report(opts: ReportOptions, reporter: Reporter = SILENT) -> Outcome:
     opts.validate()
     records = opts.parsed
     for note in opts.skipped:
-        reporter.log(f"skipped {note}: not an itera record")
+        reporter.log(f"skipped: {note}")
     result = render(records, opts.out, opts.format)
     reporter.log(f"wrote {result['report']} ({result['artifacts']} artifacts)")
     params = {"records": [str(p) for p in opts.records], "format": opts.format, "charts": result["charts"],

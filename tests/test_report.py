@@ -148,7 +148,9 @@ def test_labels_protocols_and_non_records(tmp_path):
     files[2].write_text('{"versions": ["m@1", "m@2"], "metrics": {}}')
     res = run_itera("report", *files, "--out", tmp_path / "rep")
     rec = res.record
-    assert "skipped" in res.stderr and "compare.json" in res.stderr and rec["params"]["skipped"]
+    why = f'{files[2]} is JSON but not an itera record (no "itera": 1)'
+    assert rec["params"]["skipped"] == [why]
+    assert f"skipped: {why}\n" in res.stderr  # the file named once
     rows = {r["artifact"]: r for r in _md_table((tmp_path / "rep" / "report.md").read_text())}
     assert set(rows) == {"a/model.gguf", "m@2 (b/model.gguf)"}
     head = list(next(iter(rows.values())))
