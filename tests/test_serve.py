@@ -439,6 +439,55 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(main_server, models, ref
     assert codes == [200, 200]
 
 
+def test_a_client_that_leaves_while_queued_is_cancelled_and_nothing_is_stored(ref, tokenizer_dir, tmp_path):
+    """The one slot busy with a long generation, a non-streamed request waits in the queue and its
+    client hangs up: when the slot frees, that request is cancelled before it generates anything,
+    and nothing of it is stored. (A context of 16k tokens keeps the first generation going.)"""
+    import socket
+    from urllib.parse import urlsplit
+
+    long_ctx = save_tiny(tmp_path / "long", tokenizer_dir, max_position_embeddings=16384)
+    run_itera("export", "--model", long_ctx, "--format", "gguf", "--gguf-type", "F32", "--out", tmp_path / "long.gguf")
+    db = tmp_path / "fb.db"
+    s = Served("--model", tmp_path / "long.gguf", "--feedback-db", db, "--max-concurrency", "1", "--max-queue", "1")
+    try:
+        c = s.client()
+
+        def wait_for(key, value):
+            t0 = time.monotonic()
+            while c.get("/health").json()[key] != value and time.monotonic() - t0 < 60:
+                time.sleep(0.02)
+            assert c.get("/health").json()[key] == value, key
+
+        prompt = "A request whose client hangs up: the fox"
+        body = json.dumps({"prompt": prompt, "max_tokens": 64, "temperature": 0}).encode()
+        url = urlsplit(s.url)
+        streamer = s.client()
+        with streamer.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 16000,
+                                                               "temperature": 0, "stream": True}) as st:
+            lines = st.iter_lines()  # held: a dropped iterator closes the response
+            assert next(lines).startswith("data: ")  # the slot is generating
+            sock = socket.create_connection((url.hostname, url.port))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for("queued", 1)
+            sock.close()  # the client leaves while its request waits
+            time.sleep(0.2)
+        # the stream's client left too: the slot frees, the queued request is admitted and cancelled
+        wait_for("queued", 0)
+        wait_for("in_flight", 0)
+        metrics = c.get("/metrics").text
+        r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200  # the server answers as before
+    finally:
+        s.stop()
+    stored = [row[0] for row in sqlite3.connect(db).execute("SELECT prompt FROM responses")]
+    assert stored == [prompt]  # only the last request; neither cancelled one
+    prompts = float(re.search(r"^itera_prompt_tokens_total (\S+)$", metrics, re.M).group(1))
+    assert prompts == len(ref.get(tmp_path / "long.gguf").tokenizer.encode(PROMPT))  # the stream's prompt only:
+    # the departed request's was never evaluated
+
+
 def test_feedback_over_http_trains_dpo_and_peft_loads_the_adapter(main_server, models, tmp_path):
     """Four prompts with one usable signal each (thumbs, A/B, correction, ratings) and one lonely
     up-vote: dpo-train --feedback-db builds exactly four pairs and counts the drop; PEFT applies

@@ -176,6 +176,9 @@ class Generation:
         p = self.params
         sample = Sampler(p.temperature, p.top_p, p.seed)
         detok, stops = Detokenizer(self.decode), StopStrings(p.stop)
+        if self.cancelled():  # e.g. its client left while it waited for a slot: no work at all
+            self.finish_reason = "cancelled"
+            return
         t0 = time.perf_counter()
         logits = self.stepper.prefill_logits(list(self.prompt))
         reason = "length"

@@ -134,8 +134,10 @@ class Server:
 
     # ------------------------------------------------------------------ generation
 
-    async def start(self, body, endpoint: str, t_request: float) -> tuple[Job, asyncio.Future]:
-        """Admit, check out the current model, and start the generation on a worker thread."""
+    async def start(self, body, endpoint: str, t_request: float,
+                    cancel: threading.Event | None = None) -> tuple[Job, asyncio.Future]:
+        """Admit, check out the current model, and start the generation on a worker thread (which
+        stops once ``cancel`` is set: before it starts, it does no work at all)."""
         self.check_model(body.model)
         self.prepare(self.pool.current, body, endpoint)  # bad requests fail here, without queueing
         try:
@@ -151,7 +153,8 @@ class Server:
         try:
             prepared = self.prepare(m, body, endpoint)  # the model may have changed while the request waited
             prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
-            job = Job(prefix + secrets.token_hex(12), endpoint, prepared, _request_record(body, prepared), t_request)
+            job = Job(prefix + secrets.token_hex(12), endpoint, prepared, _request_record(body, prepared), t_request,
+                      cancel or threading.Event())
             fut = asyncio.get_running_loop().run_in_executor(self.executor, self._work, job)
         except BaseException:
             self.pool.release(m)
@@ -183,10 +186,10 @@ class Server:
         finally:
             m.give_lane(lane)
         label = "/v1/chat/completions" if job.endpoint == "chat" else "/v1/completions"
-        if gen.first_token_s is not None:
+        if gen.first_token_s is not None:  # the prompt was evaluated (not cancelled before it started)
             self.metrics.ttft.labels(label).observe(t0 - job.t_request + gen.first_token_s)
+            self.metrics.prompt_tokens.inc(len(p.ids))
         self.metrics.generated.inc(len(gen.tokens))
-        self.metrics.prompt_tokens.inc(len(p.ids))
         self.generated_tokens += len(gen.tokens)
         if gen.finish_reason != "cancelled":
             self.store.add_response({
@@ -248,6 +251,15 @@ async def _read_body(request) -> bytes:
                            "body_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _watch_disconnect(request, left: threading.Event) -> None:
+    """Sets ``left`` when the client closes its connection. Start it once the body has been read:
+    the server then has nothing but the disconnect left to deliver (also once the response is sent,
+    so this always ends)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    left.set()
 
 
 def _sse(obj) -> bytes:
@@ -329,7 +341,13 @@ def build_app(server: Server):
         t_request = time.perf_counter()
         data = load_json(await _read_body(request))
         body = parse_body(data, ChatRequest if endpoint == "chat" else CompletionRequest)
-        job, fut = await server.start(body, endpoint, t_request)
+        left = threading.Event()  # set when the client hangs up, queued or not: its generation stops
+        watcher = asyncio.ensure_future(_watch_disconnect(request, left))
+        try:
+            job, fut = await server.start(body, endpoint, t_request, left)
+        except BaseException:
+            watcher.cancel()
+            raise
         m = job.prepared.model
         base = {"id": job.id, "object": "chat.completion" if endpoint == "chat" else "text_completion",
                 "created": int(time.time()), "model": m.source.name, "system_fingerprint": m.source.label,
@@ -342,7 +360,13 @@ def build_app(server: Server):
 
         if not body.stream:
             try:
-                r = await asyncio.shield(fut)
+                await asyncio.wait({fut, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watcher.cancel()
+            if not fut.done():  # the client left: its generation stops (or never starts), nothing is stored
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            try:
+                r = fut.result()
             except IteraError as e:
                 raise ApiError(500, f"generation failed: {e}") from None
             choice = ({"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
@@ -396,6 +420,7 @@ def build_app(server: Server):
                     return
             finally:
                 job.cancel.set()  # the client left mid-stream (or the stream ended): stop generating
+                watcher.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={**headers_for(m, job.id), "Cache-Control": "no-cache"})
