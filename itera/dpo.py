@@ -31,6 +31,7 @@ from itera.losses import DPO_LOSSES, dpo_loss, kl_div, reward_accuracy
 from itera.preference import Pair
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome, describe_artifact
+from itera.serve.chat import encode_rendered
 from itera.train import Dist, TrainOptions
 
 
@@ -46,7 +47,8 @@ def encode_pairs(tok, pairs: list[Pair], max_len: int) -> tuple[Encoded, list[st
     Pairs longer than ``max_len`` are dropped (reasons returned)."""
     rows, drops = [], []
     for p in pairs:
-        prompt = tok.encode(p.prompt)  # BOS as the tokenizer says
+        # BOS as the tokenizer says; a chat prompt as the server tokenized it (special tokens parsed)
+        prompt = encode_rendered(tok, p.prompt) if p.chat else tok.encode(p.prompt)
         sides = []
         for resp in (p.chosen, p.rejected):
             r = tok.encode(resp, add_bos=False)
@@ -342,7 +344,7 @@ def write(opts: DPOOptions, model, data: PairData, params: dict) -> None:
             merge_lora(model)
             save_model(model, tmp / "merged", tokenizer_from=Path(opts.model))
     if opts.save_pairs is not None:
-        write_text_atomic(Path(opts.save_pairs), "".join(json.dumps(asdict(p)) + "\n" for p in data.pairs))
+        write_text_atomic(Path(opts.save_pairs), "".join(json.dumps(p.as_dict()) + "\n" for p in data.pairs))
 
 
 # --------------------------------------------------------------------------- the job

@@ -3,6 +3,10 @@
 Pairs file (``--pairs``): JSONL, one ``{"prompt", "chosen", "rejected"}`` object per line.
 Any malformed line is an error naming the file and line (nothing is trained).
 
+A pair or event may say ``"chat": true``: its prompt is a rendered chat template, whose special-token
+strings (``<|im_start|>``, ``<s>``) are tokenized as the special tokens they name, as ``itera serve``
+tokenized it (the feedback store marks its chat requests so). Otherwise a prompt is plain text.
+
 Feedback file (``--feedback``): JSONL events, each with a ``type``:
 
 - ``{"type": "thumbs", "prompt", "response", "vote": "up"|"down"}``: every up-voted response to a
@@ -35,6 +39,11 @@ class Pair:
     prompt: str
     chosen: str
     rejected: str
+    chat: bool = False  # the prompt is a rendered chat template (special-token strings are tokens)
+
+    def as_dict(self) -> dict:
+        d = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+        return {**d, "chat": True} if self.chat else d
 
 
 def _lines(path: Path) -> list[tuple[int, dict]]:
@@ -81,7 +90,7 @@ def read_pairs(path: Path) -> list[Pair]:
                 raise DataError(f"{path}:{i}: missing \"{key}\" (a string); each line needs prompt, chosen and rejected")
         if obj["chosen"] == obj["rejected"]:
             raise DataError(f"{path}:{i}: chosen and rejected are identical; a pair must prefer one response over another")
-        pairs.append(Pair(obj["prompt"], obj["chosen"], obj["rejected"]))
+        pairs.append(Pair(obj["prompt"], obj["chosen"], obj["rejected"], _chat(obj, f"{path}:{i}")))
     return pairs
 
 
@@ -101,14 +110,23 @@ def _finite(v) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _chat(obj: dict, where: str) -> bool:
+    chat = obj.get("chat", False)
+    if not isinstance(chat, bool):
+        raise DataError(f"{where}: \"chat\" is {json.dumps(chat)}; it must be true (the prompt is a rendered chat "
+                        "template) or false")
+    return chat
+
+
 class _Collected:
     """Feedback events sorted by what they say: direct pairs, votes and ratings per prompt."""
 
     def __init__(self):
         self.dropped: Counter = Counter()
         self.pairs: list[Pair] = []
-        self.votes: dict[str, dict[str, set]] = defaultdict(lambda: {"up": set(), "down": set()})
-        self.ratings: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        # keyed by (prompt, chat): the same text as a chat template and as plain text are two prompts
+        self.votes: dict[tuple, dict[str, set]] = defaultdict(lambda: {"up": set(), "down": set()})
+        self.ratings: dict[tuple, list[tuple[float, str]]] = defaultdict(list)
 
     def _need(self, ev: dict, *keys: str) -> bool:
         ok = all(isinstance(ev.get(k), str) for k in keys)
@@ -118,50 +136,54 @@ class _Collected:
 
     def add(self, ev: dict) -> None:
         kind = ev.get("type")
+        chat = ev.get("chat", False)
+        if not isinstance(chat, bool):
+            self.dropped["chat is not true or false"] += 1
+            return
         if kind == "thumbs" and self._need(ev, "prompt", "response"):
             if ev.get("vote") not in ("up", "down"):
                 self.dropped["thumbs: vote is not up or down"] += 1
             else:
-                self.votes[ev["prompt"]][ev["vote"]].add(ev["response"])
+                self.votes[ev["prompt"], chat][ev["vote"]].add(ev["response"])
         elif kind == "ab" and self._need(ev, "prompt", "a", "b"):
             if ev.get("winner") not in ("a", "b"):
                 self.dropped["ab: winner is not a or b"] += 1
             else:
                 win, lose = (ev["a"], ev["b"]) if ev["winner"] == "a" else (ev["b"], ev["a"])
-                self.pairs.append(Pair(ev["prompt"], win, lose))
+                self.pairs.append(Pair(ev["prompt"], win, lose, chat))
         elif kind == "correction" and self._need(ev, "prompt", "response", "corrected"):
-            self.pairs.append(Pair(ev["prompt"], ev["corrected"], ev["response"]))
+            self.pairs.append(Pair(ev["prompt"], ev["corrected"], ev["response"], chat))
         elif kind == "rating" and self._need(ev, "prompt", "response"):
             r = _finite(ev.get("rating"))
             if r is None:  # not a number, NaN or Infinity (which JSON does not have), or beyond a float
                 self.dropped["rating: rating is not a number"] += 1
             else:
-                self.ratings[ev["prompt"]].append((r, ev["response"]))
+                self.ratings[ev["prompt"], chat].append((r, ev["response"]))
         elif kind not in ("thumbs", "ab", "correction", "rating"):
             self.dropped["unknown event type"] += 1
 
     def vote_pairs(self) -> list[Pair]:
         """Every up-voted response beats every down-voted one to the same prompt."""
         out = []
-        for prompt, v in self.votes.items():
+        for (prompt, chat), v in self.votes.items():
             both = v["up"] & v["down"]
             if both:
                 self.dropped["thumbs: same response voted up and down"] += len(both)
             ups, downs = v["up"] - both, v["down"] - both
             if not (ups and downs):
                 self.dropped["thumbs: no opposite vote for the same prompt"] += len(ups) + len(downs)
-            out += [Pair(prompt, u, d) for u in sorted(ups) for d in sorted(downs)]
+            out += [Pair(prompt, u, d, chat) for u in sorted(ups) for d in sorted(downs)]
         return out
 
     def rating_pairs(self, min_gap: float) -> list[Pair]:
         """Between responses to the same prompt, the higher rating wins by at least ``min_gap``."""
         out = []
-        for prompt, rs in self.ratings.items():
+        for (prompt, chat), rs in self.ratings.items():
             paired = set()
             for hi_r, hi in rs:
                 for lo_r, lo in rs:
                     if hi_r - lo_r >= min_gap and hi != lo:
-                        out.append(Pair(prompt, hi, lo))
+                        out.append(Pair(prompt, hi, lo, chat))
                         paired |= {hi, lo}
             unpaired = len({resp for _, resp in rs} - paired)
             if unpaired:
@@ -177,12 +199,12 @@ def pairs_from_events(events: Iterable[dict], min_rating_gap: float = 1.0) -> tu
         c.add(ev)
     raw = c.pairs + c.vote_pairs() + c.rating_pairs(min_rating_gap)
     out, seen = [], set()
-    keys = Counter((p.prompt, p.chosen, p.rejected) for p in raw)
+    keys = Counter(raw)
     for p in raw:
-        k = (p.prompt, p.chosen, p.rejected)
+        k = p
         if p.chosen == p.rejected:
             c.dropped["chosen and rejected identical"] += 1
-        elif (p.prompt, p.rejected, p.chosen) in keys:
+        elif Pair(p.prompt, p.rejected, p.chosen, p.chat) in keys:
             c.dropped["contradicts another event"] += 1
         elif k in seen:
             c.dropped["duplicate"] += 1

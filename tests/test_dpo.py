@@ -12,7 +12,7 @@ import torch
 
 from conftest import _ADJS, _NOUNS, _PLACES, _VERBS, assert_usage_error, run_itera
 from itera.losses import dpo_loss, reward_accuracy
-from itera.preference import Pair, pairs_from_feedback
+from itera.preference import Pair, pairs_from_events, pairs_from_feedback, read_pairs
 from itera.record import validate
 
 
@@ -153,15 +153,57 @@ def test_feedback_events_become_pairs_with_reasons_for_drops(tmp_path):
         {"type": "rating", "prompt": "P6", "response": "r2", "rating": 2},
         {"type": "ab", "prompt": "P7", "a": "q"},
         {"type": "emoji", "prompt": "P8"},
+        {"type": "ab", "prompt": "P9", "a": "u", "b": "v", "winner": "a", "chat": "yes"},
+        {"type": "ab", "prompt": "P10", "a": "u", "b": "v", "winner": "a", "chat": True},
     ]
     f = tmp_path / "feedback.jsonl"
     f.write_text("".join(json.dumps(e) + "\n" for e in events))
     pairs, dropped = pairs_from_feedback(f, min_rating_gap=1.0)
     assert set(pairs) == {Pair("P1", "good", "bad"), Pair("P1", "good", "worse"), Pair("P4", "m", "n"),
-                          Pair("P5", "the cat", "teh cat"), Pair("P6", "r5", "r2"), Pair("P6", "r4", "r2")}
+                          Pair("P5", "the cat", "teh cat"), Pair("P6", "r5", "r2"), Pair("P6", "r4", "r2"),
+                          Pair("P10", "u", "v", chat=True)}
     assert dropped == {"thumbs: no opposite vote for the same prompt": 1, "contradicts another event": 2,
                        "duplicate": 1, "chosen and rejected identical": 1, "ab: missing field": 1,
-                       "unknown event type": 1}
+                       "unknown event type": 1, "chat is not true or false": 1}
+
+
+def test_a_chat_prompt_is_tokenized_as_the_server_tokenized_it(tokenizer_dir, tmp_path):
+    """A pair marked "chat" holds a rendered template: its special-token strings are the special
+    tokens (as transformers tokenizes the text, and as itera serve did); unmarked, they are text."""
+    from transformers import PreTrainedTokenizerFast
+
+    from itera.dpo import encode_pairs
+    from itera.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    prompt = "<s>[user] the fox sees the owl</s><s>[assistant]"
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"prompt": prompt, "chosen": " yes", "rejected": " no", "chat": True}) + "\n"
+                 + json.dumps({"prompt": prompt, "chosen": " yes", "rejected": " no"}) + "\n")
+    chat, plain = read_pairs(f)
+    assert chat == Pair(prompt, " yes", " no", True) and plain == Pair(prompt, " yes", " no")
+    enc, drops = encode_pairs(tok, [chat, plain], max_len=256)
+    assert drops == []
+    prompts = [enc.ids[i, 0, : int(enc.mask[i, 0].nonzero()[0])].tolist() for i in range(2)]
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"))
+    assert prompts[0] == hf(prompt, add_special_tokens=False).input_ids  # the template's own <s>, no second
+    assert prompts[0].count(tok.bos_id) == 2 and prompts[0].count(tok.eos_id) == 1
+    assert tok.eos_id not in prompts[1] and len(prompts[1]) > len(prompts[0])  # "</s>" spelled out as text
+
+
+def test_the_feedback_store_marks_chat_prompts(tmp_path):
+    from itera.serve.store import FeedbackStore
+
+    with FeedbackStore(tmp_path / "fb.db") as store:
+        for rid, endpoint, text in (("c1", "/v1/chat/completions", "a"), ("c2", "/v1/chat/completions", "b"),
+                                    ("t1", "/v1/completions", "a"), ("t2", "/v1/completions", "b")):
+            store.add_response({"id": rid, "endpoint": endpoint, "model": "m", "version": None, "sha256": "0" * 64,
+                                "prompt": "<s>P", "response": text, "finish_reason": "stop", "prompt_tokens": 2,
+                                "completion_tokens": 1, "request": {}})
+        for a, b in (("c1", "c2"), ("t1", "t2")):
+            store.add_feedback({"type": "ab", "a_id": a, "b_id": b, "winner": "a"})
+        pairs, dropped = pairs_from_events(store.events())
+    assert pairs == [Pair("<s>P", "a", "b", True), Pair("<s>P", "a", "b")] and dropped == {}
 
 
 def test_dpo_from_feedback_end_to_end(teacher, tmp_path):
@@ -187,6 +229,7 @@ def test_dpo_from_feedback_end_to_end(teacher, tmp_path):
     ('\ufeff{"prompt": "p", "chosen": "a", "rejected": "b"}\n', "pairs.jsonl:1: the file starts with a UTF-8 byte-order mark"),
     ('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chos', "pairs.jsonl:2: the line is truncated"),
     ("", "holds no lines"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b", "chat": "yes"}\n', 'pairs.jsonl:1: "chat" is "yes"; it must be'),
 ])
 def test_bad_pairs_files(teacher, tmp_path, content, needle):
     f = tmp_path / "pairs.jsonl"

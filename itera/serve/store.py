@@ -200,23 +200,25 @@ class FeedbackStore:
 
     def events(self) -> list[dict]:
         """Every feedback event, oldest first, as ``pairs_from_events`` takes them: ``prompt`` is
-        the text the model was given (a chat's rendered template) and responses are texts."""
+        the text the model was given (a chat's rendered template, marked ``"chat": true``) and
+        responses are texts."""
         rows = self._read(
-            "SELECT f.type, f.vote, f.rating, f.winner, f.corrected, a.prompt, a.response AS a_text, "
+            "SELECT f.type, f.vote, f.rating, f.winner, f.corrected, a.prompt, a.endpoint, a.response AS a_text, "
             "b.response AS b_text FROM feedback f JOIN responses a ON a.id = f.response_id "
             "LEFT JOIN responses b ON b.id = f.other_id ORDER BY f.id")
         out = []
         for r in rows:
             if r["type"] == "thumbs":
-                out.append({"type": "thumbs", "prompt": r["prompt"], "response": r["a_text"], "vote": r["vote"]})
+                ev = {"type": "thumbs", "prompt": r["prompt"], "response": r["a_text"], "vote": r["vote"]}
             elif r["type"] == "rating":
-                out.append({"type": "rating", "prompt": r["prompt"], "response": r["a_text"], "rating": r["rating"]})
+                ev = {"type": "rating", "prompt": r["prompt"], "response": r["a_text"], "rating": r["rating"]}
             elif r["type"] == "ab":
-                out.append({"type": "ab", "prompt": r["prompt"], "a": r["a_text"], "b": r["b_text"],
-                            "winner": r["winner"]})
+                ev = {"type": "ab", "prompt": r["prompt"], "a": r["a_text"], "b": r["b_text"], "winner": r["winner"]}
             else:
-                out.append({"type": "correction", "prompt": r["prompt"], "response": r["a_text"],
-                            "corrected": r["corrected"]})
+                ev = {"type": "correction", "prompt": r["prompt"], "response": r["a_text"], "corrected": r["corrected"]}
+            if r["endpoint"] == "/v1/chat/completions":  # the prompt is the rendered template
+                ev["chat"] = True
+            out.append(ev)
         return out
 
     def counts(self) -> dict[str, int]:
