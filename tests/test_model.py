@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +116,18 @@ def test_half_precision_weights_load(dtype, tmp_path):
         # half compute is close to fp32 compute on the same weights, not equal
         assert (ours16(x).float() - ref32).abs().max() < 0.1
         assert (ours32(x) - ref32).abs().max() < TOL
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_loaded_weights_keep_no_mapping_of_the_file(tmp_path):
+    """Weights are read into memory of their own: a memory-mapped file would stay resident as long
+    as any tensor viewing it lives (a kept embedding held the whole file beside a quantized copy)."""
+    ref = hf_model("LlamaConfig", {"num_key_value_heads": 2})
+    path = _save(ref, tmp_path / "hf")
+    ours, _ = load_model(path)
+    files = [str(f.resolve()) for f in path.glob("*.safetensors")]
+    assert files and not [f for f in files if f in Path("/proc/self/maps").read_text()]
+    assert torch.equal(ours.model.embed_tokens.weight, ref.model.embed_tokens.weight)
 
 
 def test_kv_cache_decoding_matches_full_forward():

@@ -150,21 +150,18 @@ class Planned:
 
 
 class _Lazy:
-    """Tensors of a checkpoint read one at a time (safetensors maps the files; nothing is held)."""
+    """Tensors of a checkpoint read one at a time, when asked for (nothing is held or mapped)."""
 
     def __init__(self, ckpt: Path):
-        from safetensors import safe_open
+        from itera.model.checkpoint import TensorReader, read_headers
 
-        from itera.model.checkpoint import read_headers
-
-        self.where = {name: f for name, (f, _) in read_headers(ckpt).items()}
-        self.files = {f: safe_open(str(f), framework="pt") for f in set(self.where.values())}
+        self.reader = TensorReader(read_headers(ckpt))
 
     def get(self, name: str) -> torch.Tensor:
-        return self.files[self.where[name]].get_tensor(name)
+        return self.reader.get(name)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.where
+        return name in self.reader
 
 
 def _float_data(x: torch.Tensor, t: str) -> np.ndarray:
@@ -302,7 +299,11 @@ def layout(ckpt: Path) -> Layout:
 
     cfg = load_config(ckpt)
     check_exportable(cfg)
-    planned, _, _ = plan_tensors(cfg, _Lazy(ckpt), "F16")
+    src = _Lazy(ckpt)
+    try:
+        planned, _, _ = plan_tensors(cfg, src, "F16")
+    finally:
+        src.reader.close()
     with tempfile.TemporaryDirectory(prefix="itera-gguf-layout-") as d:
         w = gguf.GGUFWriter(str(Path(d) / "h.gguf"), "llama")
         _model_metadata(w, cfg, ckpt.name, "F16")
@@ -348,14 +349,17 @@ def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
     cfg = load_config(ckpt)
     check_exportable(cfg)
     src = _Lazy(ckpt)
-    planned, fallbacks, requantized = plan_tensors(cfg, src, gguf_type)
-    w = gguf.GGUFWriter(str(out), "llama")
-    _model_metadata(w, cfg, ckpt.name, dominant_type(planned) if gguf_type == AUTO else gguf_type)
-    vocab = write_vocab(w, ckpt, Tokenizer.from_dir(ckpt), cfg)
-    _write_head(w, planned)
-    for t in planned:
-        w.write_tensor_data(t.produce())
-    w.close()
+    try:
+        planned, fallbacks, requantized = plan_tensors(cfg, src, gguf_type)
+        w = gguf.GGUFWriter(str(out), "llama")
+        _model_metadata(w, cfg, ckpt.name, dominant_type(planned) if gguf_type == AUTO else gguf_type)
+        vocab = write_vocab(w, ckpt, Tokenizer.from_dir(ckpt), cfg)
+        _write_head(w, planned)
+        for t in planned:
+            w.write_tensor_data(t.produce())
+        w.close()
+    finally:
+        src.reader.close()
     counts: dict[str, int] = {}
     for t in planned:
         counts[t.type] = counts.get(t.type, 0) + 1

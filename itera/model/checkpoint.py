@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -233,22 +235,67 @@ def load_config(path: Path) -> ModelConfig:
     return ModelConfig.from_file(check_checkpoint_dir(path) / CONFIG_NAME)
 
 
-def load_state_dict(ckpt: Path, headers: dict[str, tuple[Path, dict]] | None = None) -> dict[str, "torch.Tensor"]:
-    from safetensors import safe_open
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
+                 "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
-    headers = headers if headers is not None else read_headers(ckpt)
-    by_file: dict[Path, list[str]] = {}
-    for name, (f, _) in headers.items():
-        by_file.setdefault(f, []).append(name)
-    tensors = {}
-    for f, names in by_file.items():
+
+class TensorReader:
+    """Tensors of safetensors files (headers already validated by :func:`read_headers`), each
+    read with plain reads into memory of its own. The files are never memory-mapped: a mapping
+    stays in the process's resident memory as long as any tensor viewing it lives (an untouched
+    embedding kept the whole file resident beside its quantized copy), and a float16/bfloat16 file
+    converted to float32 would sit in memory beside its conversion."""
+
+    def __init__(self, headers: dict[str, tuple[Path, dict]]):
+        self.headers = headers
+        self._open: dict[Path, tuple] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.headers
+
+    def get(self, name: str) -> "torch.Tensor":
+        import torch
+
+        if sys.byteorder != "little":
+            raise CheckpointError("safetensors data is little-endian and this machine is not; itera reads it on "
+                                  "little-endian machines only")
+        f, info = self.headers[name]
         try:
-            with safe_open(str(f), framework="pt") as st:
-                for name in names:
-                    tensors[name] = st.get_tensor(name)
-        except Exception as e:  # the header passed our checks, so this is corruption we did not foresee
-            raise CheckpointError(f"{f} could not be read ({e}); re-save the checkpoint") from None
-    return tensors
+            if f not in self._open:
+                fh = open(f, "rb", buffering=0)
+                (n,) = struct.unpack("<Q", fh.read(8))
+                self._open[f] = (fh, 8 + n)
+            fh, base = self._open[f]
+            begin, end = info["data_offsets"]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            view, done = memoryview(buf.numpy()), 0
+            while done < end - begin:  # one read returns at most about 2 GB on Linux
+                got = os.preadv(fh.fileno(), [view[done:]], base + begin + done)
+                if got <= 0:
+                    raise CheckpointError(f"{f} is truncated: tensor {name} ends past the end of the file; "
+                                          "re-copy or re-save the checkpoint")
+                done += got
+        except OSError as e:
+            raise CheckpointError(f"{f} could not be read ({e}); re-copy the checkpoint") from None
+        return buf.view(getattr(torch, _TORCH_DTYPES[info["dtype"]])).reshape(info["shape"])
+
+    def close(self) -> None:
+        for fh, _ in self._open.values():
+            fh.close()
+        self._open.clear()
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_state_dict(ckpt: Path, headers: dict[str, tuple[Path, dict]] | None = None) -> dict[str, "torch.Tensor"]:
+    headers = headers if headers is not None else read_headers(ckpt)
+    with TensorReader(headers) as reader:
+        return {name: reader.get(name) for name in headers}
 
 
 def load_model(path: Path, dtype: "torch.dtype | str | None" = None, device: str = "cpu"

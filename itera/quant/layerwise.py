@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from itera.memory import release_free_memory
 from itera.quant.formats import EMBEDDINGS
 from itera.quant.gptq import gptq
 
@@ -100,6 +101,7 @@ def quantize_model(model, mods: dict, plan: dict, method: str, calib: torch.Tens
             for n, m in names.items():
                 apply(n, m, hs[n])
             x = torch.cat([layer(x[j:j + 8], cos, sin, None, None) for j in range(0, x.shape[0], 8)])
+            release_free_memory()  # the replaced weights' memory: see itera.memory
             if progress:
                 progress(i + 1)
         if head is not None and method == "gptq":
@@ -110,6 +112,7 @@ def quantize_model(model, mods: dict, plan: dict, method: str, calib: torch.Tens
             for n, m in mods.items():
                 if n.startswith(f"model.layers.{i}."):
                     apply(n, m, None)
+            release_free_memory()
             if progress:
                 progress(i + 1)
     for n in EMBEDDINGS:  # the rest: round-to-nearest (an embedding's "inputs" are token ids)
