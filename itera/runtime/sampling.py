@@ -156,7 +156,8 @@ class StopStrings:
 class Generation:
     """One generation on a stepper. Iterate it for text deltas (non-empty strings); afterwards
     ``text``, ``tokens`` (generated ids, without the end-of-sequence token), ``finish_reason``
-    and ``first_token_s`` (seconds from the start to the first sampled token) are set.
+    and ``first_token_s`` (seconds from the start to the first sampled token; None when it was
+    cancelled before it started) are set.
 
     ``prompt`` must leave room for ``params.max_tokens`` in the model's context: the caller
     checks that, since only it knows the context."""

@@ -11,6 +11,7 @@ the model version that produced it: ``system_fingerprint`` (``NAME@VERSION``), a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import math
@@ -208,7 +209,8 @@ class Server:
 
     def summary(self) -> dict:
         w = self.watcher
-        errors = sum(n for s, n in self.status_counts.items() if int(s) >= 400)
+        # 499: the client hung up (its generation was cancelled); not an error of the server's or the request's
+        errors = sum(n for s, n in self.status_counts.items() if int(s) >= 400 and s != "499")
         return {
             "requests": sum(self.status_counts.values()),
             "requests_by_status": dict(sorted(self.status_counts.items())),
@@ -256,9 +258,12 @@ async def _read_body(request) -> bytes:
 async def _watch_disconnect(request, left: threading.Event) -> None:
     """Sets ``left`` when the client closes its connection. Start it once the body has been read:
     the server then has nothing but the disconnect left to deliver (also once the response is sent,
-    so this always ends)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    so this always ends). A server whose ``receive`` fails just ends the watch."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - watching is best effort; the request goes on
+        return
     left.set()
 
 
@@ -343,10 +348,19 @@ def build_app(server: Server):
         body = parse_body(data, ChatRequest if endpoint == "chat" else CompletionRequest)
         left = threading.Event()  # set when the client hangs up, queued or not: its generation stops
         watcher = asyncio.ensure_future(_watch_disconnect(request, left))
+        starting = asyncio.ensure_future(server.start(body, endpoint, t_request, left))
         try:
-            job, fut = await server.start(body, endpoint, t_request, left)
+            await asyncio.wait({starting, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done() and left.is_set():
+                starting.cancel()  # the client left while its request waited: its place goes to the next
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                if starting.cancelled():
+                    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            job, fut = await starting
         except BaseException:
             watcher.cancel()
+            starting.cancel()
             raise
         m = job.prepared.model
         base = {"id": job.id, "object": "chat.completion" if endpoint == "chat" else "text_completion",
@@ -361,14 +375,13 @@ def build_app(server: Server):
         if not body.stream:
             try:
                 await asyncio.wait({fut, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                watcher.cancel()
-            if not fut.done():  # the client left: its generation stops (or never starts), nothing is stored
-                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-            try:
-                r = fut.result()
+                if not fut.done() and left.is_set():  # the client left: the generation stops, nothing is stored
+                    return Response(status_code=499)
+                r = await asyncio.shield(fut)
             except IteraError as e:
                 raise ApiError(500, f"generation failed: {e}") from None
+            finally:
+                watcher.cancel()
             choice = ({"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
                        "finish_reason": r.finish_reason} if endpoint == "chat" else
                       {"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason})
