@@ -111,7 +111,7 @@ def _finite(v) -> float | None:
 
 
 def _chat(obj: dict, where: str) -> bool:
-    chat = obj.get("chat", False)
+    chat = False if obj.get("chat") is None else obj["chat"]  # absent or null: plain text
     if not isinstance(chat, bool):
         raise DataError(f"{where}: \"chat\" is {json.dumps(chat)}; it must be true (the prompt is a rendered chat "
                         "template) or false")
@@ -136,7 +136,7 @@ class _Collected:
 
     def add(self, ev: dict) -> None:
         kind = ev.get("type")
-        chat = ev.get("chat", False)
+        chat = False if ev.get("chat") is None else ev["chat"]
         if not isinstance(chat, bool):
             self.dropped["chat is not true or false"] += 1
             return

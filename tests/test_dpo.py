@@ -192,7 +192,7 @@ def test_a_chat_prompt_is_tokenized_as_the_server_tokenized_it(tokenizer_dir, tm
 
 
 def test_the_feedback_store_marks_chat_prompts(tmp_path):
-    from itera.serve.store import FeedbackStore
+    from itera.serve.store import FeedbackError, FeedbackStore
 
     with FeedbackStore(tmp_path / "fb.db") as store:
         for rid, endpoint, text in (("c1", "/v1/chat/completions", "a"), ("c2", "/v1/chat/completions", "b"),
@@ -202,6 +202,8 @@ def test_the_feedback_store_marks_chat_prompts(tmp_path):
                                 "completion_tokens": 1, "request": {}})
         for a, b in (("c1", "c2"), ("t1", "t2")):
             store.add_feedback({"type": "ab", "a_id": a, "b_id": b, "winner": "a"})
+        with pytest.raises(FeedbackError, match="a_id and b_id answer different prompts"):  # a chat against a
+            store.add_feedback({"type": "ab", "a_id": "c1", "b_id": "t2", "winner": "a"})  # completion, same text
         pairs, dropped = pairs_from_events(store.events())
     assert pairs == [Pair("<s>P", "a", "b", True), Pair("<s>P", "a", "b")] and dropped == {}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import struct
 import sys
@@ -264,15 +263,19 @@ class TensorReader:
         try:
             if f not in self._open:
                 fh = open(f, "rb", buffering=0)
-                (n,) = struct.unpack("<Q", fh.read(8))
-                self._open[f] = (fh, 8 + n)
+                head = fh.read(8)
+                if len(head) != 8:
+                    fh.close()
+                    raise CheckpointError(f"{f} changed while it was read; re-run when nothing writes to it")
+                self._open[f] = (fh, 8 + struct.unpack("<Q", head)[0])
             fh, base = self._open[f]
             begin, end = info["data_offsets"]
             buf = torch.empty(end - begin, dtype=torch.uint8)
             view, done = memoryview(buf.numpy()), 0
+            fh.seek(base + begin)
             while done < end - begin:  # one read returns at most about 2 GB on Linux
-                got = os.preadv(fh.fileno(), [view[done:]], base + begin + done)
-                if got <= 0:
+                got = fh.readinto(view[done:])
+                if not got:
                     raise CheckpointError(f"{f} is truncated: tensor {name} ends past the end of the file; "
                                           "re-copy or re-save the checkpoint")
                 done += got

@@ -177,11 +177,11 @@ class FeedbackStore:
         with self._write() as db:
             prompts = []
             for key in ids:
-                row = db.execute("SELECT prompt FROM responses WHERE id = ?", (event[key],)).fetchone()
+                row = db.execute("SELECT prompt, endpoint FROM responses WHERE id = ?", (event[key],)).fetchone()
                 if row is None:
                     raise FeedbackError(f"{key} {event[key]!r} is not a response this server stored", key, 404)
-                prompts.append(row[0])
-            if kind == "ab" and prompts[0] != prompts[1]:
+                prompts.append(tuple(row))
+            if kind == "ab" and prompts[0] != prompts[1]:  # the same text as a chat and as a completion differs
                 raise FeedbackError("a_id and b_id answer different prompts; an A/B vote compares two responses to "
                                     "the same prompt", "b_id")
             created = utc_now()
