@@ -135,10 +135,11 @@ class Server:
 
     # ------------------------------------------------------------------ generation
 
-    async def start(self, body, endpoint: str, t_request: float,
-                    cancel: threading.Event | None = None) -> tuple[Job, asyncio.Future]:
+    async def start(self, body, endpoint: str, t_request: float, cancel: threading.Event | None = None,
+                    emit: Callable[[str], None] | None = None) -> tuple[Job, asyncio.Future]:
         """Admit, check out the current model, and start the generation on a worker thread (which
-        stops once ``cancel`` is set: before it starts, it does no work at all)."""
+        stops once ``cancel`` is set: before it starts, it does no work at all). ``emit`` receives
+        every text delta from the first one on."""
         self.check_model(body.model)
         self.prepare(self.pool.current, body, endpoint)  # bad requests fail here, without queueing
         try:
@@ -155,7 +156,7 @@ class Server:
             prepared = self.prepare(m, body, endpoint)  # the model may have changed while the request waited
             prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
             job = Job(prefix + secrets.token_hex(12), endpoint, prepared, _request_record(body, prepared), t_request,
-                      cancel or threading.Event())
+                      cancel or threading.Event(), emit)
             fut = asyncio.get_running_loop().run_in_executor(self.executor, self._work, job)
         except BaseException:
             self.pool.release(m)
@@ -348,7 +349,10 @@ def build_app(server: Server):
         body = parse_body(data, ChatRequest if endpoint == "chat" else CompletionRequest)
         left = threading.Event()  # set when the client hangs up, queued or not: its generation stops
         watcher = asyncio.ensure_future(_watch_disconnect(request, left))
-        starting = asyncio.ensure_future(server.start(body, endpoint, t_request, left))
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()  # a stream's deltas, from the first (emit is set before the job starts)
+        emit = (lambda text: loop.call_soon_threadsafe(q.put_nowait, ("text", text))) if body.stream else None
+        starting = asyncio.ensure_future(server.start(body, endpoint, t_request, left, emit))
         try:
             await asyncio.wait({starting, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not starting.done() and left.is_set():
@@ -387,9 +391,6 @@ def build_app(server: Server):
                       {"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason})
             return _json(200, {**base, "choices": [choice], "usage": usage(r)}, headers_for(m, job.id))
 
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda text: loop.call_soon_threadsafe(q.put_nowait, ("text", text))
         fut.add_done_callback(lambda f: q.put_nowait(("done", f)))
         chunk_base = {**base, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion"}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
