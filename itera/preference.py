@@ -110,11 +110,17 @@ def _finite(v) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _chat_flag(obj: dict) -> bool | None:
+    """The ``"chat"`` field: absent or null is plain text; None when it is not a boolean."""
+    chat = False if obj.get("chat") is None else obj["chat"]
+    return chat if isinstance(chat, bool) else None
+
+
 def _chat(obj: dict, where: str) -> bool:
-    chat = False if obj.get("chat") is None else obj["chat"]  # absent or null: plain text
-    if not isinstance(chat, bool):
-        raise DataError(f"{where}: \"chat\" is {json.dumps(chat)}; it must be true (the prompt is a rendered chat "
-                        "template) or false")
+    chat = _chat_flag(obj)
+    if chat is None:
+        raise DataError(f"{where}: \"chat\" is {json.dumps(obj['chat'])}; it must be true (the prompt is a rendered "
+                        "chat template) or false")
     return chat
 
 
@@ -136,8 +142,8 @@ class _Collected:
 
     def add(self, ev: dict) -> None:
         kind = ev.get("type")
-        chat = False if ev.get("chat") is None else ev["chat"]
-        if not isinstance(chat, bool):
+        chat = _chat_flag(ev)
+        if chat is None:
             self.dropped["chat is not true or false"] += 1
             return
         if kind == "thumbs" and self._need(ev, "prompt", "response"):
@@ -201,14 +207,13 @@ def pairs_from_events(events: Iterable[dict], min_rating_gap: float = 1.0) -> tu
     out, seen = [], set()
     keys = Counter(raw)
     for p in raw:
-        k = p
         if p.chosen == p.rejected:
             c.dropped["chosen and rejected identical"] += 1
         elif Pair(p.prompt, p.rejected, p.chosen, p.chat) in keys:
             c.dropped["contradicts another event"] += 1
-        elif k in seen:
+        elif p in seen:
             c.dropped["duplicate"] += 1
         else:
-            seen.add(k)
+            seen.add(p)
             out.append(p)
     return out, dict(c.dropped)

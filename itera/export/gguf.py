@@ -31,6 +31,7 @@ import torch
 
 from itera.errors import UnsupportedModelError, UsageError
 from itera.export.gguf_vocab import check_tokenizer, write_vocab
+from itera.model.checkpoint import TensorReader, read_headers
 from itera.model.config import ModelConfig
 
 AUTO = "AUTO"  # the checkpoint's own types
@@ -149,21 +150,6 @@ class Planned:
         return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype
 
 
-class _Lazy:
-    """Tensors of a checkpoint read one at a time, when asked for (nothing is held or mapped)."""
-
-    def __init__(self, ckpt: Path):
-        from itera.model.checkpoint import TensorReader, read_headers
-
-        self.reader = TensorReader(read_headers(ckpt))
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.reader.get(name)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.reader
-
-
 def _float_data(x: torch.Tensor, t: str) -> np.ndarray:
     import gguf
 
@@ -175,7 +161,7 @@ def _float_data(x: torch.Tensor, t: str) -> np.ndarray:
     return gguf.quants.quantize(x.numpy().astype(np.float32), getattr(gguf.GGMLQuantizationType, t))
 
 
-def plan_tensors(cfg: ModelConfig, src: _Lazy, gguf_type: str) -> tuple[list[Planned], list[dict], list[dict]]:
+def plan_tensors(cfg: ModelConfig, src: TensorReader, gguf_type: str) -> tuple[list[Planned], list[dict], list[dict]]:
     """Every tensor the file will hold, in order, with its type; and the fallbacks taken.
 
     1-D tensors are F32. A tensor whose rows are not a multiple of 32 falls back to F16 for the
@@ -215,7 +201,7 @@ def plan_tensors(cfg: ModelConfig, src: _Lazy, gguf_type: str) -> tuple[list[Pla
     return out, fallbacks, requantized
 
 
-def _load_float(src: _Lazy, hf: str, perm, t: str) -> np.ndarray:
+def _load_float(src: TensorReader, hf: str, perm, t: str) -> np.ndarray:
     x = src.get(hf)
     return _float_data(x if perm is None else x[perm], t)
 
@@ -229,7 +215,7 @@ def _stored_type(q) -> str | None:
     return None
 
 
-def _plan_quantized(name: str, module: str, shape: tuple, q, perm, src: _Lazy, gguf_type: str,
+def _plan_quantized(name: str, module: str, shape: tuple, q, perm, src: TensorReader, gguf_type: str,
                     fallbacks: list, requantized: list) -> Planned:
     from itera.quant.formats import ggml_blocks, unpack
 
@@ -299,11 +285,8 @@ def layout(ckpt: Path) -> Layout:
 
     cfg = load_config(ckpt)
     check_exportable(cfg)
-    src = _Lazy(ckpt)
-    try:
+    with TensorReader(read_headers(ckpt)) as src:
         planned, _, _ = plan_tensors(cfg, src, "F16")
-    finally:
-        src.reader.close()
     with tempfile.TemporaryDirectory(prefix="itera-gguf-layout-") as d:
         w = gguf.GGUFWriter(str(Path(d) / "h.gguf"), "llama")
         _model_metadata(w, cfg, ckpt.name, "F16")
@@ -348,8 +331,7 @@ def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
         raise UsageError(f"--gguf-type {gguf_type} is written by llama.cpp's quantizer, not directly")
     cfg = load_config(ckpt)
     check_exportable(cfg)
-    src = _Lazy(ckpt)
-    try:
+    with TensorReader(read_headers(ckpt)) as src:
         planned, fallbacks, requantized = plan_tensors(cfg, src, gguf_type)
         w = gguf.GGUFWriter(str(out), "llama")
         _model_metadata(w, cfg, ckpt.name, dominant_type(planned) if gguf_type == AUTO else gguf_type)
@@ -358,8 +340,6 @@ def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
         for t in planned:
             w.write_tensor_data(t.produce())
         w.close()
-    finally:
-        src.reader.close()
     counts: dict[str, int] = {}
     for t in planned:
         counts[t.type] = counts.get(t.type, 0) + 1

@@ -247,6 +247,9 @@ class TensorReader:
     converted to float32 would sit in memory beside its conversion."""
 
     def __init__(self, headers: dict[str, tuple[Path, dict]]):
+        if sys.byteorder != "little":
+            raise CheckpointError("safetensors data is little-endian and this machine is not; itera reads it on "
+                                  "little-endian machines only")
         self.headers = headers
         self._open: dict[Path, tuple] = {}
 
@@ -256,9 +259,6 @@ class TensorReader:
     def get(self, name: str) -> "torch.Tensor":
         import torch
 
-        if sys.byteorder != "little":
-            raise CheckpointError("safetensors data is little-endian and this machine is not; itera reads it on "
-                                  "little-endian machines only")
         f, info = self.headers[name]
         try:
             if f not in self._open:
