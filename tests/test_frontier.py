@@ -192,16 +192,21 @@ def test_calib_goes_with_llama_cpp_quantizer_types(lm, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_the_frontier_bench_gives_a_paired_difference_its_standard_error_over_windows():
-    """bench_frontier's margins: the mean per-token difference of two files' NLL, and the standard
-    error of that mean over windows (the windows' scored tokens do not overlap)."""
+def _script(name: str):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_frontier.py"
-    spec = importlib.util.spec_from_file_location("bench_frontier", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_frontier_bench_gives_a_paired_difference_its_standard_error_over_windows():
+    """bench_frontier's margins: the mean per-token difference of two files' NLL, and the standard
+    error of that mean over windows (the windows' scored tokens do not overlap)."""
+    bench = _script("bench_frontier")
     s = bench.Scorer.__new__(bench.Scorer)
     s.counts = np.array([256.0, 256.0])
     s.nll = {"f32": np.array([1000.0, 1200.0]), "a": np.array([1000.0 + 0.3 * 256, 1200.0 - 0.1 * 256])}
@@ -210,6 +215,34 @@ def test_the_frontier_bench_gives_a_paired_difference_its_standard_error_over_wi
     s.nll["b"] = s.nll["f32"] + 0.05 * s.counts  # the same shift in every window: no spread
     assert s.delta({"b": 1.0, "f32": -1.0}) == pytest.approx((0.05, 0.0))
     assert s.delta({"a": 0.5, "f32": 0.5, "b": -1.0})[0] == pytest.approx(0.5 * 0.1 - 0.05)
+
+
+def test_the_noise_control_adds_noise_of_the_quantized_files_size_to_each_tensor(lm, llama_q4_0, tmp_path):
+    """bench_noise_control: per tensor, the root mean square of llama.cpp Q4_0's error against F32;
+    a copy of the F32 file with Gaussian noise of exactly that size, one file per seed, which
+    llama.cpp loads and whose KL to F32 is of the order of the Q4_0 file's."""
+    import gguf
+
+    from itera.data import load_text
+    from itera.tokenizer import Tokenizer
+
+    ctl = _script("bench_noise_control")
+    f32, q4 = llama_q4_0 / "f32.gguf", llama_q4_0 / "q4_0.gguf"
+    assert set(ctl.error_rms(f32, f32).values()) == {0.0}
+    rms = ctl.error_rms(f32, q4)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(q4)).tensors}
+    assert all((rms[n] > 0) == (types[n] not in ("F32", "F16")) for n in rms), (rms, types)
+    a = ctl.noisy_copy(f32, rms, 0, tmp_path / "a.gguf")
+    assert ctl.noisy_copy(f32, rms, 0, tmp_path / "b.gguf").read_bytes() == a.read_bytes()  # seeded
+    assert ctl.noisy_copy(f32, rms, 1, tmp_path / "c.gguf").read_bytes() != a.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "b.gguf", "c.gguf"]  # no temp left
+    got = ctl.error_rms(f32, a)
+    for n, want in rms.items():
+        assert got[n] == pytest.approx(want, rel=0.05 if want else 0, abs=0 if want else 1e-12), n
+    ids = Tokenizer.from_dir(lm).encode(load_text(HELD_OUT, purpose="eval").text)[:512]
+    ref = _llama_logp(f32, ids)
+    kl_noise, kl_q4 = _kl(ref, _llama_logp(a, ids)), _kl(ref, _llama_logp(q4, ids))
+    assert 0.2 * kl_q4 < kl_noise < 5 * kl_q4, (kl_noise, kl_q4)
 
 
 def test_auto_measures_each_type_with_its_input_rounded_as_llama_cpp_rounds_it(outlier_lm):
