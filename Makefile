@@ -36,7 +36,7 @@ lint: install
 # A script that cannot run here (bench_runtimes without runs/demo/teacher) says why on stderr; the
 # others still run, and the target fails at the end naming every script that left no JSON.
 BENCH_OUT := runs/bench
-BENCHES   ?= $(wildcard scripts/bench_*.py)
+BENCHES   ?= $(sort $(wildcard scripts/bench_*.py))
 
 bench: install
 	@mkdir -p $(BENCH_OUT); failed=""; \
