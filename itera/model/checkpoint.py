@@ -36,8 +36,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors dtypes: bytes per element, and torch's name for it (torch is not imported to check a header)
+DTYPES = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+          "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"),
+          "U16": (2, "uint16"), "U32": (4, "uint32"), "U64": (8, "uint64"), "BOOL": (1, "bool"),
+          "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2")}
+DTYPE_BYTES = {k: n for k, (n, _) in DTYPES.items()}
 # Buffers that some older checkpoints saved and that are recomputed from the config.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -234,11 +238,6 @@ def load_config(path: Path) -> ModelConfig:
     return ModelConfig.from_file(check_checkpoint_dir(path) / CONFIG_NAME)
 
 
-_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
-                 "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
 class TensorReader:
     """Tensors of safetensors files (headers already validated by :func:`read_headers`), each
     read with plain reads into memory of its own. The files are never memory-mapped: a mapping
@@ -281,7 +280,7 @@ class TensorReader:
                 done += got
         except OSError as e:
             raise CheckpointError(f"{f} could not be read ({e}); re-copy the checkpoint") from None
-        return buf.view(getattr(torch, _TORCH_DTYPES[info["dtype"]])).reshape(info["shape"])
+        return buf.view(getattr(torch, DTYPES[info["dtype"]][1])).reshape(info["shape"])
 
     def close(self) -> None:
         for fh, _ in self._open.values():
