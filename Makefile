@@ -8,25 +8,38 @@ PYTHON  := $(BIN)/python
 ITERA   := $(BIN)/itera
 STAMP   := $(VENV)/.installed
 RUNS    := runs/demo
-# pip takes torch's CPU build from local disk when pinned; an unpinned torch pulls a CUDA build.
-TORCH   := torch==2.13.0
+# Every dependency, test tools included, at the exact version (and sha256) in the lock file: what CI
+# tests is what make install gives. torch is the CPU build pip takes from local disk (2.13.0+cpu);
+# an unpinned torch pulls a CUDA build. `make lock` refreshes the lock (see the README).
+LOCK    := requirements/lock.txt
+PIP     := pip==26.3
 
-.PHONY: install demo test lint bench clean
+.PHONY: install lock demo test lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install --upgrade pip
-	$(PYTHON) -m pip install "$(TORCH)"
-	$(PYTHON) -m pip install -e ".[test]"
+	$(PYTHON) -m pip install --quiet "$(PIP)"
+	$(PYTHON) -m pip install --require-hashes -r $(LOCK)
+	$(PYTHON) -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# pip-tools in a throwaway environment resolves pyproject.toml's ranges (with the test extras) and
+# requirements/torch.in anew, with the hash of every file each pinned version may install from.
+lock:
+	rm -rf .lock-venv && $(PY) -m venv .lock-venv && .lock-venv/bin/pip install --quiet "$(PIP)" pip-tools
+	.lock-venv/bin/pip-compile --upgrade --extra test --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml requirements/torch.in
+	rm -rf .lock-venv
 
 demo: install
 	ITERA=$(ITERA) RUNS=$(RUNS) bash scripts/demo.sh
 
+# The tests run in a worker process (pytest-xdist, one worker): a native crash (a segfault in a
+# runtime) fails the test it happened in, a new worker takes the rest, and the summary names it.
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -p xdist -n 1
 
 lint: install
 	$(PYTHON) -m compileall -q itera commands scripts tests

@@ -15,8 +15,8 @@ from typing import Annotated
 import typer
 
 from itera import __version__
-from itera.commands import (benchmark_power, discover_cluster, distill, dpo_train, evaluate, export, quantize,
-                            registry, report, schema, serve)
+from itera.commands import (benchmark_power, discover_cluster, distill, dpo_train, env, evaluate, export,
+                            quantize, registry, report, schema, serve)
 
 app = typer.Typer(
     name="itera",
@@ -35,6 +35,7 @@ COMMANDS = {
     "discover-cluster": discover_cluster.discover_cluster,
     "distill": distill.distill,
     "dpo-train": dpo_train.dpo_train,
+    "env": env.env,
     "evaluate": evaluate.evaluate,
     "export": export.export,
     "quantize": quantize.quantize,

@@ -40,6 +40,7 @@ from itera.errors import IteraError, UsageError
 from itera.power import PowerProfile, RunTiming, Workload, open_meter, summarize
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome
+from itera.runtime.isolate import NativeCrash, child_env, exit_description, signal_name
 
 MIN_RUNS = 3
 MAX_STALL = 1.5  # wall-time decode rate this many times below the median step's rate: steps were delayed
@@ -119,8 +120,9 @@ class BenchmarkOptions:
 WORKER_CODE = "from itera.benchmark import worker_main; worker_main()"
 
 
-class WorkerFailed(RuntimeError):
-    """A worker process died or answered something that is not the protocol."""
+class WorkerFailed(NativeCrash):
+    """A worker process died or answered something that is not the protocol: one line naming the
+    artifact, its runtime and how the worker ended (exit 1)."""
 
 
 class Worker:
@@ -128,14 +130,10 @@ class Worker:
     the child's stdin and a private copy of its stdout (see :func:`worker_main`)."""
 
     def __init__(self, path: Path):
-        import itera
-
         self.path = Path(path)
         self.info: dict = {}
-        root = str(Path(itera.__file__).resolve().parent.parent)  # this itera, however it was found
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen([sys.executable, "-c", WORKER_CODE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, env=child_env(), text=True, bufsize=1)
 
     def load(self, threads: int, w: Workload, meter_kind: str | None) -> dict:
         """Load the artifact in the worker; its load time, runtime name and peak RSS so far."""
@@ -152,7 +150,9 @@ class Worker:
             line = ""
         if not line:
             code = self.proc.wait(timeout=30)
-            raise WorkerFailed(f"the benchmark worker for {self.path} exited with code {code}")
+            runtime = {".gguf": "llama.cpp", ".onnx": "onnxruntime"}.get(self.path.suffix.lower(), "torch")
+            raise WorkerFailed(f"the benchmark worker for {self.path} ({runtime}) {exit_description(code)}; run "
+                               "`itera env` to check this machine's runtimes", signal_name(code))
         reply = json.loads(line)
         if not reply.get("ok"):
             import itera.errors
@@ -184,6 +184,10 @@ def worker_main() -> None:
     and answer ``{"ok", "load_seconds", "runtime", "peak_rss_bytes"}``, then answer each
     ``{"cmd": "run"}`` with one run's timing, until stdin closes. Errors are answered as
     ``{"ok": false, "error": <itera error class>, "message"}``."""
+    from itera.runtime.isolate import crash_now, crash_requested
+
+    if crash_requested("benchmark-worker"):  # tests: a worker that dies as a native crash would
+        crash_now()
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever a runtime prints goes to stderr; the protocol has its own descriptor
 
@@ -245,6 +249,11 @@ def start_workers(opts: BenchmarkOptions, meter_kind: str | None, stack: context
                   reporter: Reporter) -> list[Worker]:
     """One worker per artifact, loaded one after the other so loads do not compete; each closed by ``stack``."""
     workers = []
+    if any(Path(p).suffix.lower() == ".gguf" for p in opts.paths):
+        from itera.runtime import llamacpp_mode
+
+        # probe here (once per build and CPU) rather than in each worker, and say the mode in the record
+        llamacpp_mode.note_used(llamacpp_mode.mode())
     for p in opts.paths:
         worker = Worker(p)
         stack.callback(worker.close)

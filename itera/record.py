@@ -134,6 +134,10 @@ class Run:
             "duration_s": round(time.perf_counter() - self._t0, 6),
             "host": host_info(self.device),
         }
+        from itera.runtime.llamacpp_mode import used
+
+        if (runtime := used()) is not None:  # how llama.cpp loaded weights: speed and crashes depend on it
+            rec["runtime"] = runtime
         validate(rec)
         return rec
 

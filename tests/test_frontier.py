@@ -27,12 +27,6 @@ class _Keep:
         return w
 
 
-def _perplexity(path, tokens: int = 4000) -> float:
-    rec = run_itera("evaluate", "--model", path, "-d", HELD_OUT, "--max-tokens", str(tokens), "--window", "256",
-                    "--stride", "128").record
-    return rec["metrics"]["datasets"][HELD_OUT]["perplexity"]
-
-
 def _llama_logp(path, ids: list[int], window: int = 256) -> np.ndarray:
     """llama.cpp's log-probabilities at every position of consecutive windows of ``ids``."""
     from itera.runtime.llamacpp_backend import LlamaCppRuntime
@@ -74,10 +68,10 @@ def auto(lm, llama_q4_0, tmp_path_factory):
     return {"dir": d, "budget": budget, "quantize": q, "export": e}
 
 
-def test_auto_at_llama_cpp_q4_0_size_is_better_in_llama_cpp(auto, llama_q4_0):
+def test_auto_at_llama_cpp_q4_0_size_is_better_in_llama_cpp(auto, llama_q4_0, lm):
     """Same bytes (within 1%, never more), the planned types in the file, and in llama.cpp at most
-    60% of llama.cpp's own Q4_0 increase in perplexity over F32 (measured: F32 116.85, llama.cpp Q4_0
-    117.02, itera 116.81)."""
+    half of llama.cpp's own Q4_0 mean KL to the F32 file, with a next-token NLL no worse than
+    llama.cpp's beyond three standard errors of the paired difference."""
     import gguf
 
     from itera.export.gguf import gguf_name
@@ -94,9 +88,32 @@ def test_auto_at_llama_cpp_q4_0_size_is_better_in_llama_cpp(auto, llama_q4_0):
     assert {gguf_name(m + ".weight"): t for m, t in plan.items()} == \
         {n: t for n, t in written.items() if not n.endswith("norm.weight")}
     assert e["direct_from_codes"] == sum(t != "F16" for t in plan.values()) and not e["requantized"]
-    f32, q4_0, ours = (_perplexity(p) for p in (llama_q4_0 / "f32.gguf", llama_q4_0 / "q4_0.gguf",
-                                                  auto["dir"] / "auto.gguf"))
-    assert ours - f32 <= 0.6 * (q4_0 - f32), (f32, q4_0, ours)
+    # Judged as the field judges a quantized file: mean KL to the F32 file, then the NLL change
+    # with its standard error. Perplexity on one text alone is luck at this size: on an AVX-512
+    # machine llama.cpp's Q4_0 scored below F32 (116.827 vs 116.839).
+    from itera.data import load_text
+    from itera.tokenizer import Tokenizer
+
+    window = 256
+    ids = Tokenizer.from_dir(lm).encode(load_text(HELD_OUT).text[:40_000], add_bos=False)[:16 * window]
+    f32, q4_0, ours = (_llama_logp(p, ids, window) for p in (llama_q4_0 / "f32.gguf", llama_q4_0 / "q4_0.gguf",
+                                                              auto["dir"] / "auto.gguf"))
+    kl_llama, kl_ours = _kl(f32, q4_0), _kl(f32, ours)
+    assert kl_ours <= 0.5 * kl_llama, (kl_ours, kl_llama)  # measured here: 0.00018 against 0.00142
+    nll_f32, nll_llama, nll_ours = (_token_nll(x, ids, window) for x in (f32, q4_0, ours))
+    diff = nll_ours - nll_llama  # per token, paired: the same windows and targets
+    se = diff.std(ddof=1) / np.sqrt(len(diff))  # measured here: -0.0012 nats/token, se 0.0009
+    assert diff.mean() <= 3 * se, (nll_f32.mean(), nll_llama.mean(), nll_ours.mean(), se)
+
+
+def _token_nll(logp: np.ndarray, ids: list[int], window: int) -> np.ndarray:
+    """The NLL of each next token inside consecutive windows (``logp`` from :func:`_llama_logp`)."""
+    out = []
+    for w in range(len(logp) // window):
+        rows = logp[w * window: (w + 1) * window - 1]
+        targets = np.asarray(ids[w * window + 1: (w + 1) * window])
+        out.append(-rows[np.arange(len(targets)), targets])
+    return np.concatenate(out)
 
 
 def test_a_plan_is_reused_exactly(auto, lm, tmp_path):

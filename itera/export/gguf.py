@@ -428,14 +428,18 @@ def verify(src, opts, artifact: Path, info: dict):
     """llama.cpp's logits on the source's ids; the logits of the file's own weights in torch;
     tokenization of a varied text; the tensor types the file really holds."""
     from itera.export.verify import PARITY_TEXT, file_logits_gguf, gguf_tensor_types, tokenizer_parity
-    from itera.runtime.llamacpp_backend import LlamaCppRuntime
+    from itera.runtime import isolate, llamacpp_mode
 
     file_logits = file_logits_gguf(artifact, src.cfg, src.ids)  # before llama.cpp maps the file: peak memory
     types, bpw = gguf_tensor_types(artifact)
-    with LlamaCppRuntime(artifact, threads=opts.threads) as rt:
-        parity, problem = tokenizer_parity(src.tokenizer.encode(PARITY_TEXT, add_bos=False),
-                                           rt.tokenizer.encode(PARITY_TEXT, add_bos=False), PARITY_TEXT)
-        runtime = rt.logits(src.ids)
+    llamacpp_mode.mode()  # probe (once per build and CPU) here, not inside the child
+    # llama.cpp runs in a child process: if it crashes on this file, export fails with one line
+    # naming the crash, and the staged file is removed as for any other failure.
+    theirs, runtime, mode = isolate.call("itera.runtime.llamacpp_backend:tokens_and_logits", artifact, opts.threads,
+                                         PARITY_TEXT, src.ids, runtime="llama.cpp",
+                                         what=f"verifying the GGUF file for {opts.out}", crash_name="verify")
+    llamacpp_mode.note_used(mode)
+    parity, problem = tokenizer_parity(src.tokenizer.encode(PARITY_TEXT, add_bos=False), theirs, PARITY_TEXT)
     checks = {"tokenizer_parity": parity["match"], "tokenizer_parity_tokens": parity["tokens"],
               "tensor_types": types, "bits_per_weight": bpw, "file_bytes": artifact.stat().st_size}
     return runtime, file_logits, checks, [problem] if problem else []

@@ -105,10 +105,13 @@ class LlamaCppRuntime(RuntimeBase):
     def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 0):
         import llama_cpp
 
+        from itera.runtime import llamacpp_mode
+
         train_ctx = context_length(path)
+        self.mode = llamacpp_mode.mode()  # repacked weights or not: probed once per build and CPU
         n_ctx = n_ctx or min(train_ctx, MAX_CONTEXT)
         self.threads = threads or len(os.sched_getaffinity(0))  # the cores this process may use
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), llamacpp_mode.model_params(self.mode["repack"]):
             try:
                 self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
                                            n_threads=self.threads, n_threads_batch=self.threads,
@@ -116,6 +119,7 @@ class LlamaCppRuntime(RuntimeBase):
             except ValueError:
                 raise InputError(f"llama.cpp could not load {path}; pass a GGUF file written by `itera export` "
                                  "or llama.cpp's tools") from None
+        llamacpp_mode.note_used(self.mode)
         self.tokenizer = LlamaCppTokenizer(self.llm)
         self.max_context = self.llm.n_ctx()
 
@@ -130,6 +134,13 @@ class LlamaCppRuntime(RuntimeBase):
 
     def close(self) -> None:
         self.llm.close()
+
+
+def tokens_and_logits(path: Path, threads: int | None, text: str, ids: list[int]) -> tuple[list[int], np.ndarray, dict]:
+    """llama.cpp's tokens for ``text`` (no BOS), its logits for ``ids``, and the mode it loaded in
+    (for :func:`itera.runtime.isolate.call`: export verification runs this in a child)."""
+    with LlamaCppRuntime(Path(path), threads=threads) as rt:
+        return rt.tokenizer.encode(text, add_bos=False), rt.logits(ids), rt.mode
 
 
 class LlamaCppStepper(Stepper):
