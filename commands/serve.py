@@ -30,13 +30,18 @@ def serve(
     poll_interval: Annotated[float, typer.Option(help="Seconds between looks at the registry alias.")] = 1.0,
     shutdown_timeout: Annotated[float, typer.Option(
         help="Seconds requests in flight get to finish after SIGTERM.")] = 30.0,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        help="A name besides loopback's that requests may carry in Host and Origin (repeatable), e.g. the "
+             "machine's name when a proxy forwards to the server.")] = None,
     metrics_out: MetricsOut = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, collect feedback, follow the registry.
 
     POST /v1/completions and /v1/chat/completions (stream: true for server-sent events), GET
     /v1/models, POST /v1/feedback (thumbs, rating, ab, correction on response ids), GET /health,
-    GET /metrics (Prometheus). With NAME@active the server swaps to the version the alias points
+    GET /metrics (Prometheus). Request bodies must be application/json; a request whose Host or
+    Origin names another site than loopback (or an --allowed-host) is refused with 403, so a web
+    page cannot reach the server through the browser (DNS rebinding). With NAME@active the server swaps to the version the alias points
     at after checking its sha256; requests in flight finish on the old one. SIGTERM drains and
     stops; the record then says what was served.
 
@@ -52,7 +57,7 @@ def serve(
     opts = ServeOptions(model=model, registry=registry, host=host, port=port, api_key_file=api_key_file,
                         max_concurrency=max_concurrency, max_queue=max_queue, feedback_db=feedback_db,
                         threads=threads, chat_template=chat_template, poll_interval=poll_interval,
-                        shutdown_timeout=shutdown_timeout)
+                        shutdown_timeout=shutdown_timeout, allowed_hosts=tuple(allowed_host or ()))
     execute("serve", run_serve, opts.validate(), None, metrics_out, summary=_summary)
 
 

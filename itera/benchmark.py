@@ -209,7 +209,8 @@ def _serve(job: dict, requests, send) -> None:
     meter = open_meter(job["meter"])[0] if job["meter"] else None
     try:
         t0 = time.perf_counter()
-        with open_runtime(Path(job["path"]), threads=job["threads"]) as rt:
+        with open_runtime(Path(job["path"]), threads=job["threads"],
+                          n_ctx=job["prompt_tokens"] + job["gen_tokens"] + 1) as rt:
             need = job["prompt_tokens"] + job["gen_tokens"]
             if need > rt.max_context:
                 raise UsageError(f"--prompt-tokens + --gen-tokens = {need} exceeds the context of {job['path']} "

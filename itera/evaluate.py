@@ -186,9 +186,14 @@ def run_evaluate(opts: EvaluateOptions, reporter: Reporter = SILENT) -> Outcome:
     for spec in opts.datasets:
         typed.setdefault(canonical(spec), spec)
     sources = {key: load_text(spec, purpose="eval", field=opts.text_field) for key, spec in typed.items()}
-    results = {}
-    with open_runtime(opts.model, dtype=opts.dtype, device=opts.device, threads=opts.threads) as rt:
-        protocol = opts.protocol.resolve(rt.max_context)
+    results, protocol = {}, None
+    if fmt == "gguf":  # llama.cpp's buffers are sized for the window, not for what the file declares
+        from itera.runtime.llamacpp_backend import context_length
+
+        protocol = opts.protocol.resolve(context_length(opts.model))
+    with open_runtime(opts.model, dtype=opts.dtype, device=opts.device, threads=opts.threads,
+                      n_ctx=protocol.window if protocol else 0) as rt:
+        protocol = protocol or opts.protocol.resolve(rt.max_context)
         used_bos = resolve_bos(rt.tokenizer, protocol)
         for key, src in sources.items():
             task = reporter.task(f"evaluate {typed[key]}", unit="windows")

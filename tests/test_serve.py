@@ -6,6 +6,7 @@ swap on promote with a tampered version refused, SIGTERM drain and kill -9 durab
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -395,9 +396,11 @@ def test_health_models_and_metrics(main_server, models):
 def test_bad_input_gets_a_4xx_naming_the_field(main_server):
     c = main_server.client()
     post = lambda path, **kw: c.post(path, **kw)  # noqa: E731
-    _error(post("/v1/completions", content=b'{"prompt": "x", '), 400, None, "invalid_json")
-    _error(post("/v1/completions", content=b'[1, 2]'), 400, None, "invalid_json")
-    _error(post("/v1/completions", content=b'{"prompt": "x", "max_tokens": NaN}'), 400, None, "invalid_json")
+    as_json = {"Content-Type": "application/json"}
+    _error(post("/v1/completions", content=b'{"prompt": "x", ', headers=as_json), 400, None, "invalid_json")
+    _error(post("/v1/completions", content=b'[1, 2]', headers=as_json), 400, None, "invalid_json")
+    _error(post("/v1/completions", content=b'{"prompt": "x", "max_tokens": NaN}', headers=as_json), 400, None,
+           "invalid_json")
     _error(post("/v1/completions", json={"prompt": "x", "colour": "blue"}), 400, "colour", "unknown_field")
     _error(post("/v1/completions", json={"prompt": "x", "max_tokens": "12"}), 400, "max_tokens")
     _error(post("/v1/completions", json={"prompt": "x", "temperature": 7}), 400, "temperature")
@@ -420,6 +423,45 @@ def test_bad_input_gets_a_4xx_naming_the_field(main_server):
     with pytest.raises(openai.BadRequestError) as e:
         main_server.openai().completions.create(model="chat", prompt="x", max_tokens=5000)
     assert e.value.body["param"] == "max_tokens"
+
+
+def test_a_browser_cannot_reach_a_loopback_server(main_server):
+    """DNS rebinding (a foreign Host), a simple cross-site POST (text/plain), a foreign Origin:
+    each refused before the body is read, so nothing is generated or stored; no CORS grant."""
+    c = main_server.client()
+    port = main_server.url.rsplit(":", 1)[1]
+    before = _count(main_server.db, "feedback"), _count(main_server.db, "responses")
+    body = b'{"prompt":"Once upon a time","max_tokens":4}'
+    rebound = {"Host": f"evil.example:{port}", "Content-Type": "text/plain"}
+    err = _error(c.post("/v1/completions", content=body, headers=rebound), 403, None, "host_not_allowed")
+    assert "Host 'evil.example:" in err["message"] and "--allowed-host" in err["message"]
+    _error(c.get("/v1/models", headers={"Host": "evil.example"}), 403, None, "host_not_allowed")
+    fb = b'{"type":"correction","response_id":"cmpl-x","text":"poison"}'
+    _error(c.post("/v1/feedback", content=fb, headers=rebound), 403, None, "host_not_allowed")
+    _error(c.post("/v1/feedback", content=fb, headers={"Content-Type": "text/plain"}), 415, None,
+           "unsupported_media_type")
+    _error(c.post("/v1/completions", content=body, headers={"Content-Type": "text/plain"}), 415, None,
+           "unsupported_media_type")
+    _error(c.post("/v1/completions", content=body), 415, None, "unsupported_media_type")
+    _error(c.post("/v1/completions", content=body, headers={"Content-Type": "application/json",
+                                                            "Origin": "http://evil.example"}),
+           403, None, "origin_not_allowed")
+    _error(c.post("/v1/feedback", content=fb, headers={"Content-Type": "application/json", "Origin": "null"}),
+           403, None, "origin_not_allowed")
+    pre = c.options("/v1/completions", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+                                                "Access-Control-Request-Headers": "content-type"})
+    assert "access-control-allow-origin" not in pre.headers and pre.status_code >= 400
+    assert (_count(main_server.db, "feedback"), _count(main_server.db, "responses")) == before
+    # what a local client sends still works, with the loopback names and a same-origin Origin
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+        ok = c.post("/v1/completions", content=body, headers={"Host": host, "Content-Type": "application/json; charset=utf-8",
+                                                              "Origin": f"http://localhost:{port}"})
+        assert ok.status_code == 200 and "access-control-allow-origin" not in ok.headers, ok.text
+
+
+def _count(db: Path, table: str) -> int:
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(main_server, models, ref):

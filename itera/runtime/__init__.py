@@ -167,14 +167,17 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def open_runtime(path: Path, dtype: str = "float32", device: str = "cpu", threads: int | None = None) -> RuntimeBase:
+def open_runtime(path: Path, dtype: str = "float32", device: str = "cpu", threads: int | None = None,
+                 n_ctx: int = 0) -> RuntimeBase:
     """The backend for ``path``: torch for a checkpoint directory, llama.cpp for .gguf,
-    onnxruntime for .onnx. Use it as a context manager (``with open_runtime(p) as rt:``)."""
+    onnxruntime for .onnx. Use it as a context manager (``with open_runtime(p) as rt:``).
+    ``n_ctx``: the most tokens the caller will run at once (llama.cpp sizes its buffers for it;
+    0: the file's context, at most 32768)."""
     fmt = check_model_path(path)
     if fmt == "gguf":
         from itera.runtime.llamacpp_backend import LlamaCppRuntime
 
-        return LlamaCppRuntime(Path(path), threads=threads)
+        return LlamaCppRuntime(Path(path), threads=threads, n_ctx=n_ctx)
     if fmt == "onnx":
         from itera.runtime.onnx_backend import OnnxRuntime
 

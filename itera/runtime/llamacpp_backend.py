@@ -59,6 +59,12 @@ def context_length(path: Path) -> int:
     if ctx < 2:
         raise InputError(f"{path} declares a context of {ctx} token(s) (GGUF key {arch}.context_length); "
                          "at least 2 are needed")
+    from itera.model.config import LIMITS
+
+    if ctx > LIMITS["max_position_embeddings"]:
+        raise InputError(f"{path} declares a context of {ctx} tokens (GGUF key {arch}.context_length), beyond any "
+                         f"model itera supports (at most {LIMITS['max_position_embeddings']}); the file's header is "
+                         "wrong: export the model again")
     return ctx
 
 
@@ -109,7 +115,9 @@ class LlamaCppRuntime(RuntimeBase):
 
         train_ctx = context_length(path)
         self.mode = llamacpp_mode.mode()  # repacked weights or not: probed once per build and CPU
-        n_ctx = n_ctx or min(train_ctx, MAX_CONTEXT)
+        # The KV cache and llama-cpp-python's all-position logits grow with n_ctx: callers that know
+        # what they need (evaluate's window, a benchmark's prompt + generation) pass it.
+        n_ctx = min(n_ctx or MAX_CONTEXT, train_ctx, MAX_CONTEXT)
         self.threads = threads or len(os.sched_getaffinity(0))  # the cores this process may use
         with contextlib.redirect_stderr(io.StringIO()), llamacpp_mode.model_params(self.mode["repack"]):
             try:

@@ -26,6 +26,7 @@ from starlette.requests import Request  # at module level: FastAPI resolves rout
 
 from itera.errors import IteraError
 from itera.serve.engine import Admission, LoadedModel, ModelPool, Overloaded, Unavailable
+from itera.serve.guard import Guard
 from itera.serve.metrics import Metrics, endpoint_label
 from itera.serve.schemas import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, load_json, parse_body,
                                  parse_feedback)
@@ -67,8 +68,9 @@ class Server:
 
     def __init__(self, pool: ModelPool, store: FeedbackStore, max_concurrency: int, max_queue: int,
                  api_key: str | None = None, aliases: tuple[str, ...] = (),
-                 log: Callable[[str], None] = lambda m: None):
+                 log: Callable[[str], None] = lambda m: None, guard: Guard | None = None):
         self.pool, self.store, self.api_key, self.log = pool, store, api_key, log
+        self.guard = guard or Guard(check_host=True)
         self.admission = Admission(max_concurrency, max_queue)
         self.metrics = Metrics(self.admission)
         self.executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="itera-generate")
@@ -273,8 +275,8 @@ def _sse(obj) -> bytes:
 
 
 class _Gate:
-    """Pure ASGI middleware: the API key (every path but /health) and per-request metrics (status,
-    time to the last byte, streams included)."""
+    """Pure ASGI middleware: the browser guard (:mod:`itera.serve.guard`), the API key (every path
+    but /health) and per-request metrics (status, time to the last byte, streams included)."""
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
@@ -295,6 +297,8 @@ class _Gate:
                 s.metrics.latency.labels(label).observe(time.perf_counter() - t0)
 
         try:
+            if (err := s.guard.refusal(scope)) is not None:  # cross-site and rebinding requests, non-JSON bodies
+                return await _json(err.status, err.body(), err.headers)(scope, receive, send_wrapper)
             if s.api_key is not None and scope["path"] != "/health" and not self._authorised(scope):
                 err = ApiError(401, "missing or wrong API key: send the header Authorization: Bearer <key>", None,
                                "invalid_api_key", {"WWW-Authenticate": "Bearer"})

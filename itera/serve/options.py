@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+HOST_NAME = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?|"
+                       r"\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]+")
 
 
 def read_api_key(path: Path) -> str:
@@ -63,7 +68,9 @@ class ServeOptions:
     ``$ITERA_HOME/feedback.db``). ``threads``: CPU threads per generation for llama.cpp (default:
     the cores shared among ``max_concurrency``). ``chat_template``: a Jinja file that replaces the
     model's chat template. ``poll_interval``: seconds between looks at the registry alias.
-    ``shutdown_timeout``: seconds in-flight requests get to finish after SIGTERM."""
+    ``shutdown_timeout``: seconds in-flight requests get to finish after SIGTERM. ``allowed_hosts``:
+    names besides loopback's that a request's ``Host`` and ``Origin`` may carry (see
+    :func:`request_refusal`)."""
 
     model: str
     registry: Path | None = None
@@ -77,6 +84,7 @@ class ServeOptions:
     chat_template: Path | None = None
     poll_interval: float = 1.0
     shutdown_timeout: float = 30.0
+    allowed_hosts: tuple[str, ...] = ()
 
     @property
     def is_ref(self) -> bool:
@@ -108,6 +116,10 @@ class ServeOptions:
             raise UsageError(f"--poll-interval must be between 0.05 and 3600 seconds (got {self.poll_interval})")
         if not (math.isfinite(self.shutdown_timeout) and 0 <= self.shutdown_timeout <= 3600):
             raise UsageError(f"--shutdown-timeout must be between 0 and 3600 seconds (got {self.shutdown_timeout})")
+        for h in self.allowed_hosts:
+            if not HOST_NAME.fullmatch(h):
+                raise UsageError(f"--allowed-host {h!r} is not a host name or address (no scheme, port or path: "
+                                 "e.g. --allowed-host my-box.local)")
         if self.api_key_file is not None:
             read_api_key(self.api_key_file)
         if self.chat_template is not None and not Path(self.chat_template).is_file():

@@ -20,7 +20,7 @@ MAX_SEED = (1 << 63) - 1
 class ApiError(Exception):
     """An HTTP error answered as ``{"error": {"message", "type", "param", "code"}}``."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
              405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
              429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from itera.errors import InputError
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome
-from itera.serve.options import ServeOptions, read_api_key
+from itera.serve.options import ServeOptions, is_loopback, read_api_key
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -51,6 +51,7 @@ def run_serve(opts: ServeOptions, reporter: Reporter = SILENT) -> Outcome:
     import uvicorn
 
     from itera.serve.app import Server, build_app
+    from itera.serve.guard import Guard
     from itera.serve.engine import LoadedModel, ModelPool, Watcher, resolve_source
     from itera.serve.store import FeedbackStore, default_path
 
@@ -68,7 +69,8 @@ def run_serve(opts: ServeOptions, reporter: Reporter = SILENT) -> Outcome:
 
         pool = ModelPool(load(source))
         aliases = (opts.model,) if opts.is_ref else ()
-        server = Server(pool, store, opts.max_concurrency, opts.max_queue, api_key, aliases, reporter.log)
+        guard = Guard(check_host=is_loopback(opts.host), allowed=opts.allowed_hosts)
+        server = Server(pool, store, opts.max_concurrency, opts.max_queue, api_key, aliases, reporter.log, guard)
         if follow is not None:
             def on_result(ok: bool) -> None:
                 server.metrics.swaps.labels("ok" if ok else "refused").inc()
