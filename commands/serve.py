@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,8 +13,8 @@ def serve(
     model: Annotated[str, typer.Option("--model", "-m", help="NAME@active (a registry ref: the server follows the "
                                        "alias) or a checkpoint directory, .gguf or .onnx file.")],
     registry: Annotated[Optional[Path], typer.Option(
-        "--registry", envvar="ITERA_REGISTRY", dir_okay=False,
-        help="Registry file for NAME@... Default: $ITERA_HOME/registry.db.")] = None,
+        "--registry", dir_okay=False,
+        help="Registry file for NAME@... Default: $ITERA_REGISTRY, else $ITERA_HOME/registry.db.")] = None,
     host: Annotated[str, typer.Option(
         help="Address to listen on; other than loopback needs --api-key-file.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0: a free one, printed on stderr).")] = 8080,
@@ -54,6 +55,8 @@ def serve(
     from itera.serve.options import ServeOptions
     from itera.serve.server import run_serve
 
+    if registry is None and "@" in model and os.environ.get("ITERA_REGISTRY"):
+        registry = Path(os.environ["ITERA_REGISTRY"])  # the environment's registry, for a ref only
     opts = ServeOptions(model=model, registry=registry, host=host, port=port, api_key_file=api_key_file,
                         max_concurrency=max_concurrency, max_queue=max_queue, feedback_db=feedback_db,
                         threads=threads, chat_template=chat_template, poll_interval=poll_interval,

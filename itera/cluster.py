@@ -46,7 +46,8 @@ class HostSpec:
 def parse_host_spec(spec: str) -> HostSpec:
     """``host``, ``user@host``, ``host:port``, ``user@host:port``, ``[v6]``, ``[v6]:port``; strict."""
     def refuse(why: str) -> UsageError:
-        return UsageError(f"refusing host spec {spec!r}: {why}")
+        shown = repr(spec) if len(spec) <= 80 else repr(spec[:60]) + f"… ({len(spec)} characters)"
+        return UsageError(f"refusing host spec {shown}: {why}")
 
     if not isinstance(spec, str) or not spec:
         raise refuse("it is empty")
@@ -80,6 +81,9 @@ def parse_host_spec(spec: str) -> HostSpec:
             port = _port(p, refuse)
         if not host or not set(host) <= _NAME_CHARS or host.startswith(("-", ".")):
             raise refuse("the host name is not letters, digits, '.', '_' or '-'")
+        # DNS: at most 63 characters a label, 253 a name (a longer one cannot even be looked up)
+        if len(host.rstrip(".")) > 253 or any(len(label) > 63 for label in host.rstrip(".").split(".")):
+            raise refuse("a host name has at most 253 characters and 63 between dots")
     return HostSpec(spec, host, user or None, port)
 
 

@@ -74,7 +74,7 @@ def canonical(spec: str, purpose: str = "eval") -> str:
     spec = str(spec).strip()
     path = local_path(spec)
     if path is not None:
-        return str(path.resolve())
+        return os.path.realpath(path)  # unlike Path.resolve, no error on a symlink loop: reading it says so
     name, _, split = spec.partition("@")
     if name == BUILTIN:
         return f"{BUILTIN}@{split or ('test' if purpose == 'eval' else 'train')}"
@@ -262,7 +262,10 @@ def pydocs_corpus() -> list[tuple[str, str]]:
                     docs.append((rel, doc))
     from itera.fsio import write_text_atomic
 
-    write_text_atomic(cache, json.dumps(docs))
+    try:
+        write_text_atomic(cache, json.dumps(docs))
+    except OSError:
+        pass  # no writable cache ($ITERA_HOME): the corpus is read again next time
     return docs
 
 

@@ -104,7 +104,12 @@ class DistillOptions:
         from itera.fsio import Output
 
         # a resumed run replaces the student it wrote before (extending a finished run)
-        return [Output(self.out, "dir", "--out", self.force or self.resume)]
+        outs = [Output(self.out, "dir", "--out", self.force or self.resume)]
+        if self.train.save_every or self.resume:
+            # OUT.train-state is written into (state.pt), never replaced: checked as an output all the
+            # same, so that a symlink there cannot lead the state into an input (the teacher)
+            outs.append(Output(self.state_dir, "dir", "--out's training state", True))
+        return outs
 
     @property
     def state_dir(self) -> Path:

@@ -126,7 +126,10 @@ def cached_reference(model, enc: Encoded, model_sha: str, cache_dir: Path, token
         except (ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
     ref = reference_logprobs(model, enc)
-    write_text_atomic(path, json.dumps({"logprobs": ref.cpu().tolist()}))
+    try:
+        write_text_atomic(path, json.dumps({"logprobs": ref.cpu().tolist()}))
+    except OSError:
+        pass  # no writable cache ($ITERA_HOME): computed again next time
     return ref, False
 
 

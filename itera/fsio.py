@@ -63,8 +63,9 @@ def _stat(path: Path, name: str, tail: str, error: type[InputError | UsageError]
         if os.path.islink(path):
             raise error(f"{name} is a symbolic link to a file that does not exist{tail}") from None
         raise error(f"{name} does not exist{tail}") from None
-    except OSError as e:
-        raise error(f"{name} cannot be read ({e.strerror}){tail}") from None
+    except OSError as e:  # a symlink loop, a path through a file, no permission
+        raise error(f"{name} cannot be read ({e.strerror}){tail or '; pass a path that resolves to a readable file'}") \
+            from None
 
 
 def check_regular(path: Path, what: str = "artifact") -> os.stat_result:
@@ -181,6 +182,9 @@ def check_output(out: Path, inputs: list[Path] = (), force: bool = False, kind: 
     this same output that was killed outright (``.NAME.tmp-<pid>-*`` whose process is gone)."""
     out = Path(out)
     real_out = os.path.realpath(out)
+    if _inside(os.path.realpath(os.getcwd()), real_out):
+        raise UsageError(f"{option} {out} is the working directory or one of its parents; write the output to a new "
+                         "path (this is refused even with --force)")
     for inp in inputs:
         if inp is None:
             continue
@@ -198,9 +202,12 @@ def check_output(out: Path, inputs: list[Path] = (), force: bool = False, kind: 
         if stat.S_ISDIR(st.st_mode) != want_dir:
             what = "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
             raise UsageError(f"{option} {out} is {what}; pass a {'directory' if want_dir else 'file'} path")
+        # an empty directory is replaced only with --force too: it may be a mount point or one the
+        # user made for something else; an empty file (a `touch`ed name) is taken
         empty = (not any(os.scandir(out))) if want_dir else st.st_size == 0
-        if not empty and not force:
-            raise UsageError(f"{option} {out} already exists; pass --force to replace it, or choose another path")
+        if (want_dir or not empty) and not force:
+            raise UsageError(f"{option} {out} already exists{' (empty)' if empty else ''}; pass --force to replace "
+                             "it, or choose another path")
     parent = _nearest_existing(out.parent if str(out.parent) else Path("."))
     if not parent.is_dir():
         raise UsageError(f"{option} {out} cannot be created: {parent} is not a directory")
@@ -381,6 +388,16 @@ def check_writable_file(path: Path, inputs: list[Path] = (), option: str = "--me
             raise UsageError(f"{option} {path} is a directory; pass a file path")
         if not os.access(path, os.W_OK):
             raise UsageError(f"{option} {path} is not writable")
+        if stat.S_ISCHR(os.stat(path).st_mode) and os.path.realpath(path) != os.devnull:
+            # a device may refuse every write (/dev/full): find out now, not after the run
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                try:
+                    os.write(fd, b"\n")
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise UsageError(f"{option} {path} cannot be written ({e.strerror}); pass a file path") from None
         return
     parent = _nearest_existing(path.parent if str(path.parent) else Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):

@@ -18,6 +18,24 @@ def cache_dir() -> Path:
     return itera_home() / "cache"
 
 
+def state_dir(path: Path, what: str = "") -> Path:
+    """Create directory ``path`` (under ``$ITERA_HOME``, or a file's parent) for itera's state; a
+    home that is a file, unwritable or on /proc is one line naming it and the fix."""
+    from itera.errors import UsageError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        home = itera_home()
+        inside = str(path).startswith(str(home))
+        where = f"ITERA_HOME {home}" if inside else str(path)
+        fix = "set ITERA_HOME to a writable directory" if inside else f"pass a path whose directory can be written{what}"
+        raise UsageError(f"{where} cannot hold itera's files ({e.strerror or e}: {path}); {fix}") from None
+    return path
+
+
 def config_file(*parts: str) -> Traversable:
     """A file shipped in ``itera.configs`` (e.g. ``config_file("cluster.yaml")``)."""
     return resources.files("itera.configs").joinpath(*parts)

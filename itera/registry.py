@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from itera import dbkind
 from itera.errors import InputError, IteraError, UsageError
+from itera.paths import state_dir
 from itera.paths import itera_home
 from itera.record import utc_now
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched whole (re.fullmatch): no trailing newline
 VERSION_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only ('١' is a digit to str.isdigit); fits SQLite's integer
+MAX_VERSION = 10 ** 18 - 1
 BUSY_TIMEOUT_S = float(os.environ.get("ITERA_REGISTRY_BUSY_S", "30"))
 ALIASES = ("active", "last-good")
 TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -121,6 +124,9 @@ def parse_tags(items: Iterable[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not TAG_RE.match(key):
             raise UsageError(f"invalid tag {item!r}: use --tag key=value (key of letters, digits, '_', '.', '-')")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value) or len(value) > 1024:
+            raise UsageError(f"invalid tag value for {key!r}: at most 1024 characters and no control characters "
+                             "(newlines, tabs)")
         tags[key] = value
     return tags
 
@@ -236,6 +242,26 @@ def artifact_digest_of(path: Path) -> tuple[int, str]:
     return digest(path)
 
 
+def integrity_problem(label: str, row) -> str | None:
+    """Why a registered artifact cannot be trusted now (gone, no longer an artifact of its kind,
+    its bytes changed), or None. What is not a regular file or a directory of the registered kind
+    is refused before anything is hashed: a FIFO would block, a link to /etc would be walked."""
+    from itera.runtime import check_artifact
+
+    path = Path(row["path"])
+    if not path.exists() and not path.is_symlink():
+        return f"{label}'s artifact {path} no longer exists"
+    if path.is_dir() != (row["kind"] != "file"):
+        return f"{label}'s artifact {path} is no longer a {'file' if row['kind'] == 'file' else 'directory'}"
+    try:
+        check_artifact(path)
+    except IteraError as e:
+        return f"{label}'s artifact is no longer one itera can read ({e})"
+    if artifact_digest_of(path)[1] != row["sha256"]:
+        return f"{label}'s artifact {path} changed since it was registered (sha256 no longer {row['sha256'][:12]}…)"
+    return None
+
+
 def registration(record: dict | None = None, path: Path | None = None) -> dict:
     """The artifact block to register: a bare ``path``, or the artifact of ``record``. Either way
     the path must be an artifact itera can read, and it is hashed here; a record's sha256 that
@@ -294,11 +320,16 @@ class Registry:
         if not create and not self.path.exists():
             raise InputError(f"registry {self.path} does not exist; pass --registry PATH (or ITERA_REGISTRY) of an "
                              "existing one: only register, activate, mark-good, promote and rollback create one")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state_dir(self.path.parent)
         self._depth = 0
         try:
             self.db = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, isolation_level=None)
             self.db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            try:
+                dbkind.check(self.db, self.path, "registry")  # not a feedback store, nor anything else
+            except InputError:
+                self.db.close()  # closed before the error: a read leaves no -wal/-shm beside the file
+                raise
             self._check_schema_version()
             self.db.execute("PRAGMA journal_mode = WAL")  # falls back by itself where WAL is not possible
             self.db.execute("PRAGMA foreign_keys = ON")
@@ -346,6 +377,7 @@ class Registry:
                 for statement in filter(str.strip, MIGRATIONS[i].split(";")):
                     self.db.execute(statement)
                 self.db.execute(f"PRAGMA user_version = {i + 1}")
+            dbkind.mark(self.db, "registry")
 
     @contextlib.contextmanager
     def _write(self):
@@ -485,6 +517,8 @@ class Registry:
         return self._row(ref.name, v)
 
     def rollback(self, name: str, to: int | None = None) -> dict:
+        if to is not None and not 1 <= to <= MAX_VERSION:
+            raise UsageError(f"--to {to} is not a version number; pass N between 1 and {MAX_VERSION}")
         """Point ``active`` at ``last-good`` (or at version ``to``) after checking its bytes.
 
         A refusal (no such version, no last-good, artifact missing or changed) records a
@@ -505,12 +539,7 @@ class Registry:
                 if row is None:
                     problem = f"{name} has no version {target} to roll back to"
                 else:
-                    path = Path(row["path"])
-                    if not path.exists():
-                        problem = f"{name}@{target}'s artifact {path} no longer exists"
-                    elif artifact_digest_of(path)[1] != row["sha256"]:
-                        problem = (f"{name}@{target}'s artifact {path} changed since it was registered "
-                                   f"(sha256 no longer {row['sha256'][:12]}…)")
+                    problem = integrity_problem(f"{name}@{target}", row)
             if problem is None:
                 self._set_alias(name, "active", target, "rollback")
             else:  # the refusal is part of the audit log too

@@ -18,6 +18,7 @@ import base64
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -185,9 +186,15 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+_MD_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|#!~])")
+
+
 def _md_cell(text: str) -> str:
-    """A table cell that stays one cell and stays text: pipes escaped, angle brackets as entities."""
-    return escape(str(text), quote=False).replace("|", "\\|")
+    """A table cell that stays one cell and stays text: line breaks and other control characters
+    become a space (a newline would end the table and start a heading), Markdown's punctuation is
+    backslash-escaped (no emphasis, links, images or code), angle brackets become entities."""
+    return _MD_SPECIAL.sub(r"\\\1", escape(_MD_CONTROL.sub(" ", str(text)), quote=False))
 
 
 def charts(rows: list[Row], out: Path) -> list[Path]:

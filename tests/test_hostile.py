@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -382,6 +383,79 @@ def _newer_schema(c: Ctx) -> None:
     con.execute("PRAGMA user_version = 99")
     con.close()
     assert not os.path.exists(str(c.p("new.db")) + "-wal")
+
+
+# --------------------------------------------------------------------------- round three (issue: a browser can poison the data)
+
+
+def _register_then(c: Ctx, name: str, make, replace) -> None:
+    """Register an artifact made by ``make(c)`` as NAME@1 in the case's registry, then let
+    ``replace(c, path)`` turn it into something hostile (a FIFO, a link to /etc)."""
+    path = make(c)
+    res = run_itera("registry", "register", "--registry", c.reg, "--name", name, "--path", path,
+                    env={"ITERA_HOME": str(c.home)})
+    assert res.returncode == 0, res.stderr
+    replace(c, path)
+
+
+def _gguf_copy(c: Ctx) -> Path:
+    return Path(shutil.copyfile(c.fx.gguf, c.p("a.gguf")))
+
+
+def _to_fifo(c: Ctx, path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _to_etc(c: Ctx, path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.symlink_to("/etc")
+
+
+def _gguf_context(c: Ctx, value: int) -> None:
+    """A copy of the fixture GGUF whose llama.context_length says ``value``."""
+    import gguf
+
+    p = Path(shutil.copyfile(c.fx.gguf, c.p("c.gguf")))
+    reader = gguf.GGUFReader(str(p), "r+")
+    field = reader.fields["llama.context_length"]
+    field.parts[field.data[0]][0] = value
+    reader.data.flush()
+    del reader
+
+
+def _huge_weight(c: Ctx) -> None:
+    from safetensors.torch import load_file, save_file
+
+    m = c.copy_ckpt()
+    f = m / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e30
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def _feedback_store(c: Ctx) -> None:
+    from itera.serve.store import FeedbackStore
+
+    with FeedbackStore(c.p("fb.db")):
+        pass
+
+
+def _bad_template(c: Ctx) -> None:
+    c.write("t.jinja", b"\xff\xfe{{ messages }}")
+
+
+def _symlink_loop(c: Ctx) -> None:
+    os.symlink(c.p("b.txt"), c.p("a.txt"))
+    os.symlink(c.p("a.txt"), c.p("b.txt"))
+
+
+def _state_into_teacher(c: Ctx) -> None:
+    c.copy_ckpt("t")
+    os.symlink(c.p("t"), c.p("stu.train-state"))
+
+
+DISTILL_SAVE = ["--student", "half", "--steps", "2", "--save-every", "1", "--batch-size", "2", "--seq-len", "16"]
 
 
 EVAL = ["evaluate", "-d"]
@@ -761,6 +835,58 @@ CASES = [
     Case("export-unknown-gguf-type", lambda c: ["export", "--model", c.ckpt, "--format", "gguf", "--gguf-type",
                                                 "Q4_0; rm -rf /", "--out", c.p("x.gguf")],
          ("unknown --gguf-type",)),
+    # ---------------------------------------------------------------- round three
+    Case("distill-train-state-links-into-teacher", lambda c: ["distill", "--teacher", c.p("t"), "--out", c.p("stu"),
+                                                              "--data", c.dcorpus, *DISTILL_SAVE],
+         ("training state", "is the input", "refused even with --force"), setup=_state_into_teacher),
+    Case("distill-train-state-is-a-file", lambda c: ["distill", "--teacher", c.ckpt, "--out", c.p("stu"),
+                                                     "--data", c.dcorpus, *DISTILL_SAVE],
+         ("training state", "stu.train-state is a file", "pass a directory path"),
+         setup=lambda c: c.write("stu.train-state", "the user's own file")),
+    Case("evaluate-dataset-symlink-loop", lambda c: [*EVAL, c.p("a.txt"), "--model", c.ckpt],
+         ("a.txt", "cannot be read", "symbolic links"), setup=_symlink_loop),
+    Case("evaluate-gguf-context-2-31", lambda c: [*EVAL, c.corpus, "--max-tokens", "200", "--model", c.p("c.gguf")],
+         ("declares a context of 2147483647 tokens", "beyond any model itera supports"),
+         setup=lambda c: _gguf_context(c, 2**31 - 1)),
+    Case("evaluate-gguf-context-2-32-minus-1", lambda c: [*EVAL, c.corpus, "--model", c.p("c.gguf")],
+         ("declares a context of",), setup=lambda c: _gguf_context(c, 2**32 - 1)),
+    Case("rollback-target-became-fifo", R("rollback", "fifo", "--to", "1"),
+         ("rollback refused", "no longer", "aliases unchanged"), code=3, gate=True,
+         setup=lambda c: _register_then(c, "fifo", _gguf_copy, _to_fifo), timeout=60),
+    Case("rollback-target-file-became-link-to-etc", R("rollback", "etc", "--to", "1"),
+         ("rollback refused", "is no longer a file", "aliases unchanged"), code=3, gate=True,
+         setup=lambda c: _register_then(c, "etc", _gguf_copy, _to_etc)),
+    Case("rollback-target-dir-became-link-to-etc", R("rollback", "etcdir", "--to", "1"),
+         ("rollback refused", "no longer one itera can read", "aliases unchanged"), code=3, gate=True,
+         setup=lambda c: _register_then(c, "etcdir", lambda c: c.copy_ckpt(), _to_etc)),
+    Case("rollback-to-huge-version", R("rollback", "good", "--to", "99999999999999999999"),
+         ("--to 99999999999999999999 is not a version number",)),
+    Case("discover-cluster-10000-character-label", lambda c: ["discover-cluster", "a" * 10000],
+         ("refusing host spec", "(10000 characters)", "63 between dots")),
+    Case("export-f16-overflow", lambda c: ["export", "--model", c.p("m"), "--format", "gguf", "--gguf-type", "F16",
+                                           "--out", c.p("x.gguf")],
+         ("model.layers.0.mlp.up_proj.weight", "beyond what F16 can hold", "--gguf-type F32 or BF16"),
+         forbid=(".tmp-", "finite"), setup=_huge_weight),
+    Case("registry-register-into-feedback-store", lambda c: ["registry", "register", "--registry", c.p("fb.db"),
+                                                             "--name", "x", "--path", c.fx.gguf],
+         ("fb.db is an itera feedback store, not an itera registry", "--feedback-db"), setup=_feedback_store),
+    Case("registry-list-of-feedback-store", lambda c: ["registry", "list", "--registry", c.p("fb.db")],
+         ("is an itera feedback store, not an itera registry",), setup=_feedback_store),
+    Case("dpo-feedback-db-is-registry", lambda c: ["dpo-train", "--model", c.ckpt, "--feedback-db", c.reg,
+                                                   "--out", c.p("a")],
+         ("is an itera registry, not an itera feedback store", "--registry")),
+    Case("serve-feedback-db-is-registry", lambda c: ["serve", "--model", c.fx.gguf, "--feedback-db", c.reg,
+                                                     "--port", "0"],
+         ("is an itera registry, not an itera feedback store",)),
+    Case("serve-chat-template-not-utf8", lambda c: ["serve", "--model", c.fx.gguf, "--chat-template", c.p("t.jinja"),
+                                                    "--port", "0"],
+         ("t.jinja is not UTF-8 text", "save the template as UTF-8"), setup=_bad_template),
+    Case("quantize-out-existing-empty-dir", lambda c: [*QRTN, "--model", c.ckpt, "--out", c.p("out")],
+         ("already exists (empty)", "--force"), setup=lambda c: c.p("out").mkdir()),
+    Case("registry-tag-value-with-newline", R("register", "--name", "x", "--path", "@GGUF", "--tag", "note=a\nb"),
+         ("invalid tag value for 'note'", "no control characters")),
+    Case("evaluate-metrics-out-dev-full", lambda c: [*EVAL, c.corpus, "--model", c.ckpt, "--metrics-out", "/dev/full"],
+         ("--metrics-out /dev/full cannot be written", "No space left on device")),
     Case("export-out-is-directory", lambda c: ["export", "--model", c.ckpt, "--format", "onnx", "--out", c.p("d")],
          ("--out", "is a directory"), setup=lambda c: _user_dir(c, "d")),
 ]
@@ -860,3 +986,68 @@ def test_hostile(case: Case, fx: Fixtures, tmp_path: Path, tmp_path_factory):
         assert new_events[0][3].endswith("-refused") and new_events[0][4] == 0, (new_events, shown)
     else:
         assert sha256_of(c.reg) == reg_hash, ("the registry changed", shown)
+
+
+# --------------------------------------------------------------------------- round three, outside the table
+
+
+@pytest.mark.parametrize("out", [".", "..", "../.."])
+def test_an_output_that_is_the_working_directory_or_above_is_refused(out, tiny_ckpt, tmp_path):
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    (cwd / "keep.txt").write_text("the user's")
+    before = snapshot(tmp_path)
+    for force in ((), ("--force",)):
+        res = run_itera(*QRTN, "--model", tiny_ckpt, "--out", out, *force, cwd=cwd)
+        assert res.returncode == 2 and res.stdout == "" and len(res.stderr.splitlines()) == 1, res.stderr
+        assert f"--out {out} is the working directory or one of its parents" in res.stderr, res.stderr
+    assert diff_snapshots(before, snapshot(tmp_path)) == []
+
+
+@pytest.mark.parametrize("home", ["file", "/proc/itera-home"])
+def test_an_unusable_itera_home_is_one_line(home, tmp_path, fx):
+    if home == "file":
+        home = tmp_path / "home-is-a-file"
+        home.write_text("x")
+    env = {"ITERA_HOME": str(home)}  # no ITERA_REGISTRY: the registry is $ITERA_HOME/registry.db
+    res = run_itera("registry", "register", "--name", "x", "--path", fx.gguf, env=env)
+    assert res.returncode == 2 and res.stdout == "", res.stderr
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"itera: error: ITERA_HOME {home} cannot hold itera's files (") and \
+        line.endswith("set ITERA_HOME to a writable directory"), line
+
+
+def test_report_markdown_keeps_hostile_names_inside_their_cells(fx, tmp_path):
+    data = tmp_path / "notes\n# Injected heading | a | b |.txt"
+    shutil.copyfile(fx.corpus, data)
+    f = tmp_path / "r.json"
+    run_itera("evaluate", "--model", fx.gguf, "-d", data, "--max-tokens", "64", "--metrics-out", f).record
+    run_itera("report", f, "--out", tmp_path / "rep").record
+    md = (tmp_path / "rep" / "report.md").read_text()
+    lines = md.splitlines()
+    assert not any(ln.startswith("# Injected") for ln in lines), md
+    assert "Injected heading" in md
+    table = [ln for ln in lines if ln.startswith("|")]
+    cells = {len(re.split(r"(?<!\\)\|", ln)) for ln in table}  # unescaped pipes: every row as wide as the header
+    assert len(table) >= 3 and len(cells) == 1, md
+
+
+def test_serve_says_when_the_registry_it_follows_disappears(tmp_path):
+    from types import SimpleNamespace
+
+    from itera.registry import Ref, Registry
+    from itera.serve.engine import RegistryRef, Watcher
+
+    reg = tmp_path / "r.db"
+    with Registry(reg) as r:
+        r._migrate()
+    logged = []
+    current = SimpleNamespace(source=SimpleNamespace(label="x@1", version=1, sha256="0" * 64))
+    w = Watcher(RegistryRef(reg, Ref.parse("x@active")), SimpleNamespace(current=current), None, 1.0, logged.append)
+    w.poll()  # no model x yet: said once
+    w.poll()
+    assert len(logged) == 1 and "cannot read x@active" in logged[0], logged
+    reg.unlink()
+    w.poll()
+    assert len(logged) == 2 and "No such file or directory" in logged[1] and "still serving x@1" in logged[1], logged
+    assert not reg.exists()  # not created again by the watcher

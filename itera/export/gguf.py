@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from itera.errors import UnsupportedModelError, UsageError
+from itera.errors import CheckpointError, UnsupportedModelError, UsageError
 from itera.export.gguf_vocab import check_tokenizer, write_vocab
 from itera.model.checkpoint import TensorReader, read_headers
 from itera.model.config import ModelConfig
@@ -150,12 +151,23 @@ class Planned:
         return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype
 
 
-def _float_data(x: torch.Tensor, t: str) -> np.ndarray:
+F16_MAX = 65504.0
+
+
+def _float_data(x: torch.Tensor, t: str, name: str = "") -> np.ndarray:
     import gguf
 
     x = x.float()
     if t == "F32":
         return x.numpy().astype(np.float32)
+    big = float(x.abs().max()) if x.numel() else 0.0
+    if not math.isfinite(big):
+        raise CheckpointError(f"tensor {name} holds NaN or infinite values; pass a checkpoint with finite weights")
+    limit = F16_MAX * {"F16": 1, "Q8_0": 127, "Q4_0": 8}.get(t, float("inf"))  # float16 values, or scales of blocks
+    if big > limit:
+        raise UsageError(f"tensor {name} holds values up to {big:.3g}, beyond what {t} can hold (at most {limit:.6g}: "
+                         f"its float16 {'values' if t == 'F16' else 'block scales'} stop at {F16_MAX:g}); export with "
+                         "--gguf-type F32 or BF16")
     if t == "F16":
         return x.numpy().astype(np.float16)
     return gguf.quants.quantize(x.numpy().astype(np.float32), getattr(gguf.GGMLQuantizationType, t))
@@ -203,7 +215,7 @@ def plan_tensors(cfg: ModelConfig, src: TensorReader, gguf_type: str) -> tuple[l
 
 def _load_float(src: TensorReader, hf: str, perm, t: str) -> np.ndarray:
     x = src.get(hf)
-    return _float_data(x if perm is None else x[perm], t)
+    return _float_data(x if perm is None else x[perm], t, hf)
 
 
 def _stored_type(q) -> str | None:
@@ -245,7 +257,7 @@ def _plan_quantized(name: str, module: str, shape: tuple, q, perm, src: TensorRe
     def requantized_data():
         state = {k: src.get(k) for k in q.shapes(module, *shape)}
         w = q.weight(module, state, *shape)
-        return _float_data(w if perm is None else w[perm], want)
+        return _float_data(w if perm is None else w[perm], want, module + ".weight")
 
     return Planned(name, shape, want, requantized_data)
 
@@ -348,7 +360,7 @@ def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
 
 
 def llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = None,
-                   importance: dict[str, np.ndarray] | None = None) -> str:
+                   importance: dict[str, np.ndarray] | None = None, log_dir: Path | None = None) -> str:
     """Run llama.cpp's quantizer (through llama-cpp-python) from ``src`` to ``dst``, with importance
     data (GGUF tensor name -> mean square of each input column, :mod:`itera.quant.importance`)
     passed as llama.cpp's ``imatrix``. Its log (a line per tensor) goes to a file under
@@ -371,7 +383,7 @@ def llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = N
             e.data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         entries[len(keep)].name = None  # the list ends with a null name
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    with native_log("llama-quantize") as log:
+    with native_log("llama-quantize", log_dir) as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         raise RuntimeError(f"llama.cpp's quantizer failed with code {rc} (log: {log})")

@@ -85,21 +85,14 @@ def crash_now() -> None:
 
 
 def call(target: str, *args, runtime: str, what: str, crash_name: str | None = None,
-         timeout: float | None = None):
+         timeout: float | None = None, log_dir: Path | None = None):
     """``module:function(*args)`` in a fresh Python process; its return value.
 
     ``runtime`` and ``what`` name the work in the error when the child dies ("llama.cpp crashed
-    (SIGSEGV) while verifying out.gguf"). ``crash_name`` is the name :data:`CRASH_ENV` uses to make
-    this child crash on purpose (tests)."""
-    from itera.paths import itera_home
-
-    logs = itera_home() / "logs"
-    try:
-        logs.mkdir(parents=True, exist_ok=True)
-        fd, log_path = tempfile.mkstemp(prefix=re.sub(r"[^A-Za-z0-9]+", "-", runtime) + "-child-", suffix=".log",
-                                        dir=logs)
-    except OSError:  # no writable ITERA_HOME: the child's output goes to a temporary file
-        fd, log_path = tempfile.mkstemp(prefix="itera-child-", suffix=".log")
+    (SIGSEGV) while verifying out.gguf"). What the child prints goes to a temporary log that is
+    kept only when the child fails, in ``log_dir`` (default ``$ITERA_HOME/logs``). ``crash_name``
+    is the name :data:`CRASH_ENV` uses to make this child crash on purpose (tests)."""
+    fd, log_path = tempfile.mkstemp(prefix=re.sub(r"[^A-Za-z0-9]+", "-", runtime) + "-child-", suffix=".log")
     with tempfile.TemporaryDirectory(prefix="itera-child-") as d:
         request, answer = Path(d) / "request.pkl", Path(d) / "answer.pkl"
         with open(request, "wb") as f:
@@ -109,29 +102,38 @@ def call(target: str, *args, runtime: str, what: str, crash_name: str | None = N
                                   stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=child_env(),
                                   timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise NativeCrash(f"{runtime} did not finish {what} within {timeout:.0f} s (its log: {log_path})") from None
+            raise NativeCrash(f"{runtime} did not finish {what} within {timeout:.0f} s (its log: "
+                              f"{_keep(log_path, log_dir)})") from None
         finally:
             os.close(fd)
         if proc.returncode == 0 and answer.is_file():
             with open(answer, "rb") as f:
                 ok, value = pickle.load(f)
             if ok:
-                _drop_empty(log_path)
+                os.unlink(log_path)
                 return value
+            _keep(log_path, log_dir)
             raise value
+    log = _keep(log_path, log_dir)
     name = signal_name(proc.returncode)
     if name:
-        raise NativeCrash(f"{runtime} crashed ({name}) while {what} (its log: {log_path}); run `itera env` to "
+        raise NativeCrash(f"{runtime} crashed ({name}) while {what} (its log: {log}); run `itera env` to "
                           "check this machine's runtimes, and report it with that output", name)
-    raise NativeCrash(f"{runtime} {exit_description(proc.returncode)} while {what} (its log: {log_path})")
+    raise NativeCrash(f"{runtime} {exit_description(proc.returncode)} while {what} (its log: {log})")
 
 
-def _drop_empty(path: str) -> None:
+def _keep(log_path: str, log_dir: Path | None) -> str:
+    """Move a failed child's log to ``log_dir`` (default ``$ITERA_HOME/logs``); where it ends up."""
+    import shutil
+
+    from itera.paths import itera_home
+
     try:
-        if os.path.getsize(path) == 0:
-            os.unlink(path)
-    except OSError:
-        pass
+        target = Path(log_dir) if log_dir is not None else itera_home() / "logs"
+        target.mkdir(parents=True, exist_ok=True)
+        return shutil.move(log_path, target / Path(log_path).name)
+    except OSError:  # no writable ITERA_HOME: the log stays in the temporary directory
+        return log_path
 
 
 def _child_main() -> None:

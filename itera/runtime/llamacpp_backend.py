@@ -23,15 +23,14 @@ MAX_CONTEXT = 32768  # the KV cache is sized for this at most, whatever the file
 
 
 @contextlib.contextmanager
-def native_log(name: str):
+def native_log(name: str, directory: Path | None = None):
     """Send what native code writes to stderr (llama.cpp's logs) to ``$ITERA_HOME/logs/NAME-*.log``
-    instead of the user's screen; yields the log's path."""
+    (or ``directory``) instead of the user's screen; yields the log's path."""
     import tempfile
 
-    from itera.paths import itera_home
+    from itera.paths import itera_home, state_dir
 
-    logs = itera_home() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = state_dir(Path(directory) if directory is not None else itera_home() / "logs")
     fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log", dir=logs)
     saved = os.dup(2)
     try:

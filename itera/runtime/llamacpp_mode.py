@@ -140,14 +140,16 @@ def probe() -> dict:
     own child process; repack only if the second neither crashes nor disagrees."""
     import tempfile
 
+    from itera.paths import cache_dir
     from itera.runtime.isolate import NativeCrash, call
 
     types = ", ".join(PROBE_TYPES)
+    logs = cache_dir() / "llama-cpp" / "logs"  # the logs of a probe that crashed
     with tempfile.TemporaryDirectory(prefix="itera-probe-") as d:
         try:
             plain = call("itera.runtime.probe:build_and_decode", d, PROBE_TYPES, False, runtime="llama.cpp",
                          what="decoding tiny quantized files without repacking", crash_name="plain",
-                         timeout=PROBE_TIMEOUT)
+                         timeout=PROBE_TIMEOUT, log_dir=logs)
         except NativeCrash as e:
             return {"repack": False, "quantized_ok": False,
                     "repack_reason": f"tiny {types} files crash llama.cpp even without repacking ({e.signal_name or e}); "
@@ -159,7 +161,7 @@ def probe() -> dict:
         try:
             packed = call("itera.runtime.probe:build_and_decode", d, PROBE_TYPES, True, runtime="llama.cpp",
                           what="decoding tiny quantized files with repacked weights", crash_name="repack",
-                          timeout=PROBE_TIMEOUT)
+                          timeout=PROBE_TIMEOUT, log_dir=logs)
         except NativeCrash as e:
             return {"repack": False, "quantized_ok": True,
                     "repack_reason": f"tiny {types} files crashed llama.cpp ({e.signal_name or 'no answer'}) with "

@@ -55,7 +55,7 @@ def tiny_gguf(d: Path, gguf_type: str) -> Path:
         write_gguf(ckpt, tmp, gguf_type)
     else:
         f16 = tiny_gguf(d, "F16")
-        llama_quantize(f16, tmp, gguf_type, threads=1)
+        llama_quantize(f16, tmp, gguf_type, threads=1, log_dir=Path(d))
     tmp.replace(out)
     return out
 

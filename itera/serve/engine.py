@@ -268,6 +268,7 @@ class Watcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="itera-registry-watcher", daemon=True)
         self._registry = None
+        self._registry_id: tuple[int, int] | None = None  # (device, inode) of the file the connection reads
         self._registry_error: str | None = None
 
     def start(self) -> None:
@@ -288,8 +289,15 @@ class Watcher:
     def _target(self) -> dict | None:
         from itera.registry import Ref, Registry
 
+        # The open connection would go on reading a registry file that was deleted or replaced:
+        # look at the path itself each time (a missing one is said once in the log, by poll).
+        st = os.stat(self.follow.path)
+        if self._registry is not None and (st.st_dev, st.st_ino) != self._registry_id:
+            self._registry.close()
+            self._registry = None
         if self._registry is None:
-            self._registry = Registry(self.follow.path)
+            self._registry = Registry(self.follow.path, create=False)
+            self._registry_id = (st.st_dev, st.st_ino)
         reg, ref = self._registry, self.follow.ref
         v = reg.resolve_version(ref)
         return reg.get(Ref(ref.name, str(v)))

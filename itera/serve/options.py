@@ -122,8 +122,15 @@ class ServeOptions:
                                  "e.g. --allowed-host my-box.local)")
         if self.api_key_file is not None:
             read_api_key(self.api_key_file)
-        if self.chat_template is not None and not Path(self.chat_template).is_file():
-            raise InputError(f"--chat-template {self.chat_template} is not a file; pass a Jinja template file")
+        if self.chat_template is not None:
+            from itera.fsio import check_input_file
+
+            check_input_file(Path(self.chat_template), "--chat-template", "pass a Jinja template file")
+            try:
+                Path(self.chat_template).read_text("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"--chat-template {self.chat_template} is not UTF-8 text (byte {e.start}); save the "
+                                 "template as UTF-8") from None
         if self.feedback_db is not None and Path(self.feedback_db).is_dir():
             raise UsageError(f"--feedback-db {self.feedback_db} is a directory; pass a file path")
         return self

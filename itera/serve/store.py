@@ -22,8 +22,9 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from itera import dbkind
 from itera.errors import InputError
-from itera.paths import itera_home
+from itera.paths import itera_home, state_dir
 from itera.record import utc_now
 
 BUSY_TIMEOUT_S = 30.0
@@ -84,12 +85,17 @@ class FeedbackStore:
         if not create and not self.path.is_file():
             raise InputError(f"no feedback store at {self.path}; serve a model with `itera serve` and post feedback "
                              "to /v1/feedback first, or pass the server's --feedback-db")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state_dir(self.path.parent)
         self._lock = threading.Lock()
         try:
             self.db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                       check_same_thread=False)
             self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            try:
+                dbkind.check(self.db, self.path, "feedback")  # not a registry, nor anything else
+            except InputError:
+                self.db.close()  # closed before the error: a read leaves no -wal/-shm beside the file
+                raise
             (version,) = self.db.execute("PRAGMA user_version").fetchone()
             if version > len(MIGRATIONS):
                 raise InputError(f"feedback store {self.path} was written by a newer itera (schema {version}); "
@@ -120,6 +126,8 @@ class FeedbackStore:
                 for statement in filter(str.strip, MIGRATIONS[i].split(";")):
                     self.db.execute(statement)
                 self.db.execute(f"PRAGMA user_version = {i + 1}")
+            if current < len(MIGRATIONS):
+                dbkind.mark(self.db, "feedback")
 
     @contextlib.contextmanager
     def _write(self):
