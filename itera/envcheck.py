@@ -57,26 +57,19 @@ def package_versions() -> dict[str, str | None]:
                 names.append(name)
     except metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
         names += ["torch", "numpy", "onnxruntime", "llama-cpp-python", "gguf", "tokenizers", "safetensors"]
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    from itera.record import installed_versions
+
+    return installed_versions(names)
 
 
 def cpu_info() -> dict:
-    from itera.record import _cpu_model
+    from itera.record import host_info
     from itera.runtime.llamacpp_mode import cpu_flags
 
-    flags = cpu_flags()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"model": _cpu_model(), "machine": platform.machine(), "logical_cpus": os.cpu_count(),
-            "usable_cores": usable, "notable_flags": [f for f in NOTABLE_FLAGS if f in flags], "flags": flags}
+    flags, host = cpu_flags(), host_info()
+    return {"model": host["cpu"], "machine": platform.machine(), "logical_cpus": os.cpu_count(),
+            "usable_cores": host["usable_cores"], "notable_flags": [f for f in NOTABLE_FLAGS if f in flags],
+            "flags": flags}
 
 
 def memory_bytes() -> int | None:

@@ -62,15 +62,21 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def installed_versions(names) -> dict[str, str | None]:
+    """{distribution name: installed version, or None}, from package metadata (nothing imported)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def host_info(device: str = "cpu") -> dict:
     """Where the record was made: the machine, its CPU, the cores this process may use and the
     versions of the runtimes. Versions come from package metadata: nothing heavy is imported."""
-    versions = {}
-    for name in RUNTIME_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = installed_versions(RUNTIME_PACKAGES)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

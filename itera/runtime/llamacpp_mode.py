@@ -128,10 +128,11 @@ def _probed(reprobe: bool) -> dict:
         if not reprobe and (answer := _cached_answer(path)) is not None:
             return {**answer, "source": "cache"}
         answer = {**probe(), "build": build, "probed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        from itera.fsio import write_text_atomic
+        if not answer.get("not_cached"):
+            from itera.fsio import write_text_atomic
 
-        write_text_atomic(path, json.dumps(answer, indent=2) + "\n")
-        _cached_answer.cache_clear()
+            write_text_atomic(path, json.dumps(answer, indent=2) + "\n")
+            _cached_answer.cache_clear()
     return {**answer, "source": "probe"}
 
 
@@ -140,48 +141,54 @@ def probe() -> dict:
     own child process; repack only if the second neither crashes nor disagrees."""
     import tempfile
 
-    from itera.paths import cache_dir
-    from itera.runtime.isolate import NativeCrash, call
+    from itera.runtime.isolate import NativeCrash
 
     types = ", ".join(PROBE_TYPES)
-    logs = cache_dir() / "llama-cpp" / "logs"  # the logs of a probe that crashed
     with tempfile.TemporaryDirectory(prefix="itera-probe-") as d:
         try:
-            plain = call("itera.runtime.probe:build_and_decode", d, PROBE_TYPES, False, runtime="llama.cpp",
-                         what="decoding tiny quantized files without repacking", crash_name="plain",
-                         timeout=PROBE_TIMEOUT, log_dir=logs)
+            plain = _decode(d, repack=False)
         except NativeCrash as e:
             return {"repack": False, "quantized_ok": False,
                     "repack_reason": f"tiny {types} files crash llama.cpp even without repacking ({e.signal_name or e}); "
                                      "quantized GGUF files will not run with this build on this CPU"}
+        except Exception as e:  # noqa: BLE001 - the probe itself failed: the safe mode, not cached
+            return {"repack": False, "not_cached": True,
+                    "repack_reason": f"the probe could not run ({' '.join(str(e).split())[:200]}); loading without "
+                                     "repacking, the safe mode"}
         if not plain.get("controllable", True):
             return {"repack": True, "quantized_ok": True,
                     "repack_reason": "this llama-cpp-python has no use_extra_bufts parameter; repacking cannot be "
                                      "turned off"}
         try:
-            packed = call("itera.runtime.probe:build_and_decode", d, PROBE_TYPES, True, runtime="llama.cpp",
-                          what="decoding tiny quantized files with repacked weights", crash_name="repack",
-                          timeout=PROBE_TIMEOUT, log_dir=logs)
-        except NativeCrash as e:
+            packed = _decode(d, repack=True)
+        except Exception as e:  # noqa: BLE001 - a crash, or any other failure with repacked weights
+            why = e.signal_name if isinstance(e, NativeCrash) and e.signal_name else "no answer"
             return {"repack": False, "quantized_ok": True,
-                    "repack_reason": f"tiny {types} files crashed llama.cpp ({e.signal_name or 'no answer'}) with "
-                                     "repacked weights on this CPU and decoded without them; loading without repacking"}
-    import numpy as np
+                    "repack_reason": f"tiny {types} files crashed llama.cpp ({why}) with repacked weights on this CPU "
+                                     "and decoded without them; loading without repacking"}
+    from itera.export.verify import compare
 
-    worst = {}
-    for t in PROBE_TYPES:
-        a, b = plain["logits"][t].astype(np.float64), packed["logits"][t].astype(np.float64)
-        centred = a - a.mean(-1, keepdims=True)
-        worst[t] = float(np.sqrt(((a - b) ** 2).mean()) / max(np.sqrt((centred ** 2).mean()), 1e-12))
+    worst = {t: compare(plain["logits"][t], packed["logits"][t])["rel_rms"] for t in PROBE_TYPES}
     bad = {t: v for t, v in worst.items() if not v <= AGREEMENT}
     figures = ", ".join(f"{t} {v:.1e}" for t, v in worst.items())
     if bad:
         return {"repack": False, "quantized_ok": True, "agreement": worst,
                 "repack_reason": f"repacked weights gave other logits than the plain kernels ({figures}; limit "
                                  f"{AGREEMENT}); loading without repacking"}
-    return {"repack": True, "quantized_ok": True, "agreement": worst, "repacked_tensors": packed.get("repacked"),
+    return {"repack": True, "quantized_ok": True, "agreement": worst,
             "repack_reason": f"tiny {types} files decode with repacked weights and agree with the plain kernels "
                              f"({figures})"}
+
+
+def _decode(d: str, repack: bool) -> dict:
+    """The probe's child: write the tiny files into ``d`` (once) and decode them in one mode."""
+    from itera.paths import cache_dir
+    from itera.runtime.isolate import call
+
+    how = "with repacked weights" if repack else "without repacking"
+    return call("itera.runtime.probe:build_and_decode", d, PROBE_TYPES, repack, runtime="llama.cpp",
+                what=f"decoding tiny quantized files {how}", crash_name="repack" if repack else "plain",
+                timeout=PROBE_TIMEOUT, log_dir=cache_dir() / "llama-cpp" / "logs")
 
 
 # --------------------------------------------------------------------------- loading in a mode
