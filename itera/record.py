@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -261,6 +262,9 @@ def parse_record(data: bytes, source: str = "stdin") -> dict:
     return obj
 
 
+EMPTY_PIPE = False  # set by read_parent: stdin was a pipe that closed without a record
+
+
 def read_parent(stdin: Any = None) -> dict | None:
     """The parent record from stdin, or None when stdin is a terminal, closed or empty."""
     stdin = stdin if stdin is not None else sys.stdin
@@ -274,6 +278,11 @@ def read_parent(stdin: Any = None) -> dict | None:
     buf = getattr(stdin, "buffer", None)
     data = buf.read() if buf is not None else stdin.read().encode("utf-8")
     if not data.strip():
+        global EMPTY_PIPE
+        try:
+            EMPTY_PIPE = stat.S_ISFIFO(os.fstat(stdin.fileno()).st_mode)
+        except (OSError, ValueError, AttributeError):
+            EMPTY_PIPE = False
         return None
     return parse_record(data)
 
@@ -299,4 +308,7 @@ def input_path(explicit: Path | None, parent: dict | None, option: str) -> Path:
                 f"the record on stdin (from `itera {parent.get('command')}`) has no artifact path; pass {option} PATH"
             )
         return Path(art["path"])
+    if EMPTY_PIPE:  # in `a | b`, a failed: say so, rather than blame b's options
+        raise InputError("no input: the previous command in the pipe wrote no record (it failed: see its error "
+                         f"above); otherwise pass {option} PATH or pipe an itera record on stdin")
     raise InputError(f"no input: pass {option} PATH or pipe an itera record on stdin")

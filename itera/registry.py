@@ -273,7 +273,11 @@ def registration(record: dict | None = None, path: Path | None = None) -> dict:
             raise InputError(f"{path} does not exist; pass an existing file or directory with --path")
         return describe(check_artifact(Path(path)))
     if record is None:
-        raise InputError("no input: pipe an itera record on stdin, or pass --record FILE or --path ARTIFACT")
+        from itera import record as records
+
+        before = ("the previous command in the pipe wrote no record (it failed: see its error above); otherwise "
+                  if records.EMPTY_PIPE else "")
+        raise InputError(f"no input: {before}pipe an itera record on stdin, or pass --record FILE or --path ARTIFACT")
     artifact = record.get("artifact")
     if not artifact:
         raise InputError(f"the record from `itera {record.get('command')}` names no artifact to register")

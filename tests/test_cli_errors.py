@@ -138,3 +138,24 @@ def test_missing_dataset_file(tiny_ckpt, tmp_path):
 def test_unknown_option_is_one_line():
     res = run_itera("evaluate", "--no-such-flag")
     assert_usage_error(res, "--no-such-flag", "--help")
+
+
+def test_a_failing_stage_in_a_pipe_is_the_one_error_downstream_stages_point_at(tiny_ckpt, corpus_file, tmp_path):
+    """`a | b | c | d` under `set -o pipefail` with b failing: b's error is the only one that names a
+    problem; c and d say the previous command wrote no record, each with its own exit code."""
+    import subprocess
+    import sys
+
+    it = f"{sys.executable} -m itera"
+    script = (f"set -o pipefail; {it} evaluate --model {tiny_ckpt} -d {corpus_file} --max-tokens 32 "
+              f"| {it} export --format gguf --gguf-type Q9_9 --out {tmp_path / 'x.gguf'} "
+              f"| {it} evaluate -d {corpus_file} "
+              f"| {it} registry register --name m --registry {tmp_path / 'r.db'}")
+    p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.startswith("itera: error:")]  # the first stage's log aside
+    assert p.returncode == 2 and p.stdout == "", p.stderr
+    assert len(lines) == 3, p.stderr
+    assert "unknown --gguf-type" in lines[0] and "previous command" not in lines[0], lines
+    assert all(ln.startswith("itera: error: no input: the previous command in the pipe wrote no record (it failed: "
+                             "see its error above)") for ln in lines[1:]), lines
+    assert sorted(q.name for q in tmp_path.iterdir()) == []
