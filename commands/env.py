@@ -14,9 +14,10 @@ def env(
                                         "llama.cpp F16 and Q4_0), each in its own process.")] = True,
     metrics_out: MetricsOut = None,
 ) -> None:
-    """Describe this machine and install for a bug report: versions, CPU features, memory, GPUs,
-    energy meters, llama.cpp's weight-loading mode, and a smoke check of every runtime.
+    """Describe this machine and install for a bug report, and smoke-check every runtime.
 
+    The record holds the versions of every library, the CPU's features, memory, GPUs, which
+    energy meters are readable, and whether llama.cpp repacks quantized weights here (and why).
     A runtime that fails or crashes its smoke check is one line on stderr naming it; the record
     says "ok": false and lists it in "failures".
 
