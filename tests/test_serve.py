@@ -510,7 +510,7 @@ def test_a_client_that_leaves_while_queued_is_cancelled_and_nothing_is_stored(re
             lines = st.iter_lines()  # held: a dropped iterator closes the response
             assert next(lines).startswith("data: ")  # the slot is generating
             sock = socket.create_connection((url.hostname, url.port))
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             wait_for("queued", 1)
             sock.close()  # the client leaves while its request waits: its place in the queue is given up
