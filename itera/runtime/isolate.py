@@ -104,6 +104,9 @@ def call(target: str, *args, runtime: str, what: str, crash_name: str | None = N
         except subprocess.TimeoutExpired:
             raise NativeCrash(f"{runtime} did not finish {what} within {timeout:.0f} s (its log: "
                               f"{_keep(log_path, log_dir)})") from None
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): run() has killed the child; no log is left
+            os.unlink(log_path)
+            raise
         finally:
             os.close(fd)
         if proc.returncode == 0 and answer.is_file():
