@@ -187,13 +187,15 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
 
 
 _MD_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|#!~])")
+_MD_SPECIAL = re.compile(r"([`*\[\]|])")
 
 
 def _md_cell(text: str) -> str:
     """A table cell that stays one cell and stays text: line breaks and other control characters
-    become a space (a newline would end the table and start a heading), Markdown's punctuation is
-    backslash-escaped (no emphasis, links, images or code), angle brackets become entities."""
+    become a space (a newline would end the table and start a heading); pipes, backticks,
+    asterisks and brackets are backslash-escaped (no cell splits, code, emphasis, links or images;
+    underscores only emphasise whole words, so ``Q4_0`` and file names stay as they are); angle
+    brackets become entities."""
     return _MD_SPECIAL.sub(r"\\\1", escape(_MD_CONTROL.sub(" ", str(text)), quote=False))
 
 
