@@ -42,7 +42,7 @@ test: install
 	$(PYTHON) -m pytest -q -p xdist -n 1
 
 lint: install
-	$(PYTHON) -m compileall -q itera commands scripts tests
+	$(PYTHON) -m compileall -q itera scripts tests
 
 # Each scripts/bench_NAME.py prints one JSON object: kept as runs/bench/NAME.json (written only when
 # the script succeeds) and printed. `make bench BENCHES=scripts/bench_startup.py` runs a subset.

@@ -1,3 +1,3 @@
-from itera.commands import main
+from itera.cli import main
 
 main()

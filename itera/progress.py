@@ -2,7 +2,7 @@
 
 Every ``run_<verb>(opts, reporter)`` takes a :class:`Reporter`: ``log(line)`` for a message and
 ``task(description, total)`` for a unit of work with progress. The CLI passes one that writes to
-stderr (``itera.commands._console``); tests and scripts pass nothing and get :data:`SILENT`.
+stderr (``itera.cli._console``); tests and scripts pass nothing and get :data:`SILENT`.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ class Scorer:
     files comes with its standard error over windows (paired: the same tokens, scored twice)."""
 
     def __init__(self, tokenizer, text: str, tokens: int, window: int, stride: int, threads: int | None):
-        from itera.evaluate import windows
+        from itera.scoring import windows
 
         ids = tokenizer.encode(text, add_bos=False)
         if tokenizer.add_bos and tokenizer.bos_id is not None:
@@ -144,8 +144,8 @@ def llama_files(f32: Path, out: Path, types, importance, threads) -> dict[str, P
 
 def itera_file(model: Path, out: Path, name: str, calib: str, budget: int, plan: Path | None, threads) -> tuple:
     """itera auto at ``budget`` bytes (measuring, or with ``plan``), exported; (gguf, quantize record)."""
-    from itera.export.job import ExportOptions, run_export
-    from itera.quant.job import QuantizeOptions, run_quantize
+    from itera.jobs.export import ExportOptions, run_export
+    from itera.jobs.quantize import QuantizeOptions, run_quantize
 
     ckpt, gguf = out / f"itera-{name}", out / f"itera-{name}.gguf"
     rec_path = out / f"itera-{name}.quantize.json"
@@ -161,7 +161,7 @@ def plan_for(model: Path, sens: dict, budget: int, path: Path) -> Path:
     """quant_plan.json for ``budget`` bytes from already measured sensitivities."""
     from itera.export.gguf import layout
     from itera.quant.budget import make_budget
-    from itera.quant.job import AUTO_TYPES
+    from itera.jobs.quantize import AUTO_TYPES
     from itera.quant.plan import choose_plan
 
     b = make_budget(layout(model), AUTO_TYPES, budget, None)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from itera.quant.job import QuantizeOptions, run_quantize
+from itera.jobs.quantize import QuantizeOptions, run_quantize
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from itera.data import load_text
-from itera.evaluate import EvalOptions, evaluate_text
+from itera.scoring import EvalOptions, evaluate_text
 from itera.runtime import open_runtime
 
 

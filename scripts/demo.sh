@@ -19,7 +19,7 @@ rm -rf "$RUNS"
 mkdir -p "$RUNS"
 
 echo "== 1. teacher: trained from scratch (cross-entropy, no teacher), scored as float and as GGUF F16" >&2
-$ITERA distill --alpha 0 --tokenizer bpe:2048 --student configs/students/demo-teacher.yaml \
+$ITERA distill --alpha 0 --tokenizer bpe:2048 --student itera/configs/students/demo-teacher.yaml \
     --data pydocs@train --out "$RUNS/teacher" --steps "${TEACHER_STEPS:-600}" --lr 4e-3 --warmup-steps 20 \
     --batch-size 16 --seq-len 128 --metrics-out "$RUNS/teacher.json" \
   | $ITERA evaluate "${EVAL[@]}" --metrics-out "$RUNS/teacher-eval.json" \

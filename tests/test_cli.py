@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_itera
-from itera.commands import COMMANDS, GROUPS
+from itera.cli import COMMANDS, GROUPS
 
 HEAVY = ("torch", "onnxruntime", "llama_cpp", "transformers")
 
@@ -33,7 +33,7 @@ def _modules_after(argv: list[str]) -> set[str]:
     code = (
         "import sys\n"
         f"sys.argv = ['itera'] + {argv!r}\n"
-        "from itera.commands import main\n"
+        "from itera.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, assert_usage_error, run_itera
-from itera.cluster import HostResult, Policy, launch_plan, parse_host_spec, probe_local
+from itera.jobs.cluster import HostResult, Policy, launch_plan, parse_host_spec, probe_local
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
 

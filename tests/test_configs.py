@@ -1,4 +1,4 @@
-"""Every YAML preset in configs/ loads and builds what it describes."""
+"""Every YAML preset in itera/configs/ loads and builds what it describes."""
 
 from __future__ import annotations
 

@@ -15,10 +15,11 @@ import torch
 from conftest import run_itera
 from families import FAMILIES, checkpoint
 from itera.errors import UnsupportedModelError
-from itera.evaluate import EvalOptions, EvaluateOptions, run_evaluate
-from itera.export.job import ExportOptions, run_export
+from itera.jobs.evaluate import EvaluateOptions, run_evaluate
+from itera.scoring import EvalOptions
+from itera.jobs.export import ExportOptions, run_export
 from itera.export.verify import PARITY_TEXT
-from itera.quant.job import QuantizeOptions, run_quantize
+from itera.jobs.quantize import QuantizeOptions, run_quantize
 
 EXPORTS = [("gguf", "F32"), ("gguf", "F16"), ("gguf", "Q8_0"), ("gguf", "Q4_0"), ("gguf", "Q4_K_M"), ("onnx", None)]
 

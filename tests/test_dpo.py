@@ -172,7 +172,7 @@ def test_a_chat_prompt_is_tokenized_as_the_server_tokenized_it(tokenizer_dir, tm
     tokens (as transformers tokenizes the text, and as itera serve did); unmarked, they are text."""
     from transformers import PreTrainedTokenizerFast
 
-    from itera.dpo import encode_pairs
+    from itera.jobs.dpo import encode_pairs
     from itera.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tokenizer_dir)
@@ -192,7 +192,7 @@ def test_a_chat_prompt_is_tokenized_as_the_server_tokenized_it(tokenizer_dir, tm
 
 
 def test_the_feedback_store_marks_chat_prompts(tmp_path):
-    from itera.serve.store import FeedbackError, FeedbackStore
+    from itera.feedback import FeedbackError, FeedbackStore
 
     with FeedbackStore(tmp_path / "fb.db") as store:
         for rid, endpoint, text in (("c1", "/v1/chat/completions", "a"), ("c2", "/v1/chat/completions", "b"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_itera
-from itera.evaluate import EvalOptions, evaluate_text, windows
+from itera.scoring import EvalOptions, evaluate_text, windows
 from itera.record import validate
 from itera.runtime import open_runtime
 

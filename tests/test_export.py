@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_usage_error, run_itera, save_tiny
-from itera.evaluate import EvalOptions, evaluate_text
+from itera.scoring import EvalOptions, evaluate_text
 from itera.model.checkpoint import load_model
 from itera.record import validate
 from itera.runtime import open_runtime
@@ -218,7 +218,7 @@ def test_a_gguf_with_q_k_rows_in_the_wrong_rope_layout_fails(stories, tmp_path, 
     """A writer that forgot llama.cpp's rope permutation makes a file llama.cpp runs wrongly: the
     runtime-against-file check catches it for a float type and a block type alike."""
     import itera.export.gguf as gguf_writer
-    from itera.export.job import ExportOptions, VerificationError, run_export
+    from itera.jobs.export import ExportOptions, VerificationError, run_export
 
     monkeypatch.setattr(gguf_writer, "rope_permutation", lambda n, hd: torch.arange(n * hd))
     with pytest.raises(VerificationError, match="disagrees with the file's own weights"):

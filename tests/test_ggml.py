@@ -92,7 +92,7 @@ def test_gguf_type_checkpoint_round_trips_and_exports_its_blocks_unchanged(wide_
 
     from itera.export.gguf import gguf_name, rope_permutation
     from itera.model.checkpoint import load_model
-    from itera.quant.job import QuantizeOptions, quantize_in_memory
+    from itera.jobs.quantize import QuantizeOptions, quantize_in_memory
 
     out = tmp_path / "q4k"
     opts = QuantizeOptions(model=wide_lm, out=out, method="gptq", gguf_type="Q4_K", calib="pydocs@train",

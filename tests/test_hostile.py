@@ -435,7 +435,7 @@ def _huge_weight(c: Ctx) -> None:
 
 
 def _feedback_store(c: Ctx) -> None:
-    from itera.serve.store import FeedbackStore
+    from itera.feedback import FeedbackStore
 
     with FeedbackStore(c.p("fb.db")):
         pass
@@ -1036,7 +1036,7 @@ def test_serve_says_when_the_registry_it_follows_disappears(tmp_path):
     from types import SimpleNamespace
 
     from itera.registry import Ref, Registry
-    from itera.serve.engine import RegistryRef, Watcher
+    from itera.jobs.serve.engine import RegistryRef, Watcher
 
     reg = tmp_path / "r.db"
     with Registry(reg) as r:

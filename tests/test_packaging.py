@@ -32,7 +32,7 @@ def wheel(built) -> Path:
 
 
 def test_every_directory_shipped_is_a_declared_package(built):
-    """setuptools ships data-only directories (itera/schema, configs/power) that are not declared
+    """setuptools ships data-only directories (itera/schema, itera/configs/power) that are not declared
     packages for now, warns that it will stop, and then the wheel would lose the schema and the
     presets: every one is declared."""
     assert "is absent from the `packages` configuration" not in built[1]
@@ -41,9 +41,8 @@ def test_every_directory_shipped_is_a_declared_package(built):
 def test_wheel_carries_every_module_and_preset(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     want = {f"itera/{p.relative_to(REPO / 'itera').as_posix()}" for p in (REPO / "itera").rglob("*.py")}
-    want |= {f"itera/commands/{p.relative_to(REPO / 'commands').as_posix()}" for p in (REPO / "commands").rglob("*.py")}
-    want |= {f"itera/configs/{p.relative_to(REPO / 'configs').as_posix()}" for p in (REPO / "configs").rglob("*")
-             if p.is_file() and "__pycache__" not in p.parts}
+    want |= {f"itera/configs/{p.relative_to(REPO / 'itera' / 'configs').as_posix()}"
+             for p in (REPO / "itera" / "configs").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     want |= {"itera/schema/record.schema.json"}
     assert want - names == set()
 
@@ -74,8 +73,8 @@ def _run(venv: Path, cwd: Path, *args) -> dict:
 
 
 def test_installed_itera_is_the_wheel_not_the_checkout(installed, tmp_path):
-    code = ("import itera, itera.commands, itera.configs, sys; "
-            "print(itera.__file__); print(itera.commands.__file__); "
+    code = ("import itera, itera.cli, itera.configs, sys; "
+            "print(itera.__file__); print(itera.cli.__file__); "
             "print(any('editable' in type(f).__module__ for f in sys.meta_path))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(installed / "bin" / "python"), "-c", code], cwd=tmp_path, capture_output=True,

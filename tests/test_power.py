@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_usage_error, run_itera, save_tiny
-from itera.benchmark import MAX_CPU_WAIT, MAX_CV, stability, usable_cores
+from itera.jobs.benchmark import MAX_CPU_WAIT, MAX_CV, stability, usable_cores
 from itera.power import (MeterUnavailable, PowerProfile, RaplMeter, RunTiming, Workload, integrate_power, open_meter,
                          percentile, sched_delta, summarize)
 from itera.record import validate

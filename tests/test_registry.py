@@ -344,7 +344,7 @@ def test_read_commands_do_not_import_torch(tmp_path, artifact):
     for argv in (["list"], ["show", "m@1"], ["resolve", "m@1"]):
         code = ("import sys\n"
                 f"sys.argv = ['itera', 'registry'] + {argv!r} + ['--registry', {str(db)!r}]\n"
-                "from itera.commands import main\n"
+                "from itera.cli import main\n"
                 "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
                 "print('HEAVY=' + ','.join(m for m in ('torch', 'onnxruntime', 'llama_cpp') if m in sys.modules),"
                 " file=sys.stderr)\n")

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, make_record, run_itera
 from itera.record import dumps
-from itera.report import size
+from itera.jobs.report import size
 
 
 def _rec(command, path, fmt, sha, metrics, params, parent=None, kind="file"):
@@ -107,7 +107,7 @@ def _readme_commands():
 
 def test_readme_commands_use_real_commands_and_flags():
     """Every `itera ...` line in the README's code blocks names a real command and real flags."""
-    from itera.commands import COMMANDS, GROUPS
+    from itera.cli import COMMANDS, GROUPS
 
     cmds = _readme_commands()
     assert len(cmds) > 20

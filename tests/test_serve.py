@@ -284,7 +284,7 @@ def test_generation_greedy_equals_runtime_greedy_and_stops(models, ref):
 
 
 def test_a_swapped_model_closes_only_after_its_last_request():
-    from itera.serve.engine import ModelPool
+    from itera.jobs.serve.engine import ModelPool
 
     class Fake:
         def __init__(self, v):

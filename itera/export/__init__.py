@@ -1,4 +1,4 @@
-"""Exporters, one module per target runtime behind the table in :mod:`itera.export.job`:
+"""Exporters, one module per target runtime behind the table in :mod:`itera.jobs.export`:
 GGUF for llama.cpp (:mod:`itera.export.gguf`), ONNX for onnxruntime (:mod:`itera.export.onnx`),
 torch.export and TorchScript (:mod:`itera.export.torchfmt`). Every export is verified in its
 runtime before it is renamed into place."""

@@ -15,7 +15,7 @@ symmetrically with group size 32 at 4 / 8 bits (no re-quantization), and F16 for
 (so a float checkpoint becomes F16). llama.cpp's K-quants come from llama.cpp's own quantizer run
 on an F16 export (:func:`llama_quantize`), with importance data when given calibration text.
 
-:func:`write` and :func:`verify` are this format's entry in :data:`itera.export.job.FORMATS`.
+:func:`write` and :func:`verify` are this format's entry in :data:`itera.jobs.export.FORMATS`.
 """
 
 from __future__ import annotations

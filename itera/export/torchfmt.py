@@ -2,7 +2,7 @@
 deployments; each is loaded back with its own loader and compared with the source model.
 
 :func:`write_pt2`/:func:`verify_pt2` and :func:`write_torchscript`/:func:`verify_torchscript`
-are these formats' entries in :data:`itera.export.job.FORMATS`.
+are these formats' entries in :data:`itera.jobs.export.FORMATS`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from itera.losses import DPO_LOSSES, dpo_loss, kl_div, reward_accuracy
 from itera.preference import Pair
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome, describe_artifact
-from itera.serve.chat import encode_rendered
+from itera.chat import encode_rendered
 from itera.train import Dist, TrainOptions
 
 
@@ -268,7 +268,7 @@ def load_pairs(opts: DPOOptions, tok, max_len: int) -> PairData:
             raise UsageError(f"{opts.feedback} gives no usable preference pairs (dropped: {dropped})")
     else:  # itera serve's store: events with the texts of the responses they name
         from itera.preference import pairs_from_events
-        from itera.serve.store import read_events
+        from itera.feedback import read_events
 
         pairs, dropped = pairs_from_events(read_events(opts.feedback_db), opts.min_rating_gap)
         if not pairs:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from itera.serve.options import is_loopback
-from itera.serve.schemas import ApiError
+from itera.jobs.serve.options import is_loopback
+from itera.jobs.serve.schemas import ApiError
 
 SAFE_METHODS = ("GET", "HEAD")
 

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, execute
+from itera.cli._options import MetricsOut, execute
 
 
 def serve(
@@ -52,8 +52,8 @@ def serve(
 
       itera serve --model runs/demo/student-q4.gguf --host 0.0.0.0 --api-key-file key.txt
     """
-    from itera.serve.options import ServeOptions
-    from itera.serve.server import run_serve
+    from itera.jobs.serve.options import ServeOptions
+    from itera.jobs.serve.server import run_serve
 
     if registry is None and "@" in model and os.environ.get("ITERA_REGISTRY"):
         registry = Path(os.environ["ITERA_REGISTRY"])  # the environment's registry, for a ref only

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Device, Force, MetricsOut, ModelPath, TrainDtype, execute, model_input
+from itera.cli._options import Device, Force, MetricsOut, ModelPath, TrainDtype, execute, model_input
 
 
 def dpo_train(
@@ -55,13 +55,13 @@ def dpo_train(
 
       itera dpo-train --model runs/teacher --feedback-db default --out runs/dpo   # what `itera serve` collected
     """
-    from itera.dpo import DPOOptions, run_dpo
+    from itera.jobs.dpo import DPOOptions, run_dpo
     from itera.runtime import resolve_device
     from itera.train import TrainOptions, init_distributed
 
     path, parent = model_input(model)
     if feedback_db is not None and str(feedback_db) == "default":
-        from itera.serve.store import default_path
+        from itera.feedback import default_path
 
         feedback_db = default_path()
     train = TrainOptions(steps=steps, batch_size=batch_size, seq_len=1, lr=lr, warmup_steps=warmup_steps,

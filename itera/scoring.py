@@ -1,4 +1,5 @@
-"""Perplexity and bits per byte with a sliding window (the protocol of ``itera evaluate``).
+"""Perplexity and bits per byte with a sliding window: the scoring protocol ``itera evaluate``
+and ``itera quantize`` share.
 
 The text is tokenized without special tokens, optionally a BOS token is put in front, and the
 stream is cut to ``max_tokens``. The first window covers tokens [0, window) and scores every
@@ -14,15 +15,11 @@ tokens of context.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 from itera.errors import DataError, UsageError
-from itera.progress import SILENT, Reporter
-from itera.record import Outcome
 
 PROTOCOL = ("tokenize without special tokens; optional BOS in front; cut to max_tokens; "
             "windows of `window` tokens advancing by `stride`, each scoring only its last `stride` "
@@ -126,97 +123,3 @@ def evaluate_text(runtime, text: str, opts: EvalOptions, source: str = "text",
         "windows": len(plan),
         "seconds": seconds,
     }
-
-
-# --------------------------------------------------------------------------- the job
-
-
-@dataclass
-class EvaluateOptions:
-    """What ``itera evaluate`` was asked: a model, datasets, and the scoring protocol."""
-
-    model: Path
-    datasets: list[str]
-    protocol: EvalOptions = field(default_factory=EvalOptions)
-    dtype: str = "float32"
-    device: str = "cpu"
-    threads: int | None = None
-    text_field: str = "text"
-
-    def inputs(self) -> list[Path]:
-        from itera.data import local_path
-
-        return [self.model, *(p for p in map(local_path, self.datasets) if p is not None)]
-
-    def outputs(self) -> list:
-        return []
-
-    def validate(self) -> "EvaluateOptions":
-        self.protocol.validate()
-        if not self.datasets:
-            raise UsageError("pass at least one --dataset")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be at least 1 (got {self.threads})")
-        return self
-
-
-def run_evaluate(opts: EvaluateOptions, reporter: Reporter = SILENT) -> Outcome:
-    """Cheap checks of the model, then the data, then the expensive load; score every dataset.
-
-    Figures are keyed by the dataset's canonical name (:func:`itera.data.canonical`); what was
-    typed is kept in params."""
-    from itera.data import canonical, load_text
-    from itera.model.checkpoint import load_checked_config
-    from itera.runtime import check_model_path, describe, open_runtime, resolve_device
-
-    opts.validate()
-    fmt = check_model_path(opts.model)
-    if fmt == "checkpoint":
-        opts.protocol.resolve(load_checked_config(opts.model)[0].max_position_embeddings)
-        opts.device = resolve_device(opts.device)
-    else:
-        if opts.dtype != "float32":
-            raise UsageError(f"--dtype {opts.dtype} applies to checkpoints run in torch; a .{fmt} file runs in "
-                             "the types it was exported with (drop --dtype)")
-        if opts.device not in ("cpu", "auto"):
-            raise UsageError(f"--device {opts.device} applies to checkpoints run in torch; itera runs .{fmt} files "
-                             "on the CPU (drop --device)")
-        opts.device = "cpu"
-    typed = {}
-    for spec in opts.datasets:
-        typed.setdefault(canonical(spec), spec)
-    sources = {key: load_text(spec, purpose="eval", field=opts.text_field) for key, spec in typed.items()}
-    results, protocol = {}, None
-    if fmt == "gguf":  # llama.cpp's buffers are sized for the window, not for what the file declares
-        from itera.runtime.llamacpp_backend import context_length
-
-        protocol = opts.protocol.resolve(context_length(opts.model))
-    with open_runtime(opts.model, dtype=opts.dtype, device=opts.device, threads=opts.threads,
-                      n_ctx=protocol.window if protocol else 0) as rt:
-        protocol = protocol or opts.protocol.resolve(rt.max_context)
-        used_bos = resolve_bos(rt.tokenizer, protocol)
-        for key, src in sources.items():
-            task = reporter.task(f"evaluate {typed[key]}", unit="windows")
-            try:
-                results[key] = evaluate_text(rt, src.text, protocol, source=typed[key],
-                                             progress=lambda done, total, t=task: t.update(done))
-            finally:
-                task.close()
-        runtime = rt.name
-        threads = _threads_used(rt, opts.threads)
-    params = {**protocol.as_params(), "bos": used_bos, "model": str(opts.model), "runtime": runtime,
-              "dtype": opts.dtype if fmt == "checkpoint" else None, "device": opts.device, "threads": threads,
-              "datasets": {key: src.description for key, src in sources.items()},
-              "datasets_typed": {key: typed[key] for key in sources}}
-    return Outcome(describe(opts.model), {"datasets": results}, params, device=opts.device)
-
-
-def _threads_used(rt, asked: int | None) -> int:
-    """The CPU threads the runtime computed with (its default when none were asked for)."""
-    if asked:
-        return asked
-    if rt.name == "torch":
-        import torch
-
-        return torch.get_num_threads()
-    return getattr(rt, "threads", None) or len(os.sched_getaffinity(0))

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Force, MetricsOut, ModelPath, Threads, execute, model_input
+from itera.cli._options import Force, MetricsOut, ModelPath, Threads, execute, model_input
 
 
 def export(
@@ -47,7 +47,7 @@ def export(
 
       itera export --model runs/teacher --format onnx --out m.onnx   (also writes m.kv.onnx)
     """
-    from itera.export.job import ExportOptions, run_export
+    from itera.jobs.export import ExportOptions, run_export
 
     path, parent = model_input(model)
     opts = ExportOptions(model=path, out=out, format=fmt, gguf_type=gguf_type, calib=calib,

@@ -19,7 +19,7 @@ from pathlib import Path
 from itera.errors import InputError
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome
-from itera.serve.options import ServeOptions, is_loopback, read_api_key
+from itera.jobs.serve.options import ServeOptions, is_loopback, read_api_key
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -50,10 +50,10 @@ def run_serve(opts: ServeOptions, reporter: Reporter = SILENT) -> Outcome:
     """Serve ``opts.model`` until a signal stops the server; the Outcome says what was served."""
     import uvicorn
 
-    from itera.serve.app import Server, build_app
-    from itera.serve.guard import Guard
-    from itera.serve.engine import LoadedModel, ModelPool, Watcher, resolve_source
-    from itera.serve.store import FeedbackStore, default_path
+    from itera.jobs.serve.app import Server, build_app
+    from itera.jobs.serve.guard import Guard
+    from itera.jobs.serve.engine import LoadedModel, ModelPool, Watcher, resolve_source
+    from itera.feedback import FeedbackStore, default_path
 
     opts.validate()
     source, follow = resolve_source(opts.model, opts.registry)

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut, RunnablePath, execute, model_input
+from itera.cli._options import MetricsOut, RunnablePath, execute, model_input
 
 Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the runtime "
                                               "(default: the cores this process may use).")]
@@ -40,7 +40,7 @@ def benchmark_power(
 
       itera benchmark-power --model runs/teacher --compare m.onnx --compare m.gguf --estimate laptop
     """
-    from itera.benchmark import BenchmarkOptions, run_benchmark
+    from itera.jobs.benchmark import BenchmarkOptions, run_benchmark
     from itera.power import Workload
 
     path, parent = model_input(model)

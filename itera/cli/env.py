@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from itera.commands._options import MetricsOut, execute
+from itera.cli._options import MetricsOut, execute
 
 
 def env(
@@ -27,7 +27,7 @@ def env(
 
       itera env --reprobe --no-smoke
     """
-    from itera.envcheck import EnvOptions, run_env
+    from itera.jobs.env import EnvOptions, run_env
 
     execute("env", run_env, EnvOptions(reprobe=reprobe, smoke=smoke).validate(), None, metrics_out, summary=_table)
 

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Device, Force, MetricsOut, ModelPath, TextField, execute, model_input
+from itera.cli._options import Device, Force, MetricsOut, ModelPath, TextField, execute, model_input
 
 
 def quantize(
@@ -58,7 +58,7 @@ def quantize(
 
       itera quantize --model runs/teacher --method auto --target-bytes 1858464 --calib notes.txt --out runs/mixed
     """
-    from itera.quant.job import QuantizeOptions, run_quantize
+    from itera.jobs.quantize import QuantizeOptions, run_quantize
 
     path, parent = model_input(model)
     opts = QuantizeOptions(model=path, out=out, method=method, bits=bits, group_size=group_size, sym=sym,

@@ -156,7 +156,7 @@ class LoadedModel:
     def __init__(self, source: Source, lanes: int, threads: int | None, lane_threads: int,
                  chat_template: str | None = None):
         from itera.runtime import open_runtime
-        from itera.serve.chat import ChatTemplate, model_template, token_text
+        from itera.chat import ChatTemplate, model_template, token_text
 
         self.source = source
         self.runtimes: list = []

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Force, MetricsOut, execute
+from itera.cli._options import Force, MetricsOut, execute
 
 
 def discover_cluster(
@@ -37,8 +37,8 @@ def discover_cluster(
 
       itera discover-cluster --hosts-file hosts.txt --launch "distill --teacher t --student half --data d.txt --out s"
     """
-    from itera.cluster import DiscoverOptions, run_discover
-    from itera.commands import COMMANDS
+    from itera.jobs.cluster import DiscoverOptions, run_discover
+    from itera.cli import COMMANDS
 
     opts = DiscoverOptions(commands=tuple(c for c in COMMANDS if c in ("distill", "dpo-train")),hosts=list(hosts or []), hosts_file=hosts_file, config=config, ssh_config=ssh_config,
                            timeout=timeout, deadline=deadline, launch=launch, nproc_per_node=nproc_per_node,

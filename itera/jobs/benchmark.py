@@ -117,7 +117,7 @@ class BenchmarkOptions:
 
 # --------------------------------------------------------------------------- the worker process
 
-WORKER_CODE = "from itera.benchmark import worker_main; worker_main()"
+WORKER_CODE = "from itera.jobs.benchmark import worker_main; worker_main()"
 
 
 class WorkerFailed(NativeCrash):

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Force, MetricsOut, execute
+from itera.cli._options import Force, MetricsOut, execute
 
 
 def report(
@@ -29,7 +29,7 @@ def report(
 
       itera report runs/demo/*.json --out runs/demo/report-html --format html
     """
-    from itera.report import ReportOptions, run_report
+    from itera.jobs.report import ReportOptions, run_report
 
     stdin = sys.stdin.buffer.read() if not records and not sys.stdin.isatty() else b""
     opts = ReportOptions(out=out, records=list(records or []), format=fmt, stdin=stdin, force=force).validate()

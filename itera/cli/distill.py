@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Device, Force, MetricsOut, TextField, TrainDtype, execute
+from itera.cli._options import Device, Force, MetricsOut, TextField, TrainDtype, execute
 
 Int = Optional[int]
 
@@ -63,7 +63,7 @@ def distill(
       itera distill --alpha 0 --tokenizer bpe:4096 --layers 4 --hidden 192 --heads 6 --data notes.txt --out runs/scratch
     """
     from itera import record
-    from itera.distill import DistillOptions, run_distill
+    from itera.jobs.distill import DistillOptions, run_distill
     from itera.errors import UsageError
     from itera.runtime import resolve_device
     from itera.train import TrainOptions, init_distributed

@@ -41,7 +41,7 @@ def execute(command: str, job: Callable, opts, parent: Optional[dict], metrics_o
 
     Under torchrun every rank runs the job and only rank 0 speaks and emits."""
     from itera import record
-    from itera.commands._console import Console
+    from itera.cli._console import Console
 
     from itera.fsio import check_job_paths
 

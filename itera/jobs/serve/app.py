@@ -25,12 +25,12 @@ from typing import Callable
 from starlette.requests import Request  # at module level: FastAPI resolves route annotations by name
 
 from itera.errors import IteraError
-from itera.serve.engine import Admission, LoadedModel, ModelPool, Overloaded, Unavailable
-from itera.serve.guard import Guard
-from itera.serve.metrics import Metrics, endpoint_label
-from itera.serve.schemas import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, load_json, parse_body,
+from itera.jobs.serve.engine import Admission, LoadedModel, ModelPool, Overloaded, Unavailable
+from itera.jobs.serve.guard import Guard
+from itera.jobs.serve.metrics import Metrics, endpoint_label
+from itera.jobs.serve.schemas import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, load_json, parse_body,
                                  parse_feedback)
-from itera.serve.store import FeedbackError, FeedbackStore
+from itera.feedback import FeedbackError, FeedbackStore
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
@@ -102,7 +102,7 @@ class Server:
     def prepare(self, m: LoadedModel, body, endpoint: str) -> Prepared:
         """Tokenize and check the request against ``m``'s context; ApiError 400 naming the field."""
         from itera.runtime.sampling import SamplingParams
-        from itera.serve.chat import ChatTemplateError, encode_rendered
+        from itera.chat import ChatTemplateError, encode_rendered
 
         if endpoint == "chat":
             if m.chat is None:
@@ -275,7 +275,7 @@ def _sse(obj) -> bytes:
 
 
 class _Gate:
-    """Pure ASGI middleware: the browser guard (:mod:`itera.serve.guard`), the API key (every path
+    """Pure ASGI middleware: the browser guard (:mod:`itera.jobs.serve.guard`), the API key (every path
     but /health) and per-request metrics (status, time to the last byte, streams included)."""
 
     def __init__(self, app, server: Server):

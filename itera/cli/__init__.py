@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from itera import __version__
-from itera.commands import (benchmark_power, discover_cluster, distill, dpo_train, env, evaluate, export,
+from itera.cli import (benchmark_power, discover_cluster, distill, dpo_train, env, evaluate, export,
                             quantize, registry, report, schema, serve)
 
 app = typer.Typer(

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import MetricsOut
+from itera.cli._options import MetricsOut
 
 app = typer.Typer(help="Versioned models with lineage, aliases (active, last-good), promotion gates and rollback.",
                   no_args_is_help=True, pretty_exceptions_enable=False,
@@ -53,13 +53,13 @@ def _print_json(obj) -> None:
 
 
 def _table(title: str, columns: list[str], rows: list[list]) -> None:
-    from itera.commands._console import Console
+    from itera.cli._console import Console
 
     Console().table(title, columns, rows)
 
 
 def _say(message: str) -> None:
-    from itera.commands._console import Console
+    from itera.cli._console import Console
 
     Console().log(message)
 

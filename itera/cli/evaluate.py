@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.commands._options import Device, Dtype, MetricsOut, RunnablePath, TextField, Threads, execute, model_input
+from itera.cli._options import Device, Dtype, MetricsOut, RunnablePath, TextField, Threads, execute, model_input
 
 
 def evaluate(
@@ -37,7 +37,8 @@ def evaluate(
 
       itera export --model runs/teacher --format gguf --out m.gguf | itera evaluate -d pydocs@test
     """
-    from itera.evaluate import EvalOptions, EvaluateOptions, run_evaluate
+    from itera.jobs.evaluate import EvaluateOptions, run_evaluate
+    from itera.scoring import EvalOptions
 
     path, parent = model_input(model)
     opts = EvaluateOptions(model=path, datasets=dataset, dtype=dtype, device=device, threads=threads, text_field=text_field,

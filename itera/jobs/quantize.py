@@ -333,7 +333,7 @@ def _type_name(q) -> str:
 
 
 def _heldout_perplexity(src: Source, held: str | None, opts: QuantizeOptions) -> dict | None:
-    from itera.evaluate import EvalOptions, evaluate_text
+    from itera.scoring import EvalOptions, evaluate_text
     from itera.runtime.torch_backend import TorchRuntime
 
     if not held:
