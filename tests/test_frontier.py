@@ -74,7 +74,7 @@ def test_auto_at_llama_cpp_q4_0_size_is_better_in_llama_cpp(auto, llama_q4_0, lm
     llama.cpp's beyond three standard errors of the paired difference."""
     import gguf
 
-    from itera.export.gguf import gguf_name
+    from itera.storage.names import gguf_name
 
     q, e, budget = auto["quantize"]["metrics"], auto["export"]["metrics"], auto["budget"]
     size = (auto["dir"] / "auto.gguf").stat().st_size

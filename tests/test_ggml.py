@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_itera
-from itera.quant.ggml import TYPES
+from itera.storage.ggml import TYPES
 from itera.quant.gptq import gptq
 
 
@@ -90,7 +90,7 @@ def test_gguf_type_checkpoint_round_trips_and_exports_its_blocks_unchanged(wide_
     import gguf
     from safetensors.torch import load_file
 
-    from itera.export.gguf import gguf_name, rope_permutation
+    from itera.storage.names import gguf_name, rope_permutation
     from itera.model.checkpoint import load_model
     from itera.jobs.quantize import QuantizeOptions, quantize_in_memory
 
@@ -125,7 +125,7 @@ def test_inputs_are_rounded_as_llama_cpp_rounds_them():
     for F16 weights, 8-bit blocks of 256 (scale from the value of largest magnitude) for K-quants."""
     import gguf
 
-    from itera.quant.ggml import input_as_llama_cpp
+    from itera.storage.ggml import input_as_llama_cpp
 
     x = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32) * 3
     x[0, :32] = 0  # an all-zero block stays zero

@@ -11,7 +11,7 @@ import torch
 
 from conftest import assert_usage_error, run_itera
 from itera.model.checkpoint import load_model
-from itera.quant.formats import LayerQuant, dequantize, ggml_blocks, pack, rtn, unpack
+from itera.storage.layout import LayerQuant, dequantize, ggml_blocks, pack, rtn, unpack
 from itera.quant.gptq import gptq
 from itera.jobs.quantize import QuantizeOptions, quantize_in_memory
 from itera.quant.plan import choose_plan

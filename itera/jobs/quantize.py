@@ -6,7 +6,7 @@ Methods: ``rtn`` (round-to-nearest), ``gptq`` (:mod:`itera.quant.gptq`) and ``au
 type per tensor, embeddings and output head included, chosen from measured sensitivity under a
 budget in the bytes of the GGUF file, :mod:`itera.quant.plan`). ``rtn`` and ``gptq`` store itera's
 own layout (``--bits``, ``--group-size``), or with ``--gguf-type`` one GGML block type for every
-layer (:mod:`itera.quant.ggml`).
+layer (:mod:`itera.storage.ggml`).
 """
 
 from __future__ import annotations
@@ -20,17 +20,19 @@ import torch
 
 from itera.errors import InputError, UsageError
 from itera.progress import SILENT, Reporter
-from itera.quant.formats import FORMAT_VERSION, LINEAR_SUFFIXES, QUANT_METHOD, SUPPORTED_BITS, LayerQuant
+from itera.storage.layout import FORMAT_VERSION, LINEAR_SUFFIXES, QUANT_METHOD, SUPPORTED_BITS, LayerQuant
 from itera.quant.budget import Budget, make_budget, read_plan
-from itera.quant.ggml import TYPES
+from itera.storage.ggml import TYPES
+from itera.storage import by_name
+from itera.storage.types import F16
 from itera.quant.layerwise import quantize_model
 from itera.quant.plan import choose_plan, sensitivities
-from itera.record import Outcome, describe_artifact
+from itera.artifacts import describe_artifact
+from itera.record import Outcome
 
 METHODS = ("rtn", "gptq", "auto")
-F16 = "F16"  # a tensor the plan leaves in float16
 SENSITIVITY_WINDOWS, SENSITIVITY_TOKENS = 4, 128  # auto: calibration text each option's KL is measured on
-AUTO_TYPES = (*TYPES, F16)
+AUTO_TYPES = (*TYPES, F16.name)
 # llama.cpp's choice when a row is not a multiple of a type's block (llama-quant.cpp's fallback)
 ROW_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
@@ -180,12 +182,12 @@ def fit_type(name: str, n_in: int, gguf_type: str):
     """The GGML type a layer of ``n_in`` input columns gets for ``gguf_type``, and the fallback taken:
     llama.cpp's own choice when a row is not a multiple of the type's block, F16 when no block fits."""
     t = gguf_type
-    while t != F16 and not TYPES[t].fits(n_in):
-        t = ROW_FALLBACK.get(t, F16)
+    while not by_name(t).fits(n_in):
+        t = ROW_FALLBACK.get(t, F16.name)
     if t == gguf_type:
         return TYPES[t], None
     block = TYPES[gguf_type].block
-    return (TYPES[t] if t != F16 else F16), {"tensor": name, "wanted": gguf_type, "used": t,
+    return by_name(t), {"tensor": name, "wanted": gguf_type, "used": t,
                                              "reason": f"its {n_in} input columns are not a multiple of {block}"}
 
 
@@ -288,12 +290,12 @@ def choose_layers(opts: QuantizeOptions, src: Source, calib: torch.Tensor | None
         task = reporter.task("sensitivity", total=len(src.mods), unit="tensors")
         try:
             sens = sensitivities(src.model, src.mods, calib[:SENSITIVITY_WINDOWS, :SENSITIVITY_TOKENS],
-                                 {n: {t: TYPES.get(t, F16) for t in costs[n]} for n in src.mods}, importance,
+                                 {n: {t: by_name(t) for t in costs[n]} for n in src.mods}, importance,
                                  task.update)
         finally:
             task.close()
         types = choose_plan(costs, sens, src.budget.available)
-    return {n: TYPES.get(t, F16) for n, t in types.items()}, sens, []
+    return {n: by_name(t) for n, t in types.items()}, sens, []
 
 
 def round_unquantized(src: Source, plan: dict) -> dict[str, torch.Tensor]:
@@ -320,16 +322,12 @@ def write(opts: QuantizeOptions, src: Source, plan: dict, tensors: dict) -> None
         "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": opts.method,
         "bits": opts.bits if not (auto or opts.gguf_type) else None, "group_size": opts.group_size,
         "sym": opts.sym, "gguf_type": opts.gguf_type, "quantize_embeddings": opts.quantize_embeddings or auto,
-        "layers": {n: q.as_dict() for n, q in plan.items() if q != F16}}
+        "layers": {n: q.as_dict() for n, q in plan.items() if q.quantized}}
     config["torch_dtype"] = "float16"
     extra = {"quantize_config.json": json.dumps(opts.as_params(), indent=2) + "\n"}
     if auto:
-        extra["quant_plan.json"] = json.dumps({"types": {n: _type_name(q) for n, q in plan.items()}}, indent=2) + "\n"
+        extra["quant_plan.json"] = json.dumps({"types": {n: q.label() for n, q in plan.items()}}, indent=2) + "\n"
     write_checkpoint(opts.out, tensors, config, tokenizer_from=Path(opts.model), extra_files=extra)
-
-
-def _type_name(q) -> str:
-    return F16 if q == F16 else getattr(q, "name", None) or q.label()
 
 
 def _heldout_perplexity(src: Source, held: str | None, opts: QuantizeOptions) -> dict | None:
@@ -345,9 +343,7 @@ def _heldout_perplexity(src: Source, held: str | None, opts: QuantizeOptions) ->
 def gguf_types(src: Source, plan: dict) -> dict[str, str]:
     """module -> the type `itera export --format gguf` writes for it (GGUF types as stored; itera's
     symmetric group-32 4/8-bit layers as Q4_0/Q8_0; F16 otherwise)."""
-    from itera.export.gguf import _stored_type
-
-    return {n: (_stored_type(q) or F16) if q != F16 else F16 for n, q in plan.items()}
+    return {n: q.gguf_type or F16.name for n, q in plan.items()}
 
 
 # --------------------------------------------------------------------------- the job
@@ -381,14 +377,14 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
     finally:
         task.close()
     quant_seconds = time.perf_counter() - t0
-    stored = {n: q for n, q in plan.items() if q != F16}
+    stored = {n: q for n, q in plan.items() if q.quantized}
     keep = round_unquantized(src, stored)
     after = _heldout_perplexity(src, held, opts)
     write(opts, src, stored, {**keep, **tensors})
     metrics = _metrics(opts, src, plan, tensors, figures, before, after)
     metrics.update(quantize_seconds=quant_seconds, fallbacks=fallbacks)
     if sens is not None or src.fixed_plan is not None:
-        metrics["plan_types"] = {n: _type_name(q) for n, q in plan.items()}
+        metrics["plan_types"] = {n: q.label() for n, q in plan.items()}
         metrics["sensitivity_kl"] = sens
     if src.budget is not None:
         metrics["budget"] = src.budget.figures()
@@ -399,11 +395,11 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
 
 def _metrics(opts, src: Source, plan: dict, tensors: dict, figures: dict, before, after) -> dict:
     from itera.model.checkpoint import weight_bytes
-    from itera.quant.budget import gguf_figures, matrix_bytes
+    from itera.quant.budget import gguf_figures
 
     n_weights = sum(m.weight.numel() for m in src.mods.values())
     q_bytes = sum(t.numel() * t.element_size() for t in tensors.values()) + sum(
-        matrix_bytes(F16, *src.mods[n].weight.shape) for n, q in plan.items() if q == F16)
+        q.tensor_bytes(*src.mods[n].weight.shape) for n, q in plan.items() if not q.quantized)
     out_bytes, src_bytes = weight_bytes(opts.out), weight_bytes(opts.model)
     metrics = {
         "bits_per_weight": q_bytes * 8 / n_weights, "quantized_weights": n_weights,

@@ -15,18 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from itera.errors import InputError, UsageError
-from itera.quant.ggml import TYPES
+from itera.storage import types as storage
+from itera.storage import by_name
 
-F16 = "F16"
+F16 = storage.F16.name  # plans and budgets name their types; this one is float16
 
 
 def matrix_bytes(t: str, rows: int, cols: int) -> int:
-    return rows * cols * 2 if t == F16 else TYPES[t].tensor_bytes(rows, cols)
+    return by_name(t).tensor_bytes(rows, cols)
 
 
 def candidates(cols: int, types) -> list[str]:
     """The candidate types a matrix of ``cols`` input columns can be stored in (F16 always)."""
-    return [t for t in types if t != F16 and TYPES[t].fits(cols)] + [F16]
+    return [t for t in types if t != F16 and by_name(t).fits(cols)] + [F16]
 
 
 @dataclass

@@ -3,7 +3,7 @@ Pre-trained Transformers"): quantize a weight matrix column by column, pushing e
 rounding error onto the columns not yet quantized through the inverse Hessian of the layer's
 reconstruction loss ``||X W^T - X Q^T||^2`` (``H = X^T X / n``).
 
-Group parameters follow the shared rule of :mod:`itera.quant.formats`; with groups they are
+Group parameters follow the shared rule of :mod:`itera.storage.layout`; with groups they are
 computed from the error-updated weights when a group starts (all of a group lies in one block).
 With activation ordering (columns processed by decreasing Hessian diagonal) they are computed
 up front from the original weights ("static groups"), so groups stay contiguous on disk.
@@ -20,8 +20,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, q, damp: float = 0.01, act_order: boo
          block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes, a, b) for ``w`` (out, in) given the Hessian ``h`` (in, in).
 
-    ``q`` is the scheme: itera's :class:`~itera.quant.formats.LayerQuant` (``a, b`` are scales and
-    zero points) or a GGML :class:`~itera.quant.ggml.GGMLType` (``w = a * grid[q] + b`` per sub-block). It
+    ``q`` is the scheme: itera's :class:`~itera.storage.layout.LayerQuant` (``a, b`` are scales and
+    zero points) or a GGML :class:`~itera.storage.ggml.GGMLType` (``w = a * grid[q] + b`` per sub-block). It
     gives ``params`` of a group, ``codes`` and ``dequant``; the algorithm is the same for all."""
     W = w.detach().float().clone()
     H = h.detach().float().clone()

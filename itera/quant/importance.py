@@ -4,7 +4,7 @@ For every linear layer (and the output head) the mean over calibration tokens of
 each input, ``mean(x_j^2)``: the diagonal of GPTQ's Hessian ``X^T X / n``, and what llama.cpp's
 ``llama-imatrix`` collects (its ``.imatrix`` holds the same per-column mean squares, keyed by
 GGUF tensor name). llama.cpp's quantizer weighs each weight's squared error by it when choosing a
-block's scale; itera's own GGML writer (:mod:`itera.quant.ggml`) does the same.
+block's scale; itera's own GGML writer (:mod:`itera.storage.ggml`) does the same.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def gguf_importance(importance: dict[str, torch.Tensor], cfg) -> dict[str, np.nd
     """The same data keyed by GGUF tensor name, as llama.cpp's quantizer looks it up: the output
     head is ``output.weight``, or ``token_embd.weight`` when the embeddings are tied (llama.cpp
     then multiplies by the embedding matrix)."""
-    from itera.export.gguf import gguf_name
+    from itera.storage.names import gguf_name
 
     out = {}
     for module, v in importance.items():

@@ -9,8 +9,9 @@ import math
 import torch
 
 from itera.memory import release_free_memory
-from itera.quant.formats import EMBEDDINGS
+from itera.storage.layout import EMBEDDINGS
 from itera.quant.gptq import gptq
+from itera.storage.types import StorageType
 
 
 @torch.no_grad()
@@ -50,14 +51,8 @@ def _errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> dic
     return out
 
 
-def _figures(q, w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> dict:
-    if q == "F16":
-        desc = {"type": "F16", "bits_per_weight": 16.0}
-    elif hasattr(q, "nbytes"):
-        desc = {"type": q.name, "bits_per_weight": q.bits_per_weight()}
-    else:
-        desc = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym}
-    return {**desc, **_errors(w, w_hat, h)}
+def _figures(q: StorageType, w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> dict:
+    return {**q.describe(), **_errors(w, w_hat, h)}
 
 
 @torch.no_grad()
@@ -65,7 +60,7 @@ def quantize_model(model, mods: dict, plan: dict, method: str, calib: torch.Tens
                    act_order: bool, progress=None, importance: dict | None = None) -> tuple[dict, dict]:
     """Quantize ``model`` in place (weights replaced by their dequantized values), layer by layer.
 
-    ``plan``: module -> a :class:`LayerQuant`, a GGML type, or ``"F16"``. Returns (tensors to write
+    ``plan``: module -> its :class:`~itera.storage.types.StorageType` (itera's layout, a GGML type, or F16). Returns (tensors to write
     for the quantized modules, per-module figures). With calibration data each decoder layer sees
     the outputs of the already-quantized layers before it, and with GPTQ the output head (the tied
     embedding matrix when there is no separate head) is quantized against the final hidden states.
@@ -76,8 +71,8 @@ def quantize_model(model, mods: dict, plan: dict, method: str, calib: torch.Tens
     def apply(name: str, module, h: torch.Tensor | None):
         q = plan[name]
         w = module.weight.data
-        if q == "F16":
-            w_hat = w.half().float()
+        if not q.quantized:
+            w_hat = q.expand(*q.quantize(w))
         else:
             if method == "gptq" and h is not None:
                 codes, a, b = gptq(w, h, q, damp=damp, act_order=act_order)

@@ -22,10 +22,6 @@ from itera.errors import UsageError
 from itera.losses import kl_div
 
 
-def f16_round(w: torch.Tensor) -> torch.Tensor:
-    return w.half().to(w.dtype)
-
-
 class _Runner:
     """The model's log-probabilities on fixed calibration tokens, recomputed only from the first
     layer a change can affect: the float model's input to every decoder layer is cached."""
@@ -59,9 +55,9 @@ def _first_layer(name: str, n_layers: int) -> int | None:
 def sensitivities(model, mods: dict, calib: torch.Tensor, options: dict[str, dict], importance: dict | None = None,
                   progress=None) -> dict[str, dict]:
     """KL(float || model with only this tensor quantized one way), mean per calibration token, for
-    every tensor and each of its ``options`` (key -> scheme with ``quantize``/``expand``, or
-    ``"F16"`` for float16)."""
-    from itera.quant.ggml import round_inputs_as_llama_cpp
+    every tensor and each of its ``options`` (key -> a :class:`~itera.storage.types.StorageType`,
+    or any scheme with ``quantize``/``expand``)."""
+    from itera.storage.ggml import round_inputs_as_llama_cpp
 
     run = _Runner(model, calib)
     ref = run.logp(len(model.model.layers))
@@ -76,10 +72,7 @@ def sensitivities(model, mods: dict, calib: torch.Tensor, options: dict[str, dic
             model.lm_head if model.lm_head.weight is m.weight else None)
         try:
             for key, q in options[name].items():
-                if q == "F16":
-                    m.weight.data = f16_round(w)
-                else:
-                    m.weight.data = q.expand(*q.quantize(w.float(), imp)).to(w.dtype)
+                m.weight.data = q.expand(*q.quantize(w.float(), imp)).to(w.dtype)
                 hook = round_inputs_as_llama_cpp(product, key) if product is not None else None
                 try:
                     out[name][key] = max(kl_div(ref, run.logp(start)).mean().item(), 0.0)

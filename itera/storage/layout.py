@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from itera.storage.types import StorageType
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -46,12 +48,24 @@ EMBEDDINGS = ("model.embed_tokens", "lm_head")
 
 
 @dataclass(frozen=True)
-class LayerQuant:
+class LayerQuant(StorageType):
     """How one layer is quantized. ``group_size`` None means one group per output row."""
 
     bits: int
     group_size: int | None
     sym: bool
+    kind = "itera"
+
+    @property
+    def gguf_type(self) -> str | None:
+        """Symmetric group-32 4- and 8-bit layers carry exactly GGUF's Q4_0 and Q8_0 blocks."""
+        return {4: "Q4_0", 8: "Q8_0"}.get(self.bits) if self.sym and self.group_size == GGML_BLOCK else None
+
+    def describe(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+
+    def tensor_bytes(self, rows: int, cols: int) -> int:
+        return self.stored_bytes(rows, cols)
 
     def groups(self, in_features: int) -> int:
         return 1 if self.group_size is None else in_features // self.group_size
@@ -206,8 +220,8 @@ def expected_shapes(prefix: str, q: LayerQuant, out_features: int, in_features: 
 
 def layer_plan(qcfg: dict) -> dict:
     """module name -> how it is stored, from a config's quantization_config: a :class:`LayerQuant`,
-    or a GGML block type (:class:`itera.quant.ggml.GGMLType`) for layers written as GGUF blocks."""
-    from itera.quant.ggml import TYPES
+    or a GGML block type (:class:`itera.storage.ggml.GGMLType`) for layers written as GGUF blocks."""
+    from itera.storage.ggml import TYPES
 
     return {name: TYPES[v["gguf_type"]] if "gguf_type" in v else LayerQuant(int(v["bits"]), v.get("group_size"),
                                                                               bool(v["sym"]))

@@ -32,11 +32,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from itera.storage.types import StorageType
+
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 @dataclass(frozen=True)
-class GGMLType:
+class GGMLType(StorageType):
     name: str
     block: int  # weights per block; parameters are computed a block at a time
     sub: int  # weights sharing one (a, b)
@@ -46,8 +48,17 @@ class GGMLType:
     scale_bits: int | None = None  # K types: bits of the integer sub-block scales; None: float16 a, b
     _grid: torch.Tensor = field(init=False, repr=False, compare=False)
 
+    kind = "ggml"
+
     def __post_init__(self):
         object.__setattr__(self, "_grid", torch.tensor(self.grid, dtype=torch.float32))
+
+    @property
+    def gguf_type(self) -> str:
+        return self.name
+
+    def describe(self) -> dict:
+        return {"type": self.name, "bits_per_weight": self.bits_per_weight()}
 
     @property
     def uniform(self) -> bool:
