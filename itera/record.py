@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from itera.errors import InputError, RecordError
-from itera.fsio import artifact_digest, write_text_through
+from itera.fsio import write_text_through
 
 PROTOCOL_VERSION = 1
 
@@ -93,18 +93,18 @@ def host_info(device: str = "cpu") -> dict:
     }
 
 
-def describe_artifact(path: Path, kind: str, fmt: str, companions: list[Path] = ()) -> dict:
-    """The record's ``artifact`` block for an existing file or directory (with the files that
-    belong to it: bytes and sha256 cover them, and they are listed)."""
-    size, digest = artifact_digest(Path(path), companions)
-    # absolute, so the next command finds it from any directory; what was typed stays in params
-    art = {"path": os.path.abspath(path), "kind": kind, "format": fmt, "bytes": size, "sha256": digest}
-    if companions:
-        art["files"] = [os.path.abspath(path), *(os.path.abspath(c) for c in companions)]
-    return art
-
-
 # --------------------------------------------------------------------------- building
+
+_runtime_used: dict | None = None  # the record's `runtime` block, when this process ran one that needs it
+
+
+def note_runtime(block: dict) -> None:
+    """Say how this process ran a runtime whose mode the record must show (llama.cpp's weight
+    repacking: :func:`itera.runtime.llamacpp_mode.note_used`). Runtimes call this; the record
+    never imports a runtime."""
+    global _runtime_used
+    _runtime_used = dict(block)
+
 
 
 @dataclass
@@ -141,10 +141,8 @@ class Run:
             "duration_s": round(time.perf_counter() - self._t0, 6),
             "host": host_info(self.device),
         }
-        from itera.runtime.llamacpp_mode import used
-
-        if (runtime := used()) is not None:  # how llama.cpp loaded weights: speed and crashes depend on it
-            rec["runtime"] = runtime
+        if _runtime_used is not None:  # how llama.cpp loaded weights: speed and crashes depend on it
+            rec["runtime"] = dict(_runtime_used)
         validate(rec)
         return rec
 
@@ -298,7 +296,7 @@ def read_record_file(path: Path) -> dict:
 def input_path(explicit: Path | None, parent: dict | None, option: str) -> Path:
     """Resolve a command's input: the explicit option wins, else the parent record's artifact."""
     if explicit is not None:
-        from itera.runtime import resolve_model
+        from itera.artifacts import resolve_model
 
         return resolve_model(Path(explicit))
     if parent is not None:

@@ -237,7 +237,7 @@ def quantization_of(record: dict | None) -> str | None:
 
 def artifact_digest_of(path: Path) -> tuple[int, str]:
     """(bytes, sha256) of an artifact with its companion files (an ONNX graph's KV graph and data)."""
-    from itera.runtime import digest
+    from itera.artifacts import digest
 
     return digest(path)
 
@@ -246,7 +246,7 @@ def integrity_problem(label: str, row) -> str | None:
     """Why a registered artifact cannot be trusted now (gone, no longer an artifact of its kind,
     its bytes changed), or None. What is not a regular file or a directory of the registered kind
     is refused before anything is hashed: a FIFO would block, a link to /etc would be walked."""
-    from itera.runtime import check_artifact
+    from itera.artifacts import check_artifact
 
     path = Path(row["path"])
     if not path.exists() and not path.is_symlink():
@@ -266,7 +266,7 @@ def registration(record: dict | None = None, path: Path | None = None) -> dict:
     """The artifact block to register: a bare ``path``, or the artifact of ``record``. Either way
     the path must be an artifact itera can read, and it is hashed here; a record's sha256 that
     disagrees (the artifact changed since it was written) is refused, one that is null is filled in."""
-    from itera.runtime import check_artifact, describe
+    from itera.artifacts import check_artifact, describe
 
     if path is not None:
         if not Path(path).exists() and not Path(path).is_symlink():

@@ -34,7 +34,7 @@ def build(d: str) -> dict[str, str]:
     from itera.model.checkpoint import save_model
     from itera.model.config import ModelConfig
     from itera.model.llama import LlamaForCausalLM
-    from itera.runtime import probe
+    from itera import probe
     from itera.tokenizer import train_bpe
 
     from itera.data import load_text

@@ -89,3 +89,80 @@ def test_the_core_never_imports_a_job_or_the_cli():
 
 def test_jobs_never_import_the_cli():
     assert _edges(lambda a: _under(a, "itera.jobs"), lambda a, b: _under(b, "itera.cli")) == []
+
+
+def _unit(module: str) -> str:
+    """The unit the floor plan talks about: a job (``itera.jobs.serve``), else a top-level package or
+    module of itera (``itera.export``, ``itera.record``)."""
+    parts = module.split(".")
+    return ".".join(parts[:3] if parts[1:2] == ["jobs"] else parts[:2])
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one member (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+                on.discard(comp[-1])
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles_between_units_or_modules():
+    units: dict[str, set[str]] = {}
+    for a, bs in GRAPH.items():
+        units.setdefault(_unit(a), set()).update(_unit(b) for b in bs if _unit(b) != _unit(a))
+    assert _cycles(units) == []
+    assert _cycles(GRAPH) == []
+
+
+# what each layer of the core may import from itera, beyond the foundation (errors, fsio, paths, progress, ...)
+FORBIDDEN = {
+    "itera.storage": ("itera.quant", "itera.export", "itera.model", "itera.runtime", "itera.record"),
+    "itera.quant": ("itera.export", "itera.runtime"),
+    "itera.export": ("itera.quant",),
+    "itera.runtime": ("itera.export", "itera.quant"),
+    "itera.record": ("itera.runtime", "itera.export", "itera.model"),
+    "itera.artifacts": ("itera.runtime", "itera.record", "itera.export"),
+}
+
+
+def test_the_storage_layer_is_below_quantization_and_export():
+    for layer, banned in FORBIDDEN.items():
+        assert _edges(lambda a: _under(a, layer), lambda a, b: any(_under(b, x) for x in banned)) == [], layer
+
+
+def test_every_job_has_one_entry_point_of_the_job_shape():
+    """Each job (module or package) defines exactly one ``run_<verb>(opts, reporter, ...)``, and the
+    CLI runs every one of them through ``execute``."""
+    entries: dict[str, list[str]] = {}
+    for name, path in MODULES.items():
+        job = _job(name)
+        if job is None:
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("run_"):
+                assert [a.arg for a in node.args.args[:2]] == ["opts", "reporter"], (name, node.name)
+                entries.setdefault(job, []).append(node.name)
+    assert {j: len(v) for j, v in entries.items()} == {j: 1 for j in {_job(m) for m in MODULES} - {None}}
+    cli = "\n".join(p.read_text() for m, p in MODULES.items() if _under(m, "itera.cli"))
+    for (name,) in entries.values():
+        assert "execute(" in cli and name in cli, name

@@ -59,7 +59,7 @@ def test_sixteen_concurrent_writers_get_versions_1_to_16(tmp_path):
 # together: each opens the registry, says "ready", and waits for the barrier file.
 RACER = textwrap.dedent("""
     import json, os, sys, time
-    from itera.record import describe_artifact
+    from itera.artifacts import describe_artifact
     from itera.registry import Ref, Registry
 
     db, barrier, action, arg = sys.argv[1:5]
@@ -265,7 +265,8 @@ def _register_with_metric(reg, tmp_path, name, i, metrics):
     """Version ``i`` of ``name``: a benchmark record with ``metrics`` besides its required ones."""
     from test_record import MINIMAL
 
-    from itera.record import Run, describe_artifact
+    from itera.artifacts import describe_artifact
+    from itera.record import Run
 
     f = tmp_path / f"{name}-{i}.bin"
     f.write_bytes(f"{name} {i}".encode())
@@ -328,7 +329,8 @@ def test_pipeline_register_stores_evaluate_metrics_and_lineage(tmp_path, tiny_ck
 
 
 def test_register_refuses_a_changed_artifact(tmp_path, artifact):
-    from itera.record import Run, describe_artifact, dumps
+    from itera.artifacts import describe_artifact
+    from itera.record import Run, dumps
 
     from test_record import MINIMAL
 

@@ -322,7 +322,8 @@ def test_a_change_with_an_unwritable_metrics_out_changes_nothing(registry, tmp_p
 
 def test_a_record_with_nan_registers_nothing(registry, tmp_path):
     db, arts = registry
-    from itera.record import describe_artifact, dumps
+    from itera.artifacts import describe_artifact
+    from itera.record import dumps
 
     text = dumps(make_record("benchmark-power", describe_artifact(arts[1], "file", "gguf"), {"x": 1.5}))
     before = _db_bytes(db)

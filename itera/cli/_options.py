@@ -9,6 +9,8 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from itera.jobs import Job
+
 MetricsOut = Annotated[Optional[Path], typer.Option(
     "--metrics-out", help="Also write the record to this file.", dir_okay=False)]
 ModelPath = Annotated[Optional[Path], typer.Option(
@@ -35,9 +37,9 @@ def model_input(model: Optional[Path], option: str = "--model") -> tuple[Path, O
     return record.input_path(model, parent, option), parent
 
 
-def execute(command: str, job: Callable, opts, parent: Optional[dict], metrics_out: Optional[Path],
+def execute(command: str, job: Job, opts, parent: Optional[dict], metrics_out: Optional[Path],
             summary: Callable | None = None, **job_kwargs) -> Optional[dict]:
-    """Run ``job(opts, console, **job_kwargs)``, show ``summary(console, metrics)``, emit the record.
+    """Run the job (:class:`itera.jobs.Job`: ``job(opts, console, **job_kwargs)``), show ``summary(console, metrics)``, emit the record.
 
     Under torchrun every rank runs the job and only rank 0 speaks and emits."""
     from itera import record

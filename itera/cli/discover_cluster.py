@@ -38,10 +38,9 @@ def discover_cluster(
       itera discover-cluster --hosts-file hosts.txt --launch "distill --teacher t --student half --data d.txt --out s"
     """
     from itera.jobs.cluster import DiscoverOptions, run_discover
-    from itera.cli import COMMANDS
 
-    opts = DiscoverOptions(commands=tuple(c for c in COMMANDS if c in ("distill", "dpo-train")),hosts=list(hosts or []), hosts_file=hosts_file, config=config, ssh_config=ssh_config,
-                           timeout=timeout, deadline=deadline, launch=launch, nproc_per_node=nproc_per_node,
+    opts = DiscoverOptions(commands=("distill", "dpo-train"), hosts=list(hosts or []), hosts_file=hosts_file,
+                           config=config, ssh_config=ssh_config, timeout=timeout, deadline=deadline, launch=launch, nproc_per_node=nproc_per_node,
                            rdzv_port=rdzv_port, out=out, hostfile=hostfile, force=force)
     execute("discover-cluster", run_discover, opts.validate(), None, metrics_out, summary=_table)
 

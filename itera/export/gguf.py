@@ -34,6 +34,7 @@ from itera.errors import CheckpointError, UnsupportedModelError, UsageError
 from itera.export.gguf_vocab import check_tokenizer, write_vocab
 from itera.model.checkpoint import TensorReader, read_headers
 from itera.model.config import ModelConfig
+from itera.storage.names import gguf_name, rope_permutation
 
 AUTO = "AUTO"  # the checkpoint's own types
 DIRECT_TYPES = (AUTO, "F32", "F16", "BF16", "Q8_0", "Q4_0")
@@ -42,34 +43,6 @@ LLAMA_QUANT_TYPES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q3_K_M", "
 GGUF_TYPES = DIRECT_TYPES + LLAMA_QUANT_TYPES
 BLOCK = 32
 BLOCK_TYPES = ("Q8_0", "Q4_0")
-
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-_FIXED_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}
-
-
-def gguf_name(hf: str) -> str:
-    """Hugging Face tensor name -> llama.cpp's."""
-    if hf in _FIXED_NAMES:
-        return _FIXED_NAMES[hf]
-    _, _, i, rest = hf.split(".", 3)  # model.layers.{i}.{rest}
-    if rest in _LAYER_NAMES:
-        return f"blk.{i}.{_LAYER_NAMES[rest]}"
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{i}.{_LAYER_NAMES[module]}.{kind}"
-
-
-def rope_permutation(n_head: int, head_dim: int) -> torch.Tensor:
-    """Row order that turns rotate-half q/k projections into llama.cpp's interleaved layout."""
-    rows = torch.arange(n_head * head_dim)
-    return rows.reshape(n_head, 2, head_dim // 2).transpose(1, 2).reshape(-1)
-
 
 def check_exportable(cfg: ModelConfig) -> None:
     if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings:
@@ -181,7 +154,7 @@ def plan_tensors(cfg: ModelConfig, src: TensorReader, gguf_type: str) -> tuple[l
     theirs (``AUTO``: always, where the layout has a GGUF type); otherwise they are re-quantized
     from their dequantized values (listed). Tensors left 16-bit by quantize stay F16."""
     from itera.model.checkpoint import expected_shapes
-    from itera.quant.formats import layer_plan
+    from itera.storage.layout import layer_plan
 
     plan = layer_plan(cfg.quantization) if cfg.quantization else {}
     perms = {"self_attn.q_proj": rope_permutation(cfg.num_attention_heads, cfg.head_dim),
@@ -218,23 +191,14 @@ def _load_float(src: TensorReader, hf: str, perm, t: str) -> np.ndarray:
     return _float_data(x if perm is None else x[perm], t, hf)
 
 
-def _stored_type(q) -> str | None:
-    """The GGUF type whose blocks a quantized layer holds as they are, if any."""
-    if hasattr(q, "nbytes"):  # a GGML block type
-        return q.name
-    if q.sym and q.group_size == BLOCK:
-        return {4: "Q4_0", 8: "Q8_0"}.get(q.bits)
-    return None
-
-
 def _plan_quantized(name: str, module: str, shape: tuple, q, perm, src: TensorReader, gguf_type: str,
                     fallbacks: list, requantized: list) -> Planned:
-    from itera.quant.formats import ggml_blocks, unpack
+    from itera.storage.layout import ggml_blocks, unpack
 
-    stored = _stored_type(q)
+    stored = q.gguf_type
     if stored is not None and gguf_type in (AUTO, stored):
         def blocks():
-            if hasattr(q, "nbytes"):
+            if q.kind == "ggml":
                 b = src.get(module + ".ggml")
                 return (b if perm is None else b[perm]).numpy()
             codes, scales = unpack(src.get(module + ".qweight"), q.bits, shape[1]), src.get(module + ".scales")

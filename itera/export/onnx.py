@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from itera.errors import UnsupportedModelError
-from itera.export.torchfmt import LogitsOnly
+from itera.export.trace import LogitsOnly, check_traceable
 from itera.model.llama import KVCache
-from itera.runtime.onnx_backend import kv_path
+from itera.artifacts import kv_path
 
 OPSET = 17
 ONNX_QUANT = ("int8", "int4")
@@ -130,13 +130,6 @@ def write_onnx(model, cfg, ckpt: Path, out: Path, kv_out: Path, quant: str | Non
 
 
 # --------------------------------------------------------------------------- the format's entry
-
-
-def check(cfg, opts) -> None:
-    if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings:
-        raise UnsupportedModelError(f"{opts.format} export of a sliding-window model ({cfg.model_type}, window "
-                                    f"{cfg.sliding_window}) is not supported: the traced graph has no window mask; "
-                                    "evaluate and serve it from the checkpoint (torch runtime)")
 
 
 def write(src, opts, staging, reporter) -> dict:

@@ -2,7 +2,7 @@
 deployments; each is loaded back with its own loader and compared with the source model.
 
 :func:`write_pt2`/:func:`verify_pt2` and :func:`write_torchscript`/:func:`verify_torchscript`
-are these formats' entries in :data:`itera.jobs.export.FORMATS`.
+are these formats' entries in :data:`itera.export.formats.FORMATS`.
 """
 
 from __future__ import annotations
@@ -12,23 +12,7 @@ from pathlib import Path
 
 import torch
 
-
-class LogitsOnly(torch.nn.Module):
-    """``input_ids`` (batch, seq) -> ``logits`` (batch, seq, vocab): the graph every export traces."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids)
-
-
-def check(cfg, opts) -> None:
-    from itera.export.onnx import check as check_traceable
-
-    check_traceable(cfg, opts)  # the same trace, the same missing window mask
-
+from itera.export.trace import LogitsOnly
 
 def write_pt2(src, opts, staging, reporter) -> dict:
     x = torch.tensor([src.ids])

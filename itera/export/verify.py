@@ -7,7 +7,7 @@
    weights themselves. This must agree tightly for every type: a wrong graph, rope layout or
    block layout fails, whatever the type. The tolerance is on the relative RMS difference of
    the logits (``rel_rms``). The reference rounds every matrix product's input as llama.cpp's CPU
-   backend does for that weight's type (float16, or 8-bit blocks: ``itera.quant.ggml.input_as_llama_cpp``),
+   backend does for that weight's type (float16, or 8-bit blocks: ``itera.storage.ggml.input_as_llama_cpp``),
    which removes most of the difference; the tolerance covers the rest (summation order and
    llama.cpp's own kernels).
 2. **How much did the type lose?** Against the float source on the same ids (real text, the
@@ -63,15 +63,6 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def compare(ref: np.ndarray, got: np.ndarray) -> dict:
-    """|logit diff| and top-1 agreement of ``got`` against ``ref`` (both (T, V))."""
-    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
-    centred = ref.astype(np.float64) - ref.mean(-1, keepdims=True)
-    rms = float(np.sqrt((diff ** 2).mean()) / max(np.sqrt((centred ** 2).mean()), 1e-12))
-    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
-            "rel_rms": rms, "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
-
-
 def quality(source: np.ndarray, got: np.ndarray, ids: list[int]) -> dict:
     """What the export lost against the float source on real text: KL, top-1, perplexities."""
     p, q = _log_softmax(source), _log_softmax(got)
@@ -104,7 +95,7 @@ def gguf_state(path: Path, cfg, types: dict | None = None) -> dict:
     import gguf
     import torch
 
-    from itera.export.gguf import gguf_name, rope_permutation
+    from itera.storage.names import gguf_name, rope_permutation
     from itera.model.checkpoint import expected_shapes
 
     by_gguf = {gguf_name(hf): hf for hf in expected_shapes(cfg)}
@@ -152,7 +143,7 @@ def file_logits_gguf(path: Path, cfg, ids: list[int]) -> np.ndarray:
     import torch
 
     from itera.model.checkpoint import model_from_state
-    from itera.quant.ggml import round_inputs_as_llama_cpp
+    from itera.storage.ggml import round_inputs_as_llama_cpp
 
     types: dict[str, str] = {}
     model = model_from_state(cfg, gguf_state(path, cfg, types), where=str(path))

@@ -84,7 +84,7 @@ class BenchmarkOptions:
     estimate: str | None = None  # a power profile name or YAML file
 
     def validate(self) -> "BenchmarkOptions":
-        from itera.runtime import check_model_path
+        from itera.artifacts import check_model_path
 
         self.workload.validate()
         if self.estimate is not None and self.meter not in ("auto", "none"):
@@ -150,7 +150,9 @@ class Worker:
             line = ""
         if not line:
             code = self.proc.wait(timeout=30)
-            runtime = {".gguf": "llama.cpp", ".onnx": "onnxruntime"}.get(self.path.suffix.lower(), "torch")
+            from itera.artifacts import artifact_format, runtime_of
+
+            runtime = runtime_of(artifact_format(self.path))
             raise WorkerFailed(f"the benchmark worker for {self.path} ({runtime}) {exit_description(code)}; run "
                                "`itera env` to check this machine's runtimes", signal_name(code))
         reply = json.loads(line)
@@ -250,7 +252,9 @@ def start_workers(opts: BenchmarkOptions, meter_kind: str | None, stack: context
                   reporter: Reporter) -> list[Worker]:
     """One worker per artifact, loaded one after the other so loads do not compete; each closed by ``stack``."""
     workers = []
-    if any(Path(p).suffix.lower() == ".gguf" for p in opts.paths):
+    from itera.artifacts import artifact_format, runtime_of
+
+    if any(runtime_of(artifact_format(Path(p))) == "llama.cpp" for p in opts.paths):
         from itera.runtime import llamacpp_mode
 
         # probe here (once per build and CPU) rather than in each worker, and say the mode in the record
@@ -314,7 +318,7 @@ def stability(m: dict) -> tuple[bool, str | None]:
 
 
 def run_benchmark(opts: BenchmarkOptions, reporter: Reporter = SILENT) -> Outcome:
-    from itera.runtime import describe
+    from itera.artifacts import describe
 
     opts.validate()
     profile = PowerProfile.load(opts.estimate) if opts.estimate else None

@@ -532,7 +532,7 @@ class DiscoverOptions:
 def run_discover(opts: DiscoverOptions, reporter: Reporter = SILENT) -> Outcome:
     """Check every spec, probe the allowed hosts, plan the launch, write the inventory files."""
     from itera.fsio import write_text_atomic
-    from itera.record import describe_artifact
+    from itera.artifacts import describe_artifact
 
     opts.validate()
     texts = opts.host_specs()

@@ -23,7 +23,8 @@ from itera.losses import DistillLoss, kl_div
 from itera.model.config import ModelConfig
 from itera.model.llama import LlamaForCausalLM
 from itera.progress import SILENT, Reporter
-from itera.record import Outcome, describe_artifact
+from itera.artifacts import describe_artifact
+from itera.record import Outcome
 from itera.student import INITS, StudentSpec, check_student_fits, same_width
 from itera.train import Dist, TrainOptions
 

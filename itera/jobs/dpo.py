@@ -30,7 +30,8 @@ from itera.errors import InputError, UsageError
 from itera.losses import DPO_LOSSES, dpo_loss, kl_div, reward_accuracy
 from itera.preference import Pair
 from itera.progress import SILENT, Reporter
-from itera.record import Outcome, describe_artifact
+from itera.artifacts import describe_artifact
+from itera.record import Outcome
 from itera.chat import encode_rendered
 from itera.train import Dist, TrainOptions
 

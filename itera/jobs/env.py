@@ -125,10 +125,10 @@ def energy_meters() -> dict:
 def _smoke(name: str, d: str, repack: bool) -> tuple[str, dict]:
     from itera.runtime.isolate import NativeCrash, call
 
-    target, args = {"torch": ("itera.runtime.probe:smoke_torch", ()),
-                    "onnxruntime": ("itera.runtime.probe:smoke_onnxruntime", ()),
-                    "llama.cpp F16": ("itera.runtime.probe:smoke_llama_cpp", (d, "F16", repack)),
-                    "llama.cpp Q4_0": ("itera.runtime.probe:smoke_llama_cpp", (d, "Q4_0", repack))}[name]
+    target, args = {"torch": ("itera.probe:smoke_torch", ()),
+                    "onnxruntime": ("itera.probe:smoke_onnxruntime", ()),
+                    "llama.cpp F16": ("itera.probe:smoke_llama_cpp", (d, "F16", repack)),
+                    "llama.cpp Q4_0": ("itera.probe:smoke_llama_cpp", (d, "Q4_0", repack))}[name]
     t0 = time.perf_counter()
     try:
         figures = call(target, *args, runtime=name, what="running its smoke check",

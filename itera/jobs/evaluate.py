@@ -49,7 +49,8 @@ def run_evaluate(opts: EvaluateOptions, reporter: Reporter = SILENT) -> Outcome:
     typed is kept in params."""
     from itera.data import canonical, load_text
     from itera.model.checkpoint import load_checked_config
-    from itera.runtime import check_model_path, describe, open_runtime, resolve_device
+    from itera.artifacts import check_model_path, describe
+    from itera.runtime import open_runtime, resolve_device
 
     opts.validate()
     fmt = check_model_path(opts.model)

@@ -9,12 +9,11 @@ against the source), and the rename into place. A failed check removes everythin
 
 A new format is a module with ``check(cfg, opts)``, ``write(src, opts, staging, reporter) -> info``
 and ``verify(src, opts, path, info) -> (runtime logits, file logits or None, figures, problems)``,
-and a row in :data:`FORMATS`.
+and a row in :data:`itera.export.formats.FORMATS` (and one in :data:`itera.artifacts.KINDS`).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -22,29 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from itera.artifacts import describe_artifact
 from itera.errors import InputError, IteraError, UsageError
+from itera.export.formats import FORMATS, ExportFormat
 from itera.fsio import set_file_mode, temp_dir_beside, temp_path_beside
 from itera.progress import SILENT, Reporter
-from itera.record import Outcome, describe_artifact
+from itera.record import Outcome
 
 
-@dataclass(frozen=True)
-class Format:
-    suffix: str
-    module: str  # under itera.export
-    write: str = "write"
-    verify: str = "verify"
-
-    def entry(self, name: str):
-        return getattr(importlib.import_module(f"itera.export.{self.module}"), name)
-
-
-FORMATS = {
-    "gguf": Format(".gguf", "gguf"),
-    "onnx": Format(".onnx", "onnx"),
-    "pt2": Format(".pt2", "torchfmt", "write_pt2", "verify_pt2"),
-    "torchscript": Format(".pt", "torchfmt", "write_torchscript", "verify_torchscript"),
-}
 class VerificationError(IteraError):
     """The runtime disagreed with the source model beyond the tolerance."""
 
@@ -75,7 +59,8 @@ class ExportOptions:
         from itera.export.onnx import ONNX_QUANT
 
         if self.format not in FORMATS:
-            raise UsageError(f"unknown --format {self.format!r}; use gguf, onnx, pt2 or torchscript")
+            *others, last = FORMATS
+            raise UsageError(f"unknown --format {self.format!r}; use {', '.join(others)} or {last}")
         self.gguf_type = self.gguf_type.upper()  # llama.cpp's tools take q4_k_m as well as Q4_K_M
         if self.format == "gguf" and self.gguf_type not in GGUF_TYPES:
             raise UsageError(f"unknown --gguf-type {self.gguf_type!r}; use one of {', '.join(GGUF_TYPES)}")
@@ -111,7 +96,7 @@ class ExportOptions:
 
     def outputs(self) -> list:
         from itera.fsio import Output
-        from itera.runtime.onnx_backend import kv_path
+        from itera.artifacts import kv_path
 
         outs = [Output(self.out, "file", "--out", self.force)]
         if self.format == "onnx":
@@ -157,7 +142,7 @@ class Source:
     importance_figures: dict | None = None
 
 
-def load_source(opts: ExportOptions, fmt: Format) -> Source:
+def load_source(opts: ExportOptions, fmt: ExportFormat) -> Source:
     """Check everything cheap, then the source's logits on real text. GGUF is written from the
     checkpoint's files, not the model, so for it the model is let go at once (peak memory)."""
     import torch
@@ -172,7 +157,7 @@ def load_source(opts: ExportOptions, fmt: Format) -> Source:
     if not (Path(opts.model) / "tokenizer.json").is_file():
         raise InputError(f"{opts.model} has no tokenizer.json; an export carries the tokenizer, so add the "
                          "model's tokenizer.json to the checkpoint")
-    fmt.entry("check")(cfg, opts)
+    fmt.check(cfg, opts)
     tok = Tokenizer.from_dir(opts.model)
     tok.check_fits(cfg.vocab_size, str(opts.model))
     ids = quality_ids(tok, min(opts.verify_tokens, cfg.max_position_embeddings))
@@ -251,7 +236,8 @@ class Staging:
 def judge(opts: ExportOptions, src: Source, runtime: np.ndarray, file_logits: np.ndarray | None,
           problems: list[str]) -> tuple[dict, list[str]]:
     """Figures of the three questions and every problem found (none: verified)."""
-    from itera.export.verify import compare, quality
+    from itera.export.verify import quality
+    from itera.runtime.base import compare
 
     tol = opts.tolerance()
     problems = list(problems)
@@ -289,8 +275,8 @@ def run_export(opts: ExportOptions, reporter: Reporter = SILENT) -> Outcome:
     fmt = FORMATS[opts.format]
     src = load_source(opts, fmt)
     with Staging(opts.out, fmt.suffix) as staging:
-        info = fmt.entry(fmt.write)(src, opts, staging, reporter)
-        runtime, file_logits, checks, problems = fmt.entry(fmt.verify)(src, opts, staging.main, info)
+        info = fmt.write(src, opts, staging, reporter)
+        runtime, file_logits, checks, problems = fmt.verify(src, opts, staging.main, info)
         figures, problems = judge(opts, src, runtime, file_logits, problems)
         if problems and not opts.allow_mismatch:
             raise VerificationError(f"the {opts.format} export failed verification: " + "; ".join(problems)

@@ -357,7 +357,7 @@ class ReportOptions:
 
 
 def run_report(opts: ReportOptions, reporter: Reporter = SILENT) -> Outcome:
-    from itera.record import describe_artifact
+    from itera.artifacts import describe_artifact
 
     opts.validate()
     records = opts.parsed

@@ -184,7 +184,7 @@ def read_headers(ckpt: Path) -> dict[str, tuple[Path, dict]]:
 
 def quantized_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Like :func:`expected_shapes`, with each quantized layer's weight replaced by its packed tensors."""
-    from itera.quant.formats import layer_plan
+    from itera.storage.layout import layer_plan
 
     shapes = expected_shapes(cfg)
     for module, q in layer_plan(cfg.quantization).items():
@@ -306,7 +306,7 @@ def load_model(path: Path, dtype: "torch.dtype | str | None" = None, device: str
     cfg, headers = load_checked_config(path)
     state = load_state_dict(path, headers)
     if cfg.quantization:  # dequantize: the torch backend computes with the stored weights in float
-        from itera.quant.formats import layer_plan
+        from itera.storage.layout import layer_plan
 
         shapes = expected_shapes(cfg)
         for module, q in layer_plan(cfg.quantization).items():

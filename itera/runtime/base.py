@@ -1,5 +1,5 @@
-"""What every runtime backend shares: the context-manager shape, NLL from logits, and generation
-with a KV cache, one step at a time (:class:`Stepper`)."""
+"""What every runtime backend shares: the context-manager shape, NLL from logits, how two runtimes'
+logits are compared, and generation with a KV cache, one step at a time (:class:`Stepper`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,15 @@ def nll_from_logits(logits: np.ndarray, targets: Sequence[int]) -> list[float]:
     m = x.max(-1, keepdims=True)
     logz = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
     return (logz - x[np.arange(len(targets)), np.asarray(targets)]).tolist()
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict:
+    """|logit diff| and top-1 agreement of ``got`` against ``ref`` (both (T, V))."""
+    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    centred = ref.astype(np.float64) - ref.mean(-1, keepdims=True)
+    rms = float(np.sqrt((diff ** 2).mean()) / max(np.sqrt((centred ** 2).mean()), 1e-12))
+    return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+            "rel_rms": rms, "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
 
 
 class Stepper:

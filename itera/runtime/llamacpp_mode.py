@@ -11,7 +11,7 @@ compares. The answer is cached under ``$ITERA_HOME/cache/`` and every record tha
 says which mode it ran in (``runtime.repack`` and ``runtime.repack_reason``).
 
 ``ITERA_LLAMA_REPACK=on|off`` forces a mode; ``auto`` (the default) probes. Nothing here imports
-llama_cpp, torch or onnxruntime: the probe's work runs in :mod:`itera.runtime.probe`, in children.
+llama_cpp, torch or onnxruntime: the probe's work runs in :mod:`itera.probe`, in children.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ PROBE_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 AGREEMENT = 0.05
 PROBE_TIMEOUT = 600
 
-_used: dict | None = None  # the mode the llama.cpp runtimes of this process were opened in
 _lock = threading.Lock()
 
 
@@ -166,7 +165,7 @@ def probe() -> dict:
             return {"repack": False, "quantized_ok": True,
                     "repack_reason": f"tiny {types} files crashed llama.cpp ({why}) with repacked weights on this CPU "
                                      "and decoded without them; loading without repacking"}
-    from itera.export.verify import compare
+    from itera.runtime.base import compare
 
     worst = {t: compare(plain["logits"][t], packed["logits"][t])["rel_rms"] for t in PROBE_TYPES}
     bad = {t: v for t, v in worst.items() if not v <= AGREEMENT}
@@ -186,7 +185,7 @@ def _decode(d: str, repack: bool) -> dict:
     from itera.runtime.isolate import call
 
     how = "with repacked weights" if repack else "without repacking"
-    return call("itera.runtime.probe:build_and_decode", d, PROBE_TYPES, repack, runtime="llama.cpp",
+    return call("itera.probe:build_and_decode", d, PROBE_TYPES, repack, runtime="llama.cpp",
                 what=f"decoding tiny quantized files {how}", crash_name="repack" if repack else "plain",
                 timeout=PROBE_TIMEOUT, log_dir=cache_dir() / "llama-cpp" / "logs")
 
@@ -219,10 +218,6 @@ def model_params(repack: bool):
 
 def note_used(m: dict) -> None:
     """Remember that this process opened llama.cpp in mode ``m`` (for the record)."""
-    global _used
-    _used = {"name": "llama.cpp", "repack": m["repack"], "repack_reason": m["repack_reason"]}
+    from itera import record
 
-
-def used() -> dict | None:
-    """The record's ``runtime`` block when this process used llama.cpp, else None."""
-    return dict(_used) if _used else None
+    record.note_runtime({"name": "llama.cpp", "repack": m["repack"], "repack_reason": m["repack_reason"]})

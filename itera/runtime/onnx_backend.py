@@ -2,7 +2,7 @@
 
 The tokenizer travels inside the ONNX file (metadata ``itera.tokenizer.json`` and
 ``itera.tokenizer_config.json``), so the file is all a deployment needs. Generation uses the
-KV-cache graph beside it: ``NAME.kv.onnx`` for ``NAME.onnx`` (:func:`kv_path`).
+KV-cache graph beside it: ``NAME.kv.onnx`` for ``NAME.onnx`` (:func:`itera.artifacts.kv_path`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
+from itera.artifacts import kv_path
 from itera.errors import InputError
 from itera.runtime.base import RuntimeBase, Stepper
-
-
-def kv_path(onnx_file: Path) -> Path:
-    """The KV-cache graph that goes with an ONNX file: ``m.onnx`` -> ``m.kv.onnx``."""
-    s = str(onnx_file)
-    return Path(s[: -len(".onnx")] + ".kv.onnx") if s.endswith(".onnx") else Path(s + ".kv.onnx")
 
 
 def _session(path: Path, threads: int | None):

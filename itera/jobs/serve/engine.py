@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from itera.artifacts import check_model_path
+from itera.artifacts import digest as artifact_digest
 from itera.errors import InputError, IteraError
 
 
@@ -64,22 +66,6 @@ class SwapRefused(IteraError):
         self.public = public
 
 
-def _digest(path: Path) -> tuple[int, str]:
-    """(bytes, sha256) of an artifact as the registry computes them: ``itera.runtime.digest`` (an ONNX
-    graph's hash covers its KV-cache graph and external data), or the file's own where that is absent."""
-    try:
-        from itera.runtime import digest
-    except ImportError:
-        from itera.fsio import artifact_digest as digest
-    return digest(path)
-
-
-def _file_format(path: Path) -> str:
-    from itera.runtime import check_model_path
-
-    return check_model_path(path)
-
-
 def verify(row: dict) -> Source:
     """The registry row as a :class:`Source`, after checking that its artifact is the one registered
     (hashed as the registry hashes it: an ONNX graph with its KV graph and external data)."""
@@ -88,8 +74,8 @@ def verify(row: dict) -> Source:
     if not path.exists():
         raise SwapRefused(f"{label}: its artifact {path} no longer exists", "its artifact no longer exists")
     try:
-        fmt = _file_format(path)
-        size, digest = _digest(path)
+        fmt = check_model_path(path)
+        size, digest = artifact_digest(path)  # as the registry hashed it: an ONNX graph with its companions
     except InputError as e:
         raise SwapRefused(f"{label}: {e}", "its artifact is not a model itera can run") from None
     if digest != row["sha256"]:
@@ -102,9 +88,9 @@ def resolve_source(spec: str, registry: Path | None) -> tuple[Source, "RegistryR
     """``--model`` as a Source, and the ref to follow (None for a path or a pinned ``NAME@N``)."""
     if "@" not in spec:
         path = Path(spec)
-        fmt = _file_format(path)
-        size, digest = _digest(path)
-        name = path.name[: -len(path.suffix)] if path.suffix.lower() in (".gguf", ".onnx") else path.name
+        fmt = check_model_path(path)
+        size, digest = artifact_digest(path)
+        name = path.name if fmt == "checkpoint" else path.name[: -len(path.suffix)]
         return Source(path.resolve(), fmt, name or "model", None, digest, size,
                       "checkpoint" if path.is_dir() else "file"), None
     from itera.registry import VERSION_RE, Ref, Registry, default_path
