@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import math
 import secrets
 import threading
@@ -26,6 +25,7 @@ from starlette.requests import Request  # at module level: FastAPI resolves rout
 
 from itera.errors import IteraError
 from itera.jobs.serve.engine import Admission, LoadedModel, ModelPool, Overloaded, Unavailable
+from itera.jobs.serve import openai
 from itera.jobs.serve.guard import Guard
 from itera.jobs.serve.metrics import Metrics, endpoint_label
 from itera.jobs.serve.schemas import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, load_json, parse_body,
@@ -95,9 +95,6 @@ class Server:
     def retry_after(self) -> str:
         a = self.admission
         return str(max(1, math.ceil(self.mean_request_s * (a.queued + 1) / max(a.slots, 1))))
-
-    def version_block(self, m: LoadedModel) -> dict:
-        return {"version": m.source.version, "sha256": m.source.sha256}
 
     def prepare(self, m: LoadedModel, body, endpoint: str) -> Prepared:
         """Tokenize and check the request against ``m``'s context; ApiError 400 naming the field."""
@@ -270,10 +267,6 @@ async def _watch_disconnect(request, left: threading.Event) -> None:
     left.set()
 
 
-def _sse(obj) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
-
-
 class _Gate:
     """Pure ASGI middleware: the browser guard (:mod:`itera.jobs.serve.guard`), the API key (every path
     but /health) and per-request metrics (status, time to the last byte, streams included)."""
@@ -333,19 +326,12 @@ def build_app(server: Server):
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
         what = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(e.status_code, str(e.detail))
-        return _json(e.status_code, ApiError(e.status_code, f"{what}: {request.method} {request.url.path}").body())
+        return _json(e.status_code, openai.error_body(e.status_code, f"{what}: {request.method} {request.url.path}"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request, e):
         server.log(f"serve: unexpected {type(e).__name__} on {request.url.path}: {e}")
-        return _json(500, ApiError(500, f"internal error ({type(e).__name__}); the server log has the detail").body())
-
-    def headers_for(m: LoadedModel, rid: str | None = None) -> dict:
-        h = {"X-Itera-Model": m.source.name, "X-Itera-Model-Version": "" if m.source.version is None
-             else str(m.source.version)}
-        if rid:
-            h["X-Request-Id"] = rid
-        return h
+        return _json(500, openai.error_body(500, f"internal error ({type(e).__name__}); the server log has the detail"))
 
     async def generate(request: Request, endpoint: str):
         t_request = time.perf_counter()
@@ -371,14 +357,8 @@ def build_app(server: Server):
             starting.cancel()
             raise
         m = job.prepared.model
-        base = {"id": job.id, "object": "chat.completion" if endpoint == "chat" else "text_completion",
-                "created": int(time.time()), "model": m.source.name, "system_fingerprint": m.source.label,
-                "itera": server.version_block(m)}
+        base = openai.envelope(job.id, endpoint, m.source, int(time.time()))
         n_prompt = len(job.prepared.ids)
-
-        def usage(r: Result) -> dict:
-            return {"prompt_tokens": n_prompt, "completion_tokens": r.completion_tokens,
-                    "total_tokens": n_prompt + r.completion_tokens}
 
         if not body.stream:
             try:
@@ -390,27 +370,17 @@ def build_app(server: Server):
                 raise ApiError(500, f"generation failed: {e}") from None
             finally:
                 watcher.cancel()
-            choice = ({"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                       "finish_reason": r.finish_reason} if endpoint == "chat" else
-                      {"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason})
-            return _json(200, {**base, "choices": [choice], "usage": usage(r)}, headers_for(m, job.id))
+            usage = openai.usage(n_prompt, r.completion_tokens)
+            answer = openai.completion(base, endpoint, r.text, r.finish_reason, usage)
+            return _json(200, answer, openai.headers(m.source, job.id))
 
         fut.add_done_callback(lambda f: q.put_nowait(("done", f)))
-        chunk_base = {**base, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion"}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(text: str | None, finish: str | None = None, role: bool = False) -> bytes:
-            if endpoint == "chat":
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return _sse({**chunk_base, "choices": [choice]})
 
         async def events():
             try:
                 if endpoint == "chat":
-                    yield chunk(None, role=True)
+                    yield openai.sse(openai.chunk(base, endpoint, None, role=True))
                 pending = None
                 while True:
                     kind, value = pending or await q.get()
@@ -423,25 +393,26 @@ def build_app(server: Server):
                                 pending = nxt
                                 break
                             value += nxt[1]
-                        yield chunk(value)
+                        yield openai.sse(openai.chunk(base, endpoint, value))
                         continue
                     if value.exception() is not None:
                         e = value.exception()
                         server.log(f"serve: generation {job.id} failed: {type(e).__name__}: {e}")
-                        yield _sse(ApiError(500, f"generation failed ({type(e).__name__})").body())
+                        yield openai.sse(openai.error_body(500, f"generation failed ({type(e).__name__})"))
                         return
                     r = value.result()
-                    yield chunk(None, r.finish_reason)
+                    yield openai.sse(openai.chunk(base, endpoint, None, r.finish_reason))
                     if include_usage:
-                        yield _sse({**chunk_base, "choices": [], "usage": usage(r)})
-                    yield b"data: [DONE]\n\n"
+                        usage = openai.usage(n_prompt, r.completion_tokens)
+                        yield openai.sse(openai.usage_chunk(base, endpoint, usage))
+                    yield openai.SSE_DONE
                     return
             finally:
                 job.cancel.set()  # the client left mid-stream (or the stream ended): stop generating
                 watcher.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={**headers_for(m, job.id), "Cache-Control": "no-cache"})
+                                 headers={**openai.headers(m.source, job.id), "Cache-Control": "no-cache"})
 
     @app.post("/v1/completions")
     async def completions(request: Request):
