@@ -1,277 +1,33 @@
-"""The HTTP API: OpenAI-compatible completions and chat completions (streamed as server-sent
-events with ``stream: true``), model listing, feedback, health and Prometheus metrics.
-
-Every generation runs on a worker thread with a lane of the model it checked out; the event loop
-only parses, admits, relays text and answers. A response is stored (prompt, text, version) before
-its last byte is sent, so feedback can name it as soon as the client has it. Every answer names
-the model version that produced it: ``system_fingerprint`` (``NAME@VERSION``), an ``itera`` object
-(version, sha256) and the ``X-Itera-Model-Version`` header.
+"""The ASGI application: :func:`build_app` puts the routes and error handlers of
+:mod:`itera.jobs.serve.routes` in a FastAPI app with the :class:`~itera.jobs.serve.service.Server`
+as ``app.state.server``, behind :class:`_Gate` (the browser guard, the API key, request metrics).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
-import json
-import math
-import secrets
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable
 
-from starlette.requests import Request  # at module level: FastAPI resolves route annotations by name
-
-from itera.errors import IteraError
-from itera.jobs.serve.engine import Admission, LoadedModel, ModelPool, Overloaded, Unavailable
-from itera.jobs.serve.guard import Guard
-from itera.jobs.serve.metrics import Metrics, endpoint_label
-from itera.jobs.serve.schemas import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, load_json, parse_body,
-                                 parse_feedback)
-from itera.feedback import FeedbackError, FeedbackStore
-
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+from itera.jobs.serve import routes
+from itera.jobs.serve.metrics import endpoint_label
+from itera.jobs.serve.routes import json_response
+from itera.jobs.serve.schemas import ApiError
+from itera.jobs.serve.service import Server
 
 
-@dataclass
-class Prepared:
-    """A request checked against one model: the prompt text and ids, and what to generate."""
+def build_app(server: Server):
+    """The FastAPI application around ``server``."""
+    from fastapi import FastAPI
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    model: LoadedModel
-    prompt: str
-    ids: list[int]
-    params: object  # itera.runtime.sampling.SamplingParams
-
-
-@dataclass(eq=False)
-class Job:
-    id: str
-    endpoint: str
-    prepared: Prepared
-    request: dict
-    t_request: float
-    cancel: threading.Event = field(default_factory=threading.Event)
-    emit: Callable[[str], None] | None = None
-
-
-@dataclass
-class Result:
-    text: str
-    finish_reason: str
-    completion_tokens: int
-
-
-class Server:
-    """The state behind the routes: the model pool, admission, the store, metrics, counters."""
-
-    def __init__(self, pool: ModelPool, store: FeedbackStore, max_concurrency: int, max_queue: int,
-                 api_key: str | None = None, aliases: tuple[str, ...] = (),
-                 log: Callable[[str], None] = lambda m: None, guard: Guard | None = None):
-        self.pool, self.store, self.api_key, self.log = pool, store, api_key, log
-        self.guard = guard or Guard(check_host=True)
-        self.admission = Admission(max_concurrency, max_queue)
-        self.metrics = Metrics(self.admission)
-        self.executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="itera-generate")
-        self.names = {pool.current.source.name, *aliases}
-        self.started = time.time()
-        self.jobs: set[Job] = set()
-        self.status_counts: dict[str, int] = {}
-        self.generated_tokens = 0
-        self.responses_stored = 0
-        self.feedback_stored = 0
-        self.mean_request_s = 1.0  # moving average, for Retry-After
-        self.watcher = None
-        self.metrics.serving(pool.current.source.name, pool.current.source.version, pool.current.source.sha256)
-
-    # ------------------------------------------------------------------ helpers
-
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.names:
-            raise ApiError(404, f"model {name!r} is not served here; this server serves "
-                                f"{self.pool.current.source.name!r} (GET /v1/models)", "model", "model_not_found")
-
-    def retry_after(self) -> str:
-        a = self.admission
-        return str(max(1, math.ceil(self.mean_request_s * (a.queued + 1) / max(a.slots, 1))))
-
-    def version_block(self, m: LoadedModel) -> dict:
-        return {"version": m.source.version, "sha256": m.source.sha256}
-
-    def prepare(self, m: LoadedModel, body, endpoint: str) -> Prepared:
-        """Tokenize and check the request against ``m``'s context; ApiError 400 naming the field."""
-        from itera.runtime.sampling import SamplingParams
-        from itera.chat import ChatTemplateError, encode_rendered
-
-        if endpoint == "chat":
-            if m.chat is None:
-                raise ApiError(400, f"model {m.source.label} has no chat template (no chat_template in its tokenizer "
-                                    "config, no tokenizer.chat_template in the GGUF); use /v1/completions, or start "
-                                    "the server with --chat-template FILE", "messages", "no_chat_template")
-            try:
-                prompt = m.chat.render([msg.as_dict() for msg in body.messages])
-            except ChatTemplateError as e:
-                raise ApiError(400, str(e), "messages", "chat_template_refused") from None
-            ids, field_name = encode_rendered(m.tokenizer, prompt), "messages"
-            asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        else:
-            prompt = body.text()
-            ids, field_name = m.tokenizer.encode(prompt), "prompt"
-            asked, max_field = body.max_tokens, "max_tokens"
-        ctx = m.max_context
-        if not ids:
-            raise ApiError(400, f"{field_name} is empty: it gives no tokens", field_name, "empty_prompt")
-        if len(ids) >= ctx:
-            raise ApiError(400, f"{field_name} is {len(ids)} tokens; the model's context is {ctx} tokens, which "
-                                "leaves no room to generate", field_name, "context_length_exceeded")
-        room = ctx - len(ids)
-        if asked is not None and asked > room:
-            raise ApiError(400, f"{max_field} is {asked}, but the prompt takes {len(ids)} of the model's {ctx} "
-                                f"context tokens: ask for at most {room}", max_field, "context_length_exceeded")
-        default = COMPLETION_DEFAULT_MAX_TOKENS if endpoint == "completion" else room
-        params = SamplingParams(max_tokens=asked if asked is not None else min(default, room),
-                                temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stops())
-        return Prepared(m, prompt, ids, params)
-
-    # ------------------------------------------------------------------ generation
-
-    async def start(self, body, endpoint: str, t_request: float, cancel: threading.Event | None = None,
-                    emit: Callable[[str], None] | None = None) -> tuple[Job, asyncio.Future]:
-        """Admit, check out the current model, and start the generation on a worker thread (which
-        stops once ``cancel`` is set: before it starts, it does no work at all). ``emit`` receives
-        every text delta from the first one on."""
-        self.check_model(body.model)
-        self.prepare(self.pool.current, body, endpoint)  # bad requests fail here, without queueing
-        try:
-            await self.admission.acquire()
-        except Overloaded:
-            a = self.admission
-            raise ApiError(429, f"the server is busy: {a.running} generations running and {a.queued} waiting "
-                                f"(--max-concurrency {a.slots}, --max-queue {a.max_queue}); retry later", None,
-                           "overloaded", {"Retry-After": self.retry_after()}) from None
-        except Unavailable:
-            raise ApiError(503, "the server is shutting down", None, "shutting_down", {"Retry-After": "5"}) from None
-        m = self.pool.checkout()
-        try:
-            prepared = self.prepare(m, body, endpoint)  # the model may have changed while the request waited
-            prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
-            job = Job(prefix + secrets.token_hex(12), endpoint, prepared, _request_record(body, prepared), t_request,
-                      cancel or threading.Event(), emit)
-            fut = asyncio.get_running_loop().run_in_executor(self.executor, self._work, job)
-        except BaseException:
-            self.pool.release(m)
-            self.admission.release()
-            raise
-        self.jobs.add(job)
-
-        def done(_):
-            self.jobs.discard(job)
-            self.pool.release(m)
-            self.admission.release()
-
-        fut.add_done_callback(done)
-        return job, fut
-
-    def _work(self, job: Job) -> Result:
-        """On a worker thread: generate on a lane of the job's model, store the response."""
-        from itera.runtime.sampling import Generation
-
-        p = job.prepared
-        m = p.model
-        lane = m.take_lane()
-        try:
-            t0 = time.perf_counter()
-            gen = Generation(lane, m.tokenizer.decode, p.ids, p.params, m.eos_ids, job.cancel.is_set)
-            for delta in gen:
-                if job.emit is not None:
-                    job.emit(delta)
-        finally:
-            m.give_lane(lane)
-        label = "/v1/chat/completions" if job.endpoint == "chat" else "/v1/completions"
-        if gen.first_token_s is not None:  # the prompt was evaluated (not cancelled before it started)
-            self.metrics.ttft.labels(label).observe(t0 - job.t_request + gen.first_token_s)
-            self.metrics.prompt_tokens.inc(len(p.ids))
-        self.metrics.generated.inc(len(gen.tokens))
-        self.generated_tokens += len(gen.tokens)
-        if gen.finish_reason != "cancelled":
-            self.store.add_response({
-                "id": job.id, "endpoint": label, "model": m.source.name, "version": m.source.version,
-                "sha256": m.source.sha256, "prompt": p.prompt, "response": gen.text,
-                "finish_reason": gen.finish_reason, "prompt_tokens": len(p.ids),
-                "completion_tokens": len(gen.tokens), "request": job.request})
-            self.responses_stored += 1
-        elapsed = time.perf_counter() - job.t_request
-        self.mean_request_s = 0.8 * self.mean_request_s + 0.2 * elapsed
-        return Result(gen.text, gen.finish_reason, len(gen.tokens))
-
-    def cancel_all(self) -> None:
-        for job in list(self.jobs):
-            job.cancel.set()
-
-    def summary(self) -> dict:
-        w = self.watcher
-        # 499: the client hung up (its generation was cancelled); not an error of the server's or the request's
-        errors = sum(n for s, n in self.status_counts.items() if int(s) >= 400 and s != "499")
-        return {
-            "requests": sum(self.status_counts.values()),
-            "requests_by_status": dict(sorted(self.status_counts.items())),
-            "errors": errors, "server_errors": sum(n for s, n in self.status_counts.items() if int(s) >= 500),
-            "uptime_s": round(time.time() - self.started, 3), "generated_tokens": self.generated_tokens,
-            "responses_stored": self.responses_stored, "feedback_stored": self.feedback_stored,
-            "versions_served": [{k: v for k, v in e.items() if k != "since"} for e in self.pool.served],
-            "swaps": list(w.swaps) if w else [], "swaps_refused": list(w.refused) if w else [],
-        }
-
-
-def _request_record(body, prepared: Prepared) -> dict:
-    """What the store keeps of a request besides the prompt text: the messages and sampling."""
-    p = prepared.params
-    out = {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p, "seed": p.seed,
-           "stop": list(p.stop)}
-    if isinstance(body, ChatRequest):
-        out["messages"] = [m.as_dict() for m in body.messages]
-    return out
-
-
-# --------------------------------------------------------------------------- the ASGI app
-
-
-def _json(status: int, body: dict, headers: dict | None = None):
-    from starlette.responses import JSONResponse
-
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-async def _read_body(request) -> bytes:
-    size = int(request.headers.get("content-length") or 0)
-    if size > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is {size} bytes; the limit is {MAX_BODY_BYTES}", None, "body_too_large")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes", None,
-                           "body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _watch_disconnect(request, left: threading.Event) -> None:
-    """Sets ``left`` when the client closes its connection. Start it once the body has been read:
-    the server then has nothing but the disconnect left to deliver (also once the response is sent,
-    so this always ends). A server whose ``receive`` fails just ends the watch."""
-    try:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-    except Exception:  # noqa: BLE001 - watching is best effort; the request goes on
-        return
-    left.set()
-
-
-def _sse(obj) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+    app = FastAPI(title="itera serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    app.add_exception_handler(ApiError, routes.api_error)
+    app.add_exception_handler(StarletteHTTPException, routes.http_error)
+    app.add_exception_handler(Exception, routes.unexpected)
+    for method, path, handler in routes.ROUTES:
+        app.add_api_route(path, handler, methods=[method])
+    return _Gate(app, server)
 
 
 class _Gate:
@@ -298,11 +54,11 @@ class _Gate:
 
         try:
             if (err := s.guard.refusal(scope)) is not None:  # cross-site and rebinding requests, non-JSON bodies
-                return await _json(err.status, err.body(), err.headers)(scope, receive, send_wrapper)
+                return await json_response(err.status, err.body(), err.headers)(scope, receive, send_wrapper)
             if s.api_key is not None and scope["path"] != "/health" and not self._authorised(scope):
                 err = ApiError(401, "missing or wrong API key: send the header Authorization: Bearer <key>", None,
                                "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-                return await _json(401, err.body(), err.headers)(scope, receive, send_wrapper)
+                return await json_response(401, err.body(), err.headers)(scope, receive, send_wrapper)
             await self.app(scope, receive, send_wrapper)
         finally:
             code = str(status["code"])
@@ -316,177 +72,3 @@ class _Gate:
                 return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1"),
                                                                           self.server.api_key.encode("ascii"))
         return False
-
-
-def build_app(server: Server):
-    """The FastAPI application around ``server``."""
-    from fastapi import FastAPI
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.responses import Response, StreamingResponse
-
-    app = FastAPI(title="itera serve", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, e: ApiError):
-        return _json(e.status, e.body(), e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e):
-        what = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(e.status_code, str(e.detail))
-        return _json(e.status_code, ApiError(e.status_code, f"{what}: {request.method} {request.url.path}").body())
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request, e):
-        server.log(f"serve: unexpected {type(e).__name__} on {request.url.path}: {e}")
-        return _json(500, ApiError(500, f"internal error ({type(e).__name__}); the server log has the detail").body())
-
-    def headers_for(m: LoadedModel, rid: str | None = None) -> dict:
-        h = {"X-Itera-Model": m.source.name, "X-Itera-Model-Version": "" if m.source.version is None
-             else str(m.source.version)}
-        if rid:
-            h["X-Request-Id"] = rid
-        return h
-
-    async def generate(request: Request, endpoint: str):
-        t_request = time.perf_counter()
-        data = load_json(await _read_body(request))
-        body = parse_body(data, ChatRequest if endpoint == "chat" else CompletionRequest)
-        left = threading.Event()  # set when the client hangs up, queued or not: its generation stops
-        watcher = asyncio.ensure_future(_watch_disconnect(request, left))
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()  # a stream's deltas, from the first (emit is set before the job starts)
-        emit = (lambda text: loop.call_soon_threadsafe(q.put_nowait, ("text", text))) if body.stream else None
-        starting = asyncio.ensure_future(server.start(body, endpoint, t_request, left, emit))
-        try:
-            await asyncio.wait({starting, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not starting.done() and left.is_set():
-                starting.cancel()  # the client left while its request waited: its place goes to the next
-                with contextlib.suppress(asyncio.CancelledError):
-                    await starting
-                if starting.cancelled():
-                    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-            job, fut = await starting
-        except BaseException:
-            watcher.cancel()
-            starting.cancel()
-            raise
-        m = job.prepared.model
-        base = {"id": job.id, "object": "chat.completion" if endpoint == "chat" else "text_completion",
-                "created": int(time.time()), "model": m.source.name, "system_fingerprint": m.source.label,
-                "itera": server.version_block(m)}
-        n_prompt = len(job.prepared.ids)
-
-        def usage(r: Result) -> dict:
-            return {"prompt_tokens": n_prompt, "completion_tokens": r.completion_tokens,
-                    "total_tokens": n_prompt + r.completion_tokens}
-
-        if not body.stream:
-            try:
-                await asyncio.wait({fut, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                if not fut.done() and left.is_set():  # the client left: the generation stops, nothing is stored
-                    return Response(status_code=499)
-                r = await asyncio.shield(fut)
-            except IteraError as e:
-                raise ApiError(500, f"generation failed: {e}") from None
-            finally:
-                watcher.cancel()
-            choice = ({"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                       "finish_reason": r.finish_reason} if endpoint == "chat" else
-                      {"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason})
-            return _json(200, {**base, "choices": [choice], "usage": usage(r)}, headers_for(m, job.id))
-
-        fut.add_done_callback(lambda f: q.put_nowait(("done", f)))
-        chunk_base = {**base, "object": "chat.completion.chunk" if endpoint == "chat" else "text_completion"}
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(text: str | None, finish: str | None = None, role: bool = False) -> bytes:
-            if endpoint == "chat":
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return _sse({**chunk_base, "choices": [choice]})
-
-        async def events():
-            try:
-                if endpoint == "chat":
-                    yield chunk(None, role=True)
-                pending = None
-                while True:
-                    kind, value = pending or await q.get()
-                    pending = None
-                    if kind == "text":
-                        # text that queued up while the last chunk was being sent goes out as one chunk
-                        while not q.empty():
-                            nxt = q.get_nowait()
-                            if nxt[0] != "text":
-                                pending = nxt
-                                break
-                            value += nxt[1]
-                        yield chunk(value)
-                        continue
-                    if value.exception() is not None:
-                        e = value.exception()
-                        server.log(f"serve: generation {job.id} failed: {type(e).__name__}: {e}")
-                        yield _sse(ApiError(500, f"generation failed ({type(e).__name__})").body())
-                        return
-                    r = value.result()
-                    yield chunk(None, r.finish_reason)
-                    if include_usage:
-                        yield _sse({**chunk_base, "choices": [], "usage": usage(r)})
-                    yield b"data: [DONE]\n\n"
-                    return
-            finally:
-                job.cancel.set()  # the client left mid-stream (or the stream ended): stop generating
-                watcher.cancel()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={**headers_for(m, job.id), "Cache-Control": "no-cache"})
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await generate(request, "completion")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await generate(request, "chat")
-
-    @app.post("/v1/feedback")
-    async def feedback(request: Request):
-        import anyio
-
-        event = parse_feedback(load_json(await _read_body(request)))
-        try:
-            stored = await anyio.to_thread.run_sync(server.store.add_feedback, event)
-        except FeedbackError as e:
-            raise ApiError(e.status, str(e), e.param,
-                           "response_not_found" if e.status == 404 else "invalid_value") from None
-        server.metrics.feedback.labels(event["type"]).inc()
-        server.feedback_stored += 1
-        return _json(201, {"object": "feedback", **stored})
-
-    @app.get("/v1/models")
-    async def models():
-        m = server.pool.current
-        return {"object": "list", "data": [{"id": m.source.name, "object": "model", "created": int(server.started),
-                                            "owned_by": "itera", "itera": m.describe()}]}
-
-    @app.get("/health")
-    async def health():
-        m = server.pool.current
-        w = server.watcher
-        return {"status": "draining" if server.admission.draining else "ok", "model": m.source.name,
-                "version": m.source.version, "sha256": m.source.sha256, "format": m.source.format,
-                "runtime": m.runtime_name, "uptime_s": round(time.time() - server.started, 3),
-                "in_flight": server.admission.running, "queued": server.admission.queued,
-                "swaps": len(w.swaps) if w else 0,
-                "last_refused": ({k: v for k, v in w.refused[-1].items()} if w and w.refused else None)}
-
-    @app.get("/metrics")
-    async def metrics():
-        m = server.pool.current
-        server.metrics.serving(m.source.name, m.source.version, m.source.sha256)
-        data, content_type = server.metrics.render()
-        return Response(data, media_type=content_type)
-
-    return _Gate(app, server)

@@ -13,16 +13,14 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from itera.jobs.serve.openai import error_body
+
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: far above any context these models have, far below a memory problem
 MAX_SEED = (1 << 63) - 1
 
 
 class ApiError(Exception):
-    """An HTTP error answered as ``{"error": {"message", "type", "param", "code"}}``."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-             429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}
+    """An HTTP error, answered in OpenAI's error shape (:func:`itera.jobs.serve.openai.error_body`)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict | None = None):
@@ -31,8 +29,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        return error_body(self.status, self.message, self.param, self.code)
 
 
 class _Body(BaseModel):

@@ -50,7 +50,8 @@ def run_serve(opts: ServeOptions, reporter: Reporter = SILENT) -> Outcome:
     """Serve ``opts.model`` until a signal stops the server; the Outcome says what was served."""
     import uvicorn
 
-    from itera.jobs.serve.app import Server, build_app
+    from itera.jobs.serve.app import build_app
+    from itera.jobs.serve.service import Server
     from itera.jobs.serve.guard import Guard
     from itera.jobs.serve.engine import LoadedModel, ModelPool, Watcher, resolve_source
     from itera.feedback import FeedbackStore, default_path
