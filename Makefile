@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 RUNS    := runs/demo
 # Every dependency, test tools included, at the exact version (and sha256) in the lock file: what CI
 # tests is what make install gives. torch is the CPU build pip takes from local disk (2.13.0+cpu);
-# an unpinned torch pulls a CUDA build. `make lock` refreshes the lock (see the README).
+# an unpinned torch pulls a CUDA build. `make lock` refreshes the lock (see docs/development.md).
 LOCK    := requirements/lock.txt
 PIP     := pip==26.3
 

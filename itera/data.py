@@ -1,4 +1,4 @@
-"""Text data sources (DESIGN.md §4).
+"""Text data sources (docs/formats.md, "Data sources").
 
 A source spec is one of:
 

@@ -1,4 +1,4 @@
-"""The record protocol (DESIGN.md §2): build, validate, emit and read itera records.
+"""The record protocol (docs/formats.md, "The record protocol"): build, validate, emit and read itera records.
 
 Every successful command prints exactly one record: a JSON object on one line of
 stdout. The next command in a pipeline reads it from stdin as its *parent*, and

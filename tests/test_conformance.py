@@ -1,4 +1,4 @@
-"""The families the README names, end to end: tiny random checkpoints with each family's structure
+"""The families docs/formats.md names, end to end: tiny random checkpoints with each family's structure
 (tests/families.py) through evaluate, quantize, export to every runtime, evaluation of each
 export, distill and dpo-train; and llama.cpp used directly agreeing with `tokenizers` and
 transformers on Llama-3- and Qwen2-style files."""

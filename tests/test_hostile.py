@@ -13,7 +13,7 @@ once. Whatever the input, the run must:
 5. leave the registry database byte-for-byte unchanged (every case has one, via ``--registry``
    or ``ITERA_REGISTRY``; ``ITERA_HOME`` is in the case's tmp directory too, where only files
    under ``cache/`` may appear) — except that a refused promotion or rollback appends exactly
-   its one documented audit event (README: "recorded in the history") and changes nothing else;
+   its one documented audit event (docs/commands.md: "recorded in the history") and changes nothing else;
 6. leave every input file unchanged (sha256 of every file, before and after).
 """
 

@@ -1,9 +1,10 @@
-"""The README's quantize, export and evaluate examples run as written.
+"""The README and docs' quantize, export and evaluate examples run as written.
 
-Each line below is copied from the README (the test fails if the README no longer has it) and
-run unchanged in a scratch directory where ``M`` and ``runs/demo/teacher`` are a small trained
-model and ``notes.txt`` is a text file: the names a reader substitutes, nothing else. Lines that
-train (distill, dpo-train) or need other machines are left to their own tests."""
+Each line below is copied from the README and docs (README.md, docs/**/*.md: the test fails if
+none of them has it any more) and run unchanged in a scratch directory where ``M`` and
+``runs/demo/teacher`` are a small trained model and ``notes.txt`` is a text file: the names a
+reader substitutes, nothing else. Lines that train (distill, dpo-train) or need other machines are
+left to their own tests."""
 
 from __future__ import annotations
 
@@ -27,10 +28,16 @@ EXAMPLES = [
 ]
 
 
+def _readme_and_docs() -> str:
+    """README.md followed by every docs/**/*.md, in path order."""
+    paths = [REPO / "README.md"] + sorted((REPO / "docs").glob("**/*.md"))
+    return "\n".join(p.read_text() for p in paths)
+
+
 def test_readme_examples_run_as_written(lm, corpus_file, tmp_path):
-    readme = (REPO / "README.md").read_text()
+    readme = _readme_and_docs()
     for line in EXAMPLES:
-        assert line in readme, f"the README no longer has: {line}"
+        assert line in readme, f"the README and docs no longer have: {line}"
     (tmp_path / "M").symlink_to(lm)
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     (tmp_path / "runs" / "demo" / "teacher").symlink_to(lm)
@@ -43,7 +50,7 @@ def test_readme_examples_run_as_written(lm, corpus_file, tmp_path):
         if rec["artifact"] is not None and "--out" in line:
             out = shlex.split(line)[shlex.split(line).index("--out") + 1]
             assert (tmp_path / out).exists(), line
-    # what the README says each does
+    # what the README and docs say each does
     plan = json.loads((tmp_path / "runs" / "mixed" / "quant_plan.json").read_text())
     again = records[EXAMPLES[3]]["metrics"]["plan_types"]
     assert again == records[EXAMPLES[2]]["metrics"]["plan_types"] and set(again.values()) <= set(plan["types"].values())

@@ -1,5 +1,5 @@
-"""itera report: tables equal the records' numbers, charts are real PNGs, and the README's
-example commands exist in the CLI as written."""
+"""itera report: tables equal the records' numbers, charts are real PNGs, and the README and
+docs' example commands exist in the CLI as written."""
 
 from __future__ import annotations
 
@@ -92,8 +92,10 @@ def test_report_reads_records_from_stdin(records, tmp_path):
 
 
 def _readme_commands():
-    text = (REPO / "README.md").read_text()
-    blocks = re.findall(r"```\n(.*?)```", text, flags=re.S)
+    """The `itera ...` lines in the code blocks of README.md and every docs/**/*.md (each file's
+    fences paired on their own, so one file's fence cannot shift the next file's)."""
+    paths = [REPO / "README.md"] + sorted((REPO / "docs").glob("**/*.md"))
+    blocks = [b for p in paths for b in re.findall(r"```\n(.*?)```", p.read_text(), flags=re.S)]
     cmds = []
     for block in blocks:
         for raw in block.replace("\\\n", " ").splitlines():
@@ -106,7 +108,8 @@ def _readme_commands():
 
 
 def test_readme_commands_use_real_commands_and_flags():
-    """Every `itera ...` line in the README's code blocks names a real command and real flags."""
+    """Every `itera ...` line in the README and docs' code blocks names a real command and real
+    flags."""
     from itera.cli import COMMANDS, GROUPS
 
     cmds = _readme_commands()
