@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from itera.errors import UsageError
+from itera.options import flag
 from itera.runtime.base import Stepper
 
 POWERCAP = Path("/sys/class/powercap")
@@ -289,10 +290,10 @@ class RunTiming:
 
 @dataclass
 class Workload:
-    prompt_tokens: int = 64
-    gen_tokens: int = 64
-    runs: int = 5
-    warmup: int = 1
+    prompt_tokens: int = flag("--prompt-tokens", default=64)
+    gen_tokens: int = flag("--gen-tokens", default=64)
+    runs: int = flag("--runs", default=5)
+    warmup: int = flag("--warmup", default=1)
 
     def validate(self) -> "Workload":
         for name in ("prompt_tokens", "gen_tokens", "runs"):

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 from itera.errors import DataError, UsageError
+from itera.options import flag
 
 PROTOCOL = ("tokenize without special tokens; optional BOS in front; cut to max_tokens; "
             "windows of `window` tokens advancing by `stride`, each scoring only its last `stride` "
@@ -38,10 +39,11 @@ class EvalOptions:
     the window. :meth:`resolve` fills both in once the model's context is known.
     """
 
-    window: int | None = None  # tokens of context + target per forward pass
-    stride: int | None = None  # how far each window advances; tokens scored per window after the first
-    max_tokens: int | None = None  # cut the token stream to this length (BOS included)
-    bos: bool | None = None  # put BOS in front; None means the tokenizer's add_bos_token
+    window: int | None = flag("--window", default=None)  # tokens of context + target per forward pass
+    # how far each window advances; tokens scored per window after the first
+    stride: int | None = flag("--stride", default=None)
+    max_tokens: int | None = flag("--max-tokens", default=None)  # cut the token stream to this length (BOS included)
+    bos: bool | None = flag("--bos", default=None)  # put BOS in front; None means the tokenizer's add_bos_token
 
     def validate(self) -> "EvalOptions":
         """Check what was given; cheap, so commands call it before touching the model."""

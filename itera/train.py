@@ -25,23 +25,30 @@ from typing import Callable
 import torch
 
 from itera.errors import CheckpointError, DataError, UsageError
+from itera.options import flag, internal
 
 
 @dataclass
 class TrainOptions:
-    steps: int = 300
-    batch_size: int = 16  # sequences per optimizer step, over all processes and micro-batches
-    grad_accum: int = 1  # micro-batches per step on each process
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
-    save_every: int = 0  # steps between resumable checkpoints (0: none)
-    dtype: str = "auto"  # auto | float32 | bf16: the compute precision of the forward and backward passes
+    """The training loop's settings, shared by ``itera distill`` and ``itera dpo-train``; each
+    command builds them with its own defaults (see their ``train`` fields)."""
+
+    steps: int = flag("--steps", default=300)
+    # sequences per optimizer step, over all processes and micro-batches
+    batch_size: int = flag("--batch-size", default=16)
+    grad_accum: int = flag("--grad-accum", default=1)  # micro-batches per step on each process
+    seq_len: int = flag("--seq-len", default=128)
+    lr: float = flag("--lr", default=3e-3)
+    # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = internal("the floor of the cosine schedule, a fixed part of the recipe", default=0.1)
+    warmup_steps: int = flag("--warmup-steps", default=20)
+    weight_decay: float = flag("--weight-decay", default=0.1)
+    grad_clip: float = flag("--grad-clip", default=1.0)
+    seed: int = flag("--seed", default=0)
+    eval_every: int = flag("--eval-every", default=0)  # steps between held-out evaluations (0: only at the end)
+    save_every: int = flag("--save-every", default=0)  # steps between resumable checkpoints (0: none)
+    # auto | float32 | bf16: the compute precision of the forward and backward passes
+    dtype: str = flag("--dtype", default="auto")
 
     def validate(self, world_size: int = 1) -> "TrainOptions":
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):

@@ -153,6 +153,23 @@ def test_verification_failure_removes_the_artifact(tiny_ckpt, tmp_path):
     assert kept["metrics"]["verified"] is False and (tmp_path / "m.gguf").is_file()
 
 
+def test_max_kl_and_min_top1_refuse_an_export_beyond_them(tiny_ckpt, tmp_path):
+    """--max-kl and --min-top1 (named by ExportOptions' errors) are flags, and the record says what they held it to."""
+    assert_usage_error(export(tiny_ckpt, tmp_path / "m.gguf", "--format", "gguf", "--min-top1", "1.5"),
+                       "--min-top1 must be at most 1")
+    assert_usage_error(export(tiny_ckpt, tmp_path / "m.gguf", "--format", "gguf", "--max-kl", "-1"),
+                       "--max-kl must be a non-negative number")
+    res = export(tiny_ckpt, tmp_path / "m.gguf", "--format", "gguf", "--gguf-type", "Q8_0", "--max-kl", "0")
+    assert res.returncode == 1 and res.stdout == "" and "KL " in res.stderr and "> 0)" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+    kept = export(tiny_ckpt, tmp_path / "m.gguf", "--format", "gguf", "--gguf-type", "Q8_0", "--max-kl", "0",
+                  "--min-top1", "1", "--allow-mismatch").record
+    assert kept["metrics"]["verified"] is False
+    assert kept["metrics"]["tolerance"]["max_kl"] == 0 and kept["metrics"]["tolerance"]["min_top1_agreement"] == 1
+    assert kept["params"]["max_kl"] == 0 and kept["params"]["min_top1"] == 1
+    assert kept["params"]["verify_tokens"] == kept["metrics"]["verify_tokens"] == 128  # the CLI's default, as before
+
+
 def test_bad_input(tiny_ckpt, tmp_path, tokenizer_dir):
     assert_usage_error(export(tiny_ckpt, tmp_path / "m.x", "--format", "tflite"), "unknown --format 'tflite'")
     assert_usage_error(export(tiny_ckpt, tmp_path / "m.gguf", "--format", "gguf", "--gguf-type", "Q9_X"),

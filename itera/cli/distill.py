@@ -26,6 +26,8 @@ def distill(
     init: Annotated[Optional[str], typer.Option(help="random | layers | prune. Default: layers when the student "
                                                 "has the teacher's width, else prune; random without a teacher.")] = None,
     layer_ids: Annotated[Optional[str], typer.Option(help="Teacher layers to keep, e.g. 0,2,5 (default evenly spaced).")] = None,
+    calib_batches: Annotated[int, typer.Option(help="--init prune: batches of training text (up to 8 sequences "
+                                               "each) that rank the teacher's heads and channels.")] = 8,
     alpha: Annotated[float, typer.Option(help="Weight of the KL term; 0 trains on cross-entropy alone.")] = 0.5,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 2.0,
     kl: Annotated[str, typer.Option(help="forward: KL(teacher||student); reverse: KL(student||teacher).")] = "forward",
@@ -81,7 +83,8 @@ def distill(
     opts = DistillOptions(data=data, out=out, teacher=teacher, student=student, layers=layers, hidden=hidden,
                           heads=heads, kv_heads=kv_heads, ffn=ffn, init=init, layer_ids=ids, alpha=alpha,
                           temperature=temperature, kl=kl, tokenizer=tokenizer, holdout=holdout, eval_tokens=eval_tokens,
-                          resume=resume, train=train, force=force, text_field=text_field).validate()
+                          calib_batches=calib_batches, resume=resume, train=train, force=force,
+                          text_field=text_field).validate()
     dist = init_distributed(resolve_device(device))
     opts.device = dist.device
     execute("distill", run_distill, opts, parent, metrics_out, summary=_summary, dist=dist)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -57,19 +58,20 @@ def dpo_train(
     """
     from itera.jobs.dpo import DPOOptions, run_dpo
     from itera.runtime import resolve_device
-    from itera.train import TrainOptions, init_distributed
+    from itera.train import init_distributed
 
     path, parent = model_input(model)
     if feedback_db is not None and str(feedback_db) == "default":
         from itera.feedback import default_path
 
         feedback_db = default_path()
-    train = TrainOptions(steps=steps, batch_size=batch_size, seq_len=1, lr=lr, warmup_steps=warmup_steps,
-                         weight_decay=0.0, seed=seed, dtype=dtype)
     opts = DPOOptions(model=path, out=out, pairs=pairs, feedback=feedback, feedback_db=feedback_db, beta=beta,
                       loss=loss, label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, lora_targets=lora_targets, holdout=holdout,
-                      min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs, train=train, force=force)
+                      min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs, force=force)
+    # the flags over DPOOptions' own training settings (seq_len, weight_decay, ... have no flag)
+    opts.train = replace(opts.train, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                         dtype=dtype)
     dist = init_distributed(resolve_device(device))
     opts.device = dist.device
     execute("dpo-train", run_dpo, opts.validate(), parent, metrics_out, summary=_summary, dist=dist)

@@ -5,7 +5,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.cli._options import Force, MetricsOut, ModelPath, Threads, execute, model_input
+from itera.cli._options import Force, MetricsOut, ModelPath, TextField, Threads, execute, model_input
+from itera.export import VERIFY_TOKENS
 
 
 def export(
@@ -22,13 +23,19 @@ def export(
                                                  "llama-imatrix collects it.")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration sequences for --calib.")] = 32,
     calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    text_field: TextField = "text",
     onnx_quant: Annotated[Optional[str], typer.Option(help="ONNX weight quantization: int8 (dynamic) or "
                                                       "int4 (MatMulNBits).")] = None,
     allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Keep the artifact even when its "
                                                  "runtime disagrees with the source beyond tolerance.")] = False,
-    verify_tokens: Annotated[int, typer.Option(help="Tokens run through both models to verify.")] = 128,
+    verify_tokens: Annotated[int, typer.Option(help="Tokens run through both models to verify.")] = VERIFY_TOKENS,
     max_logit_diff: Annotated[Optional[float], typer.Option(help="Tolerance on max |logit diff|, replacing "
-                                                            "the type's default (see the README).")] = None,
+                                                            "the type's default (see docs/commands.md).")] = None,
+    max_kl: Annotated[Optional[float], typer.Option(help="Bound on the mean KL(source || export) per token, in "
+                                                    "nats, replacing the type's default (see docs/commands.md).")] = None,
+    min_top1: Annotated[Optional[float], typer.Option(help="Least top-1 agreement with the source (0 to 1): the "
+                                                      "share of positions where both pick the same next token. "
+                                                      "Default: not checked.")] = None,
     threads: Threads = None,
     force: Force = False,
     metrics_out: MetricsOut = None,
@@ -53,7 +60,8 @@ def export(
     opts = ExportOptions(model=path, out=out, format=fmt, gguf_type=gguf_type, calib=calib,
                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, onnx_quant=onnx_quant,
                          allow_mismatch=allow_mismatch, verify_tokens=verify_tokens, threads=threads,
-                         max_logit_diff=max_logit_diff, force=force)
+                         max_logit_diff=max_logit_diff, max_kl=max_kl, min_top1=min_top1, text_field=text_field,
+                         force=force)
     execute("export", run_export, opts.validate(), parent, metrics_out, summary=lambda c, m: _summary(c, out, m))
 
 

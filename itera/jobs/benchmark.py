@@ -33,10 +33,11 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from itera.errors import IteraError, UsageError
+from itera.options import flag, nested
 from itera.power import PowerProfile, RunTiming, Workload, open_meter, summarize
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome
@@ -76,12 +77,12 @@ def runnable_others() -> int | None:
 
 @dataclass
 class BenchmarkOptions:
-    model: Path
-    compare: list[Path] = field(default_factory=list)
-    workload: Workload = field(default_factory=Workload)
-    threads: int | None = None  # None: usable_cores(), resolved by validate()
-    meter: str = "auto"
-    estimate: str | None = None  # a power profile name or YAML file
+    model: Path = flag("--model")  # the CLI's default: the artifact of the record on stdin
+    compare: list[Path] = flag("--compare", default_factory=list)
+    workload: Workload = nested(default_factory=Workload)
+    threads: int | None = flag("--threads", default=None)  # None: usable_cores(), resolved by validate()
+    meter: str = flag("--meter", default="auto")
+    estimate: str | None = flag("--estimate", default=None)  # a power profile name or YAML file
 
     def validate(self) -> "BenchmarkOptions":
         from itera.artifacts import check_model_path

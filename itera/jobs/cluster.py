@@ -19,12 +19,13 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
 from itera.errors import InputError, UsageError
+from itera.options import argument, flag, internal
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
@@ -458,19 +459,20 @@ def as_dicts(results: list[HostResult]) -> list[dict]:
 
 @dataclass
 class DiscoverOptions:
-    hosts: list[str] = field(default_factory=list)
-    hosts_file: Path | None = None
-    config: Path | None = None
-    ssh_config: Path | None = None
-    timeout: float = 5.0
-    deadline: float = 60.0
-    launch: str = "distill --help"
-    nproc_per_node: int | None = None
-    rdzv_port: int = 29500
-    out: Path | None = None
-    hostfile: Path | None = None
-    force: bool = False
-    commands: tuple[str, ...] = ()  # the itera commands --launch may start with (the CLI fills it in)
+    hosts: list[str] = argument("hosts", default_factory=list)
+    hosts_file: Path | None = flag("--hosts-file", default=None)
+    config: Path | None = flag("--config", default=None)
+    ssh_config: Path | None = flag("--ssh-config", default=None)
+    timeout: float = flag("--timeout", default=5.0)
+    deadline: float = flag("--deadline", default=60.0)
+    launch: str = flag("--launch", default="distill --help")
+    nproc_per_node: int | None = flag("--nproc-per-node", default=None)
+    rdzv_port: int = flag("--rdzv-port", default=29500)
+    out: Path | None = flag("--out", default=None)
+    hostfile: Path | None = flag("--hostfile", default=None)
+    force: bool = flag("--force", default=False)
+    # the itera commands --launch may start with
+    commands: tuple[str, ...] = internal("the CLI fills it in from its own command list", default=())
 
     def inputs(self) -> list[Path]:
         return [p for p in (self.hosts_file, self.config, self.ssh_config) if p is not None]

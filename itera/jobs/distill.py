@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from itera.errors import DataError, UsageError
 from itera.losses import DistillLoss, kl_div
 from itera.model.config import ModelConfig
 from itera.model.llama import LlamaForCausalLM
+from itera.options import flag, nested
 from itera.progress import SILENT, Reporter
 from itera.artifacts import describe_artifact
 from itera.record import Outcome
@@ -33,29 +34,34 @@ from itera.train import Dist, TrainOptions
 class DistillOptions:
     """Everything ``itera distill`` was asked to do; written next to the student as distill_config.json."""
 
-    data: str
-    out: Path
-    teacher: Path | None = None
-    student: str | None = None  # preset name or YAML path
-    layers: int | None = None
-    hidden: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    ffn: int | None = None
-    init: str | None = None  # random | layers | prune; default: layers if widths match, else prune
-    layer_ids: list[int] | None = None  # teacher layers to keep; default evenly spaced
-    alpha: float = 0.5
-    temperature: float = 2.0
-    kl: str = "forward"  # forward: KL(teacher || student); reverse: KL(student || teacher)
-    tokenizer: str | None = None  # tokenizer.json path or bpe:VOCAB_SIZE (training from scratch)
-    holdout: float = 0.05  # fraction of the text (its tail) held out for evaluation
-    eval_tokens: int = 8192
-    calib_batches: int = 8  # batches used to rank importance for --init prune
-    resume: bool = False
-    device: str = "cpu"
-    force: bool = False
-    text_field: str = "text"
-    train: TrainOptions = field(default_factory=TrainOptions)
+    data: str = flag("--data")
+    out: Path = flag("--out")
+    teacher: Path | None = flag("--teacher", default=None)  # the CLI's default: the record on stdin, if any
+    student: str | None = flag("--student", default=None)  # preset name or YAML path
+    layers: int | None = flag("--layers", default=None)
+    hidden: int | None = flag("--hidden", default=None)
+    heads: int | None = flag("--heads", default=None)
+    kv_heads: int | None = flag("--kv-heads", default=None)
+    ffn: int | None = flag("--ffn", default=None)
+    # random | layers | prune; default: layers if widths match, else prune
+    init: str | None = flag("--init", default=None)
+    # teacher layers to keep; default evenly spaced (the CLI parses --layer-ids 0,2,5)
+    layer_ids: list[int] | None = flag("--layer-ids", default=None)
+    alpha: float = flag("--alpha", default=0.5)
+    temperature: float = flag("--temperature", default=2.0)
+    kl: str = flag("--kl", default="forward")  # forward: KL(teacher || student); reverse: KL(student || teacher)
+    # tokenizer.json path or bpe:VOCAB_SIZE (training from scratch)
+    tokenizer: str | None = flag("--tokenizer", default=None)
+    holdout: float = flag("--holdout", default=0.05)  # fraction of the text (its tail) held out for evaluation
+    eval_tokens: int = flag("--eval-tokens", default=8192)
+    calib_batches: int = flag("--calib-batches", default=8)  # batches used to rank importance for --init prune
+    resume: bool = flag("--resume", default=False)
+    device: str = flag("--device", default="cpu", cli_default="auto",
+                       why="the CLI resolves auto (cuda when available) for its process and sets the field")
+    force: bool = flag("--force", default=False)
+    text_field: str = flag("--text-field", default="text")
+    # the command's own defaults: 200 steps at lr 1e-3 after 10 warm-up steps
+    train: TrainOptions = nested(default_factory=lambda: TrainOptions(steps=200, lr=1e-3, warmup_steps=10))
 
     def validate(self) -> "DistillOptions":
         self.train.validate()

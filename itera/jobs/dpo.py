@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ import torch
 from itera.errors import InputError, UsageError
 from itera.losses import DPO_LOSSES, dpo_loss, kl_div, reward_accuracy
 from itera.preference import Pair
+from itera.options import flag, nested
 from itera.progress import SILENT, Reporter
 from itera.artifacts import describe_artifact
 from itera.record import Outcome
@@ -164,26 +165,35 @@ def kl_to_reference(model, enc: Encoded) -> float:
 
 @dataclass
 class DPOOptions:
-    model: Path
-    out: Path
-    pairs: Path | None = None
-    feedback: Path | None = None
-    feedback_db: Path | None = None  # itera serve's store of responses and feedback
-    beta: float = 0.1
-    loss: str = "sigmoid"
-    label_smoothing: float = 0.0
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q,k,v,o,gate,up,down"
-    holdout: float = 0.1
-    min_rating_gap: float = 1.0
-    merge: bool = False
-    save_pairs: Path | None = None
-    device: str = "cpu"
-    force: bool = False
-    train: TrainOptions = field(default_factory=lambda: TrainOptions(steps=100, batch_size=8, seq_len=1, lr=1e-3,
-                                                                     warmup_steps=5, weight_decay=0.0))
+    model: Path = flag("--model")  # the CLI's default: the artifact of the record on stdin
+    out: Path = flag("--out")
+    pairs: Path | None = flag("--pairs", default=None)
+    feedback: Path | None = flag("--feedback", default=None)
+    # itera serve's store of responses and feedback (the CLI reads `default` as the server's default store)
+    feedback_db: Path | None = flag("--feedback-db", default=None)
+    beta: float = flag("--beta", default=0.1)
+    loss: str = flag("--loss", default="sigmoid")
+    label_smoothing: float = flag("--label-smoothing", default=0.0)
+    lora_rank: int = flag("--lora-rank", default=8)
+    lora_alpha: float = flag("--lora-alpha", default=16.0)
+    lora_dropout: float = flag("--lora-dropout", default=0.0)
+    lora_targets: str = flag("--lora-targets", default="q,k,v,o,gate,up,down")
+    holdout: float = flag("--holdout", default=0.1)
+    min_rating_gap: float = flag("--min-rating-gap", default=1.0)
+    merge: bool = flag("--merge", default=False)
+    save_pairs: Path | None = flag("--save-pairs", default=None)
+    device: str = flag("--device", default="cpu", cli_default="auto",
+                       why="the CLI resolves auto (cuda when available) for its process and sets the field")
+    force: bool = flag("--force", default=False)
+    train: TrainOptions = nested(
+        default_factory=lambda: TrainOptions(steps=100, batch_size=8, seq_len=1, lr=1e-3, warmup_steps=5,
+                                             weight_decay=0.0),
+        internal={"grad_accum": "fixed: one micro-batch of pairs per step on each process",
+                  "seq_len": "unused: a batch is pair indices, not token windows",
+                  "weight_decay": "fixed at 0 for the LoRA adapters",
+                  "grad_clip": "fixed: TrainOptions' max gradient norm",
+                  "eval_every": "no effect: held-out pairs are scored before and after training only",
+                  "save_every": "no effect: dpo-train writes no resumable checkpoints"})
 
     def validate(self) -> "DPOOptions":
         from itera.lora import parse_targets

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from itera.options import flag
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome
 
@@ -33,8 +34,8 @@ SMOKE_TIMEOUT = 300
 
 @dataclass
 class EnvOptions:
-    reprobe: bool = False
-    smoke: bool = True
+    reprobe: bool = flag("--reprobe", default=False)
+    smoke: bool = flag("--smoke", default=True)
 
     def validate(self) -> "EnvOptions":
         return self

@@ -4,10 +4,11 @@ protocol of :mod:`itera.scoring` (perplexity and bits per byte, sliding window).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from itera.errors import UsageError
+from itera.options import flag, nested
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome
 from itera.scoring import EvalOptions, evaluate_text, resolve_bos
@@ -17,13 +18,14 @@ from itera.scoring import EvalOptions, evaluate_text, resolve_bos
 class EvaluateOptions:
     """What ``itera evaluate`` was asked: a model, datasets, and the scoring protocol."""
 
-    model: Path
-    datasets: list[str]
-    protocol: EvalOptions = field(default_factory=EvalOptions)
-    dtype: str = "float32"
-    device: str = "cpu"
-    threads: int | None = None
-    text_field: str = "text"
+    model: Path = flag("--model")  # the CLI's default: the artifact of the record on stdin
+    datasets: list[str] = flag("--dataset")
+    protocol: EvalOptions = nested(default_factory=EvalOptions)
+    dtype: str = flag("--dtype", default="float32")
+    device: str = flag("--device", default="cpu", cli_default="auto",
+                       why="the job resolves auto (cuda when available); a library caller gets the cpu unless it asks")
+    threads: int | None = flag("--threads", default=None)
+    text_field: str = flag("--text-field", default="text")
 
     def inputs(self) -> list[Path]:
         from itera.data import local_path

@@ -23,8 +23,10 @@ import numpy as np
 
 from itera.artifacts import describe_artifact
 from itera.errors import InputError, IteraError, UsageError
+from itera.export import VERIFY_TOKENS
 from itera.export.formats import FORMATS, ExportFormat
 from itera.fsio import set_file_mode, temp_dir_beside, temp_path_beside
+from itera.options import flag
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome
 
@@ -37,22 +39,24 @@ class VerificationError(IteraError):
 
 @dataclass
 class ExportOptions:
-    model: Path
-    out: Path
-    format: str
-    gguf_type: str = "AUTO"  # the checkpoint's own types (F16 for a float checkpoint)
-    calib: str | None = None  # importance data for llama.cpp's quantizer, from this text
-    calib_samples: int = 32
-    calib_seqlen: int = 256
-    text_field: str = "text"
-    onnx_quant: str | None = None
-    allow_mismatch: bool = False
-    verify_tokens: int = 256
-    threads: int | None = None
-    max_logit_diff: float | None = None  # the user's bound on max |logit diff| against the float source
-    max_kl: float | None = None  # the user's bound on KL(source || export) per token (default: by type)
-    min_top1: float | None = None  # the user's bound on top-1 agreement with the source
-    force: bool = False
+    model: Path = flag("--model")  # the CLI's default: the artifact of the record on stdin
+    out: Path = flag("--out")
+    format: str = flag("--format")
+    gguf_type: str = flag("--gguf-type", default="AUTO")  # the checkpoint's own types (F16 for a float checkpoint)
+    calib: str | None = flag("--calib", default=None)  # importance data for llama.cpp's quantizer, from this text
+    calib_samples: int = flag("--calib-samples", default=32)
+    calib_seqlen: int = flag("--calib-seqlen", default=256)
+    text_field: str = flag("--text-field", default="text")
+    onnx_quant: str | None = flag("--onnx-quant", default=None)
+    allow_mismatch: bool = flag("--allow-mismatch", default=False)
+    verify_tokens: int = flag("--verify-tokens", default=VERIFY_TOKENS)
+    threads: int | None = flag("--threads", default=None)
+    # the user's bound on max |logit diff| against the float source
+    max_logit_diff: float | None = flag("--max-logit-diff", default=None)
+    # the user's bound on KL(source || export) per token (default: by type)
+    max_kl: float | None = flag("--max-kl", default=None)
+    min_top1: float | None = flag("--min-top1", default=None)  # the user's bound on top-1 agreement with the source
+    force: bool = flag("--force", default=False)
 
     def validate(self) -> "ExportOptions":
         from itera.export.gguf import GGUF_TYPES

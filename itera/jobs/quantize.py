@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from itera.errors import InputError, UsageError
+from itera.options import flag, internal
 from itera.progress import SILENT, Reporter
 from itera.storage.layout import FORMAT_VERSION, LINEAR_SUFFIXES, QUANT_METHOD, SUPPORTED_BITS, LayerQuant
 from itera.quant.budget import Budget, make_budget, read_plan
@@ -41,30 +42,37 @@ ROW_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_
 class QuantizeOptions:
     """What ``itera quantize`` was asked to do; written next to the checkpoint as quantize_config.json."""
 
-    model: Path
-    out: Path
-    method: str = "gptq"
-    bits: int = 4
-    group_size: int | None = None  # None: one scale per output channel
-    sym: bool = True
-    calib: str | None = None
-    calib_samples: int = 32
-    calib_seqlen: int = 256
-    damp: float = 0.01
-    act_order: bool = False
-    gguf_type: str | None = None  # rtn/gptq: store every layer as this GGML block type (e.g. Q4_K)
-    target_bpw: float | None = None  # auto: bits per weight over every tensor of the GGUF file
-    target_bytes: int | None = None  # auto: bytes of the GGUF file
-    auto_types: tuple[str, ...] | str = AUTO_TYPES  # auto: candidate types (or "Q4_0,Q4_K,Q8_0,F16")
-    auto_base: str = "gptq"  # auto: how the chosen plan is applied (rtn or gptq)
-    plan: Path | None = None  # a plan (module -> type) written by an earlier `auto` run
-    quantize_embeddings: bool = False
-    eval_tokens: int = 4096
-    holdout: float = 0.1
-    seed: int = 0
-    device: str = "cpu"  # where calibration and GPTQ run (cuda, cuda:N, auto)
-    text_field: str = "text"
-    force: bool = False
+    model: Path = flag("--model")  # the CLI's default: the artifact of the record on stdin
+    out: Path = flag("--out")
+    method: str = flag("--method", default="gptq")
+    bits: int = flag("--bits", default=4)
+    group_size: int | None = flag("--group-size", default=None)  # None: one scale per output channel
+    sym: bool = flag("--sym", default=True)
+    calib: str | None = flag("--calib", default=None)
+    calib_samples: int = flag("--calib-samples", default=32)
+    calib_seqlen: int = flag("--calib-seqlen", default=256)
+    damp: float = flag("--damp", default=0.01)
+    act_order: bool = flag("--act-order", default=False)
+    # rtn/gptq: store every layer as this GGML block type (e.g. Q4_K)
+    gguf_type: str | None = flag("--gguf-type", default=None)
+    # auto: bits per weight over every tensor of the GGUF file
+    target_bpw: float | None = flag("--target-bpw", default=None)
+    target_bytes: int | None = flag("--target-bytes", default=None)  # auto: bytes of the GGUF file
+    # auto: candidate types (or "Q4_0,Q4_K,Q8_0,F16")
+    auto_types: tuple[str, ...] | str = flag("--auto-types", default=AUTO_TYPES, cli_default="all",
+                                             why="validate() reads 'all' as every type, AUTO_TYPES")
+    auto_base: str = flag("--auto-base", default="gptq")  # auto: how the chosen plan is applied (rtn or gptq)
+    plan: Path | None = flag("--plan", default=None)  # a plan (module -> type) written by an earlier `auto` run
+    quantize_embeddings: bool = flag("--quantize-embeddings", default=False)
+    eval_tokens: int = flag("--eval-tokens", default=4096)
+    holdout: float = internal("the share of the --calib text's tail held out for perplexity: fixed, and the same "
+                              "share `itera export --calib` holds out", default=0.1)
+    seed: int = flag("--seed", default=0)
+    # where calibration and GPTQ run (cuda, cuda:N, auto)
+    device: str = flag("--device", default="cpu", cli_default="auto",
+                       why="the job resolves auto (cuda when available); a library caller gets the cpu unless it asks")
+    text_field: str = flag("--text-field", default="text")
+    force: bool = flag("--force", default=False)
 
     def validate(self) -> "QuantizeOptions":
         if isinstance(self.auto_types, str):

@@ -24,6 +24,7 @@ from html import escape
 from pathlib import Path
 
 from itera.errors import InputError, UsageError
+from itera.options import argument, flag, internal
 from itera.progress import SILENT, Reporter
 from itera.record import Outcome
 
@@ -305,11 +306,12 @@ def render(records: list[dict], out: Path, fmt_name: str = "md") -> dict:
 
 @dataclass
 class ReportOptions:
-    out: Path
-    records: list[Path] = field(default_factory=list)  # record files; none: the JSON lines of ``stdin``
-    format: str = "md"
-    stdin: bytes = b""
-    force: bool = False
+    out: Path = flag("--out")
+    # record files; none: the JSON lines of ``stdin``
+    records: list[Path] = argument("records", default_factory=list)
+    format: str = flag("--format", default="md")
+    stdin: bytes = internal("the CLI reads stdin into it when no record file is given", default=b"")
+    force: bool = flag("--force", default=False)
 
     def inputs(self) -> list[Path]:
         return list(self.records)

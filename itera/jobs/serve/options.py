@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from itera.errors import InputError, UsageError
+from itera.options import flag
 
 MAX_CONCURRENCY = 64
 MAX_QUEUE = 4096
@@ -72,19 +73,20 @@ class ServeOptions:
     names besides loopback's that a request's ``Host`` and ``Origin`` may carry (see
     :func:`request_refusal`)."""
 
-    model: str
-    registry: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = 8080
-    api_key_file: Path | None = None
-    max_concurrency: int = 2
-    max_queue: int = 16
-    feedback_db: Path | None = None
-    threads: int | None = None
-    chat_template: Path | None = None
-    poll_interval: float = 1.0
-    shutdown_timeout: float = 30.0
-    allowed_hosts: tuple[str, ...] = ()
+    model: str = flag("--model")
+    # the CLI's default for a ref: $ITERA_REGISTRY when set
+    registry: Path | None = flag("--registry", default=None)
+    host: str = flag("--host", default="127.0.0.1")
+    port: int = flag("--port", default=8080)
+    api_key_file: Path | None = flag("--api-key-file", default=None)
+    max_concurrency: int = flag("--max-concurrency", default=2)
+    max_queue: int = flag("--max-queue", default=16)
+    feedback_db: Path | None = flag("--feedback-db", default=None)
+    threads: int | None = flag("--threads", default=None)
+    chat_template: Path | None = flag("--chat-template", default=None)
+    poll_interval: float = flag("--poll-interval", default=1.0)
+    shutdown_timeout: float = flag("--shutdown-timeout", default=30.0)
+    allowed_hosts: tuple[str, ...] = flag("--allowed-host", default=())  # the flag is repeated, once per name
 
     @property
     def is_ref(self) -> bool:
