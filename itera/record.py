@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 from itera.errors import InputError, RecordError
 from itera.fsio import artifact_digest, write_text_through
@@ -162,13 +162,20 @@ def dumps(record: dict, pretty: bool = False) -> str:
 FULL_ON_TERMINAL = False  # set by `itera --json`: the whole record, indented, even on a terminal
 
 
+def ancestors(record: dict | None, include_self: bool = False) -> Iterator[dict]:
+    """The parent chain of ``record``, nearest first: its parent, the parent's parent, ... (with
+    ``include_self``, the record itself first). Stops at the first link that is not a record."""
+    node = record if include_self else (record.get("parent") if isinstance(record, dict) else None)
+    while isinstance(node, dict):
+        yield node
+        node = node.get("parent")
+
+
 def summary(record: dict) -> dict:
     """The record as a person at a terminal reads it: its parent chain shortened to the names of
     the commands and artifacts (the full record goes to pipes, files and --metrics-out)."""
-    chain, node = [], record.get("parent")
-    while isinstance(node, dict):
-        chain.append(f"{node.get('command')} {(node.get('artifact') or {}).get('path', '')}".strip())
-        node = node.get("parent")
+    chain = [f"{node.get('command')} {(node.get('artifact') or {}).get('path', '')}".strip()
+             for node in ancestors(record)]
     return {**record, "parent": " <- ".join(chain) or None}
 
 
