@@ -79,6 +79,10 @@ class Registry:
         else rolls back."""
         return self.storage.transaction(commit_on=(RefusedError,))
 
+    def _migrate(self) -> None:
+        """Bring the schema up to date (opening did: a no-op then)."""
+        self.storage.migrate()
+
     def _event(self, name: str, version: int | None, event: str, ok: bool, **detail: Any) -> None:
         self.storage.add_event(name, version, event, ok, detail, utc_now())
 

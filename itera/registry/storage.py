@@ -116,6 +116,9 @@ class RegistryStorage(Protocol):
 
     def close(self) -> None: ...
 
+    def migrate(self) -> None:
+        """Bring the schema up to date (opening does; again, it changes nothing)."""
+
     def transaction(self, commit_on: tuple[type[BaseException], ...] = ()) -> ContextManager[None]:
         """One write transaction holding the write lock from its start; nested calls join the open
         one. It commits when the block ends normally or raises one of ``commit_on`` (a refusal whose
@@ -178,6 +181,12 @@ class SQLiteStorage:
 
     def close(self) -> None:
         self.db.close()
+
+    def migrate(self) -> None:
+        try:
+            sqlite.migrate(self.db, MIGRATIONS, "registry")
+        except sqlite3.OperationalError as e:
+            self._busy_or_corrupt(e)
 
     def _busy_or_corrupt(self, e: sqlite3.OperationalError):
         if "locked" in str(e) or "busy" in str(e):
