@@ -22,9 +22,9 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from itera import dbkind
+from itera import sqlite
 from itera.errors import InputError
-from itera.paths import itera_home, state_dir
+from itera.paths import itera_home
 from itera.record import utc_now
 
 BUSY_TIMEOUT_S = 30.0
@@ -85,29 +85,14 @@ class FeedbackStore:
         if not create and not self.path.is_file():
             raise InputError(f"no feedback store at {self.path}; serve a model with `itera serve` and post feedback "
                              "to /v1/feedback first, or pass the server's --feedback-db")
-        state_dir(self.path.parent)
         self._lock = threading.Lock()
         try:
-            self.db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                      check_same_thread=False)
-            self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            try:
-                dbkind.check(self.db, self.path, "feedback")  # not a registry, nor anything else
-            except InputError:
-                self.db.close()  # closed before the error: a read leaves no -wal/-shm beside the file
-                raise
-            (version,) = self.db.execute("PRAGMA user_version").fetchone()
-            if version > len(MIGRATIONS):
-                raise InputError(f"feedback store {self.path} was written by a newer itera (schema {version}); "
-                                 "upgrade itera")
-            self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.execute("PRAGMA synchronous = FULL")
-            self.db.execute("PRAGMA foreign_keys = ON")
-            self._migrate()
+            self.db = sqlite.connect(self.path, "feedback", MIGRATIONS, timeout_s=BUSY_TIMEOUT_S, synchronous="FULL",
+                                     newer=lambda found, known: f"feedback store {self.path} was written by a newer "
+                                                                f"itera (schema {found}); upgrade itera", threads=True)
         except sqlite3.DatabaseError as e:
             raise InputError(f"feedback store {self.path} is not a usable SQLite database ({e}); "
                              "pass another --feedback-db") from None
-        self.db.row_factory = sqlite3.Row
 
     def close(self) -> None:
         with self._lock:
@@ -119,27 +104,11 @@ class FeedbackStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _migrate(self) -> None:
-        with self._write():
-            (current,) = self.db.execute("PRAGMA user_version").fetchone()
-            for i in range(current, len(MIGRATIONS)):
-                for statement in filter(str.strip, MIGRATIONS[i].split(";")):
-                    self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {i + 1}")
-            if current < len(MIGRATIONS):
-                dbkind.mark(self.db, "feedback")
-
     @contextlib.contextmanager
     def _write(self):
         """One write transaction under the lock: committed when the block ends, else rolled back."""
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        with self._lock, sqlite.write(self.db) as db:
+            yield db
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 from itera.errors import InputError, RecordError
 from itera.fsio import write_text_through
@@ -160,13 +160,20 @@ def dumps(record: dict, pretty: bool = False) -> str:
 FULL_ON_TERMINAL = False  # set by `itera --json`: the whole record, indented, even on a terminal
 
 
+def ancestors(record: dict | None, include_self: bool = False) -> Iterator[dict]:
+    """The parent chain of ``record``, nearest first: its parent, the parent's parent, ... (with
+    ``include_self``, the record itself first). Stops at the first link that is not a record."""
+    node = record if include_self else (record.get("parent") if isinstance(record, dict) else None)
+    while isinstance(node, dict):
+        yield node
+        node = node.get("parent")
+
+
 def summary(record: dict) -> dict:
     """The record as a person at a terminal reads it: its parent chain shortened to the names of
     the commands and artifacts (the full record goes to pipes, files and --metrics-out)."""
-    chain, node = [], record.get("parent")
-    while isinstance(node, dict):
-        chain.append(f"{node.get('command')} {(node.get('artifact') or {}).get('path', '')}".strip())
-        node = node.get("parent")
+    chain = [f"{node.get('command')} {(node.get('artifact') or {}).get('path', '')}".strip()
+             for node in ancestors(record)]
     return {**record, "parent": " <- ".join(chain) or None}
 
 
@@ -306,7 +313,11 @@ def input_path(explicit: Path | None, parent: dict | None, option: str) -> Path:
                 f"the record on stdin (from `itera {parent.get('command')}`) has no artifact path; pass {option} PATH"
             )
         return Path(art["path"])
-    if EMPTY_PIPE:  # in `a | b`, a failed: say so, rather than blame b's options
-        raise InputError("no input: the previous command in the pipe wrote no record (it failed: see its error "
-                         f"above); otherwise pass {option} PATH or pipe an itera record on stdin")
-    raise InputError(f"no input: pass {option} PATH or pipe an itera record on stdin")
+    raise no_input(f"pass {option} PATH or pipe an itera record on stdin")
+
+
+def no_input(fix: str) -> InputError:
+    """The error of a command that got neither a path nor a record; in `a | b` where `a` failed
+    (stdin a pipe that closed empty) it says so, rather than blame b's options."""
+    before = "the previous command in the pipe wrote no record (it failed: see its error above); otherwise "
+    return InputError(f"no input: {before if EMPTY_PIPE else ''}{fix}")

@@ -142,6 +142,10 @@ FORBIDDEN = {
     "itera.runtime": ("itera.export", "itera.quant"),
     "itera.record": ("itera.runtime", "itera.export", "itera.model"),
     "itera.artifacts": ("itera.runtime", "itera.record", "itera.export"),
+    # the registry's decisions are pure: no SQL, no files
+    "itera.registry.policy": ("itera.sqlite", "itera.registry.storage", "itera.registry.integrity", "itera.artifacts",
+                              "itera.fsio"),
+    "itera.registry.provenance": ("itera.sqlite", "itera.registry.storage", "itera.artifacts", "itera.fsio"),
 }
 
 

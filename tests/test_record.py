@@ -211,3 +211,15 @@ def test_schema_keeps_the_requirements_of_nested_and_conditional_blocks():
     del promote["params"]["aliases"]  # the block every registry subcommand shares applies too
     with pytest.raises(RecordError, match="aliases"):
         record.validate(promote)
+
+
+def test_ancestors_walk_the_parent_chain_nearest_first():
+    grand = _rec()
+    parent = _rec(parent=grand)
+    child = _rec(parent=parent)
+    assert list(record.ancestors(child)) == [parent, grand]
+    assert list(record.ancestors(child, include_self=True)) == [child, parent, grand]
+    assert list(record.ancestors(grand)) == []
+    assert list(record.ancestors(None)) == [] and list(record.ancestors(None, include_self=True)) == []
+    # a terminal summary's parent is a string, not a record: the chain ends there
+    assert list(record.ancestors({**child, "parent": "evaluate x <- evaluate y"})) == []

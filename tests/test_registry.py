@@ -16,7 +16,8 @@ import time
 import pytest
 
 from conftest import REPO, assert_usage_error, run_itera
-from itera.registry import MIGRATIONS, Ref, Registry, metric_direction, parse_margin
+from itera.cli.registry import parse_margin
+from itera.registry import MIGRATIONS, Ref, Registry, metric_direction
 from itera.errors import UsageError
 
 

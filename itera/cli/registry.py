@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterable, Optional
 
 import typer
 
 from itera.cli._options import MetricsOut
+from itera.errors import UsageError
 
 app = typer.Typer(help="Versioned models with lineage, aliases (active, last-good), promotion gates and rollback.",
                   no_args_is_help=True, pretty_exceptions_enable=False,
@@ -26,6 +28,39 @@ RegistryPath = Annotated[Optional[Path], typer.Option(
     dir_okay=False)]
 RefArg = Annotated[str, typer.Argument(help="NAME, NAME@N, NAME@active, NAME@last-good or NAME@latest.")]
 Tags = Annotated[Optional[list[str]], typer.Option("--tag", help="key=value; repeat for several.")]
+
+
+TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def parse_tags(items: Iterable[str]) -> dict[str, str]:
+    """``--tag key=value`` flags as a dict."""
+    tags = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not TAG_RE.match(key):
+            raise UsageError(f"invalid tag {item!r}: use --tag key=value (key of letters, digits, '_', '.', '-')")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value) or len(value) > 1024:
+            raise UsageError(f"invalid tag value for {key!r}: at most 1024 characters and no control characters "
+                             "(newlines, tabs)")
+        tags[key] = value
+    return tags
+
+
+def parse_margin(text: str) -> float:
+    """'2%' -> 0.02; '0.02' -> 0.02. Must be >= 0. A bare number of 1 or more is refused: '2'
+    would otherwise allow a 200% regression where 2% was meant."""
+    s = str(text).strip()
+    try:
+        value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise UsageError(f"invalid --max-regression {text!r}: use a percentage like 2% or a fraction like 0.02") from None
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"--max-regression must be a non-negative number, got {text!r}")
+    if not s.endswith("%") and value >= 1:
+        raise UsageError(f"--max-regression {text!r} is ambiguous: write {s}% for {s} percent, or a fraction "
+                         f"below 1 (e.g. {value / 100:g})")
+    return value
 
 
 def _open(path: Path | None, create: bool = True):
@@ -114,7 +149,7 @@ def register(
     """
     from itera import record as rec
     from itera.errors import UsageError
-    from itera.registry import git_commit, parse_tags, registration, validate_name
+    from itera.registry import git_commit, registration, validate_name
 
     validate_name(name)
     tags = parse_tags(tag or [])
@@ -147,8 +182,6 @@ def list_(
     registry: RegistryPath = None,
 ) -> None:
     """List registered versions, optionally filtered by name, tag, format or quantization."""
-    from itera.registry import parse_tags
-
     with _open(registry, create=False) as reg:
         versions = reg.list(name, parse_tags(tag or []), fmt, quantization)
         _table("itera registry", ["name", "version", "aliases", "format", "quantization", "bytes", "created", "path"],
@@ -253,7 +286,7 @@ def promote(
 
     Exit 3 with the reason when the gate fails: the CI step that keeps a worse model from going live.
     """
-    from itera.registry import Ref, parse_margin
+    from itera.registry import Ref
 
     margin = parse_margin(max_regression)
     direction = None if higher_is_better is None else ("higher" if higher_is_better else "lower")

@@ -26,7 +26,7 @@ from pathlib import Path
 from itera.errors import InputError, UsageError
 from itera.options import argument, flag, internal
 from itera.progress import SILENT, Reporter
-from itera.record import Outcome
+from itera.record import Outcome, ancestors
 
 
 @dataclass
@@ -51,11 +51,8 @@ class Row:
 
 
 def chain(record: dict) -> list[dict]:
-    out, node = [], record
-    while isinstance(node, dict):
-        out.append(node)
-        node = node.get("parent")
-    return out
+    """The record and its ancestors, nearest first."""
+    return list(ancestors(record, include_self=True))
 
 
 def _protocol(node: dict, figures: dict) -> tuple:
@@ -92,7 +89,7 @@ def collect(records: list[dict]) -> list[Row]:
         row = rows.setdefault(key, Row(path=art["path"], format=art.get("format", "?"), bytes=art.get("bytes")))
         by_path[os.path.abspath(art["path"])] = row
         m, cmd, params = node.get("metrics") or {}, node.get("command"), node.get("params") or {}
-        parent_art = ((node.get("parent") or {}).get("artifact") or {})
+        parent_art = next(ancestors(node), {}).get("artifact") or {}
         if cmd == "quantize":
             row.bits_per_weight = m.get("bits_per_weight")
             bpw_by_sha[art.get("sha256")] = row.bits_per_weight

@@ -1,0 +1,173 @@
+"""The registry's decisions, as pure functions of versions and their metrics: which way a metric
+is better, whether a candidate passes the promotion gate against the active version, whether a
+rollback may go ahead, and metrics side by side. No SQL and no I/O: the facade
+(:class:`itera.registry.Registry`) reads the rows, asks here, and writes what was decided."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from itera.errors import IteraError, UsageError
+from itera.registry.provenance import evaluation_protocol
+from itera.registry.refs import MAX_VERSION
+
+# Metric leaf names whose direction is known: promote compares on the right side.
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss", "kl", "latency", "_ms", "seconds", "j_per_token",
+                   "joules", "energy_j", "bytes", "bits_per_weight", "rss", "ttft", "error")
+HIGHER_IS_BETTER = ("tokens_per_s", "tokens_per_j", "accuracy", "agreement", "reward_margin", "reward_accuracy",
+                    "compression_ratio", "size_ratio")
+KEY_METRICS = ("perplexity", "bits_per_byte", "decode_tokens_per_s", "j_per_token", "bits_per_weight",
+               "kl_to_source", "top1_agreement", "peak_rss_bytes")
+
+
+class RefusedError(IteraError):
+    """A gate or a safety check said no (promote regression, rollback to a changed artifact)."""
+
+    exit_code = 3
+
+
+def metric_direction(key: str) -> str:
+    """'lower' or 'higher' is better, from the metric's last name component."""
+    leaf = key.rsplit(".", 1)[-1]
+    if any(leaf == h or leaf.endswith(h) or leaf.startswith(h) for h in HIGHER_IS_BETTER):
+        return "higher"
+    if any(leaf == lo or leaf.endswith(lo) or leaf.startswith(lo) for lo in LOWER_IS_BETTER):
+        return "lower"
+    raise UsageError(f"itera does not know whether higher or lower {leaf!r} is better; "
+                     "pass --higher-is-better or --lower-is-better")
+
+
+def metric_key(metrics: dict[str, float], metric: str, where: str) -> str:
+    """The full key of ``metric`` in ``metrics``: itself, or the one key ending in ``.metric``."""
+    if metric in metrics:
+        return metric
+    matches = sorted(k for k in metrics if k.endswith("." + metric))
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise UsageError(f"{where} has no metric {metric!r}; it has: {', '.join(sorted(metrics)) or 'none'}")
+    raise UsageError(f"metric {metric!r} is ambiguous in {where}; pass one of: {', '.join(matches)}")
+
+
+def protocol_difference(cand: dict, cur: dict, key: str) -> str | None:
+    """Which evaluation setting differs between two versions' figures for ``key`` (None: same)."""
+    if not key.startswith("datasets."):
+        return None
+    pc = evaluation_protocol(cand["record"], cand["sha256"], key)
+    pa = evaluation_protocol(cur["record"], cur["sha256"], key)
+    if pc is None or pa is None:
+        return "no evaluate record says how " + ("the candidate's" if pc is None else "the active one's") + \
+            " figure was measured"
+    diff = [f"{k} {pc[k]!r} vs {pa[k]!r}" for k in pc if pc[k] != pa.get(k)]
+    return ", ".join(diff) or None
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What the gate decided about version ``version`` of ``name``. ``detail`` goes into the audit
+    event either way, and is the ``gate`` of the promoted version; ``refusal`` says why not."""
+
+    name: str
+    version: int
+    active_version: int | None
+    detail: dict[str, Any] = field(default_factory=dict)
+    refusal: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.refusal is None
+
+    def gate(self) -> dict[str, Any]:
+        return {**self.detail, "passed": True}
+
+    def error(self) -> RefusedError:
+        return RefusedError(f"promotion refused: {self.refusal}; {self.name}@active stays at version "
+                            f"{self.active_version}")
+
+
+def promotion_gate(name: str, version: int, candidate: dict, active_version: int | None, active: dict | None,
+                   metric: str, max_regression: float, direction: str | None = None) -> Promotion:
+    """May ``candidate`` (version ``version`` of ``name``) replace ``active`` (version ``active_version``,
+    None when no version is active)? Only if its ``metric`` is no worse than the active one's by
+    more than ``max_regression`` (a fraction), both figures measured the same way. ``direction``
+    ('lower' or 'higher' is better) defaults to what the metric's name says.
+
+    Raises UsageError when the two cannot be compared: no such metric, or an ambiguous one, a
+    direction itera does not know, an active version without the metric."""
+    key = metric_key(candidate["metrics"], metric, f"{name}@{version}")
+    direction = direction or metric_direction(key)
+    detail: dict[str, Any] = {"metric": key, "direction": direction, "max_regression": max_regression,
+                              "candidate": candidate["metrics"][key]}
+    if active_version is None:
+        return Promotion(name, version, None, {**detail, "reason": "no active version to compare with"})
+    if key not in active["metrics"]:
+        raise UsageError(f"the active version {name}@{active_version} has no metric {key!r}; "
+                         "evaluate it the same way, or activate the candidate by hand")
+    differs = protocol_difference(candidate, active, key)
+    if differs:
+        reason = (f"{key} of {name}@{version} and of active {name}@{active_version} were measured differently "
+                  f"({differs}); evaluate both the same way")
+        return Promotion(name, version, active_version, detail, reason)
+    a, c = active["metrics"][key], candidate["metrics"][key]
+    worse = (c - a) if direction == "lower" else (a - c)
+    regression = worse / abs(a) if a != 0 else (0.0 if worse <= 0 else math.inf)
+    detail.update(active=a, active_version=active_version, regression=regression)
+    if regression > max_regression:
+        reason = (f"{key} of {name}@{version} is {c:.6g} against {a:.6g} for active {name}@{active_version}: "
+                  f"{regression:+.2%} worse, more than the allowed {max_regression:.2%}")
+        return Promotion(name, version, active_version, detail, reason)
+    return Promotion(name, version, active_version, detail)
+
+
+def check_rollback_to(to: int | None) -> None:
+    """``--to`` must be a version number SQLite can hold."""
+    if to is not None and not 1 <= to <= MAX_VERSION:
+        raise UsageError(f"--to {to} is not a version number; pass N between 1 and {MAX_VERSION}")
+
+
+def rollback_problem(name: str, target: int | None, row: dict | None, integrity: str | None) -> str | None:
+    """Why ``active`` may not move to version ``target`` of ``name`` (None: it may). ``target`` is
+    ``--to`` or the last-good version (None when there is none), ``row`` that version (None when it
+    does not exist) and ``integrity`` what is wrong with its artifact now
+    (:func:`itera.registry.integrity.integrity_problem`)."""
+    if target is None:
+        return f"{name} has no last-good version; mark one with `itera registry mark-good {name}@N` or pass --to N"
+    if row is None:
+        return f"{name} has no version {target} to roll back to"
+    return integrity
+
+
+def rollback_refused(problem: str) -> RefusedError:
+    return RefusedError(f"rollback refused: {problem}; aliases unchanged")
+
+
+def compare_order(key: str) -> tuple[int, str]:
+    """The artifact's size first, then the figures people compare on, then the rest by name."""
+    if key == "bytes":
+        return (-1, key)
+    leaf = key.rsplit(".", 1)[-1]
+    return (KEY_METRICS.index(leaf) if leaf in KEY_METRICS else len(KEY_METRICS), key)
+
+
+def comparison(versions: list[dict]) -> dict:
+    """Metrics of ``versions`` side by side with the size, each with its delta against the first:
+    size first, then the figures people compare on (perplexity, bits per byte, speed, energy, bits
+    per weight), then everything else alphabetically."""
+    labels = [f"{v['name']}@{v['version']}" for v in versions]
+    metrics = [{"bytes": v["bytes"], **v["metrics"]} for v in versions]
+    keys = sorted(set().union(*metrics), key=compare_order)
+    base = metrics[0]
+    table = {}
+    for k in keys:
+        row = {}
+        for i, (label, m) in enumerate(zip(labels, metrics)):
+            val = m.get(k)
+            entry: dict[str, Any] = {"value": val}
+            if val is not None and k in base and i:
+                entry["delta"] = val - base[k]
+                entry["relative"] = (val - base[k]) / abs(base[k]) if base[k] else None
+            row[label] = entry
+        table[k] = row
+    return {"versions": labels, "metrics": table}

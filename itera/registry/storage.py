@@ -1,0 +1,292 @@
+"""Where the registry keeps its versions, tags, aliases and audit log: the interface a backend
+implements (:class:`RegistryStorage`) and the SQLite one (:class:`SQLiteStorage`).
+
+A backend stores and fetches; it decides nothing (that is :mod:`itera.registry.policy`) and
+validates nothing (names and refs are checked before they get here). Values reach SQL only as
+bound parameters. JSON-valued fields (params, metrics, lineage, record, an event's detail) go in
+and come out as Python objects; how they are kept is the backend's business.
+
+Concurrency: everything a caller does inside :meth:`RegistryStorage.transaction` is one write
+transaction that holds the write lock from its first statement, so a version number read there
+is still the highest when the next one is inserted, and an alias read there is still where it
+was when it is moved. Nested transactions join the open one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any, ContextManager, Iterator, Protocol, TypedDict
+
+from itera import sqlite
+from itera.errors import InputError
+from itera.paths import itera_home
+
+BUSY_TIMEOUT_S = float(os.environ.get("ITERA_REGISTRY_BUSY_S", "30"))
+
+MIGRATIONS = [
+    # 1: the initial schema
+    """
+    CREATE TABLE versions (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        format TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        quantization TEXT,
+        params TEXT NOT NULL,
+        metrics TEXT NOT NULL,
+        lineage TEXT NOT NULL,
+        record TEXT,
+        git_commit TEXT,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE tags (
+        name TEXT NOT NULL, version INTEGER NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+        PRIMARY KEY (name, version, key),
+        FOREIGN KEY (name, version) REFERENCES versions(name, version)
+    );
+    CREATE TABLE aliases (
+        name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL, updated_at TEXT NOT NULL,
+        PRIMARY KEY (name, alias),
+        FOREIGN KEY (name, version) REFERENCES versions(name, version)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL, version INTEGER, event TEXT NOT NULL, ok INTEGER NOT NULL,
+        detail TEXT NOT NULL, at TEXT NOT NULL
+    );
+    CREATE INDEX events_by_name ON events(name, id);
+    """,
+]
+
+
+def default_path() -> Path:
+    return itera_home() / "registry.db"
+
+
+class NewVersion(TypedDict):
+    """A version to insert: the artifact (path, kind, format, bytes, sha256) and what is known of it."""
+
+    name: str
+    version: int
+    path: str
+    kind: str
+    format: str
+    bytes: int
+    sha256: str
+    quantization: str | None
+    params: dict
+    metrics: dict[str, float]
+    lineage: list[dict]
+    record: dict | None
+    git_commit: str | None
+    created_at: str
+
+
+class Version(NewVersion):
+    """A stored version, with its tags and the aliases that point at it (sorted)."""
+
+    tags: dict[str, str]
+    aliases: list[str]
+
+
+class Event(TypedDict):
+    """One entry of the audit log."""
+
+    id: int
+    name: str
+    version: int | None
+    event: str
+    ok: bool
+    detail: dict[str, Any]
+    at: str
+
+
+class RegistryStorage(Protocol):
+    """What the registry needs of a backend. ``path`` is where it is, as messages and records name it."""
+
+    path: Path | str
+
+    def close(self) -> None: ...
+
+    def migrate(self) -> None:
+        """Bring the schema up to date (opening does; again, it changes nothing)."""
+
+    def transaction(self, commit_on: tuple[type[BaseException], ...] = ()) -> ContextManager[None]:
+        """One write transaction holding the write lock from its start; nested calls join the open
+        one. It commits when the block ends normally or raises one of ``commit_on`` (a refusal whose
+        audit event must stay); anything else rolls back."""
+
+    def has_name(self, name: str) -> bool: ...
+
+    def latest_version(self, name: str) -> int | None:
+        """The highest version of ``name`` (None: it has none)."""
+
+    def version(self, name: str, version: int) -> Version | None: ...
+
+    def version_with_sha256(self, name: str, sha256: str) -> int | None:
+        """The first version of ``name`` holding these bytes."""
+
+    def versions(self, name: str | None = None, tags: dict[str, str] | None = None, fmt: str | None = None,
+                 quantization: str | None = None) -> list[Version]:
+        """The versions that match every filter given, by name then version."""
+
+    def insert_version(self, row: NewVersion, tags: dict[str, str]) -> None: ...
+
+    def alias(self, name: str, alias: str) -> int | None: ...
+
+    def set_alias(self, name: str, alias: str, version: int, at: str) -> None: ...
+
+    def add_event(self, name: str, version: int | None, event: str, ok: bool, detail: dict[str, Any],
+                  at: str) -> None: ...
+
+    def events(self, name: str) -> list[Event]:
+        """The audit log of ``name``, oldest first."""
+
+    def integrity_ok(self) -> bool: ...
+
+
+class SQLiteStorage:
+    """The registry in one SQLite file (:mod:`itera.sqlite`: WAL where the file system allows it,
+    ``BEGIN IMMEDIATE`` writes, schema migrations by ``user_version``). ``create=False`` refuses a
+    file that does not exist: the reading commands never create a registry."""
+
+    def __init__(self, path: Path | None = None, busy_timeout_s: float | None = None, create: bool = True):
+        self.path = Path(path) if path is not None else default_path()
+        self.busy_timeout_s = BUSY_TIMEOUT_S if busy_timeout_s is None else busy_timeout_s
+        if self.path.exists() and self.path.is_dir():
+            raise InputError(f"registry path {self.path} is a directory; pass a file path with --registry")
+        if not create and not self.path.exists():
+            raise InputError(f"registry {self.path} does not exist; pass --registry PATH (or ITERA_REGISTRY) of an "
+                             "existing one: only register, activate, mark-good, promote and rollback create one")
+        self._depth = 0
+        try:
+            self.db = sqlite.connect(
+                self.path, "registry", MIGRATIONS, timeout_s=self.busy_timeout_s, synchronous="NORMAL",
+                newer=lambda found, known: f"registry {self.path} was created by a newer itera (schema version "
+                                           f"{found}; this itera knows {known}); upgrade itera or pass another "
+                                           "--registry")
+        except sqlite3.OperationalError as e:
+            self._busy_or_corrupt(e)
+        except sqlite3.DatabaseError as e:
+            raise InputError(f"registry {self.path} is not a usable SQLite database ({e}); "
+                             "pass another --registry path") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def migrate(self) -> None:
+        try:
+            sqlite.migrate(self.db, MIGRATIONS, "registry")
+        except sqlite3.OperationalError as e:
+            self._busy_or_corrupt(e)
+
+    def _busy_or_corrupt(self, e: sqlite3.OperationalError):
+        if "locked" in str(e) or "busy" in str(e):
+            raise InputError(f"registry {self.path} is busy: another process held it locked for more than "
+                             f"{self.busy_timeout_s:g} s; try again") from None
+        raise InputError(f"registry {self.path} is not a usable SQLite database ({e}); "
+                         "pass another --registry path") from None
+
+    @contextlib.contextmanager
+    def transaction(self, commit_on: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+        if self._depth:  # join the open transaction
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        with sqlite.write(self.db, keep=commit_on, begin_failed=self._busy_or_corrupt):
+            self._depth = 1
+            try:
+                yield
+            finally:
+                self._depth = 0
+
+    # ------------------------------------------------------------------ reads
+
+    def _version(self, row: sqlite3.Row) -> Version:
+        d = dict(row)
+        for k in ("params", "metrics", "lineage", "record"):
+            d[k] = json.loads(d[k]) if d[k] is not None else None
+        d["tags"] = {r["key"]: r["value"] for r in self.db.execute(
+            "SELECT key, value FROM tags WHERE name = ? AND version = ? ORDER BY key", (d["name"], d["version"]))}
+        d["aliases"] = [r["alias"] for r in self.db.execute(
+            "SELECT alias FROM aliases WHERE name = ? AND version = ? ORDER BY alias", (d["name"], d["version"]))]
+        return d  # type: ignore[return-value]
+
+    def has_name(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM versions WHERE name = ? LIMIT 1", (name,)).fetchone() is not None
+
+    def latest_version(self, name: str) -> int | None:
+        return self.db.execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,)).fetchone()[0]
+
+    def version(self, name: str, version: int) -> Version | None:
+        row = self.db.execute("SELECT * FROM versions WHERE name = ? AND version = ?", (name, version)).fetchone()
+        return self._version(row) if row else None
+
+    def version_with_sha256(self, name: str, sha256: str) -> int | None:
+        return self.db.execute("SELECT MIN(version) FROM versions WHERE name = ? AND sha256 = ?",
+                               (name, sha256)).fetchone()[0]
+
+    def versions(self, name: str | None = None, tags: dict[str, str] | None = None, fmt: str | None = None,
+                 quantization: str | None = None) -> list[Version]:
+        sql, args = "SELECT * FROM versions WHERE 1 = 1", []
+        if name is not None:
+            sql += " AND name = ?"
+            args.append(name)
+        if fmt is not None:
+            sql += " AND format = ?"
+            args.append(fmt)
+        if quantization is not None:
+            sql += " AND quantization = ?"
+            args.append(quantization)
+        for k, v in (tags or {}).items():
+            sql += " AND EXISTS (SELECT 1 FROM tags t WHERE t.name = versions.name AND t.version = versions.version " \
+                   "AND t.key = ? AND t.value = ?)"
+            args += [k, v]
+        rows = self.db.execute(sql + " ORDER BY name, version", args).fetchall()
+        return [self._version(r) for r in rows]
+
+    def alias(self, name: str, alias: str) -> int | None:
+        row = self.db.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?", (name, alias)).fetchone()
+        return row[0] if row else None
+
+    def events(self, name: str) -> list[Event]:
+        rows = self.db.execute("SELECT * FROM events WHERE name = ? ORDER BY id", (name,)).fetchall()
+        return [{**dict(r), "ok": bool(r["ok"]), "detail": json.loads(r["detail"])} for r in rows]  # type: ignore[misc]
+
+    def integrity_ok(self) -> bool:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    # ------------------------------------------------------------------ writes (inside transaction())
+
+    def insert_version(self, row: NewVersion, tags: dict[str, str]) -> None:
+        self.db.execute(
+            "INSERT INTO versions (name, version, path, kind, format, bytes, sha256, quantization, params, "
+            "metrics, lineage, record, git_commit, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row["name"], row["version"], row["path"], row["kind"], row["format"], row["bytes"], row["sha256"],
+             row["quantization"], json.dumps(row["params"]), json.dumps(row["metrics"]), json.dumps(row["lineage"]),
+             json.dumps(row["record"]) if row["record"] is not None else None, row["git_commit"], row["created_at"]))
+        for k, v in tags.items():
+            self.db.execute("INSERT INTO tags (name, version, key, value) VALUES (?, ?, ?, ?)",
+                            (row["name"], row["version"], k, v))
+
+    def set_alias(self, name: str, alias: str, version: int, at: str) -> None:
+        self.db.execute(
+            "INSERT INTO aliases (name, alias, version, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(name, alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+            (name, alias, version, at))
+
+    def add_event(self, name: str, version: int | None, event: str, ok: bool, detail: dict[str, Any],
+                  at: str) -> None:
+        self.db.execute("INSERT INTO events (name, version, event, ok, detail, at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (name, version, event, int(ok), json.dumps(detail, sort_keys=True), at))
