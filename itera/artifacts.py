@@ -64,10 +64,9 @@ def artifact_format(path: Path) -> str:
 
 
 def runtime_of(fmt: str) -> str:
-    """The runtime that opens an artifact of format ``fmt`` (one of :data:`RUNNABLE`)."""
-    if fmt == "checkpoint":
-        return CHECKPOINT_RUNTIME
-    return next(k.runtime for k in KINDS if k.format == fmt and k.runtime)
+    """The runtime that opens an artifact of format ``fmt``: a kind's own, else torch (a checkpoint,
+    and what no runtime opens: torch's loader is the one that refuses it)."""
+    return next((k.runtime for k in KINDS if k.format == fmt and k.runtime), CHECKPOINT_RUNTIME)
 
 
 def check_model_path(path: Path) -> str:

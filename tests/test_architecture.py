@@ -170,3 +170,38 @@ def test_every_job_has_one_entry_point_of_the_job_shape():
     cli = "\n".join(p.read_text() for m, p in MODULES.items() if _under(m, "itera.cli"))
     for (name,) in entries.values():
         assert "execute(" in cli and name in cli, name
+
+
+# The core's layers, lowest first (docs/architecture.md's table): a module imports only its own layer
+# and those below. Every core module is placed, so a new one is placed on purpose.
+LAYERS = [
+    ("itera", "itera.errors", "itera.fsio", "itera.paths", "itera.progress", "itera.memory", "itera.options",
+     "itera.sqlite", "itera.configs"),
+    ("itera.storage",),
+    ("itera.model", "itera.tokenizer", "itera.data", "itera.chat"),
+    ("itera.artifacts",),
+    ("itera.record",),
+    ("itera.losses", "itera.train", "itera.lora", "itera.student", "itera.prune", "itera.preference", "itera.scoring",
+     "itera.feedback"),
+    ("itera.quant",),
+    ("itera.runtime",),
+    ("itera.export",),
+    ("itera.power", "itera.probe", "itera.registry"),
+]
+
+
+def _layer(module: str) -> int | None:
+    for i, units in enumerate(LAYERS):
+        if any(module == u or (u != "itera" and module.startswith(u + ".")) for u in units):
+            return i
+    return None
+
+
+def test_the_core_is_layered_as_documented():
+    core = [m for m in MODULES if not (_under(m, "itera.jobs") or _under(m, "itera.cli") or m == "itera.__main__")]
+    assert [m for m in core if _layer(m) is None] == []
+    assert _edges(lambda a: a in core, lambda a, b: _layer(b) is None or _layer(b) > _layer(a)) == []
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    for units in LAYERS[1:]:
+        for u in units:
+            assert f"`{u.removeprefix('itera.')}" in doc, u

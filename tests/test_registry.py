@@ -166,7 +166,7 @@ def test_sigkill_mid_write_leaves_a_consistent_database(tmp_path, artifact):
     # A writer that registers as fast as it can, with a big record so each write takes a while.
     script = textwrap.dedent(f"""
         from itera.registry import Registry
-        from itera.record import describe_artifact
+        from itera.artifacts import describe_artifact
         reg = Registry({str(db)!r})
         art = describe_artifact({str(artifact)!r}, "file", "gguf")
         big = {{"itera": 1, "command": "x", "params": {{"blob": "x" * 2_000_000}}, "metrics": {{}}}}
@@ -218,7 +218,7 @@ def _aliases(db, name="m"):
 def test_rollback_refusals_leave_aliases_and_log_an_event(tmp_path, artifact):
     db = tmp_path / "r.db"
     with Registry(db) as reg:
-        from itera.record import describe_artifact
+        from itera.artifacts import describe_artifact
 
         reg.register("m", describe_artifact(artifact, "file", "gguf"), None)
         reg.activate(Ref.parse("m@1"))

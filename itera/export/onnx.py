@@ -8,7 +8,7 @@ dynamic. The tokenizer goes into the file's metadata so the .onnx file is self-c
 Optional weight quantization with onnxruntime's tools: ``int8`` (dynamic quantization of
 MatMul weights) or ``int4`` (MatMulNBits, 4-bit blocks of 32, symmetric).
 
-:func:`write` and :func:`verify` are this format's entry in :data:`itera.jobs.export.FORMATS`.
+:func:`write` and :func:`verify` are this format's entry in :data:`itera.export.formats.FORMATS`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 1. **Does the runtime compute what the file contains?** The artifact's runtime is run on token
    ids and compared with a reference that holds exactly the file's weights: for GGUF, the
    checkpoint's model with every tensor read back from the file and dequantized (gguf's own
-   reader), q/k rows un-permuted; for float ONNX, torch.export and TorchScript, the source
+   reader, :func:`itera.export.gguf.gguf_state`), q/k rows un-permuted; for float ONNX, torch.export and TorchScript, the source
    weights themselves. This must agree tightly for every type: a wrong graph, rope layout or
    block layout fails, whatever the type. The tolerance is on the relative RMS difference of
    the logits (``rel_rms``). The reference rounds every matrix product's input as llama.cpp's CPU
@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -86,72 +85,3 @@ def tokenizer_parity(ours: list[int], theirs: list[int], text: str) -> tuple[dic
 
 
 # --------------------------------------------------------------------------- what a GGUF file contains
-
-
-def gguf_state(path: Path, cfg, types: dict | None = None) -> dict:
-    """Hugging Face-named float32 tensors of the weights a GGUF file holds: every tensor read back
-    with gguf's reader, dequantized, q/k rows un-permuted. ``rope_freqs`` is left out (the model
-    recomputes it from the config; a wrong one shows as a runtime difference)."""
-    import gguf
-    import torch
-
-    from itera.storage.names import gguf_name, rope_permutation
-    from itera.model.checkpoint import expected_shapes
-
-    by_gguf = {gguf_name(hf): hf for hf in expected_shapes(cfg)}
-    inverse = {"self_attn.q_proj": torch.argsort(rope_permutation(cfg.num_attention_heads, cfg.head_dim)),
-               "self_attn.k_proj": torch.argsort(rope_permutation(cfg.num_key_value_heads, cfg.head_dim))}
-    state = {}
-    with open(path, "rb") as f:
-        for t in gguf.GGUFReader(str(path)).tensors:
-            if t.name not in by_gguf:
-                continue
-            hf = by_gguf[t.name]
-            if types is not None:
-                types[hf] = t.tensor_type.name
-            # The bytes are read, not taken from the reader's memory map: the map's pages would stay
-            # in this process's resident memory beside the float32 copies (for a 1.1B model, 2.2 GB
-            # of F16 file on top of 4.4 GB of weights).
-            f.seek(t.data_offset)
-            raw = np.frombuffer(f.read(int(t.n_bytes)), dtype=t.data.dtype).reshape(t.data.shape)
-            x = torch.from_numpy(np.array(gguf.quants.dequantize(raw, t.tensor_type), dtype=np.float32))
-            del raw
-            x = x.reshape(expected_shapes(cfg)[hf])
-            module = hf.rsplit(".", 1)[0]
-            perm = next((p for suffix, p in inverse.items() if module.endswith(suffix)), None)
-            state[hf] = x[perm] if perm is not None else x
-    return state
-
-
-def gguf_tensor_types(path: Path) -> tuple[dict[str, int], float]:
-    """{type: count} of the tensors a GGUF file really holds, and bits per weight over all of them."""
-    import gguf
-
-    counts: dict[str, int] = {}
-    nbytes = elems = 0
-    for t in gguf.GGUFReader(str(path)).tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-        nbytes += int(t.n_bytes)
-        elems += int(t.n_elements)
-    return counts, nbytes * 8 / max(elems, 1)
-
-
-def file_logits_gguf(path: Path, cfg, ids: list[int]) -> np.ndarray:
-    """Logits of the checkpoint's model holding exactly the GGUF file's weights, every matrix
-    product's input rounded as llama.cpp rounds it for that weight's type: what is left between
-    this and llama.cpp is summation order, so the check stays tight however deep the model."""
-    import torch
-
-    from itera.model.checkpoint import model_from_state
-    from itera.storage.ggml import round_inputs_as_llama_cpp
-
-    types: dict[str, str] = {}
-    model = model_from_state(cfg, gguf_state(path, cfg, types), where=str(path))
-    if "lm_head.weight" not in types:  # tied: the output product uses the embedding table
-        types["lm_head.weight"] = types.get("model.embed_tokens.weight", "F32")
-    for name, module in model.named_modules():
-        wtype = types.get(f"{name}.weight")
-        if isinstance(module, torch.nn.Linear) and wtype not in (None, "F32"):
-            round_inputs_as_llama_cpp(module, wtype)
-    with torch.no_grad():
-        return model(torch.tensor([ids]))[0].numpy()

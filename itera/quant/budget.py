@@ -17,6 +17,7 @@ from pathlib import Path
 from itera.errors import InputError, UsageError
 from itera.storage import types as storage
 from itera.storage import by_name
+from itera.storage.ggml import TYPES
 
 F16 = storage.F16.name  # plans and budgets name their types; this one is float16
 
