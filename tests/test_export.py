@@ -97,14 +97,20 @@ def test_gptq_q4_0_beats_llama_cpp_own_q4_0(lm, tmp_path, heldout_text):
                   "pydocs@test", "--calib-samples", "128", "--calib-seqlen", "128", "--out", tmp_path / "g4")
     ex = run_itera("export", "--format", "gguf", "--gguf-type", "Q4_0", "--out", tmp_path / "g4.gguf",
                    stdin=q.stdout).record
-    assert ex["metrics"]["direct_from_codes"] == 28 and ex["metrics"]["tensor_types"]["Q4_0"] == 28
+    # the 28 layers from GPTQ's codes; the embeddings and head quantize left in float are Q4_0 too
+    assert ex["metrics"]["direct_from_codes"] == 28 and ex["metrics"]["tensor_types"] == {"F32": 9, "Q4_0": 30}
     assert ex["parent"]["command"] == "quantize"
     export(lm, tmp_path / "f32.gguf", "--format", "gguf", "--gguf-type", "F32").record
-    llama_quantize(tmp_path / "f32.gguf", tmp_path / "llama-q4_0.gguf", "Q4_0")
+    # llama.cpp's Q4_0 with the same layout: every matrix Q4_0 (by default it keeps the head in Q8_0 here)
+    llama_quantize(tmp_path / "f32.gguf", tmp_path / "llama-q4_0.gguf", "Q4_0", pure=True)
     ours, theirs = _ppl(tmp_path / "g4.gguf", heldout_text), _ppl(tmp_path / "llama-q4_0.gguf", heldout_text)
     assert ours < theirs, (ours, theirs)
-    # the direct blocks hold exactly the quantized checkpoint's weights: llama.cpp agrees with torch on it
-    assert abs(ours / _ppl(tmp_path / "g4", heldout_text) - 1) < 2e-3
+    # the direct blocks hold exactly the quantized checkpoint's weights: written with the checkpoint's
+    # own types (AUTO: the embeddings and head stay F16), llama.cpp agrees with torch on it
+    same = export(tmp_path / "g4", tmp_path / "g4-auto.gguf", "--format", "gguf").record
+    assert same["metrics"]["direct_from_codes"] == 28 and same["metrics"]["kept_f16"] == ["token_embd.weight",
+                                                                                          "output.weight"]
+    assert abs(_ppl(tmp_path / "g4-auto.gguf", heldout_text) / _ppl(tmp_path / "g4", heldout_text) - 1) < 2e-3
 
 
 def test_llama_cpp_k_quant(lm, tmp_path):

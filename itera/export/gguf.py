@@ -152,7 +152,9 @@ def plan_tensors(cfg: ModelConfig, src: TensorReader, gguf_type: str) -> tuple[l
     1-D tensors are F32. A tensor whose rows are not a multiple of 32 falls back to F16 for the
     block types. Layers itera quantized are written from their codes when the requested type is
     theirs (``AUTO``: always, where the layout has a GGUF type); otherwise they are re-quantized
-    from their dequantized values (listed). Tensors left 16-bit by quantize stay F16."""
+    from their dequantized values (listed). Tensors quantize left in float are written in the
+    requested type, like a float checkpoint's (``AUTO``: F16), so ``Q4_0`` means Q4_0 wherever a
+    Q4_0 block fits."""
     from itera.model.checkpoint import expected_shapes
     from itera.storage.layout import layer_plan
 
@@ -170,8 +172,8 @@ def plan_tensors(cfg: ModelConfig, src: TensorReader, gguf_type: str) -> tuple[l
             out.append(_plan_quantized(name, module, shape, plan[module], perm, src, gguf_type, fallbacks, requantized))
             continue
         want = "F32" if len(shape) == 1 or gguf_type == "F32" else gguf_type
-        if (cfg.quantization or want == AUTO) and want != "F32":
-            want = "F16"  # not quantized in the source: keep 16-bit
+        if want == AUTO:
+            want = "F16"  # the checkpoint's own types: what quantize left in float is 16-bit
         if want in BLOCK_TYPES and shape[-1] % BLOCK:
             fallbacks.append({"tensor": name, "wanted": want, "written": "F16",
                               "reason": f"row length {shape[-1]} is not a multiple of {BLOCK}"})
@@ -319,16 +321,20 @@ def write_gguf(ckpt: Path, out: Path, gguf_type: str) -> dict:
     counts: dict[str, int] = {}
     for t in planned:
         counts[t.type] = counts.get(t.type, 0) + 1
+    # AUTO keeps what quantize left in float at 16 bits: name those matrices (the embeddings, the head)
+    kept = [t.name for t in planned if len(t.shape) == 2 and t.type == "F16"] if gguf_type == AUTO and cfg.quantization else []
     return {"tensor_types": counts, "fallbacks": fallbacks, "requantized": requantized,
-            "direct_from_codes": sum(t.direct for t in planned), "vocabulary": vocab}
+            "direct_from_codes": sum(t.direct for t in planned), "kept_f16": kept, "vocabulary": vocab}
 
 
 def llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = None,
-                   importance: dict[str, np.ndarray] | None = None, log_dir: Path | None = None) -> str:
+                   importance: dict[str, np.ndarray] | None = None, log_dir: Path | None = None,
+                   pure: bool = False) -> str:
     """Run llama.cpp's quantizer (through llama-cpp-python) from ``src`` to ``dst``, with importance
     data (GGUF tensor name -> mean square of each input column, :mod:`itera.quant.importance`)
-    passed as llama.cpp's ``imatrix``. Its log (a line per tensor) goes to a file under
-    ``$ITERA_HOME/logs``; returns that file's path."""
+    passed as llama.cpp's ``imatrix``. ``pure``: every matrix in ``gguf_type`` (llama-quantize's
+    ``--pure``; by default llama.cpp keeps the output head wider). Its log (a line per tensor) goes
+    to a file under ``$ITERA_HOME/logs``; returns that file's path."""
     import ctypes
 
     import llama_cpp
@@ -339,6 +345,7 @@ def llama_quantize(src: Path, dst: Path, gguf_type: str, threads: int | None = N
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or 0
+    params.pure = pure
     if importance:
         keep = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in importance.items()}
         entries = (llama_cpp.llama_model_imatrix_data * (len(keep) + 1))()
@@ -439,7 +446,14 @@ def check(cfg: ModelConfig, opts) -> None:
 def write(src, opts, staging, reporter) -> dict:
     """Write the GGUF file (directly, or llama.cpp's quantizer on an F16 export) to the staged path."""
     if opts.gguf_type in DIRECT_TYPES:
-        return write_gguf(src.path, staging.main, opts.gguf_type)
+        info = write_gguf(src.path, staging.main, opts.gguf_type)
+        if info["kept_f16"]:
+            main = max((t for t in info["tensor_types"] if t not in ("F16", "F32")), default="Q8_0",
+                       key=info["tensor_types"].get)
+            reporter.log(f"{len(info['kept_f16'])} matrices stay F16 ({', '.join(info['kept_f16'])}): quantize left "
+                         f"them in float and --gguf-type AUTO keeps the checkpoint's types; pass --gguf-type {main} "
+                         f"to write them as {main} too")
+        return info
     f16 = staging.temp(".f16.gguf")
     info = write_gguf(src.path, f16, "F16")
     log = llama_quantize(f16, staging.main, opts.gguf_type, opts.threads, src.importance)
