@@ -1,8 +1,9 @@
 """`itera registry ...`: versions, aliases, promotion gates and rollback on SQLite.
 
 Changing subcommands (register, activate, mark-good, rollback, promote) print an itera record;
-reading subcommands (list, show, compare, history) print one JSON object and a table on
-stderr; resolve prints a bare path for shell use. None of them imports torch.
+reading subcommands (list, show, compare, history) print a compact table in human units when
+stdout is a terminal (:mod:`itera.registry.display`), else, or with --json, one JSON object on one
+line; resolve prints a bare path for shell use. None of them imports torch.
 """
 
 from __future__ import annotations
@@ -82,15 +83,38 @@ def _finite(obj):
     return obj
 
 
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the JSON object on a terminal too, as pipes and "
+                                        "files get it, instead of the table.")]
+
+
+def _for_person(json_: bool) -> bool:
+    """Whether to print the compact table: stdout is a terminal and no --json (nor `itera --json`)
+    asked for the JSON object, which pipes and files always get."""
+    from itera import record
+
+    if json_ or record.FULL_ON_TERMINAL:
+        return False
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _print_json(obj) -> None:
-    indent = 2 if sys.stdout.isatty() else None
-    sys.stdout.write(json.dumps(_finite(obj), indent=indent, default=str, allow_nan=False) + "\n")
+    """The JSON object on one line, the same on a terminal (with --json) as in a pipe."""
+    sys.stdout.write(json.dumps(_finite(obj), default=str, allow_nan=False) + "\n")
 
 
-def _table(title: str, columns: list[str], rows: list[list]) -> None:
-    from itera.cli._console import Console
+def _columns() -> int:
+    """The terminal's width ($COLUMNS first), 100 when it cannot be told."""
+    import shutil
 
-    Console().table(title, columns, rows)
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+def _print_lines(lines: list[str]) -> None:
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
 
 
 def _say(message: str) -> None:
@@ -180,28 +204,37 @@ def list_(
     fmt: Annotated[Optional[str], typer.Option("--format", help="Artifact format, e.g. safetensors, gguf.")] = None,
     quantization: Annotated[Optional[str], typer.Option(help="e.g. gptq-4bit, Q4_0.")] = None,
     registry: RegistryPath = None,
+    json_: JsonFlag = False,
 ) -> None:
     """List registered versions, optionally filtered by name, tag, format or quantization."""
     with _open(registry, create=False) as reg:
         versions = reg.list(name, parse_tags(tag or []), fmt, quantization)
-        _table("itera registry", ["name", "version", "aliases", "format", "quantization", "bytes", "created", "path"],
-               [[v["name"], v["version"], ",".join(v["aliases"]), v["format"], v["quantization"], v["bytes"],
-                 v["created_at"][:19], v["path"]] for v in versions])
-        _print_json({"registry": str(reg.path), "versions": [_summary(v) for v in versions]})
+        if _for_person(json_):
+            from itera.registry.display import list_lines
+
+            _print_lines(list_lines(_finite(versions), str(reg.path), width=_columns()))
+        else:
+            _print_json({"registry": str(reg.path), "versions": [_summary(v) for v in versions]})
 
 
 @app.command()
-def show(ref: RefArg, registry: RegistryPath = None) -> None:
+def show(ref: RefArg, registry: RegistryPath = None, json_: JsonFlag = False) -> None:
     """Everything stored about one version, including its lineage and the full record."""
     from itera.registry import Ref
 
     with _open(registry, create=False) as reg:
-        _print_json(reg.get(Ref.parse(ref)))
+        v = reg.get(Ref.parse(ref))
+        if _for_person(json_):
+            from itera.registry.display import show_lines
+
+            _print_lines(show_lines(_finite(v)))
+        else:
+            _print_json(v)
 
 
 @app.command()
 def compare(refs: Annotated[list[str], typer.Argument(help="Two or more versions, e.g. demo@1 demo@2.")],
-            registry: RegistryPath = None) -> None:
+            registry: RegistryPath = None, json_: JsonFlag = False) -> None:
     """Metrics of several versions side by side, with deltas against the first."""
     from itera.errors import UsageError
     from itera.registry import Ref
@@ -209,30 +242,27 @@ def compare(refs: Annotated[list[str], typer.Argument(help="Two or more versions
     if len(refs) < 2:
         raise UsageError("compare needs at least two versions, e.g. demo@1 demo@2")
     with _open(registry, create=False) as reg:
-        result = reg.compare([Ref.parse(r) for r in refs])
-        cols = result["versions"]
-        rows = []
-        for key, row in result["metrics"].items():
-            cells = []
-            for c in cols:
-                e = row[c]
-                cell = "" if e["value"] is None else f"{e['value']:.6g}"
-                if e.get("relative") is not None:
-                    cell += f" ({e['relative']:+.2%})"
-                cells.append(cell)
-            rows.append([key, *cells])
-        _table("compare", ["metric", *cols], rows)
-        _print_json(result)
+        parsed = [Ref.parse(r) for r in refs]
+        result = reg.compare(parsed)
+        if _for_person(json_):
+            from itera.registry.display import compare_lines
+
+            _print_lines(compare_lines(_finite(result), [_finite(reg.get(r)) for r in parsed]))
+        else:
+            _print_json(result)
 
 
 @app.command()
-def history(name: Annotated[str, typer.Argument()], registry: RegistryPath = None) -> None:
+def history(name: Annotated[str, typer.Argument()], registry: RegistryPath = None, json_: JsonFlag = False) -> None:
     """The audit log of NAME: registrations, alias changes, refused promotions and rollbacks."""
     with _open(registry, create=False) as reg:
         events = reg.history(name)
-        _table(f"history of {name}", ["at", "event", "version", "ok", "detail"],
-               [[e["at"][:19], e["event"], e["version"], e["ok"], json.dumps(e["detail"])] for e in events])
-        _print_json({"name": name, "events": events})
+        if _for_person(json_):
+            from itera.registry.display import HISTORY_WIDTH, history_lines
+
+            _print_lines(history_lines(_finite(events), name, min(HISTORY_WIDTH, max(_columns(), 60))))
+        else:
+            _print_json({"name": name, "events": events})
 
 
 @app.command()
