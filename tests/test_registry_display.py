@@ -1,6 +1,6 @@
 """What the registry's read commands print: a compact table in human units on a terminal (run
 under a real pseudo-terminal here, as a person's shell runs them), the unchanged JSON object in a
-pipe or with --json."""
+pipe or with --json; records indented on a terminal."""
 
 from __future__ import annotations
 
@@ -226,3 +226,26 @@ def test_units():
     assert [change(100, v) for v in (113.1, 29.4, 100, 250, 20300)] == ["+13.1%", "-70.6%", "=", "×2.5", "×203"]
     assert change(0.05, 3) == "×60" and change(None, 3) == ""
     assert short_dataset("hf:org/TinyStories@validation") == "TinyStories@validation"
+
+
+# --------------------------------------------------------------------------- records on a terminal
+
+
+def test_a_record_on_a_terminal_is_indented_and_one_line_in_a_pipe(three):
+    code, shown, err = run_on_terminal("registry", "activate", "pydocs-demo@2", "--registry", three)
+    assert code == 0 and err == ""
+    assert len(shown.splitlines()) > 10 and shown.startswith('{\n  "itera": 1,')
+    rec = json.loads(shown)
+    assert rec["command"] == "registry activate" and rec["params"]["version"] == 2
+    piped = run_itera("registry", "activate", "pydocs-demo@2", "--registry", three)
+    assert len(piped.stdout.splitlines()) == 1 and json.loads(piped.stdout)["params"]["version"] == 2
+
+    again = ("registry", "register", "--name", "pydocs-demo", "--record", three.parent / "rec3.json", "--registry",
+             three)  # the same bytes again: no new version, a record all the same, with a parent
+    code, shown, _ = run_on_terminal(*again)
+    assert code == 0 and shown.startswith('{\n  "itera": 1,')
+    assert json.loads(shown)["parent"].startswith("benchmark-power /") and " <- evaluate /" in shown
+    code, full, _ = run_on_terminal("--json", *again)
+    assert code == 0 and full.startswith('{\n  "itera": 1,') and json.loads(full)["parent"]["command"] == "benchmark-power"
+    piped = run_itera(*again)
+    assert len(piped.stdout.splitlines()) == 1 and json.loads(piped.stdout)["parent"] == json.loads(full)["parent"]

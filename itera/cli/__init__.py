@@ -62,9 +62,10 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
-    json_: Annotated[bool, typer.Option("--json", help="On a terminal, print the whole record indented (by default "
-                                        "a terminal gets one line with the parent chain shortened; pipes and files "
-                                        "always get the whole record).")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="On a terminal, print the whole record (by default a "
+                                        "terminal gets it indented with the parent chain shortened, and registry "
+                                        "list/show/compare/history a table; pipes and files always get the whole "
+                                        "record on one line).")] = False,
 ) -> None:
     """itera: distill, quantize, export, evaluate and version small language models."""
     from itera import record
