@@ -1,6 +1,6 @@
 """What the registry's read commands print: a compact table in human units on a terminal (run
 under a real pseudo-terminal here, as a person's shell runs them), the unchanged JSON object in a
-pipe or with --json; records indented on a terminal."""
+pipe or with --json; records indented on a terminal; a rollback that changes nothing says so."""
 
 from __future__ import annotations
 
@@ -249,3 +249,20 @@ def test_a_record_on_a_terminal_is_indented_and_one_line_in_a_pipe(three):
     assert code == 0 and full.startswith('{\n  "itera": 1,') and json.loads(full)["parent"]["command"] == "benchmark-power"
     piped = run_itera(*again)
     assert len(piped.stdout.splitlines()) == 1 and json.loads(piped.stdout)["parent"] == json.loads(full)["parent"]
+
+
+# --------------------------------------------------------------------------- item 11
+
+
+def test_a_rollback_that_changes_nothing_says_so(three):
+    res = run_itera("registry", "rollback", "pydocs-demo", "--registry", three)
+    assert res.returncode == 0 and res.record["params"]["version"] == 1
+    assert res.stderr == "pydocs-demo@1 is already active and last-good; nothing to roll back\n"
+    assert run_itera("registry", "activate", "pydocs-demo@2", "--registry", three).returncode == 0
+    res = run_itera("registry", "rollback", "pydocs-demo", "--registry", three)
+    assert res.stderr == "pydocs-demo@active -> version 1\n" and res.record["params"]["version"] == 1
+    res = run_itera("registry", "rollback", "pydocs-demo", "--to", "1", "--registry", three)
+    assert res.stderr == "pydocs-demo@1 is already active and last-good; nothing to roll back\n"
+    assert run_itera("registry", "activate", "pydocs-demo@3", "--registry", three).returncode == 0
+    res = run_itera("registry", "rollback", "pydocs-demo", "--to", "3", "--registry", three)
+    assert res.stderr == "pydocs-demo@3 is already active; nothing to roll back\n"

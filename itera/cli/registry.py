@@ -298,8 +298,20 @@ def rollback(
     from itera.registry import validate_name
 
     validate_name(name)
-    _change("rollback", registry, metrics_out, lambda reg: reg.rollback(name, to),
-            say=lambda v: _say(f"{name}@active -> version {v['version']}"))
+    before: dict = {}
+
+    def change(reg):
+        before["active"] = reg.alias(name, "active")
+        return reg.rollback(name, to)
+
+    def say(v):
+        if before.get("active") != v["version"]:
+            _say(f"{name}@active -> version {v['version']}")
+        else:  # exit 0 and the record all the same: active is where it was asked to be
+            also = " and last-good" if "last-good" in v["aliases"] else ""
+            _say(f"{name}@{v['version']} is already active{also}; nothing to roll back")
+
+    _change("rollback", registry, metrics_out, change, say=say)
 
 
 @app.command()
