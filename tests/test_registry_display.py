@@ -1,12 +1,14 @@
 """What the registry's read commands print: a compact table in human units on a terminal (run
 under a real pseudo-terminal here, as a person's shell runs them), the unchanged JSON object in a
-pipe or with --json; records indented on a terminal; a rollback that changes nothing says so."""
+pipe or with --json; records indented on a terminal; a rollback that changes nothing says so;
+`serve --model NAME` hints at NAME@active."""
 
 from __future__ import annotations
 
 import json
 import os
 import select
+import shutil
 import struct
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_itera
+from conftest import REPO, assert_usage_error, run_itera
 from itera import record
 from itera.artifacts import describe
 from itera.registry.display import change, number, short_dataset, size
@@ -266,3 +268,23 @@ def test_a_rollback_that_changes_nothing_says_so(three):
     assert run_itera("registry", "activate", "pydocs-demo@3", "--registry", three).returncode == 0
     res = run_itera("registry", "rollback", "pydocs-demo", "--to", "3", "--registry", three)
     assert res.stderr == "pydocs-demo@3 is already active; nothing to roll back\n"
+
+
+def test_serve_a_registered_name_hints_at_its_active_alias(three, tmp_path):
+    line = assert_usage_error(run_itera("serve", "--model", "pydocs-demo", "--port", "0",
+                                        env={"ITERA_REGISTRY": str(three)}, cwd=tmp_path),
+                              "pydocs-demo does not exist", "did you mean pydocs-demo@active?")
+    assert line == (f"itera: error: pydocs-demo does not exist; did you mean pydocs-demo@active? "
+                    f"(registry {three} has a model of that name)")
+    assert_usage_error(run_itera("serve", "--model", "pydocs-demo", "--registry", three, cwd=tmp_path),
+                       "--registry applies to a registry ref", "did you mean pydocs-demo@active?")
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copyfile(three, home / "registry.db")  # the default registry, $ITERA_HOME/registry.db
+    env = {"ITERA_HOME": str(home), "ITERA_REGISTRY": ""}
+    assert_usage_error(run_itera("serve", "--model", "pydocs-demo", env=env, cwd=tmp_path),
+                       f"did you mean pydocs-demo@active? (registry {home / 'registry.db'} has a model")
+    # not a registered name: the message as it was
+    assert_usage_error(run_itera("serve", "--model", "nosuch", "--port", "0", env={"ITERA_REGISTRY": str(three)},
+                                 cwd=tmp_path),
+                       "nosuch does not exist; pass a checkpoint directory, .gguf or .onnx file")
