@@ -221,6 +221,16 @@ def test_show_on_a_terminal(three):
     assert run_on_terminal("registry", "show", "pydocs-demo@active", "--json", "--registry", three)[1] == piped.stdout
 
 
+def test_a_name_with_control_characters_cannot_reach_the_terminal(tmp_path):
+    db, f = tmp_path / "r.db", tmp_path / "evil\x1b[2J\n.gguf"
+    f.write_bytes(b"GGUF weights")
+    assert run_itera("registry", "register", "--name", "m", "--path", f, "--registry", db).returncode == 0
+    for args in (["list"], ["show", "m@1"], ["history", "m"]):
+        code, shown, _ = run_on_terminal("registry", *args, "--registry", db, cols=250)
+        assert code == 0 and "\x1b" not in shown and "evil\\x1b[2J\\n.gguf" in shown, shown
+        assert len(shown.splitlines()) == 2 or args[0] == "show", shown
+
+
 def test_units():
     assert [size(n) for n in (900, 1536, 17_527_424, 3 << 30)] == ["900 B", "1.5 KiB", "16.7 MiB", "3.0 GiB"]
     assert [number(v) for v in (2029.4, 113.354, 45.678, 4.5123, 0.0123, 0.00012, None)] == \

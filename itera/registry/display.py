@@ -138,9 +138,18 @@ def _datasets(metric_dicts: Iterable[dict]) -> list[str]:
 # --------------------------------------------------------------------------- tables
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: a path or a reason stays on its line and cannot
+    send the terminal escape sequences."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def render(columns: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> list[str]:
     """Columns aligned with two spaces between them; ``right`` says which are right-aligned."""
     right = right or [False] * len(columns)
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
 
     def line(cells):
@@ -273,7 +282,7 @@ def history_lines(events: list[dict], name: str, width: int = HISTORY_WIDTH) -> 
     if not events:
         return [f"no events for {name}"]
     rows = [[str(e.get("at", ""))[:19].replace("T", " "), str(e.get("event", "")),
-             "" if e.get("version") is None else f"@{e['version']}", event_summary(e)] for e in events]
+             "" if e.get("version") is None else f"@{e['version']}", printable(event_summary(e))] for e in events]
     head = ["at", "event", "ver", "what"]
     fixed = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(head[:3])]
     room = max(width - sum(fixed) - 2 * 3, 10)
@@ -308,5 +317,5 @@ def show_lines(v: dict, cwd: Path | None = None) -> list[str]:
     more = len([k for k in m if k not in shown])
     if more:
         out.append(("", f"({more} more metric{'' if more == 1 else 's'} and the full record with --json)"))
-    w = max(len(k) for k, _ in out)
-    return [f"{k.ljust(w)}  {val}".rstrip() for k, val in out]
+    w = max(len(printable(k)) for k, _ in out)
+    return [f"{printable(k).ljust(w)}  {printable(val)}".rstrip() for k, val in out]
