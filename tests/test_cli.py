@@ -18,9 +18,9 @@ HEAVY = ("torch", "onnxruntime", "llama_cpp", "transformers")
 
 
 def _listed_commands(help_text: str) -> set[str]:
-    # Rows of the "Commands" panel look like "│ evaluate  Perplexity and ..."
-    section = help_text.split("Commands", 1)[1]
-    return set(re.findall(r"^[│|]\s+([a-z][a-z-]+)\s{2,}", section, flags=re.M))
+    # Rows of the "Commands:" section look like "  evaluate  Perplexity and ..."
+    section = help_text.split("\nCommands:\n", 1)[1].split("\n\n", 1)[0]
+    return set(re.findall(r"^  ([a-z][a-z-]+)\s{2,}", section, flags=re.M))
 
 
 def test_help_lists_exactly_the_registered_commands():

@@ -16,12 +16,12 @@ from typing import Annotated, Iterable, Optional
 
 import typer
 
+from itera.cli._help import App
 from itera.cli._options import MetricsOut
 from itera.errors import UsageError
 
-app = typer.Typer(help="Versioned models with lineage, aliases (active, last-good), promotion gates and rollback.",
-                  no_args_is_help=True, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = App(help="Versioned models with lineage, aliases (active, last-good), promotion gates and rollback.",
+          no_args_is_help=True)
 
 RegistryPath = Annotated[Optional[Path], typer.Option(
     "--registry", envvar="ITERA_REGISTRY", help="SQLite file. Default: $ITERA_HOME/registry.db (~/.itera).",
