@@ -21,9 +21,19 @@ from itera.cli import (benchmark_power, discover_cluster, distill, dpo_train, en
 
 app = App(
     name="itera",
-    help="Take a small Llama-family language model from checkpoint to a compressed, validated, "
-    "versioned edge deployment. Each command prints one JSON record on stdout; the next command "
-    "reads it from stdin.",
+    help="""Take a small Llama-family language model from checkpoint to a compressed, validated,
+versioned edge deployment. Each command prints one JSON record on stdout; the next command reads
+it from stdin. `itera COMMAND --help` says more about each.
+
+Examples:
+
+  itera distill --teacher runs/t --student half --data notes.txt --out runs/s
+  itera quantize --model runs/s --method gptq --bits 4 --group-size 32 \\
+    --calib notes.txt --out runs/s-q4 \\
+    | itera export --format gguf --gguf-type Q4_0 --out runs/s-q4.gguf \\
+    | itera evaluate -d notes.txt
+  itera registry list
+""",
     no_args_is_help=True,
 )
 

@@ -170,7 +170,7 @@ def usage(cmd, ctx) -> str:
 
 def render(cmd, ctx) -> str:
     """The whole help of a command or group as plain text."""
-    w = width()
+    w = width() - 1  # a line as wide as the terminal makes some terminals add a blank line
     desc, examples = split_help(cmd.help or "")
     out = _wrap("Usage: " + usage(cmd, ctx), w, "", "    ")
     if desc:

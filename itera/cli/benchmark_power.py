@@ -38,7 +38,9 @@ def benchmark_power(
 
       itera benchmark-power --model runs/student-q4.gguf --runs 5
 
-      itera benchmark-power --model runs/teacher --compare m.onnx --compare m.gguf --estimate laptop
+      # the teacher against two exports of it, interleaved; energy estimated
+      itera benchmark-power --model runs/teacher --compare m.onnx --compare m.gguf \\
+        --estimate laptop
     """
     from itera.jobs.benchmark import BenchmarkOptions, run_benchmark
     from itera.power import Workload

@@ -9,7 +9,7 @@ from itera.cli._options import Force, MetricsOut, execute
 
 
 def discover_cluster(
-    hosts: Annotated[Optional[list[str]], typer.Argument(help="localhost, gpu-box, 10.0.0.5, \\[fe80::1], user@host, "
+    hosts: Annotated[Optional[list[str]], typer.Argument(help="localhost, gpu-box, 10.0.0.5, [fe80::1], user@host, "
                                                          "host:2222, user@host:2222, or ssh config names.")] = None,
     hosts_file: Annotated[Optional[Path], typer.Option(help="One host spec per line ('#' comments).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Allowlist policy (default: the cluster.yaml shipped "
@@ -35,7 +35,8 @@ def discover_cluster(
 
       itera discover-cluster localhost gpu-box alice@10.0.0.5:2222
 
-      itera discover-cluster --hosts-file hosts.txt --launch "distill --teacher t --student half --data d.txt --out s"
+      itera discover-cluster --hosts-file hosts.txt \\
+        --launch "distill --teacher t --student half --data d.txt --out s"
     """
     from itera.jobs.cluster import DiscoverOptions, run_discover
 

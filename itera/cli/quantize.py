@@ -21,7 +21,8 @@ def quantize(
                                                       "Default: one scale per output channel.")] = None,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric codes (GGUF Q4_0/Q8_0 compatible at "
                                       "group size 32) or asymmetric with zero points.")] = True,
-    calib: Annotated[Optional[str], typer.Option(help="Calibration text (file or dataset); its tail is held "
+    calib: Annotated[Optional[str], typer.Option("--calib", "--data", "--dataset", "-d", metavar="TEXT",
+                                                 help="Calibration text (file or dataset); its tail is held "
                                                  "out for the before/after perplexity.")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 32,
     calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
@@ -37,7 +38,8 @@ def quantize(
     plan: Annotated[Optional[Path], typer.Option(help="auto: reuse a quant_plan.json instead of measuring.")] = None,
     quantize_embeddings: Annotated[bool, typer.Option("--quantize-embeddings", help="Also quantize the "
                                                       "embeddings and output head (16-bit by default).")] = False,
-    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity before/after.")] = 4096,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens scored for perplexity before and after (at "
+                                             "most; what `evaluate --eval-tokens` means too).")] = 4096,
     seed: Annotated[int, typer.Option()] = 0,
     device: Device = "auto",
     text_field: TextField = "text",
@@ -52,11 +54,15 @@ def quantize(
 
     Examples:
 
-      itera quantize --model runs/teacher --method gptq --bits 4 --group-size 32 --calib pydocs@test --out runs/q4
+      itera quantize --model runs/teacher --method gptq --bits 4 --group-size 32 \\
+        --calib pydocs@test --out runs/q4
 
-      itera quantize --model runs/teacher --method gptq --gguf-type Q4_K --calib pydocs@test --out runs/q4k
+      itera quantize --model runs/teacher --method gptq --gguf-type Q4_K \\
+        --calib pydocs@test --out runs/q4k
 
-      itera quantize --model runs/teacher --method auto --target-bytes 1858464 --calib notes.txt --out runs/mixed
+      # a GGUF type per tensor, under a budget of 1858464 bytes of GGUF file
+      itera quantize --model runs/teacher --method auto --target-bytes 1858464 \\
+        --calib notes.txt --out runs/mixed
     """
     from itera.jobs.quantize import QuantizeOptions, run_quantize
 
