@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.cli._options import Device, Force, MetricsOut, TextField, TrainDtype, execute
+from itera.cli._options import Device, Force, MetricsOut, TextField, TorchThreads, TrainDtype, execute
 
 Int = Optional[int]
 
@@ -51,6 +51,7 @@ def distill(
     save_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints in OUT.train-state/.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.train-state/ where a run stopped.")] = False,
     device: Device = "auto",
+    threads: TorchThreads = None,
     dtype: TrainDtype = "auto",
     text_field: TextField = "text",
     force: Force = False,
@@ -91,7 +92,7 @@ def distill(
                           heads=heads, kv_heads=kv_heads, ffn=ffn, init=init, layer_ids=ids, alpha=alpha,
                           temperature=temperature, kl=kl, tokenizer=tokenizer, holdout=holdout, eval_tokens=eval_tokens,
                           calib_batches=calib_batches, resume=resume, train=train, force=force,
-                          text_field=text_field).validate()
+                          text_field=text_field, threads=threads).validate()
     dist = init_distributed(resolve_device(device))
     opts.device = dist.device
     execute("distill", run_distill, opts, parent, metrics_out, summary=_summary, dist=dist)

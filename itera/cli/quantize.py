@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.cli._options import Device, Force, MetricsOut, ModelPath, TextField, execute, model_input
+from itera.cli._options import Device, Force, MetricsOut, ModelPath, TextField, TorchThreads, execute, model_input
 
 
 def quantize(
@@ -42,6 +42,7 @@ def quantize(
                                              "most; what `evaluate --eval-tokens` means too).")] = 4096,
     seed: Annotated[int, typer.Option()] = 0,
     device: Device = "auto",
+    threads: TorchThreads = None,
     text_field: TextField = "text",
     force: Force = False,
     metrics_out: MetricsOut = None,
@@ -72,7 +73,7 @@ def quantize(
                            act_order=act_order, gguf_type=gguf_type, target_bpw=target_bpw,
                            target_bytes=target_bytes, auto_types=auto_types, auto_base=auto_base,
                            plan=plan, quantize_embeddings=quantize_embeddings, eval_tokens=eval_tokens, seed=seed,
-                           device=device, text_field=text_field, force=force)
+                           device=device, threads=threads, text_field=text_field, force=force)
     execute("quantize", run_quantize, opts.validate(), parent, metrics_out, summary=_summary)
 
 
