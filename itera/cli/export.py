@@ -10,10 +10,10 @@ from itera.export import VERIFY_TOKENS
 
 
 def export(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (its directory must exist).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (missing directories are created).")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="gguf (llama.cpp), onnx (onnxruntime), pt2 "
                                      "(torch.export) or torchscript (deprecated by PyTorch; for existing "
-                                     "deployments).")],
+                                     "deployments); any case.")],
     model: ModelPath = None,
     gguf_type: Annotated[str, typer.Option(help="GGUF tensor type: AUTO (the checkpoint's own: the types "
                                            "`itera quantize` stored, F16 for a float checkpoint), F32, F16, BF16, "
@@ -65,7 +65,7 @@ def export(
     from itera.jobs.export import ExportOptions, run_export
 
     path, parent = model_input(model)
-    opts = ExportOptions(model=path, out=out, format=fmt, gguf_type=gguf_type, calib=calib,
+    opts = ExportOptions(model=path, out=out, format=fmt.lower(), gguf_type=gguf_type, calib=calib,
                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, onnx_quant=onnx_quant,
                          allow_mismatch=allow_mismatch, verify_tokens=verify_tokens, threads=threads,
                          max_logit_diff=max_logit_diff, max_kl=max_kl, min_top1=min_top1, text_field=text_field,
