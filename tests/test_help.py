@@ -187,3 +187,9 @@ def test_columns_is_respected():
     narrow = run_itera("export", "--help", env={"COLUMNS": "60", "TERM": "dumb"}).stdout.split("Examples:")[0]
     wide = run_itera("export", "--help", env={"COLUMNS": "100", "TERM": "dumb"}).stdout.split("Examples:")[0]
     assert max(map(len, narrow.splitlines())) <= 60 < max(map(len, wide.splitlines())) <= 100
+
+
+def test_a_group_alone_prints_its_help_and_exits_2():
+    for path in ((), ("registry",)):
+        res = run_itera(*path, env={"COLUMNS": "80", "TERM": "dumb"})
+        assert res.returncode == 2 and res.stdout == _help(path) and res.stderr == "", path

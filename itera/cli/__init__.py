@@ -162,7 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(e.exit_code) from None
     except typer.Abort:
         _fail("aborted", 130)
-    except parser.NoArgsIsHelpError:  # help was already printed
+    except parser.NoArgsIsHelpError as e:  # `itera` or `itera registry` alone: the help, exit 2
+        try:
+            sys.stdout.write(e.format_message().rstrip("\n") + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
         raise SystemExit(2) from None
     except parser.UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "itera"
