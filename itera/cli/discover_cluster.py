@@ -17,7 +17,7 @@ def discover_cluster(
     ssh_config: Annotated[Optional[Path], typer.Option(help="ssh config file to use (ssh -F); default: ssh's own.")] = None,
     timeout: Annotated[float, typer.Option(help="ssh ConnectTimeout per host, seconds.")] = 5.0,
     deadline: Annotated[float, typer.Option(help="Overall deadline for all probes, seconds.")] = 60.0,
-    launch: Annotated[str, typer.Option(help="itera command the plan runs on every node.")] = "distill --help",
+    launch: Annotated[str, typer.Option(metavar="COMMAND", help="itera command the plan runs on every node.")] = "distill --help",
     nproc_per_node: Annotated[Optional[int], typer.Option(help="Processes per node (default: GPUs, else 1).")] = None,
     rdzv_port: Annotated[int, typer.Option(help="Rendezvous port on the first host.")] = 29500,
     out: Annotated[Optional[Path], typer.Option(help="Write the inventory and plan as JSON here.")] = None,

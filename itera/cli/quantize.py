@@ -34,7 +34,7 @@ def quantize(
     target_bytes: Annotated[Optional[int], typer.Option(help="auto: budget in bytes of the GGUF file.")] = None,
     auto_types: Annotated[str, typer.Option(help="auto: candidate GGUF types, comma-separated, or all "
                                             "(F16 is always one).")] = "all",
-    auto_base: Annotated[str, typer.Option(help="auto: apply the chosen plan with rtn or gptq.")] = "gptq",
+    auto_base: Annotated[str, typer.Option(metavar="METHOD", help="auto: apply the chosen plan with rtn or gptq.")] = "gptq",
     plan: Annotated[Optional[Path], typer.Option(help="auto: reuse a quant_plan.json instead of measuring.")] = None,
     quantize_embeddings: Annotated[bool, typer.Option("--quantize-embeddings", help="Also quantize the "
                                                       "embeddings and output head (16-bit by default).")] = False,

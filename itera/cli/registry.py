@@ -195,7 +195,8 @@ def list_(
     name: Annotated[Optional[str], typer.Option("--name", "-n", help="Only versions of this model.")] = None,
     tag: Tags = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Artifact format, e.g. safetensors, gguf.")] = None,
-    quantization: Annotated[Optional[str], typer.Option(help="e.g. gptq-4bit, Q4_0.")] = None,
+    quantization: Annotated[Optional[str], typer.Option(metavar="TYPE", help="Quantization, e.g. gptq-4bit, "
+                                                        "Q4_0.")] = None,
     registry: RegistryPath = None,
 ) -> None:
     """List registered versions, optionally filtered by name, tag, format or quantization.
