@@ -142,7 +142,7 @@ def _describe(p, ctx) -> str:
 
 
 def _definitions(rows: list[tuple[str, str]], w: int) -> list[str]:
-    col = min(max((len(t) for t, _ in rows), default=0), TERM_COLUMN)
+    col = min(max((len(t) for t, _ in rows), default=0), TERM_COLUMN, max(12, w // 3))
     out: list[str] = []
     for t, d in rows:
         lead = "  " + t
