@@ -17,18 +17,26 @@ from typing import Annotated, Iterable, Optional
 
 import typer
 
+from itera.cli._help import App
 from itera.cli._options import MetricsOut
 from itera.errors import UsageError
 
-app = typer.Typer(help="Versioned models with lineage, aliases (active, last-good), promotion gates and rollback.",
-                  no_args_is_help=True, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = App(help="""Versioned models with lineage, aliases (active, last-good), promotion gates and rollback.
+
+Examples:
+
+  itera export --model runs/q4 --format gguf --out runs/q4.gguf \\
+    | itera registry register --name demo --tag stage=ci
+  itera registry promote demo@latest --metric perplexity --max-regression 2%
+  itera registry rollback demo
+""", no_args_is_help=True)
 
 RegistryPath = Annotated[Optional[Path], typer.Option(
     "--registry", envvar="ITERA_REGISTRY", help="SQLite file. Default: $ITERA_HOME/registry.db (~/.itera).",
     dir_okay=False)]
 RefArg = Annotated[str, typer.Argument(help="NAME, NAME@N, NAME@active, NAME@last-good or NAME@latest.")]
-Tags = Annotated[Optional[list[str]], typer.Option("--tag", help="key=value; repeat for several.")]
+Tags = Annotated[Optional[list[str]], typer.Option("--tag", metavar="KEY=VALUE", help="A tag; repeat for "
+                                                   "several.")]
 
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -170,6 +178,15 @@ def register(
     Stores the artifact's path, kind, format, size and sha256 (verified against the record), the
     record's params, the metrics measured on this artifact along the lineage, the lineage itself,
     tags, the git commit of the working directory and the time.
+
+    Examples:
+
+      itera export --model runs/q4 --format gguf --out runs/q4.gguf \\
+        | itera registry register --name demo --tag stage=ci
+
+      itera registry register --name demo --record runs/q4-export.json
+
+      itera registry register --name demo --path runs/q4.gguf
     """
     from itera import record as rec
     from itera.errors import UsageError
@@ -199,14 +216,22 @@ def register(
 
 @app.command("list")
 def list_(
-    name: Annotated[Optional[str], typer.Option("--name", "-n")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", "-n", help="Only versions of this model.")] = None,
     tag: Tags = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Artifact format, e.g. safetensors, gguf.")] = None,
-    quantization: Annotated[Optional[str], typer.Option(help="e.g. gptq-4bit, Q4_0.")] = None,
+    quantization: Annotated[Optional[str], typer.Option(metavar="TYPE", help="Quantization, e.g. gptq-4bit, "
+                                                        "Q4_0.")] = None,
     registry: RegistryPath = None,
     json_: JsonFlag = False,
 ) -> None:
-    """List registered versions, optionally filtered by name, tag, format or quantization."""
+    """List registered versions, optionally filtered by name, tag, format or quantization.
+
+    Examples:
+
+      itera registry list
+
+      itera registry list --name demo --format gguf --tag stage=ci
+    """
     with _open(registry, create=False) as reg:
         versions = reg.list(name, parse_tags(tag or []), fmt, quantization)
         if _for_person(json_):
@@ -219,7 +244,14 @@ def list_(
 
 @app.command()
 def show(ref: RefArg, registry: RegistryPath = None, json_: JsonFlag = False) -> None:
-    """Everything stored about one version, including its lineage and the full record."""
+    """Everything stored about one version, including its lineage and the full record.
+
+    Examples:
+
+      itera registry show demo@active
+
+      itera registry show demo@2 --registry runs/demo/registry.db
+    """
     from itera.registry import Ref
 
     with _open(registry, create=False) as reg:
@@ -235,7 +267,14 @@ def show(ref: RefArg, registry: RegistryPath = None, json_: JsonFlag = False) ->
 @app.command()
 def compare(refs: Annotated[list[str], typer.Argument(help="Two or more versions, e.g. demo@1 demo@2.")],
             registry: RegistryPath = None, json_: JsonFlag = False) -> None:
-    """Metrics of several versions side by side, with deltas against the first."""
+    """Metrics of several versions side by side, with deltas against the first.
+
+    Examples:
+
+      itera registry compare demo@1 demo@2
+
+      itera registry compare demo@active demo@latest
+    """
     from itera.errors import UsageError
     from itera.registry import Ref
 
@@ -253,8 +292,14 @@ def compare(refs: Annotated[list[str], typer.Argument(help="Two or more versions
 
 
 @app.command()
-def history(name: Annotated[str, typer.Argument()], registry: RegistryPath = None, json_: JsonFlag = False) -> None:
-    """The audit log of NAME: registrations, alias changes, refused promotions and rollbacks."""
+def history(name: Annotated[str, typer.Argument(help="Model name.")], registry: RegistryPath = None,
+            json_: JsonFlag = False) -> None:
+    """The audit log of NAME: registrations, alias changes, refused promotions and rollbacks.
+
+    Examples:
+
+      itera registry history demo
+    """
     with _open(registry, create=False) as reg:
         events = reg.history(name)
         if _for_person(json_):
@@ -267,7 +312,12 @@ def history(name: Annotated[str, typer.Argument()], registry: RegistryPath = Non
 
 @app.command()
 def activate(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOut = None) -> None:
-    """Point NAME@active at a version."""
+    """Point NAME@active at a version.
+
+    Examples:
+
+      itera registry activate demo@2
+    """
     from itera.registry import Ref
 
     r = Ref.parse(ref)
@@ -276,7 +326,12 @@ def activate(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOut
 
 @app.command("mark-good")
 def mark_good(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOut = None) -> None:
-    """Point NAME@last-good at a version: the one rollback returns to."""
+    """Point NAME@last-good at a version: the one rollback returns to.
+
+    Examples:
+
+      itera registry mark-good demo@active
+    """
     from itera.registry import Ref
 
     r = Ref.parse(ref)
@@ -285,7 +340,7 @@ def mark_good(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOu
 
 @app.command()
 def rollback(
-    name: Annotated[str, typer.Argument()],
+    name: Annotated[str, typer.Argument(help="Model name.")],
     to: Annotated[Optional[int], typer.Option("--to", help="Version to roll back to. Default: last-good.")] = None,
     registry: RegistryPath = None,
     metrics_out: MetricsOut = None,
@@ -294,6 +349,12 @@ def rollback(
 
     Refused (exit 3, aliases unchanged, an event logged) when the version does not exist, there
     is no last-good, or the artifact's bytes changed or are gone.
+
+    Examples:
+
+      itera registry rollback demo
+
+      itera registry rollback demo --to 1
     """
     from itera.registry import validate_name
 
@@ -318,7 +379,8 @@ def rollback(
 def promote(
     ref: RefArg,
     metric: Annotated[str, typer.Option(help="Metric to gate on, e.g. perplexity or datasets.x.perplexity.")],
-    max_regression: Annotated[str, typer.Option(help="Allowed worsening against active: 2% or 0.02.")] = "0%",
+    max_regression: Annotated[str, typer.Option(metavar="MARGIN", help="Allowed worsening against active: 2% "
+                                                "or 0.02.")] = "0%",
     higher_is_better: Annotated[Optional[bool], typer.Option(
         "--higher-is-better/--lower-is-better", help="Direction, for metrics itera does not know.")] = None,
     registry: RegistryPath = None,
@@ -327,6 +389,12 @@ def promote(
     """Activate a version only if METRIC is no worse than the active version's by more than the margin.
 
     Exit 3 with the reason when the gate fails: the CI step that keeps a worse model from going live.
+
+    Examples:
+
+      itera registry promote demo@latest --metric perplexity --max-regression 2%
+
+      itera registry promote demo@3 --metric datasets.pydocs@test.perplexity
     """
     from itera.registry import Ref
 
@@ -347,7 +415,7 @@ def promote(
 def resolve(ref: RefArg, registry: RegistryPath = None) -> None:
     """Print the artifact path of a version, for shell use (exit 2 when the artifact is gone).
 
-    Example:
+    Examples:
 
       itera evaluate --model "$(itera registry resolve stories@active)" -d notes.txt
     """

@@ -60,6 +60,7 @@ class DistillOptions:
                        why="the CLI resolves auto (cuda when available) for its process and sets the field")
     force: bool = flag("--force", default=False)
     text_field: str = flag("--text-field", default="text")
+    threads: int | None = flag("--threads", default=None)  # torch's CPU threads; None: torch's own default
     # the command's own defaults: 200 steps at lr 1e-3 after 10 warm-up steps
     train: TrainOptions = nested(default_factory=lambda: TrainOptions(steps=200, lr=1e-3, warmup_steps=10))
 
@@ -88,6 +89,8 @@ class DistillOptions:
                 raise UsageError(f"--tokenizer bpe:N needs N >= 260 (256 bytes + special tokens), got {self.tokenizer!r}")
             if self.teacher is not None:
                 raise UsageError("students share the teacher's tokenizer; drop --tokenizer bpe:N when --teacher is given")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1 (got {self.threads})")
         if self.eval_tokens < 1 or self.calib_batches < 1:
             raise UsageError("--eval-tokens and --calib-batches must be at least 1")
         explicit = (self.layers, self.hidden, self.heads)
@@ -327,6 +330,9 @@ def run_distill(opts: DistillOptions, reporter: Reporter = SILENT, dist: Dist | 
 
     dist = dist or Dist(device=opts.device)
     opts.validate()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    opts.threads = torch.get_num_threads()  # the record says what was used
     opts.train.validate(dist.world)
     p = plan(opts)
     data = prepare_data(opts, p, reporter)
