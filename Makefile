@@ -34,7 +34,7 @@ lock:
 	rm -rf .lock-venv
 
 demo: install
-	ITERA=$(ITERA) RUNS=$(RUNS) bash scripts/demo.sh
+	ITERA=$(ITERA) PY=$(PYTHON) RUNS=$(RUNS) bash scripts/demo.sh
 
 # The tests run in a worker process (pytest-xdist, one worker): a native crash (a segfault in a
 # runtime) fails the test it happened in, a new worker takes the rest, and the summary names it.

@@ -70,3 +70,9 @@ $ITERA report "$RUNS/teacher-register.json" "$RUNS/student-register.json" "$RUNS
     "$RUNS/student-eval.json" "$RUNS/student-q4-eval.json" --out "$RUNS/report" --metrics-out "$RUNS/report.json" > /dev/null
 $ITERA report "$RUNS"/*.json --out "$RUNS/report-html" --format html > /dev/null
 echo "report: $RUNS/report/report.md (registry: $RUNS/registry.db; records: $RUNS/*.json)" >&2
+
+echo "== 6. this run's figures against the ones docs/commands.md quotes" >&2
+if ! "${PY:-.venv/bin/python}" scripts/demo_table.py "$RUNS" --check docs/commands.md; then
+  echo "   (expected on another CPU or build, where floats are summed in another order; on the machine and" >&2
+  echo "   code that wrote the docs they repeat. \`python scripts/demo_table.py $RUNS\` prints this run's block.)" >&2
+fi

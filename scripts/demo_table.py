@@ -21,8 +21,8 @@ from pathlib import Path
 
 BEGIN, END = "<!-- demo-figures:begin -->", "<!-- demo-figures:end -->"
 DATASET = "pydocs@test"
-HEADER = ("| artifact | size | perplexity on `pydocs@test` | decode tokens/s in llama.cpp: median per step "
-          "(IQR), over wall time |")
+HEADER = ("| artifact | size | perplexity on `pydocs@test` | decode tokens/s in llama.cpp: per step, median (IQR) "
+          "/ over wall time |")
 REPEATED_COLUMNS = 3  # artifact, size, perplexity: what --check compares
 
 
@@ -62,16 +62,29 @@ def bench_of(power: dict, artifact: dict) -> dict:
 def rate(result: dict) -> str:
     step, iqr, wall = (result.get(k) for k in ("decode_tokens_per_s", "decode_tokens_per_s_iqr",
                                                 "decode_tokens_per_s_wall"))
-    text = f"{step:,.0f}" + (f" ({iqr:,.0f})" if iqr is not None else "")
-    return text + (f", {wall:,.0f}" if wall is not None else "")
+    text = f"{step:,.0f}" + (f" (IQR {iqr:,.0f})" if iqr is not None else "")
+    return text + (f" / {wall:,.0f}" if wall is not None else "")
+
+
+def busy(results: list[dict]) -> str:
+    """Why a benchmark is unstable, in one clause: how busy the machine was."""
+    waits = [r["cpu_wait_fraction"] for r in results if r.get("cpu_wait_fraction") is not None]
+    load = max((r.get("loadavg_start") or 0, r.get("loadavg_end") or 0) for r in results)
+    cores = results[0].get("usable_cores")
+    parts = []
+    if waits:
+        parts.append("llama.cpp's threads waited for a CPU " + " and ".join(f"{100 * w:.0f}%" for w in waits)
+                     + " of their runnable time")
+    if max(load):
+        parts.append(f"load average up to {max(load):.1f} on {cores} usable cores")
+    return "; ".join(parts) or "see the record's stability_reason"
 
 
 def refusal(history: dict) -> str | None:
-    """The promotion gate's reason, as the registry's history logged it."""
-    for event in history["metrics"].get("events") or []:
-        detail = event.get("detail") or {}
-        if "refused" in str(event.get("event", "")) or detail.get("refused"):
-            return detail.get("reason") or detail.get("message")
+    """The promotion gate's reason, as ``registry history`` (runs/demo/history.json) logged it."""
+    for event in history.get("events") or []:
+        if event.get("event") == "promote-refused":
+            return (event.get("detail") or {}).get("reason")
     return None
 
 
@@ -81,7 +94,7 @@ def figures(runs: Path) -> dict:
     evals = {k: load(runs, f"{k}-eval.json") for k in ("teacher", "teacher-f16", "student", "student-q4",
                                                          "student-q4-gguf")}
     power, history = load(runs, "compare-power.json"), load(runs, "history.json")
-    all_records = [teacher, student, power, history, *evals.values()]
+    all_records = [teacher, student, power, *evals.values()]  # history.json is the registry's, not a record
     t_f16, s_q4 = bench_of(power, evals["teacher-f16"]["artifact"]), bench_of(power, evals["student-q4-gguf"]["artifact"])
     rows = [
         (f"teacher, float ({teacher['metrics']['student_params']:,} parameters, "
@@ -103,7 +116,7 @@ def figures(runs: Path) -> dict:
             "smaller": evals["teacher-f16"]["artifact"]["bytes"] / evals["student-q4-gguf"]["artifact"]["bytes"],
             "worse": perplexity(evals["student-q4-gguf"]) / perplexity(evals["teacher-f16"]) - 1,
             "speed": (s_q4["decode_tokens_per_s"] / t_f16["decode_tokens_per_s"]) if power["metrics"]["stable"] else None,
-            "unstable": power["metrics"].get("stability_reason"),
+            "unstable": None if power["metrics"]["stable"] else busy([t_f16, s_q4]),
             "energy": power["metrics"].get("energy_method"),
             "energy_reason": power["metrics"].get("energy_reason"),
             "refusal": refusal(history)}
@@ -112,8 +125,9 @@ def figures(runs: Path) -> dict:
 def render(f: dict) -> str:
     host = f["host"]
     lines = [BEGIN,
-             f"One run of `make demo` ({host.get('cpu') or 'CPU unknown'}, {f['records_seconds'] / 60:.0f} "
-             f"minutes in itera's commands; `python scripts/demo_table.py runs/demo` printed this block):", "",
+             f"One run of `make demo` ({host.get('cpu') or 'CPU unknown'}, {host.get('usable_cores', '?')} cores, "
+             f"{f['records_seconds'] / 60:.0f} minutes in itera's commands; `python scripts/demo_table.py "
+             f"runs/demo` printed this block from its records):", "",
              HEADER, "| --- | --- | --- | --- |"]
     lines += [f"| {' | '.join(row)} |" for row in f["rows"]]
     lines.append("")
