@@ -330,13 +330,16 @@ def interrupted(opts: DistillOptions, trainer, dist: Dist, trained: bool = False
     where = (f"after training finished (step {trainer.step} of {t.steps}), before the student was written"
              if trained else f"at step {trainer.step} of {t.steps}")
     again = command_line(dataclasses.replace(opts, resume=False), dist.world)
+    resume = command_line(dataclasses.replace(opts, resume=True), dist.world)
+    if trainer.saved_step is None and opts.resume and (opts.state_dir / "state.pt").is_file():
+        return Interrupted(f"interrupted {where}, while resuming; the checkpoint in {opts.state_dir / 'state.pt'} is "
+                           f"untouched\nitera: to resume: {resume}")
     if trainer.saved_step is None:
         if not t.save_every:
             return Interrupted(f"interrupted {where}; nothing was kept: without --save-every no checkpoint is "
                                f"written (pass --save-every N to be able to resume)\nitera: to start again: {again}")
         return Interrupted(f"interrupted {where}, before the first checkpoint (step {t.save_every}); nothing was "
                            f"kept\nitera: to start again: {again}")
-    resume = command_line(dataclasses.replace(opts, resume=True), dist.world)
     return Interrupted(f"interrupted {where}; kept the checkpoint of step {trainer.saved_step} in "
                        f"{opts.state_dir / 'state.pt'} (no student was written to {opts.out})\n"
                        f"itera: to resume from step {trainer.saved_step}: {resume}")
