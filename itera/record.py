@@ -178,8 +178,8 @@ def summary(record: dict) -> dict:
 
 
 def emit(record: dict, out: TextIO | None = None, metrics_out: Path | None = None) -> None:
-    """Print the record on stdout (one line) and to a file. On a terminal the line is
-    :func:`summary`'s, unless ``itera --json``.
+    """Print the record on stdout (one line) and to a file. On a terminal it is indented and
+    :func:`summary`'s (the whole record with ``itera --json``).
 
     ``metrics_out`` is written through (an existing file or device keeps its node: ``/dev/null``
     stays a device); the record's text is made first, so a record that cannot be serialised
@@ -189,7 +189,7 @@ def emit(record: dict, out: TextIO | None = None, metrics_out: Path | None = Non
     if metrics_out is not None:
         write_text_through(Path(metrics_out), line + "\n")
     if out.isatty():
-        line = dumps(record, pretty=True) if FULL_ON_TERMINAL else dumps(summary(record))
+        line = dumps(record if FULL_ON_TERMINAL else summary(record), pretty=True)
     out.write(line + "\n")
     out.flush()
 

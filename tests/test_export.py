@@ -180,8 +180,9 @@ def test_bad_input(tiny_ckpt, tmp_path, tokenizer_dir):
     assert_usage_error(export(tiny_ckpt, tmp_path / "m.x", "--format", "tflite"), "unknown --format 'tflite'")
     assert_usage_error(export(tiny_ckpt, tmp_path / "m.gguf", "--format", "gguf", "--gguf-type", "Q9_X"),
                        "unknown --gguf-type 'Q9_X'")
-    assert_usage_error(export(tiny_ckpt, tmp_path / "nope" / "m.gguf", "--format", "gguf"),
-                       "does not exist; create")
+    (tmp_path / "afile").write_text("x")  # a missing directory of --out is created; a file in its place is refused
+    assert_usage_error(export(tiny_ckpt, tmp_path / "afile" / "m.gguf", "--format", "gguf"), "is not a directory")
+    (tmp_path / "afile").unlink()
     mistral = save_tiny(tmp_path / "mistral", tokenizer_dir, model_type="mistral", sliding_window=8)
     assert_usage_error(export(mistral, tmp_path / "m.gguf", "--format", "gguf"), "sliding-window")
     notok = save_tiny(tmp_path / "notok", tokenizer_dir)

@@ -205,3 +205,57 @@ def test_marks_need_their_reasons():
         flag("size", default=1)
     assert dataclasses.asdict(_Opts(out=Path("o"))) == {"out": Path("o"), "items": [], "size": 4, "device": "cpu",
                                                          "note": "", "inner": {"steps": 20, "floor": 0.1}}
+
+
+# ------------------------------------------------------------------------- aliases (#28 item 8)
+
+# command -> {alias: the option's name in records, errors and docs}. The same meaning has the
+# same spelling everywhere: the text a command reads is --data (-d, --dataset) wherever it is one
+# text; the checkpoint it starts from is --model (-m); "score at most N tokens" is --eval-tokens.
+ALIASES = {
+    "distill": {"--model": "--teacher", "-m": "--teacher", "--dataset": "--data", "-d": "--data"},
+    "quantize": {"--data": "--calib", "--dataset": "--calib", "-d": "--calib"},
+    "export": {"--data": "--calib", "--dataset": "--calib", "-d": "--calib"},
+    "evaluate": {"--data": "--dataset", "--eval-tokens": "--max-tokens"},
+}
+
+
+def _params_by_opt(command) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for p in command.params:
+        for opt in (*p.opts, *p.secondary_opts):
+            assert opt not in out, f"`{command.name}`: {opt} is declared twice"
+            out[opt] = p
+    return out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_aliases_are_the_options_they_name_and_every_alias_is_listed(command):
+    cmd = _click_command(command)
+    by_opt = _params_by_opt(cmd)
+    listed = ALIASES.get(command, {})
+    for alias, name in listed.items():
+        assert by_opt[alias] is by_opt[name], f"`{command} {alias}` is not {name}"
+    for p in cmd.params:
+        longs = [o for o in p.opts if o.startswith("--")]
+        for o in longs[1:]:
+            assert listed.get(o) == p.opts[0], f"`{command} {o}` is an alias of {p.opts[0]} missing from ALIASES"
+
+
+def test_one_spelling_per_meaning():
+    """--threads on every command that computes on the CPU, --model/-m on every command that reads
+    a model, and --format GGUF like --gguf-type q4_k_m: case does not matter."""
+    for name in ("distill", "quantize", "export", "evaluate", "benchmark-power", "serve"):
+        assert "--threads" in _params_by_opt(_click_command(name)), name
+    for name in ("distill", "quantize", "export", "evaluate", "benchmark-power", "dpo-train", "serve"):
+        by_opt = _params_by_opt(_click_command(name))
+        assert by_opt["--model"] is by_opt["-m"], name
+
+
+def test_the_alias_check_can_fail():
+    def two(a: Annotated[int, typer.Option("--alpha", "--beta")] = 0,
+            b: Annotated[int, typer.Option("--beta")] = 0) -> None:
+        pass
+
+    with pytest.raises(AssertionError, match="declared twice"):
+        _params_by_opt(_command(two))

@@ -15,18 +15,26 @@ from typing import Annotated
 import typer
 
 from itera import __version__
+from itera.cli._help import App
 from itera.cli import (benchmark_power, discover_cluster, distill, dpo_train, env, evaluate, export,
                             quantize, registry, report, schema, serve)
 
-app = typer.Typer(
+app = App(
     name="itera",
-    help="Take a small Llama-family language model from checkpoint to a compressed, validated, "
-    "versioned edge deployment. Each command prints one JSON record on stdout; the next command "
-    "reads it from stdin.",
+    help="""Take a small Llama-family language model from checkpoint to a compressed, validated,
+versioned edge deployment. Each command prints one JSON record on stdout; the next command reads
+it from stdin. `itera COMMAND --help` says more about each.
+
+Examples:
+
+  itera distill --teacher runs/t --student half --data notes.txt --out runs/s
+  itera quantize --model runs/s --method gptq --bits 4 --group-size 32 \\
+    --calib notes.txt --out runs/s-q4 \\
+    | itera export --format gguf --gguf-type Q4_0 --out runs/s-q4.gguf \\
+    | itera evaluate -d notes.txt
+  itera registry list
+""",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 # The one list of commands (and command groups). A test checks that `itera --help` shows exactly these.
@@ -62,9 +70,10 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
-    json_: Annotated[bool, typer.Option("--json", help="On a terminal, print the whole record indented (by default "
-                                        "a terminal gets one line with the parent chain shortened; pipes and files "
-                                        "always get the whole record).")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="On a terminal, print the whole record (by default a "
+                                        "terminal gets it indented with the parent chain shortened, and registry "
+                                        "list/show/compare/history a table; pipes and files always get the whole "
+                                        "record on one line).")] = False,
 ) -> None:
     """itera: distill, quantize, export, evaluate and version small language models."""
     from itera import record
@@ -87,6 +96,29 @@ def _parser_errors():
     return exceptions
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush on the way out does not
+    print "Exception ignored ... BrokenPipeError"."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 class _Terminated(BaseException):
     """SIGTERM, raised where the process is so that temporary outputs are removed on the way out."""
 
@@ -106,6 +138,19 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="itera", standalone_mode=False)
+        sys.stdout.flush()
+    except SystemExit as e:
+        # click turns a write to a closed pipe (EPIPE) into exit 1 after pacifying stdout
+        if e.code == 1 and _stdout_closed():
+            _silence_stdout()
+            raise SystemExit(0) from None
+        raise
+    except BrokenPipeError:
+        if not _stdout_closed():
+            _fail("unexpected BrokenPipeError: a pipe this command wrote to was closed "
+                  "(run with ITERA_DEBUG=1 for the traceback)", 1)
+        _silence_stdout()  # the reader stopped reading (`itera --help | head -1`): not this command's failure
+        raise SystemExit(0) from None
     except IteraError as e:
         if debug:
             raise
@@ -120,7 +165,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(e.exit_code) from None
     except typer.Abort:
         _fail("aborted", 130)
-    except parser.NoArgsIsHelpError:  # help was already printed
+    except parser.NoArgsIsHelpError as e:  # `itera` or `itera registry` alone: the help, exit 2
+        try:
+            sys.stdout.write(e.format_message().rstrip("\n") + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
         raise SystemExit(2) from None
     except parser.UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "itera"

@@ -24,6 +24,8 @@ Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or aut
 TextField = Annotated[str, typer.Option("--text-field", help="The .jsonl/.parquet field (or hub column) holding the "
                                         "text: a string, or chat messages whose contents are joined.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the runtime (default: its own).", min=1)]
+TorchThreads = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (default: "
+                                                     "torch's own, the cores this process may use).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (never an input, and never "
                                      "anything that is not a regular file or directory).")]
 

@@ -19,7 +19,7 @@ def benchmark_power(
     warmup: Annotated[int, typer.Option(help="Unmeasured runs first.")] = 1,
     threads: Threads = None,
     meter: Annotated[str, typer.Option(help="auto | rapl | nvml | none.")] = "auto",
-    estimate: Annotated[Optional[str], typer.Option(help="Estimate energy from a power profile (desktop, laptop, "
+    estimate: Annotated[Optional[str], typer.Option(metavar="PROFILE", help="Estimate energy from a power profile (desktop, laptop, "
                                                     "embedded, or a YAML file) and measured CPU time instead "
                                                     "of measuring it.")] = None,
     compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="More artifacts to run the same "
@@ -38,7 +38,9 @@ def benchmark_power(
 
       itera benchmark-power --model runs/student-q4.gguf --runs 5
 
-      itera benchmark-power --model runs/teacher --compare m.onnx --compare m.gguf --estimate laptop
+      # the teacher against two exports of it, interleaved; energy estimated
+      itera benchmark-power --model runs/teacher --compare m.onnx --compare m.gguf \\
+        --estimate laptop
     """
     from itera.jobs.benchmark import BenchmarkOptions, run_benchmark
     from itera.power import Workload

@@ -9,7 +9,7 @@ from itera.cli._options import Force, MetricsOut, execute
 
 
 def discover_cluster(
-    hosts: Annotated[Optional[list[str]], typer.Argument(help="localhost, gpu-box, 10.0.0.5, \\[fe80::1], user@host, "
+    hosts: Annotated[Optional[list[str]], typer.Argument(help="localhost, gpu-box, 10.0.0.5, [fe80::1], user@host, "
                                                          "host:2222, user@host:2222, or ssh config names.")] = None,
     hosts_file: Annotated[Optional[Path], typer.Option(help="One host spec per line ('#' comments).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Allowlist policy (default: the cluster.yaml shipped "
@@ -17,7 +17,7 @@ def discover_cluster(
     ssh_config: Annotated[Optional[Path], typer.Option(help="ssh config file to use (ssh -F); default: ssh's own.")] = None,
     timeout: Annotated[float, typer.Option(help="ssh ConnectTimeout per host, seconds.")] = 5.0,
     deadline: Annotated[float, typer.Option(help="Overall deadline for all probes, seconds.")] = 60.0,
-    launch: Annotated[str, typer.Option(help="itera command the plan runs on every node.")] = "distill --help",
+    launch: Annotated[str, typer.Option(metavar="COMMAND", help="itera command the plan runs on every node.")] = "distill --help",
     nproc_per_node: Annotated[Optional[int], typer.Option(help="Processes per node (default: GPUs, else 1).")] = None,
     rdzv_port: Annotated[int, typer.Option(help="Rendezvous port on the first host.")] = 29500,
     out: Annotated[Optional[Path], typer.Option(help="Write the inventory and plan as JSON here.")] = None,
@@ -35,7 +35,8 @@ def discover_cluster(
 
       itera discover-cluster localhost gpu-box alice@10.0.0.5:2222
 
-      itera discover-cluster --hosts-file hosts.txt --launch "distill --teacher t --student half --data d.txt --out s"
+      itera discover-cluster --hosts-file hosts.txt \\
+        --launch "distill --teacher t --student half --data d.txt --out s"
     """
     from itera.jobs.cluster import DiscoverOptions, run_discover
 

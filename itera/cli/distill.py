@@ -5,17 +5,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.cli._options import Device, Force, MetricsOut, TextField, TrainDtype, execute
+from itera.cli._options import Device, Force, MetricsOut, TextField, TorchThreads, TrainDtype, execute
 
 Int = Optional[int]
 
 
 def distill(
-    data: Annotated[str, typer.Option("--data", help="Training text: a .txt/.jsonl/.parquet file, pydocs\\[@split] "
-                                      "(default train) or a datasets name. Its tail (--holdout) is held out.")],
+    data: Annotated[str, typer.Option("--data", "--dataset", "-d", metavar="TEXT", help="Training text: a "
+                                      ".txt/.jsonl/.parquet file, pydocs[@split] (default train) or a datasets "
+                                      "name. Its tail (--holdout) is held out.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the student checkpoint.")],
-    teacher: Annotated[Optional[Path], typer.Option(help="Teacher checkpoint. Default: the record on stdin. "
-                                                    "Omit with --alpha 0 --tokenizer to train from scratch.")] = None,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", "--model", "-m", help="Teacher checkpoint. "
+                                                    "Default: the record on stdin. Omit with --alpha 0 --tokenizer "
+                                                    "to train from scratch.")] = None,
     student: Annotated[Optional[str], typer.Option(help="Student preset (half, quarter, narrow, demo-teacher) "
                                                    "or a YAML file with the same fields.")] = None,
     layers: Annotated[Int, typer.Option(help="Student layers (overrides the preset).")] = None,
@@ -43,11 +45,13 @@ def distill(
     grad_clip: Annotated[float, typer.Option(help="Max gradient norm.")] = 1.0,
     seed: Annotated[int, typer.Option()] = 0,
     holdout: Annotated[float, typer.Option(help="Fraction of the text held out.")] = 0.05,
-    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens scored for the record.")] = 8192,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens scored for the record's perplexities (at "
+                                             "most; what `evaluate --eval-tokens` means too).")] = 8192,
     eval_every: Annotated[int, typer.Option(help="Steps between held-out evaluations (0: end only).")] = 0,
     save_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints in OUT.train-state/.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.train-state/ where a run stopped.")] = False,
     device: Device = "auto",
+    threads: TorchThreads = None,
     dtype: TrainDtype = "auto",
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="dtype of the saved student: auto (the teacher's "
                                             "stored dtype; float32 without a teacher), float32, float16 or "
@@ -58,14 +62,18 @@ def distill(
 ) -> None:
     """Distill a teacher into a smaller student (or, with --alpha 0 and no teacher, train from scratch).
 
-    loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE. Runs unchanged under
-    `torchrun --nproc-per-node N -m itera distill ...` (DistributedDataParallel; only rank 0 writes).
+    loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE. Runs unchanged, with the
+    same flags, under `torchrun --nproc-per-node N -m itera distill` (DistributedDataParallel; only
+    rank 0 writes).
 
     Examples:
 
-      itera distill --teacher runs/teacher --student quarter --data notes.txt --out runs/student --steps 500
+      itera distill --teacher runs/teacher --student quarter --data notes.txt \\
+        --out runs/student --steps 500
 
-      itera distill --alpha 0 --tokenizer bpe:4096 --layers 4 --hidden 192 --heads 6 --data notes.txt --out runs/scratch
+      # train a small model from scratch (no teacher)
+      itera distill --alpha 0 --tokenizer bpe:4096 --layers 4 --hidden 192 \\
+        --heads 6 --data notes.txt --out runs/scratch
     """
     from itera import record
     from itera.jobs.distill import DistillOptions, run_distill
@@ -87,7 +95,7 @@ def distill(
                           heads=heads, kv_heads=kv_heads, ffn=ffn, init=init, layer_ids=ids, alpha=alpha,
                           temperature=temperature, kl=kl, tokenizer=tokenizer, holdout=holdout, eval_tokens=eval_tokens,
                           calib_batches=calib_batches, resume=resume, train=train, force=force,
-                          text_field=text_field, save_dtype=save_dtype).validate()
+                          text_field=text_field, threads=threads, save_dtype=save_dtype).validate()
     dist = init_distributed(resolve_device(device))
     opts.device = dist.device
     execute("distill", run_distill, opts, parent, metrics_out, summary=_summary, dist=dist)

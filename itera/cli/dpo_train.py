@@ -25,7 +25,7 @@ def dpo_train(
     lora_alpha: Annotated[float, typer.Option()] = 16.0,
     lora_dropout: Annotated[float, typer.Option()] = 0.0,
     lora_targets: Annotated[str, typer.Option(help="Projections to adapt: q,k,v,o,gate,up,down (or PEFT's "
-                                              "q_proj,...,down_proj).")] = "q,k,v,o,gate,up,down",
+                                              "names, q_proj to down_proj).")] = "q,k,v,o,gate,up,down",
     steps: Annotated[int, typer.Option()] = 100,
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 8,
     lr: Annotated[float, typer.Option()] = 1e-3,
@@ -45,19 +45,21 @@ def dpo_train(
 ) -> None:
     """Preference-tune a model with DPO (or IPO) on LoRA adapters, from pairs or user feedback.
 
-    Runs unchanged under `torchrun --nproc-per-node N -m itera dpo-train ...` (pairs of each step
-    split across processes; only rank 0 writes). The reference policy is the base model with
+    Runs unchanged, with the same flags, under `torchrun --nproc-per-node N -m itera dpo-train`
+    (pairs of each step split across processes; only rank 0 writes). The reference policy is the base model with
     adapters off; its log-probabilities are cached by model and data hash. Writes a
     PEFT-compatible adapter (adapter_config.json, adapter_model.safetensors) and, with --merge, a
     merged checkpoint in OUT/merged.
 
     Examples:
 
-      itera dpo-train --model runs/teacher --pairs prefs.jsonl --out runs/dpo --steps 100
+      itera dpo-train --model runs/teacher --pairs prefs.jsonl --out runs/dpo
 
-      itera dpo-train --model runs/teacher --feedback events.jsonl --save-pairs pairs.jsonl --out runs/dpo --merge
+      itera dpo-train --model runs/teacher --feedback events.jsonl \\
+        --save-pairs pairs.jsonl --out runs/dpo --merge
 
-      itera dpo-train --model runs/teacher --feedback-db default --out runs/dpo   # what `itera serve` collected
+      # from what `itera serve` collected
+      itera dpo-train --model runs/teacher --feedback-db default --out runs/dpo
     """
     from itera.jobs.dpo import DPOOptions, run_dpo
     from itera.runtime import resolve_device

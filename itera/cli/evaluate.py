@@ -9,15 +9,17 @@ from itera.cli._options import Device, Dtype, MetricsOut, RunnablePath, TextFiel
 
 def evaluate(
     dataset: Annotated[list[str], typer.Option(
-        "--dataset", "-d", help="Text to score: a .txt/.jsonl/.parquet file, pydocs\\[@split], wikitext-2, "
-        "tinystories or a datasets name\\[:config]\\[@split] (default split: test; wikitext-2's and tinystories' "
-        "validation for tinystories). Repeat for several.")],
+        "--dataset", "-d", "--data", metavar="TEXT", help="Text to score; repeat for several: a "
+        ".txt/.jsonl/.parquet file, pydocs[@split], wikitext-2, tinystories, or a datasets "
+        "name[:config][@split]. Default split: test (tinystories: validation).")],
     model: RunnablePath = None,
     window: Annotated[Optional[int], typer.Option(
         help="Tokens per forward pass (context + targets). Default: 512, or the model's context if shorter.")] = None,
     stride: Annotated[Optional[int], typer.Option(
         help="Tokens each window advances and scores; smaller than --window. Default: half the window.")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Cut each token stream to this many tokens.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(
+        "--max-tokens", "--eval-tokens", help="Score at most this many tokens of each dataset (its token stream "
+        "is cut there, BOS included); --eval-tokens of distill and quantize means the same. Default: all.")] = None,
     bos: Annotated[Optional[bool], typer.Option("--bos/--no-bos", help="Put BOS in front of the text. "
                                                 "Default: the tokenizer's add_bos_token.")] = None,
     dtype: Dtype = "float32",
@@ -33,9 +35,10 @@ def evaluate(
 
     Examples:
 
-      itera evaluate --model runs/teacher -d pydocs@test -d notes.txt --window 512 --stride 256
+      itera evaluate --model runs/teacher -d pydocs@test -d notes.txt --window 512
 
-      itera export --model runs/teacher --format gguf --out m.gguf | itera evaluate -d pydocs@test
+      itera export --model runs/teacher --format gguf --out m.gguf \\
+        | itera evaluate -d pydocs@test
     """
     from itera.jobs.evaluate import EvaluateOptions, run_evaluate
     from itera.scoring import EvalOptions

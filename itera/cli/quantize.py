@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from itera.cli._options import Device, Force, MetricsOut, ModelPath, TextField, execute, model_input
+from itera.cli._options import Device, Force, MetricsOut, ModelPath, TextField, TorchThreads, execute, model_input
 
 
 def quantize(
@@ -21,7 +21,8 @@ def quantize(
                                                       "Default: one scale per output channel.")] = None,
     sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric codes (GGUF Q4_0/Q8_0 compatible at "
                                       "group size 32) or asymmetric with zero points.")] = True,
-    calib: Annotated[Optional[str], typer.Option(help="Calibration text (file or dataset); its tail is held "
+    calib: Annotated[Optional[str], typer.Option("--calib", "--data", "--dataset", "-d", metavar="TEXT",
+                                                 help="Calibration text (file or dataset); its tail is held "
                                                  "out for the before/after perplexity.")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 32,
     calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
@@ -33,13 +34,15 @@ def quantize(
     target_bytes: Annotated[Optional[int], typer.Option(help="auto: budget in bytes of the GGUF file.")] = None,
     auto_types: Annotated[str, typer.Option(help="auto: candidate GGUF types, comma-separated, or all "
                                             "(F16 is always one).")] = "all",
-    auto_base: Annotated[str, typer.Option(help="auto: apply the chosen plan with rtn or gptq.")] = "gptq",
+    auto_base: Annotated[str, typer.Option(metavar="METHOD", help="auto: apply the chosen plan with rtn or gptq.")] = "gptq",
     plan: Annotated[Optional[Path], typer.Option(help="auto: reuse a quant_plan.json instead of measuring.")] = None,
     quantize_embeddings: Annotated[bool, typer.Option("--quantize-embeddings", help="Also quantize the "
                                                       "embeddings and output head (16-bit by default).")] = False,
-    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for perplexity before/after.")] = 4096,
+    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens scored for perplexity before and after (at "
+                                             "most; what `evaluate --eval-tokens` means too).")] = 4096,
     seed: Annotated[int, typer.Option()] = 0,
     device: Device = "auto",
+    threads: TorchThreads = None,
     text_field: TextField = "text",
     force: Force = False,
     metrics_out: MetricsOut = None,
@@ -52,11 +55,15 @@ def quantize(
 
     Examples:
 
-      itera quantize --model runs/teacher --method gptq --bits 4 --group-size 32 --calib pydocs@test --out runs/q4
+      itera quantize --model runs/teacher --method gptq --bits 4 --group-size 32 \\
+        --calib pydocs@test --out runs/q4
 
-      itera quantize --model runs/teacher --method gptq --gguf-type Q4_K --calib pydocs@test --out runs/q4k
+      itera quantize --model runs/teacher --method gptq --gguf-type Q4_K \\
+        --calib pydocs@test --out runs/q4k
 
-      itera quantize --model runs/teacher --method auto --target-bytes 1858464 --calib notes.txt --out runs/mixed
+      # a GGUF type per tensor, under a budget of 1858464 bytes of GGUF file
+      itera quantize --model runs/teacher --method auto --target-bytes 1858464 \\
+        --calib notes.txt --out runs/mixed
     """
     from itera.jobs.quantize import QuantizeOptions, run_quantize
 
@@ -66,7 +73,7 @@ def quantize(
                            act_order=act_order, gguf_type=gguf_type, target_bpw=target_bpw,
                            target_bytes=target_bytes, auto_types=auto_types, auto_base=auto_base,
                            plan=plan, quantize_embeddings=quantize_embeddings, eval_tokens=eval_tokens, seed=seed,
-                           device=device, text_field=text_field, force=force)
+                           device=device, threads=threads, text_field=text_field, force=force)
     execute("quantize", run_quantize, opts.validate(), parent, metrics_out, summary=_summary)
 
 

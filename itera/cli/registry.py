@@ -1,8 +1,9 @@
 """`itera registry ...`: versions, aliases, promotion gates and rollback on SQLite.
 
 Changing subcommands (register, activate, mark-good, rollback, promote) print an itera record;
-reading subcommands (list, show, compare, history) print one JSON object and a table on
-stderr; resolve prints a bare path for shell use. None of them imports torch.
+reading subcommands (list, show, compare, history) print a compact table in human units when
+stdout is a terminal (:mod:`itera.registry.display`), else, or with --json, one JSON object on one
+line; resolve prints a bare path for shell use. None of them imports torch.
 """
 
 from __future__ import annotations
@@ -16,18 +17,26 @@ from typing import Annotated, Iterable, Optional
 
 import typer
 
+from itera.cli._help import App
 from itera.cli._options import MetricsOut
 from itera.errors import UsageError
 
-app = typer.Typer(help="Versioned models with lineage, aliases (active, last-good), promotion gates and rollback.",
-                  no_args_is_help=True, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = App(help="""Versioned models with lineage, aliases (active, last-good), promotion gates and rollback.
+
+Examples:
+
+  itera export --model runs/q4 --format gguf --out runs/q4.gguf \\
+    | itera registry register --name demo --tag stage=ci
+  itera registry promote demo@latest --metric perplexity --max-regression 2%
+  itera registry rollback demo
+""", no_args_is_help=True)
 
 RegistryPath = Annotated[Optional[Path], typer.Option(
     "--registry", envvar="ITERA_REGISTRY", help="SQLite file. Default: $ITERA_HOME/registry.db (~/.itera).",
     dir_okay=False)]
 RefArg = Annotated[str, typer.Argument(help="NAME, NAME@N, NAME@active, NAME@last-good or NAME@latest.")]
-Tags = Annotated[Optional[list[str]], typer.Option("--tag", help="key=value; repeat for several.")]
+Tags = Annotated[Optional[list[str]], typer.Option("--tag", metavar="KEY=VALUE", help="A tag; repeat for "
+                                                   "several.")]
 
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -82,15 +91,38 @@ def _finite(obj):
     return obj
 
 
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the JSON object on a terminal too, as pipes and "
+                                        "files get it, instead of the table.")]
+
+
+def _for_person(json_: bool) -> bool:
+    """Whether to print the compact table: stdout is a terminal and no --json (nor `itera --json`)
+    asked for the JSON object, which pipes and files always get."""
+    from itera import record
+
+    if json_ or record.FULL_ON_TERMINAL:
+        return False
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _print_json(obj) -> None:
-    indent = 2 if sys.stdout.isatty() else None
-    sys.stdout.write(json.dumps(_finite(obj), indent=indent, default=str, allow_nan=False) + "\n")
+    """The JSON object on one line, the same on a terminal (with --json) as in a pipe."""
+    sys.stdout.write(json.dumps(_finite(obj), default=str, allow_nan=False) + "\n")
 
 
-def _table(title: str, columns: list[str], rows: list[list]) -> None:
-    from itera.cli._console import Console
+def _columns() -> int:
+    """The terminal's width ($COLUMNS first), 100 when it cannot be told."""
+    import shutil
 
-    Console().table(title, columns, rows)
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+def _print_lines(lines: list[str]) -> None:
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
 
 
 def _say(message: str) -> None:
@@ -146,6 +178,15 @@ def register(
     Stores the artifact's path, kind, format, size and sha256 (verified against the record), the
     record's params, the metrics measured on this artifact along the lineage, the lineage itself,
     tags, the git commit of the working directory and the time.
+
+    Examples:
+
+      itera export --model runs/q4 --format gguf --out runs/q4.gguf \\
+        | itera registry register --name demo --tag stage=ci
+
+      itera registry register --name demo --record runs/q4-export.json
+
+      itera registry register --name demo --path runs/q4.gguf
     """
     from itera import record as rec
     from itera.errors import UsageError
@@ -175,69 +216,108 @@ def register(
 
 @app.command("list")
 def list_(
-    name: Annotated[Optional[str], typer.Option("--name", "-n")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", "-n", help="Only versions of this model.")] = None,
     tag: Tags = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="Artifact format, e.g. safetensors, gguf.")] = None,
-    quantization: Annotated[Optional[str], typer.Option(help="e.g. gptq-4bit, Q4_0.")] = None,
+    quantization: Annotated[Optional[str], typer.Option(metavar="TYPE", help="Quantization, e.g. gptq-4bit, "
+                                                        "Q4_0.")] = None,
     registry: RegistryPath = None,
+    json_: JsonFlag = False,
 ) -> None:
-    """List registered versions, optionally filtered by name, tag, format or quantization."""
+    """List registered versions, optionally filtered by name, tag, format or quantization.
+
+    Examples:
+
+      itera registry list
+
+      itera registry list --name demo --format gguf --tag stage=ci
+    """
     with _open(registry, create=False) as reg:
         versions = reg.list(name, parse_tags(tag or []), fmt, quantization)
-        _table("itera registry", ["name", "version", "aliases", "format", "quantization", "bytes", "created", "path"],
-               [[v["name"], v["version"], ",".join(v["aliases"]), v["format"], v["quantization"], v["bytes"],
-                 v["created_at"][:19], v["path"]] for v in versions])
-        _print_json({"registry": str(reg.path), "versions": [_summary(v) for v in versions]})
+        if _for_person(json_):
+            from itera.registry.display import list_lines
+
+            _print_lines(list_lines(_finite(versions), str(reg.path), width=_columns()))
+        else:
+            _print_json({"registry": str(reg.path), "versions": [_summary(v) for v in versions]})
 
 
 @app.command()
-def show(ref: RefArg, registry: RegistryPath = None) -> None:
-    """Everything stored about one version, including its lineage and the full record."""
+def show(ref: RefArg, registry: RegistryPath = None, json_: JsonFlag = False) -> None:
+    """Everything stored about one version, including its lineage and the full record.
+
+    Examples:
+
+      itera registry show demo@active
+
+      itera registry show demo@2 --registry runs/demo/registry.db
+    """
     from itera.registry import Ref
 
     with _open(registry, create=False) as reg:
-        _print_json(reg.get(Ref.parse(ref)))
+        v = reg.get(Ref.parse(ref))
+        if _for_person(json_):
+            from itera.registry.display import show_lines
+
+            _print_lines(show_lines(_finite(v)))
+        else:
+            _print_json(v)
 
 
 @app.command()
 def compare(refs: Annotated[list[str], typer.Argument(help="Two or more versions, e.g. demo@1 demo@2.")],
-            registry: RegistryPath = None) -> None:
-    """Metrics of several versions side by side, with deltas against the first."""
+            registry: RegistryPath = None, json_: JsonFlag = False) -> None:
+    """Metrics of several versions side by side, with deltas against the first.
+
+    Examples:
+
+      itera registry compare demo@1 demo@2
+
+      itera registry compare demo@active demo@latest
+    """
     from itera.errors import UsageError
     from itera.registry import Ref
 
     if len(refs) < 2:
         raise UsageError("compare needs at least two versions, e.g. demo@1 demo@2")
     with _open(registry, create=False) as reg:
-        result = reg.compare([Ref.parse(r) for r in refs])
-        cols = result["versions"]
-        rows = []
-        for key, row in result["metrics"].items():
-            cells = []
-            for c in cols:
-                e = row[c]
-                cell = "" if e["value"] is None else f"{e['value']:.6g}"
-                if e.get("relative") is not None:
-                    cell += f" ({e['relative']:+.2%})"
-                cells.append(cell)
-            rows.append([key, *cells])
-        _table("compare", ["metric", *cols], rows)
-        _print_json(result)
+        parsed = [Ref.parse(r) for r in refs]
+        result = reg.compare(parsed)
+        if _for_person(json_):
+            from itera.registry.display import compare_lines
+
+            _print_lines(compare_lines(_finite(result), [_finite(reg.get(r)) for r in parsed]))
+        else:
+            _print_json(result)
 
 
 @app.command()
-def history(name: Annotated[str, typer.Argument()], registry: RegistryPath = None) -> None:
-    """The audit log of NAME: registrations, alias changes, refused promotions and rollbacks."""
+def history(name: Annotated[str, typer.Argument(help="Model name.")], registry: RegistryPath = None,
+            json_: JsonFlag = False) -> None:
+    """The audit log of NAME: registrations, alias changes, refused promotions and rollbacks.
+
+    Examples:
+
+      itera registry history demo
+    """
     with _open(registry, create=False) as reg:
         events = reg.history(name)
-        _table(f"history of {name}", ["at", "event", "version", "ok", "detail"],
-               [[e["at"][:19], e["event"], e["version"], e["ok"], json.dumps(e["detail"])] for e in events])
-        _print_json({"name": name, "events": events})
+        if _for_person(json_):
+            from itera.registry.display import HISTORY_WIDTH, history_lines
+
+            _print_lines(history_lines(_finite(events), name, min(HISTORY_WIDTH, max(_columns(), 60))))
+        else:
+            _print_json({"name": name, "events": events})
 
 
 @app.command()
 def activate(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOut = None) -> None:
-    """Point NAME@active at a version."""
+    """Point NAME@active at a version.
+
+    Examples:
+
+      itera registry activate demo@2
+    """
     from itera.registry import Ref
 
     r = Ref.parse(ref)
@@ -246,7 +326,12 @@ def activate(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOut
 
 @app.command("mark-good")
 def mark_good(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOut = None) -> None:
-    """Point NAME@last-good at a version: the one rollback returns to."""
+    """Point NAME@last-good at a version: the one rollback returns to.
+
+    Examples:
+
+      itera registry mark-good demo@active
+    """
     from itera.registry import Ref
 
     r = Ref.parse(ref)
@@ -255,7 +340,7 @@ def mark_good(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOu
 
 @app.command()
 def rollback(
-    name: Annotated[str, typer.Argument()],
+    name: Annotated[str, typer.Argument(help="Model name.")],
     to: Annotated[Optional[int], typer.Option("--to", help="Version to roll back to. Default: last-good.")] = None,
     registry: RegistryPath = None,
     metrics_out: MetricsOut = None,
@@ -264,19 +349,38 @@ def rollback(
 
     Refused (exit 3, aliases unchanged, an event logged) when the version does not exist, there
     is no last-good, or the artifact's bytes changed or are gone.
+
+    Examples:
+
+      itera registry rollback demo
+
+      itera registry rollback demo --to 1
     """
     from itera.registry import validate_name
 
     validate_name(name)
-    _change("rollback", registry, metrics_out, lambda reg: reg.rollback(name, to),
-            say=lambda v: _say(f"{name}@active -> version {v['version']}"))
+    before: dict = {}
+
+    def change(reg):
+        before["active"] = reg.alias(name, "active")
+        return reg.rollback(name, to)
+
+    def say(v):
+        if before.get("active") != v["version"]:
+            _say(f"{name}@active -> version {v['version']}")
+        else:  # exit 0 and the record all the same: active is where it was asked to be
+            also = " and last-good" if "last-good" in v["aliases"] else ""
+            _say(f"{name}@{v['version']} is already active{also}; nothing to roll back")
+
+    _change("rollback", registry, metrics_out, change, say=say)
 
 
 @app.command()
 def promote(
     ref: RefArg,
     metric: Annotated[str, typer.Option(help="Metric to gate on, e.g. perplexity or datasets.x.perplexity.")],
-    max_regression: Annotated[str, typer.Option(help="Allowed worsening against active: 2% or 0.02.")] = "0%",
+    max_regression: Annotated[str, typer.Option(metavar="MARGIN", help="Allowed worsening against active: 2% "
+                                                "or 0.02.")] = "0%",
     higher_is_better: Annotated[Optional[bool], typer.Option(
         "--higher-is-better/--lower-is-better", help="Direction, for metrics itera does not know.")] = None,
     registry: RegistryPath = None,
@@ -285,6 +389,12 @@ def promote(
     """Activate a version only if METRIC is no worse than the active version's by more than the margin.
 
     Exit 3 with the reason when the gate fails: the CI step that keeps a worse model from going live.
+
+    Examples:
+
+      itera registry promote demo@latest --metric perplexity --max-regression 2%
+
+      itera registry promote demo@3 --metric datasets.pydocs@test.perplexity
     """
     from itera.registry import Ref
 
@@ -305,7 +415,7 @@ def promote(
 def resolve(ref: RefArg, registry: RegistryPath = None) -> None:
     """Print the artifact path of a version, for shell use (exit 2 when the artifact is gone).
 
-    Example:
+    Examples:
 
       itera evaluate --model "$(itera registry resolve stories@active)" -d notes.txt
     """

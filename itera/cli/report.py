@@ -25,7 +25,8 @@ def report(
 
     Examples:
 
-      itera report runs/demo/student-register.json runs/demo/teacher-register.json --out runs/demo/report
+      itera report runs/demo/student-register.json runs/demo/teacher-register.json \\
+        --out runs/demo/report
 
       itera report runs/demo/*.json --out runs/demo/report-html --format html
     """

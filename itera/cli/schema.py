@@ -4,7 +4,12 @@ import json
 
 
 def schema() -> None:
-    """Print the JSON Schema that every itera record follows (protocol version 1)."""
+    """Print the JSON Schema that every itera record follows (protocol version 1).
+
+    Examples:
+
+      itera schema > record.schema.json
+    """
     from itera.record import schema as record_schema
 
     print(json.dumps(record_schema(), indent=2))

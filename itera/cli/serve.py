@@ -14,7 +14,8 @@ def serve(
                                        "alias) or a checkpoint directory, .gguf or .onnx file.")],
     registry: Annotated[Optional[Path], typer.Option(
         "--registry", dir_okay=False,
-        help="Registry file for NAME@... Default: $ITERA_REGISTRY, else $ITERA_HOME/registry.db.")] = None,
+        help="Registry file for a --model NAME@active. Default: $ITERA_REGISTRY, else "
+        "$ITERA_HOME/registry.db.")] = None,
     host: Annotated[str, typer.Option(
         help="Address to listen on; other than loopback needs --api-key-file.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0: a free one, printed on stderr).")] = 8080,
@@ -42,15 +43,19 @@ def serve(
     /v1/models, POST /v1/feedback (thumbs, rating, ab, correction on response ids), GET /health,
     GET /metrics (Prometheus). Request bodies must be application/json; a request whose Host or
     Origin names another site than loopback (or an --allowed-host) is refused with 403, so a web
-    page cannot reach the server through the browser (DNS rebinding). With NAME@active the server swaps to the version the alias points
-    at after checking its sha256; requests in flight finish on the old one. SIGTERM drains and
+    page cannot reach the server through the browser (DNS rebinding). With NAME@active the server
+    swaps to the version the alias points at after checking its sha256; requests in flight finish
+    on the old one. SIGTERM drains and
     stops; the record then says what was served.
 
     Examples:
 
-      itera serve --model pydocs-demo@active --registry runs/demo/registry.db --port 8080
+      itera serve --model pydocs-demo@active --registry runs/demo/registry.db \\
+        --port 8080
 
-      itera serve --model runs/demo/student-q4.gguf --host 0.0.0.0 --api-key-file key.txt
+      # on every interface: needs a key
+      itera serve --model runs/demo/student-q4.gguf --host 0.0.0.0 \\
+        --api-key-file key.txt
     """
     from itera.jobs.serve.options import ServeOptions
     from itera.jobs.serve.server import run_serve

@@ -62,6 +62,7 @@ class DistillOptions:
                        why="the CLI resolves auto (cuda when available) for its process and sets the field")
     force: bool = flag("--force", default=False)
     text_field: str = flag("--text-field", default="text")
+    threads: int | None = flag("--threads", default=None)  # torch's CPU threads; None: torch's own default
     # auto: the teacher's stored dtype (float32 without a teacher); training runs in float32 regardless
     save_dtype: str = flag("--save-dtype", default="auto")
     # the command's own defaults: 200 steps at lr 1e-3 after 10 warm-up steps
@@ -95,6 +96,8 @@ class DistillOptions:
                 raise UsageError(f"--tokenizer bpe:N needs N >= 260 (256 bytes + special tokens), got {self.tokenizer!r}")
             if self.teacher is not None:
                 raise UsageError("students share the teacher's tokenizer; drop --tokenizer bpe:N when --teacher is given")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1 (got {self.threads})")
         if self.eval_tokens < 1 or self.calib_batches < 1:
             raise UsageError("--eval-tokens and --calib-batches must be at least 1")
         explicit = (self.layers, self.hidden, self.heads)
@@ -408,6 +411,9 @@ def run_distill(opts: DistillOptions, reporter: Reporter = SILENT, dist: Dist | 
 
     dist = dist or Dist(device=opts.device)
     opts.validate()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    opts.threads = torch.get_num_threads()  # the record says what was used
     opts.train.validate(dist.world)
     p = plan(opts)
     data = prepare_data(opts, p, reporter)

@@ -74,8 +74,6 @@ class ExportOptions:
             raise UsageError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
         if self.onnx_quant is not None and (self.format != "onnx" or self.onnx_quant not in ONNX_QUANT):
             raise UsageError("--onnx-quant takes int8 or int4 and goes with --format onnx")
-        if not self.out.parent.is_dir():
-            raise UsageError(f"the directory of --out {self.out} does not exist; create {self.out.parent} first")
         if self.out.is_dir():
             raise UsageError(f"--out {self.out} is a directory; pass a file name like model{FORMATS[self.format].suffix}")
         if self.verify_tokens < 2:
@@ -200,6 +198,11 @@ class Staging:
         self.out = Path(out)
         self.files: list[tuple[Path, Path | None]] = []
         self.dirs: list[Path] = []
+        # missing directories of --out are made here, as quantize's and report's outputs are (the
+        # output contract checked beforehand that they can be); removed again if nothing is committed
+        self.made = [p for p in reversed(self.out.absolute().parents) if not os.path.lexists(p)]
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.committed = False
         self.main = self.temp(suffix, final=self.out)
 
     def temp(self, suffix: str, final: Path | None = None) -> Path:
@@ -225,6 +228,7 @@ class Staging:
         for tmp, final in [*extras, (self.main, self.out)]:
             set_file_mode(tmp)
             os.replace(tmp, final)
+        self.committed = True
         return [f for _, f in extras]
 
     def __enter__(self) -> "Staging":
@@ -235,6 +239,12 @@ class Staging:
             tmp.unlink(missing_ok=True)
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
+        if not self.committed:
+            for d in reversed(self.made):
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
 
 def judge(opts: ExportOptions, src: Source, runtime: np.ndarray, file_logits: np.ndarray | None,

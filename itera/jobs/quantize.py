@@ -73,6 +73,7 @@ class QuantizeOptions:
                        why="the job resolves auto (cuda when available); a library caller gets the cpu unless it asks")
     text_field: str = flag("--text-field", default="text")
     force: bool = flag("--force", default=False)
+    threads: int | None = flag("--threads", default=None)  # torch's CPU threads; None: torch's own default
 
     def validate(self) -> "QuantizeOptions":
         if isinstance(self.auto_types, str):
@@ -95,6 +96,8 @@ class QuantizeOptions:
             raise UsageError("--calib-samples must be >= 1, --calib-seqlen and --eval-tokens >= 2")
         if not 0 < self.damp < 1:
             raise UsageError(f"--damp must be between 0 and 1 (got {self.damp})")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1 (got {self.threads})")
         return self
 
     def _validate_auto(self) -> None:
@@ -371,6 +374,9 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
 
     opts.validate()
     opts.device = resolve_device(opts.device)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    opts.threads = torch.get_num_threads()  # the record says what was used
     src = load_source(opts)
     calib, held = calibrate(opts, src)
     before = _heldout_perplexity(src, held, opts)

@@ -7,6 +7,7 @@ import ipaddress
 import math
 import os
 import re
+import sqlite3
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +56,28 @@ def read_api_key(path: Path) -> str:
     return key
 
 
+def registered_name_hint(model: str, registry: Path | None) -> str | None:
+    """'did you mean NAME@active? (...)' when ``--model NAME`` is no file or directory but a model
+    of that name is in the registry (``registry``, else $ITERA_REGISTRY, else the default one);
+    None otherwise. Only a registry that exists is opened, and only to read."""
+    from itera.errors import IteraError
+    from itera.registry import NAME_RE, Registry
+
+    p = Path(model)
+    if p.exists() or p.is_symlink() or not NAME_RE.fullmatch(model):
+        return None
+    if registry is None and os.environ.get("ITERA_REGISTRY"):
+        registry = Path(os.environ["ITERA_REGISTRY"])
+    try:
+        with Registry(registry, create=False) as reg:
+            if not reg.storage.has_name(model):
+                return None
+            where = reg.path
+    except (IteraError, OSError, sqlite3.Error):  # no registry there, or not one itera can read: no hint
+        return None
+    return f"did you mean {model}@active? (registry {where} has a model of that name)"
+
+
 @dataclass
 class ServeOptions:
     """What ``itera serve`` serves and how.
@@ -100,7 +123,13 @@ class ServeOptions:
 
             Ref.parse(self.model)
         elif self.registry is not None:
-            raise UsageError(f"--registry applies to a registry ref (NAME@active); --model {self.model} is a path")
+            hint = registered_name_hint(self.model, self.registry)
+            raise UsageError(f"--registry applies to a registry ref (NAME@active); --model {self.model} is a path"
+                             + (f"; {hint}" if hint else ""))
+        else:
+            hint = registered_name_hint(self.model, None)
+            if hint:
+                raise InputError(f"{self.model} does not exist; {hint}")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535 (got {self.port}); 0 picks a free port")
         if not self.host or any(c.isspace() for c in self.host):
