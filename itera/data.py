@@ -127,6 +127,29 @@ def split_heldout(text: str, holdout: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def heldout_split(source: str, text: str, holdout: float, head_tokens: int, tail_tokens: int, scored: int | None,
+                  excluded_from: str) -> dict:
+    """The record's description of the held-out tail :func:`split_heldout` cut from ``text`` (the one
+    rule distill, quantize and export share; each command keeps its own ``holdout`` fraction):
+    which source, which share, which characters and tokens, how many tokens a figure scored, and
+    what the tail was kept out of ("training", "calibration"). Tokens count the head's tokens
+    then the tail's, each tokenized on its own, as the command did."""
+    cut = len(split_heldout(text, holdout)[0])
+    return {"source": source, "rule": "tail", "fraction": holdout, "chars": [cut, len(text)],
+            "tokens": [head_tokens, head_tokens + tail_tokens], "tokens_scored": scored,
+            "excluded_from": excluded_from}
+
+
+def describe_heldout(split: dict) -> str:
+    """``the last 5% of pydocs@train (characters 1,425,000–1,500,000, tokens 190,000–200,000; 8,192
+    scored; not used for training)``: which tokens a held-out figure stands on, for stderr."""
+    a, b = split["chars"]
+    t0, t1 = split["tokens"]
+    scored = f"; {split['tokens_scored']:,} scored" if split.get("tokens_scored") is not None else ""
+    return (f"the last {split['fraction'] * 100:g}% of {split['source']} (characters {a:,}–{b:,}, tokens {t0:,}–{t1:,}"
+            f"{scored}; not used for {split['excluded_from']})")
+
+
 def _nonempty(source: TextSource) -> TextSource:
     if not any(r.strip() for r in source.rows):
         raise DataError(f"data source {source.spec} holds no text; pass a file or dataset with text in it")

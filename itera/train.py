@@ -24,8 +24,19 @@ from typing import Callable
 
 import torch
 
-from itera.errors import CheckpointError, DataError, UsageError
+from itera.errors import CheckpointError, DataError, IteraError, UsageError
 from itera.options import flag, internal
+
+
+class Interrupted(IteraError):
+    """Ctrl-C (SIGINT) during a run: exit 130, with what was kept and how to go on. Unlike other
+    errors the message may hold a second line (the command to resume), kept as written."""
+
+    exit_code = 130
+
+    def __init__(self, message: str):
+        Exception.__init__(self, "\n".join(" ".join(line.split()) for line in str(message).splitlines()
+                                            if line.strip()))
 
 
 @dataclass
@@ -178,10 +189,13 @@ def read_state(path: Path, device: str = "cpu") -> dict:
     return state
 
 
-def check_resumable(state_dir: Path, fingerprint: str, state: dict | None = None, steps: int | None = None) -> bool:
+def check_resumable(state_dir: Path, fingerprint: str, state: dict | None = None, steps: int | None = None,
+                    finished_ok: bool = False) -> bool:
     """True if ``state_dir`` holds a checkpoint of the run with this fingerprint, False if it holds
     none; UsageError if it holds another run's, or (given ``steps``) one already at or past
-    ``steps``. Cheap enough to call before loading any model."""
+    ``steps`` (at exactly ``steps`` is allowed with ``finished_ok``: a run whose training finished
+    but whose output was never written, e.g. Ctrl-C during the last evaluation). Cheap enough to
+    call before loading any model."""
     path = Path(state_dir) / "state.pt"
     if not path.is_file():
         return False
@@ -190,7 +204,7 @@ def check_resumable(state_dir: Path, fingerprint: str, state: dict | None = None
     if state.get("fingerprint") != fingerprint:
         raise UsageError(f"the checkpoint in {state_dir} is from a run with other options or data; "
                          "pass the same options to --resume, or remove that directory to start over")
-    if steps is not None and state["step"] >= steps:
+    if steps is not None and (state["step"] > steps or (state["step"] == steps and not finished_ok)):
         raise UsageError(f"the run in {state_dir} already reached step {state['step']}; pass --steps above "
                          f"{state['step']} to extend it")
     return True
@@ -233,6 +247,7 @@ class Trainer:
 
             self.wrapped = DDP(model, device_ids=[self.dist.local_rank] if self.dist.device.startswith("cuda") else None)
         self.step = 0
+        self.saved_step: int | None = None  # the step of the checkpoint in state_dir, once one is there
         self.losses: list[float] = []
         self.train_seconds = 0.0
 
@@ -247,11 +262,17 @@ class Trainer:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / "state.pt.tmp"
-        # One file, renamed into place: a kill at any moment leaves the previous checkpoint whole.
-        torch.save({"step": self.step, "model": self.model.state_dict(), "optim": self.optim.state_dict(),
-                    "losses": self.losses, "train_seconds": self.train_seconds,
-                    "fingerprint": self.fingerprint()}, tmp)
-        os.replace(tmp, self.state_dir / "state.pt")
+        # One file, renamed into place: a kill at any moment leaves the previous checkpoint whole,
+        # and Ctrl-C (or any error) while it is written leaves no partial file behind.
+        try:
+            torch.save({"step": self.step, "model": self.model.state_dict(), "optim": self.optim.state_dict(),
+                        "losses": self.losses, "train_seconds": self.train_seconds,
+                        "fingerprint": self.fingerprint()}, tmp)
+            os.replace(tmp, self.state_dir / "state.pt")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.saved_step = self.step
 
     def load_state(self) -> bool:
         """Continue from ``state_dir`` if it holds a checkpoint of this same run; False if it holds none."""
@@ -262,6 +283,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optim.load_state_dict(state["optim"])
         self.step, self.losses, self.train_seconds = state["step"], list(state["losses"]), state["train_seconds"]
+        self.saved_step = self.step
         return True
 
     def autocast(self):

@@ -241,3 +241,138 @@ def test_no_teacher_needs_alpha_zero_and_a_tokenizer(distill_corpus, tmp_path):
     assert_usage_error(run_itera(*base), "--alpha > 0 needs a --teacher")
     assert_usage_error(run_itera(*base, "--alpha", "0"), "needs --tokenizer FILE or --tokenizer bpe:VOCAB_SIZE")
     assert_usage_error(run_itera(*base, "--alpha", "0", "--tokenizer", "bpe:10"), "bpe:N needs N >= 260")
+
+
+# ------------------------------------------------------------------------------- Ctrl-C, sizes, held-out tokens
+
+SCRATCH = ["--alpha", "0", "--tokenizer", "bpe:300", "--layers", "1", "--hidden", "32", "--heads", "2",
+           "--batch-size", "4", "--seq-len", "32", "--warmup-steps", "2"]
+
+
+def test_ctrl_c_says_what_was_kept_and_the_resume_command_resumes(distill_corpus, tmp_path):
+    """SIGINT mid-run: exit 130, nothing on stdout, no partial student or temporary file, and two
+    stderr lines: the step of the checkpoint kept and where, then a command that really resumes."""
+    import shlex
+
+    out, state = tmp_path / "s", tmp_path / "s.train-state" / "state.pt"
+    p = subprocess.Popen([sys.executable, "-m", "itera", "distill", "--data", str(distill_corpus), "--out", "s",
+                          *SCRATCH, "--steps", "5000", "--save-every", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    while not state.exists() and p.poll() is None:  # the first checkpoint, however fast this machine is
+        time.sleep(0.02)
+    assert p.poll() is None, p.communicate()[1].decode()
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 130, stderr.decode()
+    assert stdout == b"" and "Traceback" not in stderr.decode()
+    saved = torch.load(state, weights_only=True)["step"]
+    lines = stderr.decode().strip().splitlines()
+    kept, how = lines[-2], lines[-1]
+    assert kept.startswith("itera: error: interrupted at step ") and " of 5000" in kept
+    assert f"kept the checkpoint of step {saved} in {os.path.join('s.train-state', 'state.pt')}" in kept
+    prefix = f"itera: to resume from step {saved}: "
+    assert how.startswith(prefix), how
+    words = shlex.split(how[len(prefix):])
+    assert words[:2] == ["itera", "distill"] and "--resume" in words and "--save-every" in words
+    assert not out.exists() and sorted(x.name for x in tmp_path.iterdir()) == ["s.train-state"]
+    assert [x.name for x in state.parent.iterdir()] == ["state.pt"]  # no half-written state.pt.tmp
+    # the command as printed (run in the same directory), taken a couple of steps past the checkpoint
+    words[words.index("--steps") + 1] = str(saved + 2)
+    res = run_itera(*words[1:], cwd=tmp_path)
+    assert f"resumed from step {saved} of {saved + 2}" in res.stderr
+    m = res.record["metrics"]
+    assert m["tokens_seen"] == (saved + 2) * 4 * 32 and len(res.record["metrics"]["eval_history"]) == 2
+
+
+def test_interrupt_messages_before_any_checkpoint(distill_corpus, tmp_path):
+    """Without --save-every, or before the first checkpoint, nothing is kept and the message says so,
+    with the command to start again; a piped teacher is named by path in it."""
+    from types import SimpleNamespace
+
+    from itera.jobs.distill import DistillOptions, command_line, interrupted
+    from itera.train import Dist, TrainOptions
+
+    opts = DistillOptions(data=str(distill_corpus), out=tmp_path / "my out", teacher=tmp_path / "t", student="half",
+                          train=TrainOptions(steps=200, lr=1e-3, warmup_steps=10))
+    e = interrupted(opts, SimpleNamespace(step=7, saved_step=None), Dist())
+    assert e.exit_code == 130
+    first, second = str(e).splitlines()
+    assert first == ("interrupted at step 7 of 200; nothing was kept: without --save-every no checkpoint is written "
+                     "(pass --save-every N to be able to resume)")
+    assert second == f"itera: to start again: itera distill --data {distill_corpus} --out '{tmp_path / 'my out'}' " \
+                     f"--teacher {tmp_path / 't'} --student half"
+    opts.train.save_every = 5
+    assert "before the first checkpoint (step 5); nothing was kept" in str(
+        interrupted(opts, SimpleNamespace(step=3, saved_step=None), Dist()))
+    assert command_line(opts, world=2).startswith("torchrun --nproc-per-node 2 -m itera distill ")
+
+
+def test_scratch_model_is_called_a_model_and_the_record_names_its_held_out_tokens(distill_corpus, tmp_path):
+    """Training from scratch says 'model: ... trained from scratch' (it is nobody's student), stays
+    float32, and the record and stderr say which tokens the held-out perplexity stood on."""
+    from itera.data import split_heldout
+    from itera.model.checkpoint import read_headers
+
+    res = run_itera("distill", "--data", distill_corpus, "--out", tmp_path / "m", *SCRATCH, "--steps", "2")
+    m = res.record["metrics"]
+    assert "\nmodel: " in "\n" + res.stderr and "trained from scratch" in res.stderr and "student:" not in res.stderr
+    assert m["student_dtype"] == "float32" and "from scratch" in m["student_dtype_reason"]
+    assert {i["dtype"] for _, i in read_headers(tmp_path / "m").values()} == {"F32"}
+    h = m["heldout_split"]
+    text = distill_corpus.read_text()
+    head, tail = split_heldout(text, 0.05)
+    assert h["source"] == os.path.realpath(distill_corpus) and h["fraction"] == 0.05 and h["rule"] == "tail"
+    assert h["chars"] == [len(head), len(text)] and h["excluded_from"] == "training"
+    assert h["tokens_scored"] == m["heldout_tokens"] and h["tokens"][1] - h["tokens"][0] >= m["heldout_tokens"]
+    assert (f"on the last 5% of {h['source']} (characters {len(head):,}–{len(text):,}, "
+            f"tokens {h['tokens'][0]:,}–{h['tokens'][1]:,}; {m['heldout_tokens']:,} scored; not used for training)"
+            in res.stderr)
+
+
+@pytest.fixture(scope="module")
+def fp16_teacher(tmp_path_factory, tokenizer_dir):
+    """A tiny teacher stored in float16, as Hub checkpoints usually are."""
+    from conftest import save_tiny
+    from itera.model.checkpoint import load_model, save_model
+
+    d = tmp_path_factory.mktemp("fp16-teacher")
+    model, _ = load_model(save_tiny(d / "fp32", tokenizer_dir, seed=3))
+    return save_model(model, d / "fp16", tokenizer_from=tokenizer_dir, dtype="float16")
+
+
+def test_a_float16_teacher_gives_a_float16_student(fp16_teacher, corpus_file, tmp_path):
+    """--save-dtype auto keeps the teacher's stored dtype: the student is float16 on disk (smaller
+    than the teacher, not larger), loads in transformers, and its held-out perplexity is measured
+    on the float16 weights as saved; --save-dtype float32 still gives full precision."""
+    from itera.model.checkpoint import read_headers
+    from itera.tokenizer import Tokenizer
+
+    args = ["--teacher", fp16_teacher, "--data", corpus_file, "--layers", "1", "--batch-size", "4", "--seq-len",
+            "32", "--steps", "3", "--warmup-steps", "1", "--eval-tokens", "256"]
+    rec = run_itera("distill", *args, "--out", tmp_path / "s").record
+    m = rec["metrics"]
+    assert {i["dtype"] for _, i in read_headers(tmp_path / "s").values()} == {"F16"}
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert m["student_dtype"] == "float16" and "teacher's stored dtype" in m["student_dtype_reason"]
+    assert rec["params"]["save_dtype"] == "auto"
+    assert m["student_bytes"] < m["teacher_bytes"] and m["compression_ratio_bytes"] > 1
+    # the record's figure is the saved student's: re-measured from disk, it is the same
+    from itera.jobs.distill import heldout_metrics
+
+    ours, cfg = load_model(tmp_path / "s")
+    tok = Tokenizer.from_dir(tmp_path / "s")
+    text = corpus_file.read_text()
+    held = torch.tensor(tok.encode(text[m["heldout_split"]["chars"][0]:], add_bos=False))
+    again = heldout_metrics(ours, None, held, 32, 256)["student_perplexity"]
+    assert again == pytest.approx(m["student_perplexity"], rel=1e-6)
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "s")
+    assert theirs.dtype == torch.float16
+    x = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert (ours(x) - theirs.float()(x).logits).abs().max() < 1e-4
+    full = run_itera("distill", *args, "--save-dtype", "float32", "--out", tmp_path / "f").record["metrics"]
+    assert {i["dtype"] for _, i in read_headers(tmp_path / "f").values()} == {"F32"}
+    assert full["student_dtype"] == "float32" and full["student_bytes"] > 1.9 * m["student_bytes"]
+    assert_usage_error(run_itera("distill", *args, "--save-dtype", "int8", "--out", tmp_path / "x"),
+                       "--save-dtype 'int8' is not a dtype to save in")

@@ -269,3 +269,36 @@ def test_torchrun_two_processes_match_one(teacher, tmp_path):
     a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_merged_model_keeps_the_base_dtype(tokenizer_dir, tmp_path):
+    """A float16 base gives a float16 merged/ (not a float32 one twice the size), loadable by itera
+    and transformers, with held-out figures measured on it as saved; --save-dtype float32 asks for
+    full precision."""
+    from conftest import save_tiny
+    from itera.model.checkpoint import load_model, read_headers, save_model, weight_bytes
+
+    model, _ = load_model(save_tiny(tmp_path / "fp32", tokenizer_dir, seed=4))
+    base = save_model(model, tmp_path / "base", tokenizer_from=tokenizer_dir, dtype="float16")
+    pairs = _pairs_file(tmp_path / "pairs.jsonl", n=60)
+    args = ["dpo-train", "--model", base, "--pairs", pairs, "--steps", "2", "--batch-size", "4", "--merge",
+            "--holdout", "0.3"]
+    rec = run_itera(*args, "--out", tmp_path / "dpo", env={"ITERA_HOME": str(tmp_path / "home")}).record
+    validate(rec)
+    m, merged = rec["metrics"], tmp_path / "dpo" / "merged"
+    assert {i["dtype"] for _, i in read_headers(merged).values()} == {"F16"}
+    assert json.loads((merged / "config.json").read_text())["torch_dtype"] == "float16"
+    assert m["merged_dtype"] == "float16" and "base model's stored dtype" in m["merged_dtype_reason"]
+    assert weight_bytes(merged) == weight_bytes(base) and rec["params"]["save_dtype"] == "auto"
+    assert m["heldout_merged"]["pairs"] == m["heldout"]["pairs"] > 0 and "as saved" in m["heldout_measured_on"]
+    ours, cfg = load_model(merged)
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(merged)
+    assert theirs.dtype == torch.float16
+    x = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert (ours(x) - theirs.float()(x).logits).abs().max() < 1e-4
+    full = run_itera(*args, "--save-dtype", "float32", "--out", tmp_path / "dpo32",
+                     env={"ITERA_HOME": str(tmp_path / "home")}).record
+    assert {i["dtype"] for _, i in read_headers(tmp_path / "dpo32" / "merged").values()} == {"F32"}
+    assert full["metrics"]["merged_dtype"] == "float32"

@@ -248,3 +248,16 @@ def test_a_gguf_with_q_k_rows_in_the_wrong_rope_layout_fails(stories, tmp_path, 
     with pytest.raises(VerificationError, match="disagrees with the file's own weights"):
         run_export(ExportOptions(model=stories, out=tmp_path / "bad.gguf", format="gguf", gguf_type=gguf_type))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fallbacks_are_one_stderr_line(tiny_ckpt, tmp_path):
+    """Q4_K_M on a model no row of which is a multiple of 256: every matrix falls back, and stderr
+    says so in one line (count, types, a few names, how many more); the record lists each one."""
+    res = export(tiny_ckpt, tmp_path / "k.gguf", "--format", "gguf", "--gguf-type", "Q4_K_M", "--allow-mismatch")
+    fbs = res.record["metrics"]["fallbacks"]
+    assert len(fbs) > 3
+    lines = [line for line in res.stderr.splitlines() if "fell back" in line or "fallback:" in line]
+    assert len(lines) == 1, res.stderr
+    types = sorted({fb["written"] for fb in fbs})
+    assert f"{len(fbs)} tensors fell back from Q4_K_M to " in lines[0] and all(t in lines[0] for t in types)
+    assert fbs[0]["tensor"] in lines[0] and f"…and {len(fbs) - 3} more" in lines[0]

@@ -175,3 +175,26 @@ def test_a_group_that_does_not_divide_falls_back_to_a_smaller_one(teacher, tmp_p
     # hidden 128: 96 does not divide it, 48 does not either, 24 neither; 128's FFN inputs (384) are divided by 96
     assert {f["used"] for f in fb} == {"4-bit per-channel sym"} and all("96 does not divide" in f["reason"] for f in fb)
     assert len(fb) == 4 * 6  # q, k, v, o, gate, up of each of the 4 layers (down_proj's 384 columns take 96)
+
+
+def test_fallbacks_in_one_line_and_the_held_out_tokens_named(tiny_ckpt, corpus_file, tmp_path):
+    """--gguf-type Q4_K on rows of 32 and 64: every layer falls back to Q5_0, said in one stderr
+    line; the held-out perplexity says which tokens it used (the last 10% of --calib), in the
+    record and on stderr, so it can be told apart from distill's 5%."""
+    from itera.data import canonical, split_heldout
+
+    res = run_itera("quantize", "--model", tiny_ckpt, "--method", "rtn", "--gguf-type", "Q4_K", "--calib",
+                    corpus_file, "--calib-samples", "2", "--calib-seqlen", "32", "--eval-tokens", "200",
+                    "--out", tmp_path / "q")
+    m = res.record["metrics"]
+    assert len(m["fallbacks"]) == 14 and {fb["used"] for fb in m["fallbacks"]} == {"Q5_0"}
+    lines = [line for line in res.stderr.splitlines() if "fell back" in line or "fallback:" in line]
+    assert lines == [f"14 tensors fell back from Q4_K to Q5_0 ×14: {m['fallbacks'][0]['tensor']}, "
+                     f"{m['fallbacks'][1]['tensor']}, {m['fallbacks'][2]['tensor']} …and 11 more (each listed "
+                     "with its reason in the record's fallbacks)"], res.stderr
+    h = m["heldout_split"]
+    text = corpus_file.read_text()
+    head = split_heldout(text, 0.1)[0]
+    assert h["source"] == canonical(str(corpus_file)) and h["fraction"] == 0.1 and h["excluded_from"] == "calibration"
+    assert h["chars"] == [len(head), len(text)] and h["tokens_scored"] == m["eval_tokens"] == 199
+    assert f"on the last 10% of {h['source']} (characters {len(head):,}–{len(text):,}" in res.stderr

@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     except _Terminated:
         _fail("terminated (SIGTERM); nothing was written", 143)
     except typer.Exit as e:  # typer.Exit and typer.Abort are click's own in older versions
+        if isinstance(e.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C into a silent Exit(130)
+            _fail("interrupted; nothing was written", 130)
         raise SystemExit(e.exit_code) from None
     except typer.Abort:
         _fail("aborted", 130)

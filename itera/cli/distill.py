@@ -53,6 +53,9 @@ def distill(
     device: Device = "auto",
     threads: TorchThreads = None,
     dtype: TrainDtype = "auto",
+    save_dtype: Annotated[str, typer.Option("--save-dtype", help="dtype of the saved student: auto (the teacher's "
+                                            "stored dtype; float32 without a teacher), float32, float16 or "
+                                            "bfloat16. Training runs in float32 (--dtype) either way.")] = "auto",
     text_field: TextField = "text",
     force: Force = False,
     metrics_out: MetricsOut = None,
@@ -92,14 +95,23 @@ def distill(
                           heads=heads, kv_heads=kv_heads, ffn=ffn, init=init, layer_ids=ids, alpha=alpha,
                           temperature=temperature, kl=kl, tokenizer=tokenizer, holdout=holdout, eval_tokens=eval_tokens,
                           calib_batches=calib_batches, resume=resume, train=train, force=force,
-                          text_field=text_field, threads=threads).validate()
+                          text_field=text_field, threads=threads, save_dtype=save_dtype).validate()
     dist = init_distributed(resolve_device(device))
     opts.device = dist.device
     execute("distill", run_distill, opts, parent, metrics_out, summary=_summary, dist=dist)
 
 
 def _summary(console, m: dict) -> None:
-    line = (f"student perplexity {m['student_perplexity']:.3f} (from {m['init_student_perplexity']:.3f} at step 0)"
+    who = "student" if "teacher_perplexity" in m else "model"
+    line = (f"{who} perplexity {m['student_perplexity']:.3f} (from {m['init_student_perplexity']:.3f} at step 0)"
             + (f", teacher {m['teacher_perplexity']:.3f}, top-1 agreement {m['top1_agreement']:.3f}"
                if "teacher_perplexity" in m else ""))
-    console.log(line + f", on {m['heldout_tokens']} held-out tokens of the --data text's tail")
+    if "heldout_split" in m:  # which tokens: the figures of distill, quantize and evaluate differ in that
+        from itera.data import describe_heldout
+
+        line += f", on {describe_heldout(m['heldout_split'])}"
+    else:
+        line += f", on {m['heldout_tokens']} held-out tokens of the --data text's tail"
+    if m.get("student_dtype", "float32") != "float32":
+        line += f"; measured as saved, in {m['student_dtype']}"
+    console.log(line)

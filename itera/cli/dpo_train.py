@@ -35,6 +35,9 @@ def dpo_train(
     min_rating_gap: Annotated[float, typer.Option(help="Ratings this far apart make a pair.")] = 1.0,
     save_pairs: Annotated[Optional[Path], typer.Option(help="Write the pairs used (e.g. derived from feedback).")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="Also write the base with the adapter folded in.")] = False,
+    save_dtype: Annotated[str, typer.Option("--save-dtype", help="dtype of merged/: auto (the base's stored dtype), "
+                                            "float32, float16 or bfloat16. Training runs in float32 (--dtype) "
+                                            "either way.")] = "auto",
     device: Device = "auto",
     dtype: TrainDtype = "auto",
     force: Force = False,
@@ -70,7 +73,8 @@ def dpo_train(
     opts = DPOOptions(model=path, out=out, pairs=pairs, feedback=feedback, feedback_db=feedback_db, beta=beta,
                       loss=loss, label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, lora_targets=lora_targets, holdout=holdout,
-                      min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs, force=force)
+                      min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs, force=force,
+                      save_dtype=save_dtype)
     # the flags over DPOOptions' own training settings (seq_len, weight_decay, ... have no flag)
     opts.train = replace(opts.train, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
                          dtype=dtype)

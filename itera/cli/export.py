@@ -77,5 +77,7 @@ def _summary(console, out: Path, m: dict) -> None:
     state = "verified" if m["verified"] else "NOT within tolerance, kept by --allow-mismatch"
     console.log(f"{out}: max |logit diff| {m['max_abs_logit_diff']:.3g}, top-1 agreement {m['top1_agreement']:.3f} "
                 f"({state})")
-    for fb in m.get("fallbacks") or []:
-        console.log(f"  fallback: {fb['tensor']} {fb['wanted']} -> {fb['written']} ({fb['reason']})")
+    if m.get("fallbacks"):  # one line however many tensors fell back; the record lists every one
+        from itera.export.gguf import fallback_summary
+
+        console.log("  " + fallback_summary(m["fallbacks"]))

@@ -82,6 +82,11 @@ def _summary(console, m: dict) -> None:
     if m.get("gguf_bytes"):
         line += f"; as GGUF {m['gguf_bytes']:,} bytes, {m['gguf_bits_per_weight']:.3f} bits per weight over every tensor"
     if m["perplexity_after"]:
-        line += (f", held-out perplexity {m['perplexity_before']:.3f} -> {m['perplexity_after']:.3f} "
-                 f"({m['eval_tokens']} tokens of the --calib text's tail)")
+        line += f", held-out perplexity {m['perplexity_before']:.3f} -> {m['perplexity_after']:.3f} "
+        if m.get("heldout_split"):  # which tokens: distill's held-out tail is another share of another text
+            from itera.data import describe_heldout
+
+            line += f"on {describe_heldout(m['heldout_split'])}"
+        else:
+            line += f"({m['eval_tokens']} tokens of the --calib text's tail)"
     console.log(line)

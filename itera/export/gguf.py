@@ -146,6 +146,27 @@ def _float_data(x: torch.Tensor, t: str, name: str = "") -> np.ndarray:
     return gguf.quants.quantize(x.numpy().astype(np.float32), getattr(gguf.GGMLQuantizationType, t))
 
 
+def fallback_summary(fallbacks: list[dict], shown: int = 3) -> str | None:
+    """One line for any number of fallbacks (a tensor whose rows no block of the type asked for
+    divides, written in another type): how many, to which types, a few names, and where the rest
+    are listed. None without fallbacks. Takes export's entries (``written``) and quantize's (``used``)."""
+    if not fallbacks:
+        return None
+    used: dict[str, int] = {}
+    for fb in fallbacks:
+        t = fb.get("written") or fb.get("used")
+        used[t] = used.get(t, 0) + 1
+    wanted = "/".join(dict.fromkeys(str(fb["wanted"]) for fb in fallbacks))
+    types = ", ".join(f"{t} ×{n}" for t, n in sorted(used.items(), key=lambda kv: -kv[1]))
+    names = ", ".join(fb["tensor"] for fb in fallbacks[:shown])
+    more = f" …and {len(fallbacks) - shown} more" if len(fallbacks) > shown else ""
+    reasons = {fb.get("reason") for fb in fallbacks}
+    why = f" ({reasons.pop()})" if len(reasons) == 1 and None not in reasons else ""
+    n = len(fallbacks)
+    return (f"{n} tensor{'s' if n != 1 else ''} fell back from {wanted} to {types}{why}: {names}{more} "
+            "(each listed with its reason in the record's fallbacks)")
+
+
 def plan_tensors(cfg: ModelConfig, src: TensorReader, gguf_type: str) -> tuple[list[Planned], list[dict], list[dict]]:
     """Every tensor the file will hold, in order, with its type; and the fallbacks taken.
 
@@ -459,8 +480,7 @@ def write(src, opts, staging, reporter) -> dict:
     log = llama_quantize(f16, staging.main, opts.gguf_type, opts.threads, src.importance)
     f16.unlink()
     fallbacks = llama_fallbacks(staging.main, opts.gguf_type)
-    reporter.log(f"llama.cpp's quantizer wrote {opts.gguf_type}" + (f"; {len(fallbacks)} tensors fell back to "
-                 "other types (listed in the record)" if fallbacks else "") + f" (its log: {log})")
+    reporter.log(f"llama.cpp's quantizer wrote {opts.gguf_type} (its log: {log})")
     return {**info, "fallbacks": info["fallbacks"] + fallbacks, "direct_from_codes": 0, "quantized_by": "llama.cpp",
             "quantizer_log": log, "importance": src.importance_figures}
 

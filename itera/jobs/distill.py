@@ -10,6 +10,7 @@ random init, layer copy or pruning), :func:`fit` (the shared Trainer with :class
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from itera.data import describe_heldout
 from itera.errors import DataError, UsageError
 from itera.losses import DistillLoss, kl_div
 from itera.model.config import ModelConfig
@@ -61,11 +63,16 @@ class DistillOptions:
     force: bool = flag("--force", default=False)
     text_field: str = flag("--text-field", default="text")
     threads: int | None = flag("--threads", default=None)  # torch's CPU threads; None: torch's own default
+    # auto: the teacher's stored dtype (float32 without a teacher); training runs in float32 regardless
+    save_dtype: str = flag("--save-dtype", default="auto")
     # the command's own defaults: 200 steps at lr 1e-3 after 10 warm-up steps
     train: TrainOptions = nested(default_factory=lambda: TrainOptions(steps=200, lr=1e-3, warmup_steps=10))
 
     def validate(self) -> "DistillOptions":
+        from itera.model.checkpoint import check_save_dtype
+
         self.train.validate()
+        self.save_dtype = check_save_dtype(self.save_dtype)
         if not 0 <= self.alpha <= 1:
             raise UsageError(f"--alpha must be between 0 and 1 (got {self.alpha})")
         if not self.temperature > 0:
@@ -144,6 +151,17 @@ class Plan:
     spec: StudentSpec
     init: str
     keep: list[int]
+    teacher_dtype: str | None = None  # the dtype the teacher's weights are stored in
+
+
+def save_dtype(opts: DistillOptions, p: Plan) -> tuple[str, str]:
+    """The dtype the student is written in, and why: --save-dtype, else the teacher's stored dtype
+    (a float16 teacher gives a float16 student, not one twice its size), else float32."""
+    if opts.save_dtype != "auto":
+        return opts.save_dtype, f"--save-dtype {opts.save_dtype}"
+    if p.teacher_dtype is None:
+        return "float32", "trained from scratch: no source dtype to keep"
+    return p.teacher_dtype, "the teacher's stored dtype (--save-dtype auto)"
 
 
 def plan(opts: DistillOptions) -> Plan:
@@ -151,7 +169,9 @@ def plan(opts: DistillOptions) -> Plan:
     from itera.model.checkpoint import load_checked_config
     from itera.prune import evenly_spaced
 
-    t_cfg = load_checked_config(opts.teacher)[0] if opts.teacher is not None else None
+    from itera.model.checkpoint import stored_dtype
+
+    t_cfg, t_headers = load_checked_config(opts.teacher) if opts.teacher is not None else (None, None)
     spec = opts.spec()
     s_cfg = spec.resolve(t_cfg, t_cfg.vocab_size if t_cfg else 1)
     init = opts.init or spec.init
@@ -159,13 +179,14 @@ def plan(opts: DistillOptions) -> Plan:
         init = "random" if t_cfg is None else ("layers" if same_width(t_cfg, s_cfg) else "prune")
     if t_cfg is None:
         return Plan(None, spec, init, [])
+    t_dtype = stored_dtype(t_cfg, t_headers)
     check_student_fits(t_cfg, s_cfg, init)
     keep = opts.layer_ids or evenly_spaced(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers)
     if init != "random" and (len(keep) != s_cfg.num_hidden_layers
                              or any(not 0 <= i < t_cfg.num_hidden_layers for i in keep)):
         raise UsageError(f"--layer-ids must name {s_cfg.num_hidden_layers} distinct teacher layers in "
                          f"0..{t_cfg.num_hidden_layers - 1} (got {opts.layer_ids})")
-    return Plan(t_cfg, spec, init, keep)
+    return Plan(t_cfg, spec, init, keep, t_dtype)
 
 
 @dataclass
@@ -175,11 +196,12 @@ class Data:
     student_cfg: ModelConfig
     train_ids: torch.Tensor
     held_ids: torch.Tensor
+    heldout: dict | None = None  # which characters and tokens are held out (itera.data.heldout_split)
 
 
 def prepare_data(opts: DistillOptions, p: Plan, reporter: Reporter = SILENT) -> Data:
     """Read the text, split off its held-out tail, tokenize it, and fix the student's config."""
-    from itera.data import load_text, split_heldout
+    from itera.data import canonical, heldout_split, load_text, split_heldout
 
     src = load_text(opts.data, purpose="train", field=opts.text_field)
     train_text, held_text = split_heldout(src.text, opts.holdout)
@@ -200,7 +222,9 @@ def prepare_data(opts: DistillOptions, p: Plan, reporter: Reporter = SILENT) -> 
                         f"{opts.train.seq_len + 2} are needed (pass more text or a smaller --seq-len)")
     if held_ids.numel() < 2:
         raise DataError(f"{opts.data} leaves {held_ids.numel()} held-out tokens; pass more text or a larger --holdout")
-    return Data(src.description, tok, s_cfg, train_ids, held_ids)
+    heldout = heldout_split(canonical(opts.data, purpose="train"), src.text, opts.holdout, train_ids.numel(),
+                            held_ids.numel(), None, "training")
+    return Data(src.description, tok, s_cfg, train_ids, held_ids, heldout)
 
 
 def _load_tokenizer(opts: DistillOptions, train_text: str, reporter: Reporter = SILENT):
@@ -270,8 +294,63 @@ def heldout_metrics(student: LlamaForCausalLM, teacher: LlamaForCausalLM | None,
     return out
 
 
-def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter: Reporter) -> tuple[dict, list]:
-    """Train the student (resuming when asked); returns the loop's figures and the held-out history."""
+def command_line(opts: DistillOptions, world: int = 1) -> str:
+    """The command line of these options: every flag whose value differs from the command's
+    default (the teacher as a path, even when it came from a record on stdin), each word quoted
+    as a shell needs; under torchrun, the torchrun command."""
+    import shlex
+
+    from itera.options import SAME, Flag, declared
+    from itera.runtime import resolve_device
+
+    words = ["torchrun", "--nproc-per-node", str(world), "-m", "itera", "distill"] if world > 1 \
+        else ["itera", "distill"]
+    for d in declared(DistillOptions, instance=DistillOptions(data="", out=Path("."))):
+        if not isinstance(d.mark, Flag) or d.mark.argument:
+            continue
+        value = opts
+        for part in d.path.split("."):
+            value = getattr(value, part)
+        default = d.default if d.mark.cli_default is SAME else d.mark.cli_default
+        if d.path == "device" and value == resolve_device("auto"):
+            continue  # what --device auto picks here anyway
+        if value is None or value is False or value == default:
+            continue
+        if value is True:
+            words.append(d.mark.name)
+        elif isinstance(value, (list, tuple)):
+            words += [d.mark.name, ",".join(map(str, value))]
+        else:
+            words += [d.mark.name, str(value)]
+    return shlex.join(words)
+
+
+def interrupted(opts: DistillOptions, trainer, dist: Dist, trained: bool = False) -> Exception:
+    """What Ctrl-C at this point kept, and the command that goes on from there (two lines)."""
+    from itera.train import Interrupted
+
+    t = opts.train
+    where = (f"after training finished (step {trainer.step} of {t.steps}), before the student was written"
+             if trained else f"at step {trainer.step} of {t.steps}")
+    again = command_line(dataclasses.replace(opts, resume=False), dist.world)
+    resume = command_line(dataclasses.replace(opts, resume=True), dist.world)
+    if trainer.saved_step is None and opts.resume and (opts.state_dir / "state.pt").is_file():
+        return Interrupted(f"interrupted {where}, while resuming; the checkpoint in {opts.state_dir / 'state.pt'} is "
+                           f"untouched\nitera: to resume: {resume}")
+    if trainer.saved_step is None:
+        if not t.save_every:
+            return Interrupted(f"interrupted {where}; nothing was kept: without --save-every no checkpoint is "
+                               f"written (pass --save-every N to be able to resume)\nitera: to start again: {again}")
+        return Interrupted(f"interrupted {where}, before the first checkpoint (step {t.save_every}); nothing was "
+                           f"kept\nitera: to start again: {again}")
+    return Interrupted(f"interrupted {where}; kept the checkpoint of step {trainer.saved_step} in "
+                       f"{opts.state_dir / 'state.pt'} (no student was written to {opts.out})\n"
+                       f"itera: to resume from step {trainer.saved_step}: {resume}")
+
+
+def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter: Reporter):
+    """Train the student (resuming when asked); returns the loop's figures, the held-out history
+    and the trainer. Ctrl-C is turned into :class:`itera.train.Interrupted`, saying what was kept."""
     from itera.train import Trainer
 
     t = opts.train
@@ -292,17 +371,20 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
                       on_eval=on_eval)
     try:
         if opts.resume:
-            if trainer.load_state():  # run_distill already refused a state at or past --steps
+            if trainer.load_state():  # run_distill already refused a state past --steps
                 reporter.log(f"resumed from step {trainer.step} of {t.steps} ({opts.state_dir})")
             else:
                 reporter.log(f"nothing to resume in {opts.state_dir}; starting at step 0")
         stats = trainer.run()
+    except KeyboardInterrupt:
+        raise interrupted(opts, trainer, dist) from None
     finally:
         task.close()
-    return stats, history
+    return stats, history, trainer
 
 
-def write(opts: DistillOptions, student: LlamaForCausalLM, tok, params: dict, prune_plan: dict | None) -> None:
+def write(opts: DistillOptions, student: LlamaForCausalLM, tok, params: dict, prune_plan: dict | None,
+          dtype: str = "float32") -> None:
     """Save the student with its tokenizer, resolved options and pruning plan (rank 0 only). The
     resumable state (with --save-every) stays, so that --resume --steps N can extend the run."""
     import tempfile
@@ -316,7 +398,7 @@ def write(opts: DistillOptions, student: LlamaForCausalLM, tok, params: dict, pr
         tok_dir = opts.teacher if opts.teacher is not None and opts.tokenizer is None else Path(tmp)
         if tok_dir == Path(tmp):
             tok.save(Path(tmp))
-        save_model(student, opts.out, tokenizer_from=tok_dir, dtype="float32", extra_files=extra)
+        save_model(student, opts.out, tokenizer_from=tok_dir, dtype=dtype, extra_files=extra)
 
 
 # --------------------------------------------------------------------------- the job
@@ -325,8 +407,7 @@ def write(opts: DistillOptions, student: LlamaForCausalLM, tok, params: dict, pr
 def run_distill(opts: DistillOptions, reporter: Reporter = SILENT, dist: Dist | None = None) -> Outcome:
     """Validate everything cheap, then build the student, train it, measure it, and (on rank 0)
     write it to ``opts.out``."""
-    from itera.model.checkpoint import weight_bytes
-    from itera.train import barrier, check_resumable, run_fingerprint
+    from itera.train import check_resumable, run_fingerprint
 
     dist = dist or Dist(device=opts.device)
     opts.validate()
@@ -337,31 +418,56 @@ def run_distill(opts: DistillOptions, reporter: Reporter = SILENT, dist: Dist | 
     p = plan(opts)
     data = prepare_data(opts, p, reporter)
     if opts.resume:
+        # a state at exactly --steps is a finished run whose student was never written (Ctrl-C during
+        # the last evaluation): resuming it writes the student
         check_resumable(opts.state_dir, run_fingerprint(opts.train, dist.world, data.student_cfg.num_parameters(),
-                                                        data.train_ids.numel()), steps=opts.train.steps)
+                                                        data.train_ids.numel()), steps=opts.train.steps,
+                        finished_ok=not opts.out.exists())
     reporter.log(f"data: {data.description}: {data.train_ids.numel():,} training and "
-                 f"{data.held_ids.numel():,} held-out tokens")
+                 f"{data.held_ids.numel():,} held-out tokens; held out: {describe_heldout(data.heldout)}")
     teacher, student, prune_plan = build_models(opts, p, data, dist.device)
     c = data.student_cfg
-    reporter.log(f"student: {student.num_parameters():,} parameters ({c.num_hidden_layers} layers, hidden "
-                 f"{c.hidden_size}, {c.num_attention_heads} heads / {c.num_key_value_heads} kv, ffn "
-                 f"{c.intermediate_size}), init {p.init}")
-    stats, history = fit(opts, teacher, student, data, dist, reporter)
+    shape = (f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads / "
+             f"{c.num_key_value_heads} kv, ffn {c.intermediate_size}")
+    if teacher is None:  # no teacher: the model trained here is nobody's student
+        reporter.log(f"model: {student.num_parameters():,} parameters ({shape}), trained from scratch")
+    else:
+        reporter.log(f"student: {student.num_parameters():,} parameters ({shape}), init {p.init}")
+    dtype, dtype_reason = save_dtype(opts, p)
+    stats, history, trainer = fit(opts, teacher, student, data, dist, reporter)
+    try:
+        return _finish(opts, p, data, teacher, student, prune_plan, stats, history, dist, dtype, dtype_reason, reporter)
+    except KeyboardInterrupt:
+        raise interrupted(opts, trainer, dist, trained=True) from None
+
+
+def _finish(opts: DistillOptions, p: Plan, data: Data, teacher, student, prune_plan, stats: dict, history: list,
+            dist: Dist, dtype: str, dtype_reason: str, reporter: Reporter) -> Outcome:
+    """Round the student to the dtype it is saved in, measure what is saved, and (rank 0) write it."""
+    from itera.model.checkpoint import round_to_dtype, weight_bytes
+    from itera.train import barrier
+
+    round_to_dtype(student, dtype, "student")  # the figures below are the saved student's
     final = heldout_metrics(student, teacher, data.held_ids, opts.train.seq_len, opts.eval_tokens, dist.device)
     history.append({"step": opts.train.steps, "student_perplexity": final["student_perplexity"]})
+    heldout = {**data.heldout, "tokens_scored": final["heldout_tokens"]}
+    c = data.student_cfg
     params = {**opts.as_params(), "init": p.init, "layer_ids": p.keep if p.init != "random" else None,
               "train": opts.train.as_params(), "processes": dist.world, "device": dist.device,
               "student_config": {k: v for k, v in c.to_dict().items() if k != "architectures"}}
     metrics: dict = {"student_params": student.num_parameters(), "tokens_seen": stats["tokens_seen"],
                      "tokens_per_s": stats["tokens_per_s"], "train_seconds": stats["train_seconds"],
                      "first_loss": stats["first_loss"], "final_loss": stats["final_loss"],
-                     "init_student_perplexity": history[0]["student_perplexity"], **final, "eval_history": history}
+                     "init_student_perplexity": history[0]["student_perplexity"], **final, "eval_history": history,
+                     "heldout_split": heldout, "student_dtype": dtype, "student_dtype_reason": dtype_reason,
+                     "perplexity_measured_on": f"the student as saved ({dtype}); eval_history's earlier steps on "
+                                               "the float32 weights in training"}
     if teacher is not None:
         metrics["teacher_params"] = teacher.num_parameters()
         metrics["compression_ratio"] = metrics["teacher_params"] / metrics["student_params"]
     artifact = None
     if dist.main:
-        write(opts, student, data.tokenizer, params, prune_plan)
+        write(opts, student, data.tokenizer, params, prune_plan, dtype)
         metrics["student_bytes"] = weight_bytes(opts.out)
         if opts.teacher is not None:
             metrics["teacher_bytes"] = weight_bytes(opts.teacher)

@@ -181,6 +181,8 @@ class DPOOptions:
     holdout: float = flag("--holdout", default=0.1)
     min_rating_gap: float = flag("--min-rating-gap", default=1.0)
     merge: bool = flag("--merge", default=False)
+    # dtype of merged/ (with --merge): auto is the base's stored dtype; training runs in float32 regardless
+    save_dtype: str = flag("--save-dtype", default="auto")
     save_pairs: Path | None = flag("--save-pairs", default=None)
     device: str = flag("--device", default="cpu", cli_default="auto",
                        why="the CLI resolves auto (cuda when available) for its process and sets the field")
@@ -197,8 +199,10 @@ class DPOOptions:
 
     def validate(self) -> "DPOOptions":
         from itera.lora import parse_targets
+        from itera.model.checkpoint import check_save_dtype
 
         self.train.validate()
+        self.save_dtype = check_save_dtype(self.save_dtype)
         if sum(x is not None for x in (self.pairs, self.feedback, self.feedback_db)) != 1:
             raise UsageError("pass exactly one of --pairs FILE or --feedback FILE (or --feedback-db FILE, the store "
                              "`itera serve` writes)")
@@ -344,11 +348,20 @@ def fit(opts: DPOOptions, model, data: PairData, ref_train: torch.Tensor, dist: 
         task.close()
 
 
-def write(opts: DPOOptions, model, data: PairData, params: dict) -> None:
-    """The adapter in PEFT's layout, the resolved options, and with --merge the merged checkpoint."""
+def merged_dtype(opts: DPOOptions, base_dtype: str) -> tuple[str, str]:
+    """The dtype merged/ is written in, and why: --save-dtype, else the base's stored dtype (a
+    float16 base gives a float16 merged model, not one twice its size)."""
+    if opts.save_dtype != "auto":
+        return opts.save_dtype, f"--save-dtype {opts.save_dtype}"
+    return base_dtype, "the base model's stored dtype (--save-dtype auto)"
+
+
+def write(opts: DPOOptions, model, data: PairData, params: dict, dtype: str = "float32") -> None:
+    """The adapter in PEFT's layout, the resolved options, and with --merge the merged checkpoint in
+    ``dtype`` (the model in memory is left merged and rounded to it: what merged/ holds)."""
     from itera.fsio import atomic_dir, write_text_atomic
     from itera.lora import merge_lora, save_adapter
-    from itera.model.checkpoint import save_model
+    from itera.model.checkpoint import round_to_dtype, save_model
 
     with atomic_dir(opts.out) as tmp:
         save_adapter(model, tmp, opts.targets, opts.lora_rank, opts.lora_alpha, opts.lora_dropout,
@@ -356,7 +369,8 @@ def write(opts: DPOOptions, model, data: PairData, params: dict) -> None:
         (tmp / "dpo_config.json").write_text(json.dumps(params, indent=2) + "\n")
         if opts.merge:
             merge_lora(model)
-            save_model(model, tmp / "merged", tokenizer_from=Path(opts.model))
+            round_to_dtype(model, dtype, "merged model")
+            save_model(model, tmp / "merged", tokenizer_from=Path(opts.model), dtype=dtype)
     if opts.save_pairs is not None:
         write_text_atomic(Path(opts.save_pairs), "".join(json.dumps(p.as_dict()) + "\n" for p in data.pairs))
 
@@ -367,13 +381,14 @@ def write(opts: DPOOptions, model, data: PairData, params: dict) -> None:
 def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = None) -> Outcome:
     """Validate, build pairs, cache reference log-probs, train LoRA adapters, measure, write."""
     from itera.lora import add_lora
-    from itera.model.checkpoint import load_checked_config, load_model
+    from itera.model.checkpoint import load_checked_config, load_model, stored_dtype
     from itera.tokenizer import Tokenizer
     from itera.train import barrier
 
     dist = dist or Dist(device=opts.device)
     opts.validate()
-    cfg = load_checked_config(opts.model)[0]
+    cfg, headers = load_checked_config(opts.model)
+    dtype, dtype_reason = merged_dtype(opts, stored_dtype(cfg, headers))
     if cfg.quantization:
         raise UsageError(f"{opts.model} is quantized; train adapters on the float checkpoint")
     tok = Tokenizer.from_dir(opts.model)
@@ -407,7 +422,16 @@ def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = N
     params = {**opts.as_params(), "train": opts.train.as_params(), "processes": dist.world}
     artifact = None
     if dist.main:  # under torchrun only rank 0 writes
-        write(opts, model, data, params)
+        write(opts, model, data, params, dtype)
+        if opts.merge:
+            # the held-out figures above are the adapter's on the base in float32; these are merged/'s, as saved
+            metrics.update(merged_dtype=dtype, merged_dtype_reason=dtype_reason,
+                           heldout_merged=score(data.held, ref_held) if held else None,
+                           heldout_measured_on=f"heldout, heldout_before and kl_to_reference: the adapter on the "
+                                               f"base in float32; heldout_merged: merged/ as saved ({dtype})")
+            reporter.log(f"merged/ saved in {dtype} ({dtype_reason})" + (
+                f"; its held-out reward accuracy as saved {metrics['heldout_merged']['reward_accuracy']:.3f}"
+                if held else ""))
         if opts.merge:  # what the next command (export, evaluate) takes; the adapter is listed beside it
             artifact = {**describe_artifact(opts.out / "merged", "checkpoint", "safetensors"), "adapter": str(opts.out)}
         else:

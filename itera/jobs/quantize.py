@@ -214,6 +214,7 @@ class Source:
     budget: Budget | None = None  # auto with --target-bpw / --target-bytes
     fixed_plan: dict[str, str] | None = None  # auto with --plan: module -> type
     layout: object = None  # the GGUF file's layout (None: the model has no GGUF export)
+    heldout: dict | None = None  # which characters and tokens of --calib are held out (itera.data.heldout_split)
 
 
 def check_source(opts: QuantizeOptions):
@@ -257,7 +258,7 @@ def load_source(opts: QuantizeOptions) -> Source:
 
 def calibrate(opts: QuantizeOptions, src: Source) -> tuple[torch.Tensor | None, str | None]:
     """Calibration windows from the head of --calib and its held-out tail (None, None without --calib)."""
-    from itera.data import load_text, split_heldout
+    from itera.data import canonical, heldout_split, load_text, split_heldout
     from itera.train import calibration_ids
 
     if not opts.calib:
@@ -265,6 +266,8 @@ def calibrate(opts: QuantizeOptions, src: Source) -> tuple[torch.Tensor | None, 
     text = load_text(opts.calib, purpose="train", field=opts.text_field).text
     head, held = split_heldout(text, opts.holdout)
     tokens = torch.tensor(src.tokenizer.encode(head, add_bos=False), dtype=torch.long)
+    src.heldout = heldout_split(canonical(opts.calib, purpose="train"), text, opts.holdout, tokens.numel(),
+                                len(src.tokenizer.encode(held, add_bos=False)), None, "calibration")
     seqlen = min(opts.calib_seqlen, src.cfg.max_position_embeddings)
     return calibration_ids(tokens, opts.calib_samples, seqlen, opts.seed).to(opts.device), held
 
@@ -380,8 +383,10 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
     t0 = time.perf_counter()
     importance = module_importance(src, calib) if opts.method == "auto" or opts.gguf_type else {}
     plan, sens, fallbacks = choose_layers(opts, src, calib, importance, reporter)
-    for fb in fallbacks:
-        reporter.log(f"fallback: {fb['tensor']} {fb['wanted']} -> {fb['used']} ({fb['reason']})")
+    if fallbacks:  # one line however many tensors fell back; the record lists every one
+        from itera.export.gguf import fallback_summary
+
+        reporter.log(fallback_summary(fallbacks))
     apply_method = opts.auto_base if opts.method == "auto" else opts.method
     reporter.log(f"quantizing {len(src.mods)} tensors with {apply_method}")
     task = reporter.task("quantize", total=src.cfg.num_hidden_layers, unit="layers")
@@ -429,4 +434,6 @@ def _metrics(opts, src: Source, plan: dict, tensors: dict, figures: dict, before
         metrics.update(gguf_figures(src.layout, gguf_types(src, plan)))
     if before is None:
         metrics["perplexity_note"] = "no --calib text: perplexity not measured"
+    elif src.heldout is not None:  # which tokens: distill's held-out tail is another share of another text
+        metrics["heldout_split"] = {**src.heldout, "tokens_scored": after["tokens"]}
     return metrics

@@ -374,6 +374,55 @@ def resolve_dtype(dtype: "torch.dtype | str | None") -> "torch.dtype":
     return names[dtype]
 
 
+SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")  # --save-dtype: auto is the source's stored dtype
+_FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float32"}
+
+
+def stored_dtype(cfg: ModelConfig, headers: dict[str, tuple[Path, dict]]) -> str:
+    """The float dtype a checkpoint's weights are stored in: the one holding most of its float
+    elements in the safetensors headers (float64 counts as float32), else config.json's
+    ``torch_dtype``, else float32. One of float32, float16, bfloat16."""
+    count: dict[str, int] = {}
+    for _, info in headers.values():
+        name = _FLOAT_DTYPES.get(info["dtype"])
+        if name is not None:
+            count[name] = count.get(name, 0) + math.prod(info["shape"])
+    if count:
+        return max(count, key=count.get)
+    return cfg.torch_dtype if cfg.torch_dtype in SAVE_DTYPES[1:] else "float32"
+
+
+def check_save_dtype(value: str, flag: str = "--save-dtype") -> str:
+    """``value`` as one of :data:`SAVE_DTYPES` (fp32, fp16, bf16 accepted); UsageError otherwise."""
+    from itera.errors import UsageError
+
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    v = aliases.get(str(value).lower(), str(value).lower())
+    if v not in SAVE_DTYPES:
+        raise UsageError(f"{flag} {value!r} is not a dtype to save in; use {', '.join(SAVE_DTYPES)}")
+    return v
+
+
+def round_to_dtype(model: "LlamaForCausalLM", dtype: str, what: str = "model") -> None:
+    """Round ``model``'s float32 parameters in place to the values ``dtype`` stores (they stay
+    float32 in memory), so that what is measured next is what :func:`save_model` writes in
+    ``dtype`` and what loads back. A value beyond ``dtype``'s range is refused naming the tensor."""
+    import torch
+
+    from itera.errors import UsageError
+
+    target = resolve_dtype(dtype)
+    if target == torch.float32:
+        return
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            rounded = p.detach().to(target)
+            if not bool(torch.isfinite(rounded).all()) and bool(torch.isfinite(p).all()):
+                raise UsageError(f"the {what}'s {name} holds values beyond what {dtype} can hold; pass "
+                                 "--save-dtype float32 (or bfloat16)")
+            p.copy_(rounded.to(p.dtype))
+
+
 def save_model(model: "LlamaForCausalLM", out: Path, tokenizer_from: Path | None = None,
                dtype: "torch.dtype | str | None" = None, max_shard_bytes: int | None = None,
                extra_files: dict[str, str] | None = None) -> Path:
