@@ -269,9 +269,9 @@ def _register_with_metric(reg, tmp_path, name, i, metrics):
     from itera.artifacts import describe_artifact
     from itera.record import Run
 
-    f = tmp_path / f"{name}-{i}.bin"
-    f.write_bytes(f"{name} {i}".encode())
-    art = describe_artifact(f, "file", "bin")
+    f = tmp_path / f"{name}-{i}.gguf"
+    f.write_bytes(f"GGUF {name} {i}".encode())  # an artifact itera can read: activate and promote check it
+    art = describe_artifact(f, "file", "gguf")
     core, params = MINIMAL["benchmark-power"]
     rec = Run("benchmark-power").record(art, {**core, **metrics}, params)
     return reg.register(name, art, rec)
