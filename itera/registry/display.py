@@ -285,7 +285,7 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
-ACTOR_WIDTH = 16  # the history table's "by" column, at most
+ACTOR_WIDTH = 12  # the history table's "by" column, at most
 
 
 def event_what(e: dict) -> str:
@@ -297,19 +297,24 @@ def event_what(e: dict) -> str:
 
 
 def history_lines(events: list[dict], name: str, width: int = HISTORY_WIDTH) -> list[str]:
-    """``registry history`` on a terminal: one line per event, at most ``width`` characters: when,
-    what happened, to which version, who did it (a column only when some event says; events
-    logged before itera recorded it do not) and what it did, with the reason given."""
+    """``registry history`` on a terminal: one line per event, at most ``width`` characters: when
+    (to the minute; the JSON has the rest), what happened, to which version, who did it (a column
+    only when some event says; events logged before itera recorded it do not) and what it did,
+    with the reason given. The "what" is clipped last: a long actor is cut first."""
     if not events:
         return [f"no events for {name}"]
     by = any(e.get("actor") for e in events)
-    rows = [[str(e.get("at", ""))[:19].replace("T", " "), str(e.get("event", "")),
+    rows = [[str(e.get("at", ""))[:16].replace("T", " "), str(e.get("event", "")),
              "" if e.get("version") is None else f"@{e['version']}",
              *([_clip(printable(str(e.get("actor") or "–")), ACTOR_WIDTH)] if by else []),
              printable(event_what(e))] for e in events]
     head = ["at", "event", "ver", *(["by"] if by else []), "what"]
     n = len(head) - 1
     fixed = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(head[:n])]
+    if by:  # the actors give way (to 6 characters) before the summaries do
+        want = max(len(r[n]) for r in rows)
+        fixed[3] = max(min(fixed[3], fixed[3] - (sum(fixed) + 2 * n + want - width)), min(fixed[3], 6))
+        rows = [[*r[:3], _clip(r[3], fixed[3]), *r[4:]] for r in rows]
     room = max(width - sum(fixed) - 2 * n, 10)
     rows = [[*r[:n], _clip(r[n], room)] for r in rows]
     return render(head, rows)
