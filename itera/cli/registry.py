@@ -424,7 +424,7 @@ def unalias(
 @app.command()
 def tag(
     ref: RefArg,
-    tags: Annotated[Optional[list[str]], typer.Argument(metavar="[KEY=VALUE]...", help="Tags to set (a key it "
+    tags: Annotated[Optional[list[str]], typer.Argument(metavar="KEY=VALUE", help="Tags to set (a key it "
                                                         "has gets the new value).", show_default=False)] = None,
     remove: Annotated[Optional[list[str]], typer.Option("--remove", metavar="KEY", help="A tag to remove; repeat "
                                                         "for several.")] = None,
