@@ -216,7 +216,9 @@ def register(
     def say(v):
         if v.get("duplicate_of"):
             _say(f"{name}@{v['version']} already holds these bytes (sha256 {v['sha256'][:12]}…); nothing added "
-                 "(pass --allow-duplicate for a new version)")
+                 "(pass --allow-duplicate for a new version)"
+                 + (f"; it is archived: `itera registry unarchive {name}@{v['version']}` brings it back"
+                    if v.get("archived") else ""))
         else:
             _say(f"registered {name}@{v['version']} ({v['path']})")
 
