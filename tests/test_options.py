@@ -259,3 +259,29 @@ def test_the_alias_check_can_fail():
 
     with pytest.raises(AssertionError, match="declared twice"):
         _params_by_opt(_command(two))
+
+
+# ------------------------------------------------------------------------- the registry's subcommands (#29)
+
+# `itera registry` subcommands that change the registry: each takes --reason (the history keeps it
+# with the actor, ITERA_ACTOR or the OS user) and --metrics-out (they print a record); no reading one
+# takes either. A new subcommand goes in one list or the other.
+REGISTRY_CHANGES = {"register", "activate", "mark-good", "alias", "unalias", "tag", "archive", "unarchive",
+                    "rollback", "promote"}
+REGISTRY_READS = {"list", "show", "compare", "history", "resolve"}
+
+
+def _registry_commands() -> dict:
+    return typer.main.get_command(app).commands["registry"].commands
+
+
+def test_every_registry_change_takes_a_reason_and_no_read_does():
+    commands = _registry_commands()
+    assert set(commands) == REGISTRY_CHANGES | REGISTRY_READS
+    for name, cmd in commands.items():
+        by_opt = _params_by_opt(cmd)  # also: no option declared twice
+        assert ("--reason" in by_opt) == (name in REGISTRY_CHANGES), name
+        assert ("--metrics-out" in by_opt) == (name in REGISTRY_CHANGES), name
+        assert "--registry" in by_opt and by_opt["--registry"].envvar == "ITERA_REGISTRY", name
+        for p in cmd.params:  # one long spelling per option: none of them has aliases
+            assert len([o for o in p.opts if o.startswith("--")]) <= 1, (name, p.opts)

@@ -269,9 +269,9 @@ def _register_with_metric(reg, tmp_path, name, i, metrics):
     from itera.artifacts import describe_artifact
     from itera.record import Run
 
-    f = tmp_path / f"{name}-{i}.bin"
-    f.write_bytes(f"{name} {i}".encode())
-    art = describe_artifact(f, "file", "bin")
+    f = tmp_path / f"{name}-{i}.gguf"
+    f.write_bytes(f"GGUF {name} {i}".encode())  # an artifact itera can read: activate and promote check it
+    art = describe_artifact(f, "file", "gguf")
     core, params = MINIMAL["benchmark-power"]
     rec = Run("benchmark-power").record(art, {**core, **metrics}, params)
     return reg.register(name, art, rec)
@@ -379,3 +379,222 @@ def test_show_missing_things(tmp_path, artifact):
     assert_usage_error(reg_cli(db, "show", "m@7"), "has no version 7")
     assert_usage_error(reg_cli(db, "show", "m@active"), "has no 'active' version")
     assert_usage_error(reg_cli(db, "show", "m@0"), "invalid version")
+
+
+# ------------------------------------------------------------------ what a team needs (#29): aliases,
+# tags, archive, who and why; activate/promote of a version whose file is gone
+
+
+def _two(tmp_path, db):
+    """m@1 and m@2: two bare GGUF files registered with the CLI."""
+    arts = []
+    for i in (1, 2):
+        f = tmp_path / f"m{i}.gguf"
+        f.write_bytes(f"GGUF weights {i}".encode())
+        arts.append(f)
+        assert reg_cli(db, "register", "--name", "m", "--path", f).returncode == 0
+    return arts
+
+
+def _tables(db) -> dict:
+    """Every row of the registry's tables (what "nothing written" is checked against)."""
+    con = sqlite3.connect(db)
+    try:
+        return {t: con.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+                for t in ("versions", "tags", "aliases", "events")}
+    finally:
+        con.close()
+
+
+def test_activate_promote_and_mark_good_refuse_a_version_whose_artifact_is_gone(tmp_path):
+    db = tmp_path / "r.db"
+    arts = _two(tmp_path, db)
+    assert reg_cli(db, "activate", "m@1").returncode == 0
+    gone = arts[1].resolve()
+    arts[1].unlink()
+    before = _tables(db)
+    for argv, verb in ((["activate", "m@2"], "activate the new version"),
+                       (["activate", "m@latest"], "activate the new version"),
+                       (["promote", "m@2", "--metric", "x", "--higher-is-better"], "promote the new version"),
+                       (["mark-good", "m@2"], "mark the new version good"),
+                       (["alias", "m@2", "staging"], "point staging at the new version")):
+        line = assert_usage_error(reg_cli(db, *argv))
+        assert line == (f"itera: error: m@2's artifact {gone} no longer exists; put it back, or register it again "
+                        f"and {verb}; aliases unchanged"), line
+    assert _tables(db) == before  # nothing written: no alias moved, no event
+    # resolve and rollback said so before; they still do
+    assert_usage_error(reg_cli(db, "resolve", "m@2"), f"{gone} no longer exists")
+    res = reg_cli(db, "rollback", "m", "--to", "2")
+    assert res.returncode == 3 and "no longer exists" in res.stderr
+    # changed bytes are refused the same way (the check rollback makes)
+    arts[0].write_bytes(b"GGUF tampered")
+    assert_usage_error(reg_cli(db, "activate", "m@1"), "m@1's artifact", "changed since it was registered",
+                       "aliases unchanged")
+
+
+def test_custom_aliases_resolve_everywhere_a_ref_is_taken(tmp_path):
+    db = tmp_path / "r.db"
+    arts = _two(tmp_path, db)
+    res = reg_cli(db, "alias", "m@1", "staging", "--reason", "canary for a day")
+    assert res.returncode == 0 and res.stderr == "m@staging -> version 1\n"
+    assert res.record["params"]["aliases"] == ["staging"] and res.record["params"]["alias"] == "staging"
+    assert reg_cli(db, "resolve", "m@staging").stdout == f"{arts[0].resolve()}\n"
+    assert json.loads(reg_cli(db, "show", "m@staging").stdout)["version"] == 1
+    assert json.loads(reg_cli(db, "compare", "m@staging", "m@2").stdout)["versions"] == ["m@1", "m@2"]
+    assert reg_cli(db, "alias", "m@2", "staging").returncode == 0  # moved
+    assert reg_cli(db, "alias", "m@staging", "canary").returncode == 0  # an alias of an alias's version
+    assert reg_cli(db, "activate", "m@canary").returncode == 0
+    assert [v["aliases"] for v in json.loads(reg_cli(db, "list").stdout)["versions"]] == \
+        [[], ["active", "canary", "staging"]]
+    # serve takes NAME@staging and follows it like NAME@active
+    from itera.jobs.serve.engine import resolve_source
+    from itera.jobs.serve.options import ServeOptions
+
+    ServeOptions(model="m@staging", registry=db).validate()
+    source, follow = resolve_source("m@staging", db)
+    assert source.version == 2 and follow.ref == Ref("m", "staging")
+    res = reg_cli(db, "unalias", "m", "staging")
+    assert res.returncode == 0 and res.stderr == "removed m@staging (it pointed at version 2)\n"
+    assert_usage_error(reg_cli(db, "show", "m@staging"), "m has no 'staging' version yet")
+    assert_usage_error(reg_cli(db, "unalias", "m", "staging"), "m has no alias 'staging'")
+    events = [e for e in json.loads(reg_cli(db, "history", "m").stdout)["events"] if "alias" in e["event"]]
+    assert [(e["event"], e["version"], e["detail"], e["reason"]) for e in events] == [
+        ("alias", 1, {"alias": "staging", "previous": None}, "canary for a day"),
+        ("alias", 2, {"alias": "staging", "previous": 1}, None),
+        ("alias", 2, {"alias": "canary", "previous": None}, None),
+        ("unalias", 2, {"alias": "staging", "previous": 2}, None)]
+
+
+def test_reserved_and_invalid_alias_names_are_refused(tmp_path):
+    db = tmp_path / "r.db"
+    _two(tmp_path, db)
+    before = _tables(db)
+    assert assert_usage_error(reg_cli(db, "alias", "m@1", "active")) == \
+        "itera: error: 'active' is reserved: `itera registry activate`, `promote` or `rollback` moves it"
+    assert assert_usage_error(reg_cli(db, "unalias", "m", "last-good")) == \
+        "itera: error: 'last-good' is reserved: `itera registry mark-good` moves it"
+    assert_usage_error(reg_cli(db, "alias", "m@1", "latest"), "NAME@latest is always the highest version")
+    for bad in ("12", "_x", "a b", "x'; DROP TABLE aliases; --", "é"):
+        assert_usage_error(reg_cli(db, "alias", "m@1", bad), f"invalid alias {bad!r}")
+    assert_usage_error(reg_cli(db, "show", "m@a b"), "invalid version", "NAME@ALIAS")
+    assert _tables(db) == before
+
+
+def test_tags_are_set_and_removed_in_one_logged_event(tmp_path):
+    db = tmp_path / "r.db"
+    _two(tmp_path, db)
+    res = reg_cli(db, "tag", "m@1", "stage=dev", "owner=ml")
+    assert res.returncode == 0 and res.record["params"]["tags"] == {"owner": "ml", "stage": "dev"}
+    res = reg_cli(db, "tag", "m@1", "stage=prod", "--remove", "owner", "--reason", "shipped")
+    assert res.returncode == 0 and res.stderr == "tags of m@1: stage=prod\n"
+    assert json.loads(reg_cli(db, "show", "m@1").stdout)["tags"] == {"stage": "prod"}
+    assert [v["version"] for v in json.loads(reg_cli(db, "list", "--tag", "stage=prod").stdout)["versions"]] == [1]
+    before = _tables(db)
+    assert assert_usage_error(reg_cli(db, "tag", "m@1", "--remove", "owner")) == \
+        "itera: error: m@1 has no tag 'owner'; its tags: stage"
+    assert_usage_error(reg_cli(db, "tag", "m@1"), "nothing to change")
+    assert_usage_error(reg_cli(db, "tag", "m@1", "a=1", "--remove", "a"), "tag 'a' is both set and removed")
+    assert_usage_error(reg_cli(db, "tag", "m@1", "no-equals"), "invalid tag 'no-equals': use KEY=VALUE")
+    assert_usage_error(reg_cli(db, "tag", "m@1", "k=line\nbreak"), "no control characters")
+    assert _tables(db) == before
+    tags = [e for e in json.loads(reg_cli(db, "history", "m").stdout)["events"] if e["event"] == "tag"]
+    assert [(e["detail"], e["reason"]) for e in tags] == [
+        ({"set": {"owner": "ml", "stage": "dev"}, "removed": [], "previous": {"owner": None, "stage": None}}, None),
+        ({"set": {"stage": "prod"}, "removed": ["owner"], "previous": {"owner": "ml", "stage": "dev"}}, "shipped")]
+
+
+def test_archive_hides_a_version_keeps_its_file_and_blocks_activation_until_unarchived(tmp_path):
+    db = tmp_path / "r.db"
+    arts = _two(tmp_path, db)
+    assert reg_cli(db, "activate", "m@1").returncode == 0
+    assert reg_cli(db, "alias", "m@2", "staging").returncode == 0
+    before = _tables(db)
+    assert assert_usage_error(reg_cli(db, "archive", "m@1", "--reason", "x")) == \
+        "itera: error: m@1 is active: activate (or promote, or roll back to) another version of m before archiving it"
+    assert_usage_error(reg_cli(db, "archive", "m@2", "--reason", "x"),
+                       "m@2 is m@staging", "`itera registry unalias m staging`")
+    assert_usage_error(reg_cli(db, "archive", "m@2"), "say why with --reason TEXT")
+    assert_usage_error(reg_cli(db, "unarchive", "m@2"), "m@2 is not archived")
+    assert _tables(db) == before
+    assert reg_cli(db, "unalias", "m", "staging").returncode == 0
+    res = reg_cli(db, "archive", "m@2", "--reason", "trained on the test split")
+    assert res.returncode == 0 and res.record["params"]["archived"]["reason"] == "trained on the test split"
+    assert arts[1].exists()  # nothing deleted
+    assert [v["version"] for v in json.loads(reg_cli(db, "list").stdout)["versions"]] == [1]
+    listed = json.loads(reg_cli(db, "list", "--all").stdout)["versions"]
+    assert [v["version"] for v in listed] == [1, 2] and listed[0]["archived"] is None
+    assert listed[1]["archived"]["reason"] == "trained on the test split"
+    assert json.loads(reg_cli(db, "show", "m@2").stdout)["archived"]["by"]  # still shown, still resolved
+    assert reg_cli(db, "resolve", "m@2").stdout == f"{arts[1].resolve()}\n"
+    before = _tables(db)
+    hint = "m@2 is archived; bring it back first with `itera registry unarchive m@2`"
+    for argv in (["activate", "m@2"], ["promote", "m@2", "--metric", "x", "--higher-is-better"],
+                 ["mark-good", "m@2"], ["alias", "m@2", "canary"]):
+        assert assert_usage_error(reg_cli(db, *argv)) == f"itera: error: {hint}; aliases unchanged"
+    assert_usage_error(reg_cli(db, "archive", "m@2", "--reason", "again"), "m@2 is already archived")
+    assert _tables(db) == before
+    res = reg_cli(db, "rollback", "m", "--to", "2")  # a refused rollback: exit 3, logged
+    assert res.returncode == 3 and res.stderr == f"itera: error: rollback refused: {hint}; aliases unchanged\n"
+    assert reg_cli(db, "unarchive", "m@2", "--reason", "false alarm").returncode == 0
+    assert [v["version"] for v in json.loads(reg_cli(db, "list").stdout)["versions"]] == [1, 2]
+    assert reg_cli(db, "activate", "m@2").returncode == 0
+    events = json.loads(reg_cli(db, "history", "m").stdout)["events"]
+    assert [(e["event"], e["reason"]) for e in events if "archive" in e["event"]] == [
+        ("archive", "trained on the test split"), ("unarchive", "false alarm")]
+
+
+def test_every_event_says_who_and_why(tmp_path):
+    import getpass
+
+    db = tmp_path / "r.db"
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF weights")
+    env = {"ITERA_ACTOR": "ci-bot (pipeline 812)"}
+    res = run_itera("registry", "register", "--name", "m", "--path", f, "--registry", db, "--reason", "nightly",
+                    env=env)
+    assert res.record["params"]["actor"] == "ci-bot (pipeline 812)" and res.record["params"]["reason"] == "nightly"
+    assert reg_cli(db, "activate", "m@1").returncode == 0  # no ITERA_ACTOR: the OS user
+    res = run_itera("registry", "rollback", "m", "--registry", db, "--reason", "bad canary", env=env)
+    assert res.returncode == 3  # no last-good: refused, and the refusal says who asked and why
+    events = json.loads(reg_cli(db, "history", "m").stdout)["events"]
+    assert [(e["event"], e["actor"], e["reason"]) for e in events] == [
+        ("register", "ci-bot (pipeline 812)", "nightly"), ("activate", getpass.getuser(), None),
+        ("rollback-refused", "ci-bot (pipeline 812)", "bad canary")]
+    assert "no last-good version" in events[2]["detail"]["reason"]  # the registry's own reason stays in detail
+    before = _tables(db)
+    assert_usage_error(run_itera("registry", "activate", "m@1", "--registry", db, env={"ITERA_ACTOR": "a\nb"}),
+                       "invalid ITERA_ACTOR")
+    assert_usage_error(reg_cli(db, "activate", "m@1", "--reason", "two\nlines"), "invalid --reason")
+    assert_usage_error(reg_cli(db, "activate", "m@1", "--reason", " "), "invalid --reason")
+    assert _tables(db) == before
+
+
+def test_a_registry_of_schema_1_migrates_and_its_old_events_read_without_actor(tmp_path):
+    """A registry written before events had an actor and versions could be archived (schema 1):
+    opened by this itera it is migrated in place, and what it held reads as before."""
+    db = tmp_path / "old.db"
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF weights")
+    con = sqlite3.connect(db, isolation_level=None)
+    for statement in filter(str.strip, MIGRATIONS[0].split(";")):
+        con.execute(statement)
+    con.execute("PRAGMA user_version = 1")
+    from itera.artifacts import describe_artifact
+
+    art = describe_artifact(f, "file", "gguf")
+    con.execute("INSERT INTO versions VALUES ('m', 1, ?, 'file', 'gguf', ?, ?, NULL, '{}', '{}', '[]', NULL, NULL, "
+                "'2025-01-01T00:00:00Z')", (str(f), art["bytes"], art["sha256"]))
+    con.execute("INSERT INTO tags VALUES ('m', 1, 'stage', 'dev')")
+    con.execute("INSERT INTO aliases VALUES ('m', 'active', 1, '2025-01-01T00:00:00Z')")
+    con.execute("INSERT INTO events (name, version, event, ok, detail, at) VALUES ('m', 1, 'register', 1, "
+                "'{\"path\": \"x\"}', '2025-01-01T00:00:00Z')")
+    con.close()
+    listed = json.loads(reg_cli(db, "list").stdout)["versions"]
+    assert [(v["version"], v["tags"], v["aliases"], v["archived"]) for v in listed] == [
+        (1, {"stage": "dev"}, ["active"], None)]
+    events = json.loads(reg_cli(db, "history", "m").stdout)["events"]
+    assert [(e["event"], e["actor"], e["reason"]) for e in events] == [("register", None, None)]
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+    con.close()
+    assert reg_cli(db, "tag", "m@1", "stage=prod", "--reason", "after the upgrade").returncode == 0

@@ -5,6 +5,7 @@ pipe or with --json; records indented on a terminal; a rollback that changes not
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import select
@@ -97,6 +98,7 @@ def pipeline_record(path: Path, gguf_type: str, bpw: float, kl: float, max_kl: f
 
 
 NOTES = "/data/corpora/notes.txt"
+DEV = {"ITERA_ACTOR": "dev"}  # who the fixture's events say made them (not the OS user: a table's width is fixed)
 
 
 @pytest.fixture
@@ -113,9 +115,9 @@ def three(tmp_path):
         rec = tmp_path / f"rec{i}.json"
         rec.write_text(record.dumps(pipeline_record(f, t, *figures)))
         assert run_itera("registry", "register", "--name", "pydocs-demo", "--record", rec, "--registry", db,
-                         "--tag", "stage=dev").returncode == 0
+                         "--tag", "stage=dev", env=DEV).returncode == 0
     for cmd in ("activate", "mark-good"):
-        assert run_itera("registry", cmd, "pydocs-demo@1", "--registry", db).returncode == 0
+        assert run_itera("registry", cmd, "pydocs-demo@1", "--registry", db, env=DEV).returncode == 0
     return db
 
 
@@ -149,11 +151,22 @@ def test_list_on_a_terminal_is_a_short_table_and_json_is_what_a_pipe_gets(three)
     assert [v["version"] for v in listed["versions"]] == [1, 2, 3] and "record" not in listed["versions"][0]
     assert set(listed["versions"][0]) == {"name", "version", "path", "kind", "format", "bytes", "sha256",
                                           "quantization", "params", "metrics", "lineage", "git_commit",
-                                          "created_at", "tags", "aliases"}
+                                          "created_at", "tags", "aliases", "archived"}
     code, as_json, err = run_on_terminal("registry", "list", "--json", "--registry", three)
     assert code == 0 and as_json == piped.stdout and err == ""  # byte for byte
     code, as_json, _ = run_on_terminal("--json", "registry", "list", "--registry", three)
     assert as_json == piped.stdout
+
+    # an archived version leaves the table; --all brings it back, marked
+    assert run_itera("registry", "archive", "pydocs-demo@2", "--reason", "superseded", "--registry",
+                     three).returncode == 0
+    code, shown, _ = run_on_terminal("registry", "list", "--registry", three)
+    assert [line.split()[0] for line in shown.splitlines()[1:]] == ["pydocs-demo@1", "pydocs-demo@3"]
+    code, shown, _ = run_on_terminal("registry", "list", "--all", "--registry", three)
+    assert shown.splitlines()[2].split()[:2] == ["pydocs-demo@2", "(archived)"], shown
+    code, shown, _ = run_on_terminal("registry", "show", "pydocs-demo@2", "--registry", three)
+    archived = next(line for line in shown.splitlines() if line.startswith("archived"))
+    assert archived.endswith(f" by {getpass.getuser()}: superseded"), archived
 
 
 def test_compare_on_a_terminal_shows_the_curated_figures_in_human_units(three):
@@ -182,20 +195,21 @@ def test_compare_on_a_terminal_shows_the_curated_figures_in_human_units(three):
 
 def test_history_on_a_terminal_says_each_event_in_one_short_line(three, tmp_path):
     assert run_itera("registry", "promote", "pydocs-demo@2", "--metric", "pydocs@test.perplexity",
-                     "--max-regression", "2%", "--registry", three).returncode == 3
+                     "--max-regression", "2%", "--registry", three, env=DEV).returncode == 3
     assert run_itera("registry", "promote", "pydocs-demo@3", "--metric", "pydocs@test.perplexity",
-                     "--max-regression", "20%", "--registry", three).returncode == 0
+                     "--max-regression", "20%", "--registry", three, env=DEV).returncode == 0
     code, shown, err = run_on_terminal("registry", "history", "pydocs-demo", "--registry", three)
     assert code == 0 and err == ""
     lines = shown.splitlines()
     assert len(lines) == 1 + 3 + 2 + 2 and max(map(len, lines)) <= 100, shown
     assert "{" not in shown
     refused = next(line for line in lines if "promote-refused" in line)
-    assert refused.endswith("  @2   ppl pydocs@test 128.2 vs 113.4 (13.1% worse, max 2%)"), refused
+    assert refused.endswith("  @2   dev  ppl pydocs@test 128.2 vs 113.4 (13.1% worse, max 2%)"), refused
     promoted = next(line for line in lines if " promote " in line)
-    assert promoted.endswith("  @3   ppl pydocs@test 127.9 vs 113.4 (12.8% worse, max 20%)"), promoted
-    assert [line.split()[2:] for line in lines[4:6]] == [["activate", "@1", "active", "unset", "->", "@1"],
-                                                         ["mark-good", "@1", "last-good", "unset", "->", "@1"]]
+    assert promoted.endswith("  @3   dev  ppl pydocs@test 127.9 vs 113.4 (12.8% worse, max 20%)"), promoted
+    assert lines[0].split() == ["at", "event", "ver", "by", "what"]
+    assert [line.split()[2:] for line in lines[4:6]] == [["activate", "@1", "dev", "active", "unset", "->", "@1"],
+                                                         ["mark-good", "@1", "dev", "last-good", "unset", "->", "@1"]]
     assert "pydocs-demo-1.gguf, sha256 " in lines[1]
     code, narrow, _ = run_on_terminal("registry", "history", "pydocs-demo", "--registry", three, cols=72)
     assert max(map(len, narrow.splitlines())) <= 72
@@ -204,6 +218,19 @@ def test_history_on_a_terminal_says_each_event_in_one_short_line(three, tmp_path
     events = json.loads(piped.stdout)["events"]
     assert events[5]["event"] == "promote-refused" and "more than the allowed 2.00%" in events[5]["detail"]["reason"]
     assert run_on_terminal("registry", "history", "pydocs-demo", "--json", "--registry", three)[1] == piped.stdout
+
+    # who and why: ITERA_ACTOR and --reason, on the line of the event they belong to
+    assert run_itera("registry", "alias", "pydocs-demo@3", "staging", "--reason", "canary for a day", "--registry",
+                     three, env={"ITERA_ACTOR": "ci-bot"}).returncode == 0
+    assert run_itera("registry", "tag", "pydocs-demo@3", "stage=prod", "--remove", "stage", "--registry",
+                     three).returncode == 2  # both set and removed: nothing logged
+    assert run_itera("registry", "tag", "pydocs-demo@3", "stage=prod", "--registry", three,
+                     env={"ITERA_ACTOR": "ana"}).returncode == 0
+    code, shown, _ = run_on_terminal("registry", "history", "pydocs-demo", "--registry", three)
+    *_, aliased, tagged = shown.splitlines()
+    assert aliased.split()[2:] == ["alias", "@3", "ci-bot", "staging", "unset", "->", "@3;", "reason:", "canary",
+                                   "for", "a", "day"], aliased
+    assert tagged.split()[2:] == ["tag", "@3", "ana", "stage=prod"], tagged
 
 
 def test_show_on_a_terminal(three):
@@ -298,3 +325,20 @@ def test_serve_a_registered_name_hints_at_its_active_alias(three, tmp_path):
     assert_usage_error(run_itera("serve", "--model", "nosuch", "--port", "0", env={"ITERA_REGISTRY": str(three)},
                                  cwd=tmp_path),
                        "nosuch does not exist; pass a checkpoint directory, .gguf or .onnx file")
+
+
+def test_history_table_gives_the_summary_room_before_the_actor():
+    from itera.registry.display import history_lines
+
+    gate = {"reason": "x" * 40}
+    ev = [{"at": "2026-12-06T01:17:52Z", "event": "rollback-refused", "version": 2, "actor": "a-very-long-actor-name",
+           "reason": None, "detail": gate},
+          {"at": "2026-12-06T01:18:00Z", "event": "activate", "version": 2, "actor": "bob", "reason": "why not",
+           "detail": {"alias": "active", "previous": None}}]
+    lines = history_lines(ev, "m", 84)
+    assert lines == ["at                event             ver  by      what",
+                     "2026-12-06 01:17  rollback-refused  @2   a-ver…  " + "x" * 34 + "…",
+                     "2026-12-06 01:18  activate          @2   bob     active unset -> @2; reason: why not"]
+    # events logged before itera recorded who: no "by" column
+    old = history_lines([{**e, "actor": None, "reason": None} for e in ev], "m", 80)
+    assert old[0].split() == ["at", "event", "ver", "what"] and old[2].endswith("@2   active unset -> @2")

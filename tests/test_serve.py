@@ -784,8 +784,15 @@ def test_hot_swap_on_promote_refuses_a_tampered_version_and_drains_on_sigterm(mo
             b = f.read(1)
             f.seek(-7, os.SEEK_END)
             f.write(bytes([b[0] ^ 0xFF]))
-        run_itera("registry", "promote", "tiny@3", "--metric", "perplexity", "--max-regression", "1000%",
-                  "--registry", reg).record
+        # The registry refuses to promote a changed artifact (exit 2, nothing written); a file changed
+        # after its promotion is what the server must still catch: move the alias as promote would have.
+        refused = run_itera("registry", "promote", "tiny@3", "--metric", "perplexity", "--max-regression", "1000%",
+                            "--registry", reg)
+        assert refused.returncode == 2 and "changed since it was registered" in refused.stderr, refused.stderr
+        from itera.registry import Registry
+
+        with Registry(reg) as registry, registry.transaction():
+            registry.storage.set_alias("tiny", "active", 3, "2026-01-01T00:00:00Z")
         h = wait_health(lambda h: (h["last_refused"] or {}).get("version") == 3, "version 3 not refused")
         assert h["version"] == 2 and "changed since it was registered" in h["last_refused"]["reason"]
         assert str(tmp_path) not in json.dumps(h)  # /health needs no key: it names no paths

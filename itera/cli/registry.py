@@ -1,6 +1,8 @@
-"""`itera registry ...`: versions, aliases, promotion gates and rollback on SQLite.
+"""`itera registry ...`: versions, aliases, tags, promotion gates, rollback and archiving on SQLite.
 
-Changing subcommands (register, activate, mark-good, rollback, promote) print an itera record;
+Changing subcommands (register, activate, mark-good, rollback, promote, alias, unalias, tag,
+archive, unarchive) print an itera record, and each takes ``--reason TEXT``: the history keeps
+it with who made the change (``ITERA_ACTOR``, else the OS user);
 reading subcommands (list, show, compare, history) print a compact table in human units when
 stdout is a terminal (:mod:`itera.registry.display`), else, or with --json, one JSON object on one
 line; resolve prints a bare path for shell use. None of them imports torch.
@@ -21,7 +23,7 @@ from itera.cli._help import App
 from itera.cli._options import MetricsOut
 from itera.errors import UsageError
 
-app = App(help="""Versioned models with lineage, aliases (active, last-good), promotion gates and rollback.
+app = App(help="""Versioned models with lineage, aliases (active, last-good, your own), tags, promotion gates, rollback and archiving.
 
 Examples:
 
@@ -34,21 +36,24 @@ Examples:
 RegistryPath = Annotated[Optional[Path], typer.Option(
     "--registry", envvar="ITERA_REGISTRY", help="SQLite file. Default: $ITERA_HOME/registry.db (~/.itera).",
     dir_okay=False)]
-RefArg = Annotated[str, typer.Argument(help="NAME, NAME@N, NAME@active, NAME@last-good or NAME@latest.")]
+RefArg = Annotated[str, typer.Argument(help="NAME, NAME@N, NAME@active, NAME@last-good, NAME@latest or "
+                                        "NAME@ALIAS (e.g. NAME@staging).")]
 Tags = Annotated[Optional[list[str]], typer.Option("--tag", metavar="KEY=VALUE", help="A tag; repeat for "
                                                    "several.")]
+Reason = Annotated[Optional[str], typer.Option("--reason", metavar="TEXT", help="Why: the history keeps it, with "
+                                               "who made the change ($ITERA_ACTOR, else the OS user).")]
 
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def parse_tags(items: Iterable[str]) -> dict[str, str]:
-    """``--tag key=value`` flags as a dict."""
+def parse_tags(items: Iterable[str], how: str = "--tag key=value") -> dict[str, str]:
+    """``--tag key=value`` flags (or ``key=value`` arguments, ``how`` says which) as a dict."""
     tags = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not TAG_RE.match(key):
-            raise UsageError(f"invalid tag {item!r}: use --tag key=value (key of letters, digits, '_', '.', '-')")
+            raise UsageError(f"invalid tag {item!r}: use {how} (key of letters, digits, '_', '.', '-')")
         if any(ord(c) < 32 or ord(c) == 127 for c in value) or len(value) > 1024:
             raise UsageError(f"invalid tag value for {key!r}: at most 1024 characters and no control characters "
                              "(newlines, tabs)")
@@ -137,22 +142,28 @@ def _summary(v: dict) -> dict:
 
 
 def _change(sub: str, registry: Path | None, metrics_out: Path | None, change, parent: dict | None = None,
-            extra_params=lambda v: {}, say=lambda v: None) -> None:
+            extra_params=lambda v: {}, say=lambda v: None, reason: str | None = None, create: bool = True) -> None:
     """Run ``change(reg) -> version`` and build its record in one transaction, so that anything
     that can fail (a number JSON cannot hold, a record the schema refuses) fails before the
-    commit; ``--metrics-out`` is checked first and written, like stdout, after it."""
+    commit; ``--metrics-out``, ``--reason`` and ``ITERA_ACTOR`` are checked first, before the
+    registry is opened, and the record is written, like stdout, after the commit. ``create=False``:
+    the registry must exist (the commands that change a version already registered)."""
     from itera import record
     from itera.fsio import check_writable_file
+    from itera.registry import current_actor, validate_text
 
     if metrics_out is not None:
         check_writable_file(metrics_out)
+    if reason is not None:
+        validate_text(reason, "--reason")
+    actor = current_actor()
     run = record.Run(f"registry {sub}", parent=parent)
-    with _open(registry) as reg:
+    with _open(registry, create=create) as reg:
         with reg.transaction():
             v = change(reg)
             artifact = {k: v[k] for k in ("path", "kind", "format", "bytes", "sha256")}
             params = {"name": v["name"], "version": v["version"], "registry": str(reg.path),
-                      "aliases": v["aliases"], **extra_params(v)}
+                      "aliases": v["aliases"], **extra_params(v), "actor": actor, "reason": reason}
             rec = run.record(artifact, {}, params)
             record.dumps(rec)  # serialisable, or the transaction rolls back
     say(v)
@@ -170,6 +181,7 @@ def register(
     allow_duplicate: Annotated[bool, typer.Option("--allow-duplicate", help="Add a new version even when NAME "
                                                   "already has one with these exact bytes (by default that "
                                                   "version is reported and nothing is added).")] = False,
+    reason: Reason = None,
     registry: RegistryPath = None,
     metrics_out: MetricsOut = None,
 ) -> None:
@@ -204,14 +216,17 @@ def register(
     def say(v):
         if v.get("duplicate_of"):
             _say(f"{name}@{v['version']} already holds these bytes (sha256 {v['sha256'][:12]}…); nothing added "
-                 "(pass --allow-duplicate for a new version)")
+                 "(pass --allow-duplicate for a new version)"
+                 + (f"; it is archived: `itera registry unarchive {name}@{v['version']}` brings it back"
+                    if v.get("archived") else ""))
         else:
             _say(f"registered {name}@{v['version']} ({v['path']})")
 
     _change("register", registry, metrics_out,
-            lambda reg: reg.register(name, artifact, parent, tags=tags, commit=commit, allow_duplicate=allow_duplicate),
+            lambda reg: reg.register(name, artifact, parent, tags=tags, commit=commit, allow_duplicate=allow_duplicate,
+                                     reason=reason),
             parent, extra_params=lambda v: {"tags": tags, "git_commit": v["git_commit"],
-                                            "duplicate_of": v.get("duplicate_of")}, say=say)
+                                            "duplicate_of": v.get("duplicate_of")}, say=say, reason=reason)
 
 
 @app.command("list")
@@ -221,19 +236,24 @@ def list_(
     fmt: Annotated[Optional[str], typer.Option("--format", help="Artifact format, e.g. safetensors, gguf.")] = None,
     quantization: Annotated[Optional[str], typer.Option(metavar="TYPE", help="Quantization, e.g. gptq-4bit, "
                                                         "Q4_0.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Archived versions too (hidden by default).")] = False,
     registry: RegistryPath = None,
     json_: JsonFlag = False,
 ) -> None:
     """List registered versions, optionally filtered by name, tag, format or quantization.
+
+    Archived versions (`itera registry archive`) are left out unless --all is given.
 
     Examples:
 
       itera registry list
 
       itera registry list --name demo --format gguf --tag stage=ci
+
+      itera registry list --name demo --all
     """
     with _open(registry, create=False) as reg:
-        versions = reg.list(name, parse_tags(tag or []), fmt, quantization)
+        versions = reg.list(name, parse_tags(tag or []), fmt, quantization, archived=all_)
         if _for_person(json_):
             from itera.registry.display import list_lines
 
@@ -294,7 +314,8 @@ def compare(refs: Annotated[list[str], typer.Argument(help="Two or more versions
 @app.command()
 def history(name: Annotated[str, typer.Argument(help="Model name.")], registry: RegistryPath = None,
             json_: JsonFlag = False) -> None:
-    """The audit log of NAME: registrations, alias changes, refused promotions and rollbacks.
+    """The audit log of NAME: registrations, alias and tag changes, archiving, refused promotions and
+    rollbacks, each with who made it and the reason given.
 
     Examples:
 
@@ -311,22 +332,31 @@ def history(name: Annotated[str, typer.Argument(help="Model name.")], registry: 
 
 
 @app.command()
-def activate(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOut = None) -> None:
+def activate(ref: RefArg, reason: Reason = None, registry: RegistryPath = None,
+             metrics_out: MetricsOut = None) -> None:
     """Point NAME@active at a version.
+
+    Refused (exit 2, aliases unchanged) when the version is archived or its artifact is gone or
+    changed since it was registered.
 
     Examples:
 
       itera registry activate demo@2
+
+      itera registry activate demo@staging --reason "canary looked fine"
     """
     from itera.registry import Ref
 
     r = Ref.parse(ref)
-    _change("activate", registry, metrics_out, lambda reg: reg.activate(r))
+    _change("activate", registry, metrics_out, lambda reg: reg.activate(r, reason=reason), reason=reason)
 
 
 @app.command("mark-good")
-def mark_good(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOut = None) -> None:
+def mark_good(ref: RefArg, reason: Reason = None, registry: RegistryPath = None,
+              metrics_out: MetricsOut = None) -> None:
     """Point NAME@last-good at a version: the one rollback returns to.
+
+    Refused (exit 2) like activate when the version is archived or its artifact is gone or changed.
 
     Examples:
 
@@ -335,26 +365,158 @@ def mark_good(ref: RefArg, registry: RegistryPath = None, metrics_out: MetricsOu
     from itera.registry import Ref
 
     r = Ref.parse(ref)
-    _change("mark-good", registry, metrics_out, lambda reg: reg.mark_good(r))
+    _change("mark-good", registry, metrics_out, lambda reg: reg.mark_good(r, reason=reason), reason=reason)
+
+
+@app.command("alias")
+def alias_(
+    ref: RefArg,
+    alias: Annotated[str, typer.Argument(help="The alias: letters, digits, '.', '_', '-' (not active, last-good "
+                                              "or latest).")],
+    reason: Reason = None,
+    registry: RegistryPath = None,
+    metrics_out: MetricsOut = None,
+) -> None:
+    """Point a custom alias (staging, canary) of NAME at a version; NAME@ALIAS then works wherever a
+    version is taken (show, resolve, compare, serve --model).
+
+    active and last-good are the registry's own: activate, promote and rollback move active,
+    mark-good moves last-good. Refused (exit 2) like activate when the version is archived or its
+    artifact is gone or changed.
+
+    Examples:
+
+      itera registry alias demo@3 staging
+
+      itera registry alias demo@latest canary --reason "nightly build"
+    """
+    from itera.registry import Ref, validate_alias
+
+    r = Ref.parse(ref)
+    validate_alias(alias)
+    _change("alias", registry, metrics_out, lambda reg: reg.set_alias(r, alias, reason=reason),
+            extra_params=lambda v: {"alias": alias}, say=lambda v: _say(f"{r.name}@{alias} -> version {v['version']}"),
+            reason=reason, create=False)
+
+
+@app.command()
+def unalias(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: Annotated[str, typer.Argument(help="The custom alias to remove.")],
+    reason: Reason = None,
+    registry: RegistryPath = None,
+    metrics_out: MetricsOut = None,
+) -> None:
+    """Remove a custom alias of NAME (the version it pointed at stays).
+
+    Examples:
+
+      itera registry unalias demo staging
+    """
+    from itera.registry import validate_alias, validate_name
+
+    validate_name(name)
+    validate_alias(alias)
+    _change("unalias", registry, metrics_out, lambda reg: reg.remove_alias(name, alias, reason=reason),
+            extra_params=lambda v: {"alias": alias},
+            say=lambda v: _say(f"removed {name}@{alias} (it pointed at version {v['version']})"),
+            reason=reason, create=False)
+
+
+@app.command()
+def tag(
+    ref: RefArg,
+    tags: Annotated[Optional[list[str]], typer.Argument(metavar="KEY=VALUE", help="Tags to set (a key it "
+                                                        "has gets the new value).", show_default=False)] = None,
+    remove: Annotated[Optional[list[str]], typer.Option("--remove", metavar="KEY", help="A tag to remove; repeat "
+                                                        "for several.")] = None,
+    reason: Reason = None,
+    registry: RegistryPath = None,
+    metrics_out: MetricsOut = None,
+) -> None:
+    """Set or remove tags of a version, in one logged event.
+
+    Examples:
+
+      itera registry tag demo@3 stage=prod owner=ml-team
+
+      itera registry tag demo@3 --remove owner --reason "team renamed"
+    """
+    from itera.registry import Ref
+
+    r = Ref.parse(ref)
+    new = parse_tags(tags or [], how="KEY=VALUE")
+    for key in remove or []:
+        if not TAG_RE.match(key):
+            raise UsageError(f"invalid tag key {key!r} for --remove: letters, digits, '_', '.', '-'")
+
+    def say(v):
+        _say(f"tags of {v['name']}@{v['version']}: "
+             + (", ".join(f"{k}={val}" for k, val in v["tags"].items()) or "none"))
+
+    _change("tag", registry, metrics_out, lambda reg: reg.tag(r, new, list(remove or []), reason=reason),
+            extra_params=lambda v: {"tags": v["tags"]}, say=say, reason=reason, create=False)
+
+
+@app.command()
+def archive(ref: RefArg, reason: Reason = None, registry: RegistryPath = None,
+            metrics_out: MetricsOut = None) -> None:
+    """Hide a version from `list` (--all shows it) and keep it from being activated or promoted
+    until `unarchive`; --reason is required. Nothing is deleted: the artifact stays on disk and
+    the version in the registry.
+
+    Refused (exit 2) for a version an alias points at: activate another version first (for
+    active), mark another good (last-good), or unalias it.
+
+    Examples:
+
+      itera registry archive demo@2 --reason "trained on the leaked split"
+    """
+    from itera.registry import Ref
+
+    r = Ref.parse(ref)
+    if reason is None:
+        raise UsageError("say why with --reason TEXT: the history keeps it")
+    _change("archive", registry, metrics_out, lambda reg: reg.archive(r, reason),
+            extra_params=lambda v: {"archived": v["archived"]},
+            say=lambda v: _say(f"archived {v['name']}@{v['version']}; nothing deleted ({v['path']} stays)"),
+            reason=reason, create=False)
+
+
+@app.command()
+def unarchive(ref: RefArg, reason: Reason = None, registry: RegistryPath = None,
+              metrics_out: MetricsOut = None) -> None:
+    """Bring an archived version back into `list`; it may be activated and promoted again.
+
+    Examples:
+
+      itera registry unarchive demo@2 --reason "the split was fine after all"
+    """
+    from itera.registry import Ref
+
+    r = Ref.parse(ref)
+    _change("unarchive", registry, metrics_out, lambda reg: reg.unarchive(r, reason=reason),
+            say=lambda v: _say(f"unarchived {v['name']}@{v['version']}"), reason=reason, create=False)
 
 
 @app.command()
 def rollback(
     name: Annotated[str, typer.Argument(help="Model name.")],
     to: Annotated[Optional[int], typer.Option("--to", help="Version to roll back to. Default: last-good.")] = None,
+    reason: Reason = None,
     registry: RegistryPath = None,
     metrics_out: MetricsOut = None,
 ) -> None:
     """Point NAME@active back at last-good (or --to V) after checking its artifact's sha256.
 
     Refused (exit 3, aliases unchanged, an event logged) when the version does not exist, there
-    is no last-good, or the artifact's bytes changed or are gone.
+    is no last-good, the version is archived, or the artifact's bytes changed or are gone.
 
     Examples:
 
       itera registry rollback demo
 
-      itera registry rollback demo --to 1
+      itera registry rollback demo --to 1 --reason "p95 latency doubled"
     """
     from itera.registry import validate_name
 
@@ -363,7 +525,7 @@ def rollback(
 
     def change(reg):
         before["active"] = reg.alias(name, "active")
-        return reg.rollback(name, to)
+        return reg.rollback(name, to, reason=reason)
 
     def say(v):
         if before.get("active") != v["version"]:
@@ -372,7 +534,7 @@ def rollback(
             also = " and last-good" if "last-good" in v["aliases"] else ""
             _say(f"{name}@{v['version']} is already active{also}; nothing to roll back")
 
-    _change("rollback", registry, metrics_out, change, say=say)
+    _change("rollback", registry, metrics_out, change, say=say, reason=reason)
 
 
 @app.command()
@@ -383,12 +545,14 @@ def promote(
                                                 "or 0.02.")] = "0%",
     higher_is_better: Annotated[Optional[bool], typer.Option(
         "--higher-is-better/--lower-is-better", help="Direction, for metrics itera does not know.")] = None,
+    reason: Reason = None,
     registry: RegistryPath = None,
     metrics_out: MetricsOut = None,
 ) -> None:
     """Activate a version only if METRIC is no worse than the active version's by more than the margin.
 
     Exit 3 with the reason when the gate fails: the CI step that keeps a worse model from going live.
+    Exit 2, like activate, when the version is archived or its artifact is gone or changed.
 
     Examples:
 
@@ -407,8 +571,8 @@ def promote(
         _say(f"promoted {v['name']}@{v['version']}: {g['metric']} {g['candidate']:.6g}"
              + (f" vs {g['active']:.6g}" if "active" in g else f" ({g['reason']})"))
 
-    _change("promote", registry, metrics_out, lambda reg: reg.promote(r, metric, margin, direction),
-            extra_params=lambda v: {"gate": v["gate"]}, say=say)
+    _change("promote", registry, metrics_out, lambda reg: reg.promote(r, metric, margin, direction, reason=reason),
+            extra_params=lambda v: {"gate": v["gate"]}, say=say, reason=reason)
 
 
 @app.command()

@@ -1,5 +1,6 @@
-"""A model registry: versions with lineage, aliases (``active``, ``last-good``), promotion gates
-and rollback, and an audit log of every change.
+"""A model registry: versions with lineage, aliases (``active``, ``last-good``, and custom ones
+such as ``staging``), tags, promotion gates, rollback and archiving, and an audit log of every
+change that says who made it (``ITERA_ACTOR``, else the OS user) and why (``--reason``).
 
 - :mod:`.refs` — model names and ``NAME@…`` references.
 - :mod:`.storage` — where versions, tags, aliases and events are kept: the
@@ -18,17 +19,20 @@ This package imports no torch: ``itera registry list/show/resolve`` start fast.
 
 from __future__ import annotations
 
+import getpass
+import os
 from pathlib import Path
 from typing import Any
 
-from itera.errors import InputError
+from itera.errors import InputError, IteraError, UsageError
 from itera.record import utc_now
 from itera.registry import policy
 from itera.registry.integrity import git_commit, integrity_problem, registration
 from itera.registry.policy import HIGHER_IS_BETTER, KEY_METRICS, LOWER_IS_BETTER, RefusedError, metric_direction
 from itera.registry.provenance import (PROTOCOL_KEYS, evaluation_protocol, flatten_metrics, lineage,
                                        measured_metrics, quantization_of)
-from itera.registry.refs import ALIASES, MAX_VERSION, NAME_RE, VERSION_RE, Ref, validate_name
+from itera.registry.refs import (ALIASES, MAX_VERSION, NAME_RE, VERSION_RE, Ref, is_alias, validate_alias,
+                                 validate_name, validate_text)
 from itera.registry.storage import (BUSY_TIMEOUT_S, MIGRATIONS, RegistryStorage, SQLiteStorage, Version,
                                     default_path)
 
@@ -36,9 +40,25 @@ __all__ = [
     "ALIASES", "BUSY_TIMEOUT_S", "HIGHER_IS_BETTER", "KEY_METRICS", "LOWER_IS_BETTER", "MAX_VERSION", "MIGRATIONS",
     "NAME_RE", "PROTOCOL_KEYS", "VERSION_RE", "Ref", "RefusedError", "Registry", "RegistryStorage", "SQLiteStorage",
     "Version", "default_path", "evaluation_protocol", "flatten_metrics", "git_commit",
-    "integrity_problem", "lineage", "measured_metrics", "metric_direction", "quantization_of", "registration",
-    "validate_name",
+    "current_actor", "integrity_problem", "lineage", "measured_metrics", "metric_direction", "quantization_of",
+    "registration", "validate_alias", "validate_name", "validate_text",
 ]
+
+
+def current_actor() -> str:
+    """Who is changing the registry, as events record it: ``ITERA_ACTOR`` when set (a CI job may
+    name the pipeline or the person behind it), else the OS user name, else the user id."""
+    env = os.environ.get("ITERA_ACTOR", "")
+    if env:
+        return validate_text(env, "ITERA_ACTOR")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError, ImportError):  # no LOGNAME/USER and no passwd entry (a container's uid)
+        user = ""
+    try:
+        return validate_text(user, "user name")
+    except IteraError:
+        return f"uid {os.getuid()}"
 
 
 class Registry:
@@ -50,9 +70,17 @@ class Registry:
     that does not exist. ``storage`` is another backend instead (:class:`RegistryStorage`)."""
 
     def __init__(self, path: Path | None = None, busy_timeout_s: float | None = None, create: bool = True,
-                 storage: RegistryStorage | None = None):
+                 storage: RegistryStorage | None = None, actor: str | None = None):
+        self._actor = validate_text(actor, "actor") if actor is not None else None
         self.storage: RegistryStorage = storage if storage is not None else \
             SQLiteStorage(path, busy_timeout_s=busy_timeout_s, create=create)
+
+    @property
+    def actor(self) -> str:
+        """Who the events this registry logs say made the change (:func:`current_actor` by default)."""
+        if self._actor is None:
+            self._actor = current_actor()
+        return self._actor
 
     @property
     def path(self) -> Path | str:
@@ -83,16 +111,37 @@ class Registry:
         """Bring the schema up to date (opening did: a no-op then)."""
         self.storage.migrate()
 
-    def _event(self, name: str, version: int | None, event: str, ok: bool, **detail: Any) -> None:
-        self.storage.add_event(name, version, event, ok, detail, utc_now())
+    def _event(self, name: str, version: int | None, event: str, ok: bool, *, why: str | None = None,
+               **detail: Any) -> None:
+        """Log an event with its actor and ``why`` (the --reason given; ``detail['reason']`` of a
+        refusal is the registry's own reason for it)."""
+        self.storage.add_event(name, version, event, ok, detail, utc_now(), actor=self.actor, reason=why)
 
     def _row(self, name: str, version: int) -> Version | None:
         return self.storage.version(name, version)
 
-    def _set_alias(self, name: str, alias: str, version: int, event: str, **detail: Any) -> None:
+    def _set_alias(self, name: str, alias: str, version: int, event: str, *, why: str | None = None,
+                   **detail: Any) -> None:
         before = self.alias(name, alias)
         self.storage.set_alias(name, alias, version, utc_now())
-        self._event(name, version, event, True, alias=alias, previous=before, **detail)
+        self._event(name, version, event, True, why=why, alias=alias, previous=before, **detail)
+
+    def _usable(self, name: str, version: int, fix: str) -> Version:
+        """Version ``version`` of ``name``, which an alias is about to point at: refused
+        (InputError, nothing written) when it is archived or its artifact is gone or changed
+        (:func:`integrity_problem`, as rollback checks it); ``fix`` is the second half of what to do
+        about a bad artifact ('activate the new version')."""
+        row = self._row(name, version)
+        label = f"{name}@{version}"
+        integrity = None if row["archived"] else integrity_problem(label, row)
+        problem = policy.use_problem(label, row, integrity, fix)
+        if problem is not None:
+            raise InputError(problem)
+        return row
+
+    @staticmethod
+    def _why(reason: str | None) -> str | None:
+        return validate_text(reason, "--reason") if reason is not None else None
 
     def _require(self, name: str) -> None:
         if not self.storage.has_name(name):
@@ -109,7 +158,7 @@ class Registry:
         sel = ref.selector or "latest"
         if sel == "latest":
             return self.storage.latest_version(ref.name)
-        if sel in ALIASES:
+        if is_alias(sel):  # active, last-good or a custom one
             v = self.alias(ref.name, sel)
             if v is None:
                 raise InputError(f"{ref.name} has no {sel!r} version yet; see `itera registry history {ref.name}`")
@@ -123,10 +172,11 @@ class Registry:
         return self._row(ref.name, self.resolve_version(ref))
 
     def list(self, name: str | None = None, tags: dict[str, str] | None = None, fmt: str | None = None,
-             quantization: str | None = None) -> list[dict]:
+             quantization: str | None = None, archived: bool = False) -> list[dict]:
+        """Versions matching every filter, by name then version; archived ones only with ``archived``."""
         if name is not None:
             validate_name(name)
-        return self.storage.versions(name, tags, fmt, quantization)
+        return self.storage.versions(name, tags, fmt, quantization, archived=archived)
 
     def history(self, name: str) -> list[dict]:
         validate_name(name)
@@ -149,12 +199,13 @@ class Registry:
         return (self.storage.latest_version(name) or 0) + 1
 
     def register(self, name: str, artifact: dict, record: dict | None, tags: dict[str, str] | None = None,
-                 commit: str | None = None, allow_duplicate: bool = False) -> dict:
+                 commit: str | None = None, allow_duplicate: bool = False, reason: str | None = None) -> dict:
         """Add the next version of ``name``. ``artifact`` must carry path, kind, format, bytes, sha256.
 
         The same bytes registered again under the same name are that version, not a new one
         (``duplicate_of`` says which), unless ``allow_duplicate``."""
         validate_name(name)
+        why = self._why(reason)
         # Absolute, so `resolve` and rollback's checks work from any directory.
         artifact = {**artifact, "path": str(Path(artifact["path"]).resolve())}
         params = (record or {}).get("params") or {}
@@ -171,22 +222,98 @@ class Registry:
                  "quantization": quantization_of(record), "params": params, "metrics": metrics,
                  "lineage": lineage(record) if record else [], "record": record or None, "git_commit": commit,
                  "created_at": utc_now()}, tags or {})
-            self._event(name, version, "register", True, path=artifact["path"], sha256=artifact["sha256"])
+            self._event(name, version, "register", True, why=why, path=artifact["path"], sha256=artifact["sha256"])
         return self._row(name, version)
 
-    def activate(self, ref: Ref) -> dict:
+    def activate(self, ref: Ref, reason: str | None = None) -> dict:
+        """Point ``active`` at ``ref``; refused (InputError, nothing written) when that version is
+        archived or its artifact is gone or changed."""
+        why = self._why(reason)
         with self.transaction():
             v = self.resolve_version(ref)
-            self._set_alias(ref.name, "active", v, "activate")
+            self._usable(ref.name, v, "activate the new version")
+            self._set_alias(ref.name, "active", v, "activate", why=why)
         return self._row(ref.name, v)
 
-    def mark_good(self, ref: Ref) -> dict:
+    def mark_good(self, ref: Ref, reason: str | None = None) -> dict:
+        """Point ``last-good`` at ``ref``: refused like :meth:`activate` (rollback would refuse it)."""
+        why = self._why(reason)
         with self.transaction():
             v = self.resolve_version(ref)
-            self._set_alias(ref.name, "last-good", v, "mark-good")
+            self._usable(ref.name, v, "mark the new version good")
+            self._set_alias(ref.name, "last-good", v, "mark-good", why=why)
         return self._row(ref.name, v)
 
-    def rollback(self, name: str, to: int | None = None) -> dict:
+    def set_alias(self, ref: Ref, alias: str, reason: str | None = None) -> dict:
+        """Point the custom alias ``alias`` (``staging``, ``canary``) of ``ref``'s model at it;
+        refused like :meth:`activate`. ``active`` and ``last-good`` are not set here."""
+        validate_alias(alias)
+        why = self._why(reason)
+        with self.transaction():
+            v = self.resolve_version(ref)
+            self._usable(ref.name, v, f"point {alias} at the new version")
+            self._set_alias(ref.name, alias, v, "alias", why=why)
+        return self._row(ref.name, v)
+
+    def remove_alias(self, name: str, alias: str, reason: str | None = None) -> dict:
+        """Remove the custom alias ``alias`` of ``name``; the version it pointed at is returned."""
+        validate_name(name)
+        validate_alias(alias)
+        why = self._why(reason)
+        with self.transaction():
+            self._require(name)
+            v = self.alias(name, alias)
+            if v is None:
+                raise InputError(f"{name} has no alias {alias!r}; see `itera registry list --name {name}`")
+            self.storage.remove_alias(name, alias)
+            self._event(name, v, "unalias", True, why=why, alias=alias, previous=v)
+        return self._row(name, v)
+
+    def tag(self, ref: Ref, set_: dict[str, str], remove: list[str] | None = None, reason: str | None = None) -> dict:
+        """Set tags (``set_``, key to value) and remove others (``remove``) of one version, in one
+        event; a removal of a tag the version lacks is refused before anything is written."""
+        why = self._why(reason)
+        with self.transaction():
+            v = self.resolve_version(ref)
+            row = self._row(ref.name, v)
+            detail = policy.tag_edit(f"{ref.name}@{v}", row["tags"], set_, list(remove or []))
+            for k, val in detail["set"].items():
+                self.storage.set_tag(ref.name, v, k, val)
+            for k in detail["removed"]:
+                self.storage.remove_tag(ref.name, v, k)
+            self._event(ref.name, v, "tag", True, why=why, **detail)
+        return self._row(ref.name, v)
+
+    def archive(self, ref: Ref, reason: str) -> dict:
+        """Hide a version from :meth:`list` (nothing is deleted, on disk or here). Refused when it
+        already is or an alias points at it (``active`` above all); ``reason`` is required."""
+        if reason is None:
+            raise UsageError("say why with --reason TEXT: the history keeps it")
+        why = self._why(reason)
+        with self.transaction():
+            v = self.resolve_version(ref)
+            row = self._row(ref.name, v)
+            problem = policy.archive_problem(f"{ref.name}@{v}", row)
+            if problem is not None:
+                raise InputError(problem)
+            at = utc_now()
+            self.storage.set_archived(ref.name, v, {"at": at, "by": self.actor, "reason": why})
+            self._event(ref.name, v, "archive", True, why=why)
+        return self._row(ref.name, v)
+
+    def unarchive(self, ref: Ref, reason: str | None = None) -> dict:
+        """Bring an archived version back into :meth:`list`; it may be activated again."""
+        why = self._why(reason)
+        with self.transaction():
+            v = self.resolve_version(ref)
+            problem = policy.unarchive_problem(f"{ref.name}@{v}", self._row(ref.name, v))
+            if problem is not None:
+                raise InputError(problem)
+            self.storage.set_archived(ref.name, v, None)
+            self._event(ref.name, v, "unarchive", True, why=why)
+        return self._row(ref.name, v)
+
+    def rollback(self, name: str, to: int | None = None, reason: str | None = None) -> dict:
         """Point ``active`` at ``last-good`` (or at version ``to``) after checking its bytes.
 
         A refusal (no such version, no last-good, artifact missing or changed) records a
@@ -194,6 +321,7 @@ class Registry:
         """
         policy.check_rollback_to(to)
         validate_name(name)
+        why = self._why(reason)
         with self.transaction():
             self._require(name)
             if to is not None and self._row(name, to) is None:
@@ -201,29 +329,33 @@ class Registry:
             target = to if to is not None else self.alias(name, "last-good")
             row = self._row(name, target) if target is not None else None
             problem = policy.rollback_problem(name, target, row, integrity_problem(f"{name}@{target}", row)
-                                              if row is not None else None)
+                                              if row is not None and not row["archived"] else None)
             if problem is None:
-                self._set_alias(name, "active", target, "rollback")
+                self._set_alias(name, "active", target, "rollback", why=why)
             else:  # the refusal is part of the audit log too
-                self._event(name, target, "rollback-refused", False, reason=problem)
+                self._event(name, target, "rollback-refused", False, why=why, reason=problem)
         if problem is not None:
             raise policy.rollback_refused(problem)
         return self._row(name, target)
 
-    def promote(self, ref: Ref, metric: str, max_regression: float, direction: str | None = None) -> dict:
+    def promote(self, ref: Ref, metric: str, max_regression: float, direction: str | None = None,
+                reason: str | None = None) -> dict:
         """Activate ``ref`` only if ``metric`` is no worse than the active version's by more than the margin
-        (:func:`policy.promotion_gate`); a refusal is logged as ``promote-refused`` and raises RefusedError."""
+        (:func:`policy.promotion_gate`); a refusal is logged as ``promote-refused`` and raises RefusedError.
+        An archived candidate, or one whose artifact is gone or changed, is refused like :meth:`activate`."""
+        why = self._why(reason)
         with self.transaction():
             v = self.resolve_version(ref)
-            candidate = self._row(ref.name, v)
+            candidate = self._usable(ref.name, v, "promote the new version")
             active = self.alias(ref.name, "active")
             decision = policy.promotion_gate(ref.name, v, candidate, active,
                                              self._row(ref.name, active) if active is not None else None,
                                              metric, max_regression, direction)
             if decision.passed:
-                self._set_alias(ref.name, "active", v, "promote", **decision.detail)
+                self._set_alias(ref.name, "active", v, "promote", why=why, **decision.detail)
             else:
-                self._event(ref.name, v, "promote-refused", False, reason=decision.refusal, **decision.detail)
+                self._event(ref.name, v, "promote-refused", False, why=why, reason=decision.refusal,
+                            **decision.detail)
         if not decision.passed:
             raise decision.error()
         return {**self._row(ref.name, v), "gate": decision.gate()}

@@ -179,7 +179,8 @@ def list_lines(versions: list[dict], registry: str, cwd: Path | None = None, wid
         found = verification(v)
         verified = "–" if found is None else ("yes" if found[0] else "NO") + (
             f", KL {found[1]:.2g}" if found[1] is not None else "")
-        rows.append([f"{v['name']}@{v['version']}", ",".join(v["aliases"]) or "–", format_text(v) or "–",
+        rows.append([f"{v['name']}@{v['version']}",
+                     ",".join(v["aliases"]) or ("(archived)" if v.get("archived") else "–"), format_text(v) or "–",
                      size(v["bytes"]), number(m.get("bits_per_weight")),
                      *[number(m.get(f"datasets.{d}.perplexity")) for d in datasets],
                      number(m.get(STEP_TPS)), number(m.get(WALL_TPS)), verified,
@@ -265,6 +266,13 @@ def event_summary(e: dict) -> str:
         return _gate_text(d)
     if ev in ("promote-refused", "rollback-refused"):
         return str(d.get("reason", ""))
+    if ev == "unalias":
+        return f"{d.get('alias')} @{v} removed"
+    if ev == "tag":
+        sets = [f"{k}={val}" for k, val in (d.get("set") or {}).items()]
+        return ", ".join(sets + [f"-{k}" for k in d.get("removed") or []])
+    if ev in ("archive", "unarchive"):
+        return ""
     if "alias" in d:
         prev = d.get("previous")
         if prev == v:
@@ -277,16 +285,38 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
+ACTOR_WIDTH = 12  # the history table's "by" column, at most
+
+
+def event_what(e: dict) -> str:
+    """An event's summary and the reason given for it: 'staging unset -> @2; reason: canary'."""
+    what, why = event_summary(e), e.get("reason")
+    if not why:
+        return what
+    return f"{what}; reason: {why}" if what else f"reason: {why}"
+
+
 def history_lines(events: list[dict], name: str, width: int = HISTORY_WIDTH) -> list[str]:
-    """``registry history`` on a terminal: one line per event, at most ``width`` characters."""
+    """``registry history`` on a terminal: one line per event, at most ``width`` characters: when
+    (to the minute; the JSON has the rest), what happened, to which version, who did it (a column
+    only when some event says; events logged before itera recorded it do not) and what it did,
+    with the reason given. The "what" is clipped last: a long actor is cut first."""
     if not events:
         return [f"no events for {name}"]
-    rows = [[str(e.get("at", ""))[:19].replace("T", " "), str(e.get("event", "")),
-             "" if e.get("version") is None else f"@{e['version']}", printable(event_summary(e))] for e in events]
-    head = ["at", "event", "ver", "what"]
-    fixed = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(head[:3])]
-    room = max(width - sum(fixed) - 2 * 3, 10)
-    rows = [[*r[:3], _clip(r[3], room)] for r in rows]
+    by = any(e.get("actor") for e in events)
+    rows = [[str(e.get("at", ""))[:16].replace("T", " "), str(e.get("event", "")),
+             "" if e.get("version") is None else f"@{e['version']}",
+             *([_clip(printable(str(e.get("actor") or "–")), ACTOR_WIDTH)] if by else []),
+             printable(event_what(e))] for e in events]
+    head = ["at", "event", "ver", *(["by"] if by else []), "what"]
+    n = len(head) - 1
+    fixed = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(head[:n])]
+    if by:  # the actors give way (to 6 characters) before the summaries do
+        want = max(len(r[n]) for r in rows)
+        fixed[3] = max(min(fixed[3], fixed[3] - (sum(fixed) + 2 * n + want - width)), min(fixed[3], 6))
+        rows = [[*r[:3], _clip(r[3], fixed[3]), *r[4:]] for r in rows]
+    room = max(width - sum(fixed) - 2 * n, 10)
+    rows = [[*r[:n], _clip(r[n], room)] for r in rows]
     return render(head, rows)
 
 
@@ -304,6 +334,10 @@ def show_lines(v: dict, cwd: Path | None = None) -> list[str]:
             + (f" (git {str(v['git_commit'])[:12]})" if v.get("git_commit") else ""))]
     if v.get("tags"):
         out.append(("tags", ", ".join(f"{k}={val}" for k, val in v["tags"].items())))
+    if v.get("archived"):
+        a = v["archived"]
+        out.append(("archived", str(a.get("at"))[:19].replace("T", " ")
+                    + (f" by {a['by']}" if a.get("by") else "") + (f": {a['reason']}" if a.get("reason") else "")))
     if verification(v) is not None:
         out.append(("verified", verification_text(v)))
     for d in _datasets([m]):

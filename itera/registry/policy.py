@@ -1,6 +1,7 @@
 """The registry's decisions, as pure functions of versions and their metrics: which way a metric
 is better, whether a candidate passes the promotion gate against the active version, whether a
-rollback may go ahead, and metrics side by side. No SQL and no I/O: the facade
+rollback may go ahead, whether a version may be pointed at or archived, what a tag edit changes,
+and metrics side by side. No SQL and no I/O: the facade
 (:class:`itera.registry.Registry`) reads the rows, asks here, and writes what was decided."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from itera.errors import IteraError, UsageError
 from itera.registry.provenance import evaluation_protocol
-from itera.registry.refs import MAX_VERSION
+from itera.registry.refs import ALIAS_COMMANDS, MAX_VERSION
 
 # Metric leaf names whose direction is known: promote compares on the right side.
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss", "kl", "latency", "_ms", "seconds", "j_per_token",
@@ -136,11 +137,66 @@ def rollback_problem(name: str, target: int | None, row: dict | None, integrity:
         return f"{name} has no last-good version; mark one with `itera registry mark-good {name}@N` or pass --to N"
     if row is None:
         return f"{name} has no version {target} to roll back to"
+    if row.get("archived"):
+        return f"{name}@{target} is archived; bring it back first with `itera registry unarchive {name}@{target}`"
     return integrity
 
 
 def rollback_refused(problem: str) -> RefusedError:
     return RefusedError(f"rollback refused: {problem}; aliases unchanged")
+
+
+def use_problem(label: str, row: dict, integrity: str | None, fix: str) -> str | None:
+    """Why an alias may not point at ``row`` (version ``label``) now, with what to do: it is
+    archived, or its artifact cannot be trusted (``integrity``, from
+    :func:`itera.registry.integrity.integrity_problem`; the fix is to register it again and
+    ``fix``, e.g. 'activate the new version'). None: it may."""
+    if row.get("archived"):
+        return f"{label} is archived; bring it back first with `itera registry unarchive {label}`; aliases unchanged"
+    if integrity is not None:
+        return f"{integrity}; put it back, or register it again and {fix}; aliases unchanged"
+    return None
+
+
+def archive_problem(label: str, row: dict) -> str | None:
+    """Why version ``label`` may not be archived (None: it may): it already is, or an alias points
+    at it (``active`` above all: the version being served; an archived version carries no alias)."""
+    if row.get("archived"):
+        return f"{label} is already archived (since {row['archived']['at']})"
+    name = row["name"]
+    for alias in row.get("aliases") or ():
+        if alias == "active":
+            return (f"{label} is active: activate (or promote, or roll back to) another version of {name} "
+                    "before archiving it")
+        if alias in ALIAS_COMMANDS:
+            return (f"{label} is {alias}, the version rollback returns to: mark another version good with "
+                    f"`itera registry mark-good {name}@N` before archiving it")
+        return (f"{label} is {name}@{alias}: point the alias elsewhere or remove it "
+                f"(`itera registry unalias {name} {alias}`) before archiving it")
+    return None
+
+
+def unarchive_problem(label: str, row: dict) -> str | None:
+    return None if row.get("archived") else f"{label} is not archived"
+
+
+def tag_edit(label: str, current: dict[str, str], set_: dict[str, str], remove: list[str]) -> dict[str, Any]:
+    """What ``itera registry tag`` changes on a version with tags ``current``: the event's detail
+    (``set``: the new values, ``removed``: the keys that go, ``previous``: each touched key's value
+    before, None where it had none). Raises UsageError for nothing to do, a key both set and
+    removed, or the removal of a tag the version does not have."""
+    if not set_ and not remove:
+        raise UsageError("nothing to change: pass KEY=VALUE to set a tag, or --remove KEY")
+    both = sorted(set(set_) & set(remove))
+    if both:
+        raise UsageError(f"tag {both[0]!r} is both set and removed; pass one or the other")
+    missing = sorted(k for k in remove if k not in current)
+    if missing:
+        raise UsageError(f"{label} has no tag {missing[0]!r}; its tags: "
+                         f"{', '.join(sorted(current)) or 'none'}")
+    touched = sorted(set(set_) | set(remove))
+    return {"set": dict(sorted(set_.items())), "removed": sorted(set(remove)),
+            "previous": {k: current.get(k) for k in touched}}
 
 
 def compare_order(key: str) -> tuple[int, str]:

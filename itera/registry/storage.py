@@ -64,6 +64,15 @@ MIGRATIONS = [
     );
     CREATE INDEX events_by_name ON events(name, id);
     """,
+    # 2: who changed what and why (events.actor, events.reason: NULL in events logged before), and
+    # archived versions (hidden from `list`, kept on disk and in the database)
+    """
+    ALTER TABLE events ADD COLUMN actor TEXT;
+    ALTER TABLE events ADD COLUMN reason TEXT;
+    ALTER TABLE versions ADD COLUMN archived_at TEXT;
+    ALTER TABLE versions ADD COLUMN archived_by TEXT;
+    ALTER TABLE versions ADD COLUMN archived_reason TEXT;
+    """,
 ]
 
 
@@ -90,11 +99,21 @@ class NewVersion(TypedDict):
     created_at: str
 
 
+class Archived(TypedDict):
+    """When a version was archived, by whom and why."""
+
+    at: str
+    by: str | None
+    reason: str | None
+
+
 class Version(NewVersion):
-    """A stored version, with its tags and the aliases that point at it (sorted)."""
+    """A stored version, with its tags, the aliases that point at it (sorted) and whether it is
+    archived (None: it is not)."""
 
     tags: dict[str, str]
     aliases: list[str]
+    archived: Archived | None
 
 
 class Event(TypedDict):
@@ -107,6 +126,8 @@ class Event(TypedDict):
     ok: bool
     detail: dict[str, Any]
     at: str
+    actor: str | None  # who: ITERA_ACTOR or the OS user (None in events logged before itera recorded it)
+    reason: str | None  # why, as given with --reason
 
 
 class RegistryStorage(Protocol):
@@ -135,8 +156,9 @@ class RegistryStorage(Protocol):
         """The first version of ``name`` holding these bytes."""
 
     def versions(self, name: str | None = None, tags: dict[str, str] | None = None, fmt: str | None = None,
-                 quantization: str | None = None) -> list[Version]:
-        """The versions that match every filter given, by name then version."""
+                 quantization: str | None = None, archived: bool = False) -> list[Version]:
+        """The versions that match every filter given, by name then version; archived ones only
+        with ``archived``."""
 
     def insert_version(self, row: NewVersion, tags: dict[str, str]) -> None: ...
 
@@ -144,8 +166,17 @@ class RegistryStorage(Protocol):
 
     def set_alias(self, name: str, alias: str, version: int, at: str) -> None: ...
 
+    def remove_alias(self, name: str, alias: str) -> None: ...
+
+    def set_tag(self, name: str, version: int, key: str, value: str) -> None: ...
+
+    def remove_tag(self, name: str, version: int, key: str) -> None: ...
+
+    def set_archived(self, name: str, version: int, archived: Archived | None) -> None:
+        """Archive a version (``archived``: when, by whom, why) or bring it back (None)."""
+
     def add_event(self, name: str, version: int | None, event: str, ok: bool, detail: dict[str, Any],
-                  at: str) -> None: ...
+                  at: str, actor: str | None = None, reason: str | None = None) -> None: ...
 
     def events(self, name: str) -> list[Event]:
         """The audit log of ``name``, oldest first."""
@@ -215,12 +246,14 @@ class SQLiteStorage:
 
     def _version(self, row: sqlite3.Row) -> Version:
         d = dict(row)
+        at, by, why = d.pop("archived_at"), d.pop("archived_by"), d.pop("archived_reason")
         for k in ("params", "metrics", "lineage", "record"):
             d[k] = json.loads(d[k]) if d[k] is not None else None
         d["tags"] = {r["key"]: r["value"] for r in self.db.execute(
             "SELECT key, value FROM tags WHERE name = ? AND version = ? ORDER BY key", (d["name"], d["version"]))}
         d["aliases"] = [r["alias"] for r in self.db.execute(
             "SELECT alias FROM aliases WHERE name = ? AND version = ? ORDER BY alias", (d["name"], d["version"]))]
+        d["archived"] = {"at": at, "by": by, "reason": why} if at is not None else None
         return d  # type: ignore[return-value]
 
     def has_name(self, name: str) -> bool:
@@ -238,8 +271,10 @@ class SQLiteStorage:
                                (name, sha256)).fetchone()[0]
 
     def versions(self, name: str | None = None, tags: dict[str, str] | None = None, fmt: str | None = None,
-                 quantization: str | None = None) -> list[Version]:
+                 quantization: str | None = None, archived: bool = False) -> list[Version]:
         sql, args = "SELECT * FROM versions WHERE 1 = 1", []
+        if not archived:
+            sql += " AND archived_at IS NULL"
         if name is not None:
             sql += " AND name = ?"
             args.append(name)
@@ -286,7 +321,24 @@ class SQLiteStorage:
             "ON CONFLICT(name, alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
             (name, alias, version, at))
 
+    def remove_alias(self, name: str, alias: str) -> None:
+        self.db.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
+
+    def set_tag(self, name: str, version: int, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO tags (name, version, key, value) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT(name, version, key) DO UPDATE SET value = excluded.value",
+                        (name, version, key, value))
+
+    def remove_tag(self, name: str, version: int, key: str) -> None:
+        self.db.execute("DELETE FROM tags WHERE name = ? AND version = ? AND key = ?", (name, version, key))
+
+    def set_archived(self, name: str, version: int, archived: Archived | None) -> None:
+        a = archived or {"at": None, "by": None, "reason": None}
+        self.db.execute("UPDATE versions SET archived_at = ?, archived_by = ?, archived_reason = ? "
+                        "WHERE name = ? AND version = ?", (a["at"], a["by"], a["reason"], name, version))
+
     def add_event(self, name: str, version: int | None, event: str, ok: bool, detail: dict[str, Any],
-                  at: str) -> None:
-        self.db.execute("INSERT INTO events (name, version, event, ok, detail, at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (name, version, event, int(ok), json.dumps(detail, sort_keys=True), at))
+                  at: str, actor: str | None = None, reason: str | None = None) -> None:
+        self.db.execute("INSERT INTO events (name, version, event, ok, detail, at, actor, reason) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (name, version, event, int(ok), json.dumps(detail, sort_keys=True), at, actor, reason))
