@@ -196,6 +196,20 @@ def test_real_run_over_three_runtimes_without_a_meter(artifacts):
         assert m["threads"] == rec["params"]["threads"] and m["usable_cores"] == usable_cores()
         assert m["runtime_threads"] == {"decode": m["threads"], "prompt": m["threads"]}
         assert isinstance(m["stable"], bool) and (m["stable"] or m["stability_reason"])
+    # a speed-up against the first only between stable runs; the table has both rates of each
+    base_path, base = next(iter(per.items()))
+    lines = res.stderr.splitlines()
+    assert "wall tok/s" in next(line for line in lines if line.startswith("artifact"))
+    for path, m in list(per.items())[1:]:
+        row = next(line for line in lines if line.startswith(path + " "))
+        assert f"{m['decode_tokens_per_s']:.1f}" in row and f"{m['decode_tokens_per_s_wall']:.1f}" in row
+        if base["stable"] and m["stable"]:
+            assert m["speedup"] == pytest.approx(m["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+            assert m["speedup_withheld_reason"] is None and f"{m['speedup']:.2f}x" in row
+        else:
+            assert m["speedup"] is None and m["speedup_wall"] is None and "withheld" in row
+            assert f"{base_path if not base['stable'] else path} is not stable (" in m["speedup_withheld_reason"]
+    assert sum(line.startswith("no speed-up") for line in lines) <= 1
     # each artifact in its own process: torch's process holds torch, the others do not
     rss = {m["runtime"]: m["peak_rss_bytes"] for m in per.values()}
     assert rss["torch"] > rss["llama.cpp"] and rss["torch"] > rss["onnxruntime"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -401,3 +402,32 @@ def read(path):
     from itera.record import read_record_file
 
     return read_record_file(path)
+
+
+def test_a_real_pipeline_reports_both_rates_under_the_file_name(tiny_ckpt, corpus_file, tmp_path):
+    """Real records: a checkpoint and its GGUF scored on a text file and benchmarked side by side.
+    The column is the file's name, the table's rates are the benchmark record's, and stderr is the
+    one summary line."""
+    gguf = tmp_path / "m.gguf"
+    run_itera("export", "--model", tiny_ckpt, "--format", "gguf", "--out", gguf).record
+    files = []
+    for name, model in (("ckpt", tiny_ckpt), ("gguf", gguf)):
+        run_itera("evaluate", "--model", model, "-d", corpus_file, "--max-tokens", "200", "--metrics-out",
+                  tmp_path / f"{name}-eval.json").record
+        files.append(tmp_path / f"{name}-eval.json")
+    bench = run_itera("benchmark-power", "--model", tiny_ckpt, "--compare", gguf, "--prompt-tokens", "8",
+                      "--gen-tokens", "8", "--runs", "3", "--meter", "none", "--metrics-out",
+                      tmp_path / "bench.json").record
+    res = run_itera("report", *files, tmp_path / "bench.json", "--out", tmp_path / "rep")
+    assert res.stderr == f"wrote {tmp_path / 'rep' / 'report.md'}: 2 artifacts from 3 records\n"
+    md = (tmp_path / "rep" / "report.md").read_text()
+    table = _md_table(md)
+    assert [h for h in table[0] if h.startswith("ppl ")] == [f"ppl {corpus_file.name}"]
+    rows = {row["artifact"]: row for row in table}
+    for path, m in bench["metrics"]["compare"].items():
+        row = rows[Path(path).name]
+        assert row["decode tok/s"].startswith(f"{m['decode_tokens_per_s']:.1f} ± ")
+        assert row["wall tok/s"].startswith(f"{m['decode_tokens_per_s_wall']:.1f} ± ")
+        assert row["stable"] == ("yes" if m["stable"] else "no")
+        assert (f"- {row['artifact']}: benchmark not stable" in md) is (not m["stable"])
+    assert f"ppl/bpb {corpus_file.name}: {corpus_file.resolve()}, window " in md
