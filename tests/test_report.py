@@ -185,11 +185,13 @@ def test_compared_figures_go_to_an_artifact_described_in_a_later_record(tmp_path
     for name, r in (("bench.json", bp), ("student.json", s)):
         (tmp_path / name).write_text(dumps(r) + "\n")
         files.append(tmp_path / name)
-    run_itera("report", *files, "--out", tmp_path / "rep", cwd=tmp_path)  # the relative path is from here
-    rows = {r["artifact"]: r for r in _md_table((tmp_path / "rep" / "report.md").read_text())}
-    assert set(rows) == {"teacher.gguf", "student.gguf"}
-    assert rows["student.gguf"]["decode tok/s"] == "9347.5" and rows["student.gguf"]["made by"] == "export gguf Q4_0"
-    assert rows["teacher.gguf"]["decode tok/s"] == "3579.1"
+    # from the directory the benchmark ran in, and from another: the relative path names one file
+    for out, cwd in (("rep", tmp_path), ("elsewhere", None)):
+        run_itera("report", *files, "--out", tmp_path / out, cwd=cwd)
+        rows = {r["artifact"]: r for r in _md_table((tmp_path / out / "report.md").read_text())}
+        assert set(rows) == {"teacher.gguf", "student.gguf"}
+        assert rows["student.gguf"]["decode tok/s"] == "9347.5" and rows["student.gguf"]["made by"] == "export gguf Q4_0"
+        assert rows["teacher.gguf"]["decode tok/s"] == "3579.1"
 
 
 # ------------------------------------------------------------------ readability (issue 28, item 10)

@@ -138,13 +138,23 @@ def collect(records: list[dict]) -> list[Row]:
         elif cmd == "registry register":
             row.ref = f"{params.get('name')}@{params.get('version')}"
     for path, figures in compared:
-        target = by_path.get(os.path.abspath(path))
+        target = by_path.get(os.path.abspath(path)) or _by_suffix(path, list(rows.values()))
         if target is None:
             target = rows.setdefault(path, Row(path=path, format=Path(path).suffix[1:] or "?"))
             by_path[os.path.abspath(path)] = target
         _bench(target, figures)
     _label(list(rows.values()))
     return list(rows.values())
+
+
+def _by_suffix(path: str, rows: list[Row]) -> Row | None:
+    """The one row whose path ends with ``path``, a relative path as `benchmark-power --compare`
+    was given it (the report may run from another directory than the benchmark did)."""
+    if os.path.isabs(path):
+        return None
+    tail = Path(os.path.normpath(path)).parts
+    hits = [r for r in rows if os.path.isabs(r.path) and Path(r.path).parts[-len(tail):] == tail]
+    return hits[0] if len(hits) == 1 else None
 
 
 def _suffixes(paths: list[str]) -> dict[str, str]:
@@ -266,8 +276,10 @@ def notes(rows: list[Row]) -> list[str]:
                    "tok/s: decode tokens over decode time, what someone waiting for a whole answer sees.")
     for r in rows:
         if r.stable is False:
+            reasons = (r.stability_reason or "no reason recorded").split("; ")
+            more = f"; and {plural(len(reasons) - 2, 'more reason')} in the record" if len(reasons) > 2 else ""
             out.append(f"{r.label}: benchmark not stable, so no speed-up against another artifact is claimed "
-                       f"({r.stability_reason or 'no reason recorded'}).")
+                       f"({'; '.join(reasons[:2])}{more}).")
     return out
 
 
