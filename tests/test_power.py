@@ -5,6 +5,7 @@ them while busy loops occupy every core."""
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_usage_error, run_itera, save_tiny
-from itera.jobs.benchmark import MAX_CPU_WAIT, MAX_CV, stability, usable_cores
+from itera.jobs.benchmark import MAX_CPU_WAIT, MAX_CV, speedup, stability, usable_cores
 from itera.power import (MeterUnavailable, PowerProfile, RaplMeter, RunTiming, Workload, integrate_power, open_meter,
                          percentile, sched_delta, summarize)
 from itera.record import validate
@@ -195,6 +196,20 @@ def test_real_run_over_three_runtimes_without_a_meter(artifacts):
         assert m["threads"] == rec["params"]["threads"] and m["usable_cores"] == usable_cores()
         assert m["runtime_threads"] == {"decode": m["threads"], "prompt": m["threads"]}
         assert isinstance(m["stable"], bool) and (m["stable"] or m["stability_reason"])
+    # a speed-up against the first only between stable runs; the table has both rates of each
+    base_path, base = next(iter(per.items()))
+    lines = res.stderr.splitlines()
+    assert "wall tok/s" in next(line for line in lines if line.startswith("artifact"))
+    for path, m in list(per.items())[1:]:
+        row = next(line for line in lines if line.startswith(path + " "))
+        assert f"{m['decode_tokens_per_s']:.1f}" in row and f"{m['decode_tokens_per_s_wall']:.1f}" in row
+        if base["stable"] and m["stable"]:
+            assert m["speedup"] == pytest.approx(m["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+            assert m["speedup_withheld_reason"] is None and f"{m['speedup']:.2f}x" in row
+        else:
+            assert m["speedup"] is None and m["speedup_wall"] is None and "withheld" in row
+            assert f"{base_path if not base['stable'] else path} is not stable (" in m["speedup_withheld_reason"]
+    assert sum(line.startswith("no speed-up") for line in lines) <= 1
     # each artifact in its own process: torch's process holds torch, the others do not
     rss = {m["runtime"]: m["peak_rss_bytes"] for m in per.values()}
     assert rss["torch"] > rss["llama.cpp"] and rss["torch"] > rss["onnxruntime"]
@@ -277,7 +292,7 @@ def under_busy_loops(two_sizes):
     before = _cores_busy()
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(2, usable_cores()))]
     try:
-        default = run_itera("benchmark-power", "--model", small, "--compare", big, *BENCH).record
+        default = run_itera("benchmark-power", "--model", small, "--compare", big, *BENCH)
         one = run_itera("benchmark-power", "--model", small, "--compare", big, *BENCH, "--threads", "1").record
     finally:
         for p in busy:
@@ -288,7 +303,8 @@ def under_busy_loops(two_sizes):
 
 def test_busy_cores_are_reported_unstable_with_each_artifacts_own_memory(under_busy_loops, two_sizes):
     small, big = two_sizes
-    _, rec, one = under_busy_loops
+    _, res, one = under_busy_loops
+    rec = res.record
     per = rec["metrics"]["compare"]
     assert rec["params"]["threads"] == usable_cores() and one["params"]["threads"] == 1
     for m in one["metrics"]["compare"].values():  # llama.cpp's prompt threads too, not every core
@@ -312,10 +328,81 @@ def test_medians_stay_within_2x_of_the_step_latency_under_busy_loops(under_busy_
     do not move it: within 2x of 1000 / p50 step latency for the default threads and for one
     thread. What the busy loops cost shows in decode_tokens_per_s_wall (tokens over wall time),
     which falls well below, and in the reasons the record gives for ``stable: false``."""
-    _, rec, one = under_busy_loops
-    for r in (rec, one):
+    _, res, one = under_busy_loops
+    for r in (res.record, one):
         for path, m in r["metrics"]["compare"].items():
             ratio = (1000 / m["decode_latency_ms_p50"]) / m["decode_tokens_per_s"]
             assert 0.5 < ratio < 2, (path, ratio, m["per_run"])
             assert m["decode_tokens_per_s_wall"] <= m["decode_tokens_per_s"] * 1.01, m["per_run"]
             assert m["stable"] is False
+
+
+def test_an_unstable_comparison_prints_no_ratio_and_says_why(under_busy_loops, two_sizes):
+    """Under busy loops both runs are unstable: the record keeps both rates of each artifact and
+    withholds the speed-up with the reason; the table shows the per-step and the wall-time rate
+    side by side, no ratio anywhere, and one line says why."""
+    small, big = two_sizes
+    _, res, one = under_busy_loops
+    for r in (res.record, one):
+        compared = r["metrics"]["compare"]
+        assert "speedup" not in compared[str(small)]  # the first artifact is what the others are compared with
+        m = compared[str(big)]
+        assert m["speedup"] is None and m["speedup_wall"] is None
+        assert m["speedup_withheld_reason"].startswith(f"no speed-up of {big} against {small}: ")
+        assert "is not stable (" in m["speedup_withheld_reason"]
+    lines = res.stderr.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("artifact"))
+    assert "decode tok/s" in lines[head] and "wall tok/s" in lines[head]
+    rows = {line.split()[0]: line for line in lines[head + 2:head + 4]}
+    for path, m in res.record["metrics"]["compare"].items():
+        assert f"{m['decode_tokens_per_s']:.1f}" in rows[path] and f"{m['decode_tokens_per_s_wall']:.1f}" in rows[path]
+    assert "withheld" in rows[str(big)]
+    assert not re.search(r"\d\.\d\dx", res.stderr), res.stderr  # no ratio printed anywhere
+    why = [line for line in lines if line.startswith("no speed-up")]
+    assert why == [res.record["metrics"]["compare"][str(big)]["speedup_withheld_reason"]]
+
+
+def _result(rate, wall, stable=True, reason=None):
+    return {"runtime": "llama.cpp", "ttft_ms_p50": 1.0, "decode_tokens_per_s": rate, "decode_tokens_per_s_wall": wall,
+            "decode_tokens_per_s_cv": 0.01, "decode_latency_ms_p50": 1000 / rate, "decode_latency_ms_p95": 2.0,
+            "decode_latency_ms_p99": 3.0, "peak_rss_bytes": 2**26, "j_per_token": None, "energy_method": "unavailable",
+            "energy_reason": "no meter requested (--meter none)", "stable": stable, "stability_reason": reason}
+
+
+def test_speedup_only_between_stable_runs():
+    a, b = _result(2000.0, 1800.0), _result(5000.0, 3600.0)
+    assert speedup("a.gguf", a, "b.gguf", b) == {"speedup": 2.5, "speedup_wall": 2.0, "speedup_withheld_reason": None}
+    stalled = _result(2029.0, 10.4, False, "decode steps were delayed: tokens over wall time (10.4/s) are 195.1x "
+                      "below the rate of a median step (2029.0/s); load average 3.10 at the start is at or above "
+                      "the 2 usable cores")
+    out = speedup("a.gguf", stalled, "b.gguf", b)
+    assert out["speedup"] is None and out["speedup_wall"] is None
+    assert out["speedup_withheld_reason"] == ("no speed-up of b.gguf against a.gguf: a.gguf is not stable (decode "
+                                              "steps were delayed: tokens over wall time (10.4/s) are 195.1x below "
+                                              "the rate of a median step (2029.0/s))")
+    both = speedup("a.gguf", stalled, "b.gguf", _result(5000.0, 3600.0, False, "only 1 measured run(s); x"))
+    assert "a.gguf is not stable" in both["speedup_withheld_reason"] and "b.gguf is not stable (only 1 measured " \
+        "run(s))" in both["speedup_withheld_reason"]
+
+
+def test_the_table_shows_a_ratio_of_stable_runs_and_withholds_the_others():
+    import io
+
+    from itera.cli._console import Console
+    from itera.cli.benchmark_power import _table
+
+    a, b, c = _result(2000.0, 1800.0), _result(5000.0, 3600.0), _result(6000.0, 30.0, False, "steps were delayed")
+    for r, p in ((b, "b.gguf"), (c, "c.gguf")):
+        r.update(speedup("a.gguf", a, p, r))
+    metrics = {**a, "compare": {"a.gguf": a, "b.gguf": b, "c.gguf": c}, "stable": False,
+               "stability_reason": "c.gguf: steps were delayed"}
+    out = io.StringIO()
+    _table(Console(out, enabled=True), [Path("a.gguf"), Path("b.gguf"), Path("c.gguf")], metrics)
+    lines = out.getvalue().splitlines()
+    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0].endswith(".gguf")}
+    assert "2000.0" in rows["a.gguf"] and "1800.0" in rows["a.gguf"] and "(first)" in rows["a.gguf"]
+    assert "2.50x (wall 2.00x)" in rows["b.gguf"]
+    assert "withheld" in rows["c.gguf"] and "6000.0" in rows["c.gguf"] and "30.0" in rows["c.gguf"]
+    assert "x" not in rows["c.gguf"].split("llama.cpp")[1].replace("withheld", "")
+    assert [line for line in lines if line.startswith("no speed-up")] == [
+        "no speed-up of c.gguf against a.gguf: c.gguf is not stable (steps were delayed)"]

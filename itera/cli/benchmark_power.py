@@ -54,24 +54,37 @@ def benchmark_power(
 
 
 def _table(console, paths: list[Path], metrics: dict) -> None:
+    """The stderr table: per-step and wall-time decode rates side by side, a speed-up against the
+    first artifact only where both runs are stable (else one line saying why there is none)."""
     results = list(metrics["compare"].values()) if "compare" in metrics else [metrics]
     base = results[0]
 
     def fmt(v, f="{:.2f}"):
         return "n/a" if v is None else f.format(v)
 
-    rows = []
+    rows, withheld = [], []
     for p, r in zip(paths, results):
-        ratio = "" if r is base or not r["decode_tokens_per_s"] else \
-            f" ({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x)"
-        rows.append([str(p), r["runtime"], fmt(r["ttft_ms_p50"]), fmt(r["decode_tokens_per_s"], "{:.1f}") + ratio,
+        if r is base:
+            ratio = "(first)" if len(results) > 1 else ""
+        elif r.get("speedup") is not None:
+            ratio = f"{r['speedup']:.2f}x" + (f" (wall {r['speedup_wall']:.2f}x)" if r.get("speedup_wall") else "")
+        else:
+            ratio = "withheld"
+            withheld.append(r.get("speedup_withheld_reason") or f"no speed-up of {p}")
+        rows.append([str(p), r["runtime"], fmt(r["ttft_ms_p50"]), fmt(r["decode_tokens_per_s"], "{:.1f}"),
+                     fmt(r.get("decode_tokens_per_s_wall"), "{:.1f}"), *([ratio] if len(results) > 1 else []),
                      fmt(r["decode_tokens_per_s_cv"]), fmt(r["decode_latency_ms_p50"]), fmt(r["decode_latency_ms_p95"]),
                      fmt(r["decode_latency_ms_p99"]), fmt(r["peak_rss_bytes"] / 2**20, "{:.0f}"),
                      fmt(r["j_per_token"], "{:.4f}"), r["energy_method"]])
-    console.table("benchmark-power (medians over runs; ratios against the first)",
-                  ["artifact", "runtime", "TTFT ms", "decode tok/s", "CV", "p50 ms", "p95 ms", "p99 ms", "RSS MiB",
-                   "J/token", "method"], rows)
+    console.table("benchmark-power (medians over runs; decode tok/s at the median step, wall tok/s = decode tokens "
+                  "over decode time)",
+                  ["artifact", "runtime", "TTFT ms", "decode tok/s", "wall tok/s",
+                   *(["speed-up vs first"] if len(results) > 1 else []), "CV", "p50 ms", "p95 ms", "p99 ms",
+                   "RSS MiB", "J/token", "method"], rows)
     if base["energy_method"] == "unavailable":
         console.log(f"energy not measured: {base['energy_reason']}")
     if not metrics["stable"]:
         console.log(f"unstable: {metrics['stability_reason']}")
+    if withheld:  # one line, however many artifacts were compared
+        clauses = dict.fromkeys(c for w in withheld for c in w.split(": ", 1)[-1].split("; "))
+        console.log(withheld[0] if len(withheld) == 1 else "no speed-up ratios: " + "; ".join(clauses))

@@ -20,6 +20,11 @@ A result is marked ``stable: false``, with the reasons in ``stability_reason``, 
 - the worker's threads spent more than :data:`MAX_CPU_WAIT` of their runnable time waiting for a
   CPU (the kernel's per-thread run-queue wait, ``/proc/self/task/*/schedstat``).
 
+With ``--compare``, each artifact after the first gets ``speedup`` (its median-step decode rate
+over the first's) and ``speedup_wall`` (the same for decode tokens over wall time), or both null
+with ``speedup_withheld_reason`` when either of the two is not stable: on a busy machine the
+ratio measures the scheduler, not the files.
+
 The load average is a one-minute moving average and lags: two busy loops started a second ago
 barely move it. The running count sees them at once, and the run-queue wait is what the measured
 runs themselves lost to other processes, read around each run.
@@ -318,6 +323,28 @@ def stability(m: dict) -> tuple[bool, str | None]:
     return not reasons, "; ".join(reasons) or None
 
 
+def speedup(base_path, base: dict, path, result: dict) -> dict:
+    """A compared artifact's decode speed against the first artifact's: ``speedup`` (ratio of the
+    median-step rates), ``speedup_wall`` (ratio of the wall-time rates), or both None with
+    ``speedup_withheld_reason`` when either run is not stable (a ratio of figures the scheduler
+    distorted says nothing: a busy machine once made one file look 3,000x faster than another)
+    or a rate is missing."""
+    out = {"speedup": None, "speedup_wall": None, "speedup_withheld_reason": None}
+    unstable = [(p, r) for p, r in ((base_path, base), (path, result)) if not r.get("stable")]
+    if unstable:
+        why = "; ".join(f"{p} is not stable ({(r.get('stability_reason') or 'no reason recorded').split('; ')[0]})"
+                        for p, r in unstable)
+        out["speedup_withheld_reason"] = f"no speed-up of {path} against {base_path}: {why}"
+        return out
+    for key, rate in (("speedup", "decode_tokens_per_s"), ("speedup_wall", "decode_tokens_per_s_wall")):
+        if base.get(rate) and result.get(rate):
+            out[key] = result[rate] / base[rate]
+    if out["speedup"] is None:
+        out["speedup_withheld_reason"] = (f"no speed-up of {path} against {base_path}: no decode rate "
+                                          "(--gen-tokens 1 decodes nothing)")
+    return out
+
+
 def run_benchmark(opts: BenchmarkOptions, reporter: Reporter = SILENT) -> Outcome:
     from itera.artifacts import describe
 
@@ -347,6 +374,8 @@ def run_benchmark(opts: BenchmarkOptions, reporter: Reporter = SILENT) -> Outcom
         results.append(m)
     metrics = dict(results[0])
     if opts.compare:
+        for p, r in zip(opts.compare, results[1:]):
+            r.update(speedup(opts.model, results[0], p, r))
         metrics["compare"] = {str(p): r for p, r in zip(opts.paths, results)}
         unstable = [f"{p}: {r['stability_reason']}" for p, r in zip(opts.paths, results) if not r["stable"]]
         # the comparison holds only if every artifact's figures do
