@@ -193,6 +193,25 @@ def test_compare_on_a_terminal_shows_the_curated_figures_in_human_units(three):
                            "--registry", three)[1] == piped.stdout
 
 
+def test_compare_shows_no_speed_change_against_an_unstable_benchmark(three, tmp_path):
+    f = tmp_path / "busy.gguf"
+    f.write_bytes(b"GGUF" + b"\x07" * 600_000)
+    rec = pipeline_record(f, "Q4_0", 4.51, 0.012, 3.0, {"pydocs@test": 128.0}, 4535.3, 380.0)
+    rec["metrics"].update(stable=False, stability_reason="decode steps were delayed: tokens over wall time "
+                          "(380.0/s) are 11.9x below the rate of a median step (4535.3/s); load average 7.0")
+    (tmp_path / "busy.json").write_text(record.dumps(rec))
+    assert run_itera("registry", "register", "--name", "pydocs-demo", "--record", tmp_path / "busy.json",
+                     "--registry", three, env=DEV).returncode == 0
+    code, shown, err = run_on_terminal("registry", "compare", "pydocs-demo@1", "pydocs-demo@4", "--registry", three)
+    assert code == 0 and err == ""
+    rows = {line.split("  ")[0]: line for line in shown.splitlines()}
+    assert rows["decode tok/s"].split()[2:] == ["2,029", "4,535"]  # the figures, no ratio between them
+    assert rows["wall tok/s"].split()[2:] == ["10.40", "380.0"]
+    assert "(-" in rows["size"]  # other rows keep their change
+    assert ("no tok/s change shown: pydocs-demo@4's benchmark was not stable (decode steps were delayed: tokens "
+            "over wall time (380.0/s) are 11.9x below the rate of a median step (4535.3/s))") in shown
+
+
 def test_history_on_a_terminal_says_each_event_in_one_short_line(three, tmp_path):
     assert run_itera("registry", "promote", "pydocs-demo@2", "--metric", "pydocs@test.perplexity",
                      "--max-regression", "2%", "--registry", three, env=DEV).returncode == 3

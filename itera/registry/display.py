@@ -118,6 +118,19 @@ def verification(v: dict) -> tuple[bool, float | None] | None:
     return None
 
 
+def unstable_benchmark(v: dict) -> str | None:
+    """Why the benchmark that measured this version's bytes is ``stable: false`` (its first
+    reason), or None when it is stable or there is none."""
+    for node in ancestors(v.get("record"), include_self=True):
+        art = node.get("artifact") or {}
+        if node.get("command") == "benchmark-power" and art.get("sha256") == v.get("sha256"):
+            m = node.get("metrics") or {}
+            if m.get("stable") is False:
+                return str(m.get("stability_reason") or "not stable").split(" | ")[0].split("; ")[0]
+            return None
+    return None
+
+
 def verification_text(v: dict) -> str:
     found = verification(v)
     if found is None:
@@ -212,13 +225,15 @@ def compare_lines(result: dict, versions: list[dict]) -> list[str]:
         elif k in table:
             keys.append(k)
     rows = []
+    unstable = [(label, why) for label, v in zip(labels, versions) if (why := unstable_benchmark(v))]
     for k in keys:
         entries = [table[k][label] for label in labels]
         base = entries[0]["value"]
         cells = [size(base) if k == "bytes" else number(base)]
         for e in entries[1:]:
             text = size(e["value"]) if k == "bytes" else number(e["value"])
-            delta = change(base, e["value"])
+            # a speed-up between benchmarks that were not stable would be noise: no ratio, and a note says why
+            delta = None if unstable and k in (STEP_TPS, WALL_TPS) else change(base, e["value"])
             cells.append(f"{text} ({delta})" if delta and text != "–" else text)
         rows.append([metric_label(k), *cells])
     if any(verification(v) is not None for v in versions):
@@ -226,6 +241,8 @@ def compare_lines(result: dict, versions: list[dict]) -> list[str]:
         rows.append(["verified", *[("–" if f is None else "yes" if f[0] else "NO") for f in found]])
         rows.append(["KL to source", *[number(f[1]) if f is not None else "–" for f in found]])
     lines = render(["metric", *labels], rows, [False, *[True] * len(labels)])
+    if unstable and any(k in (STEP_TPS, WALL_TPS) for k in keys):
+        lines += [f"no tok/s change shown: {label}'s benchmark was not stable ({why})" for label, why in unstable]
     shown = set(keys) | {"kl_to_source"}
     more = len([k for k in table if k not in shown])
     if more:
