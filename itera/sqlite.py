@@ -105,7 +105,8 @@ def migrate(db: sqlite3.Connection, migrations: Sequence[str], kind: str) -> Non
 
 
 def connect(path: Path, kind: str, migrations: Sequence[str], *, timeout_s: float, synchronous: str,
-            newer: Callable[[int, int], str], threads: bool = False) -> sqlite3.Connection:
+            newer: Callable[[int, int], str], threads: bool = False,
+            older: Callable[[int, int], str] | None = None) -> sqlite3.Connection:
     """Open (creating where needed) ``path`` as a database of ``kind``, migrated to the last of
     ``migrations``, rows as :class:`sqlite3.Row`.
 
@@ -113,7 +114,10 @@ def connect(path: Path, kind: str, migrations: Sequence[str], *, timeout_s: floa
     before anything is written; a schema newer than ``migrations`` refused with the message
     ``newer(found, known)``; WAL journaling (SQLite falls back by itself where the file system
     cannot), foreign keys, ``synchronous`` (``NORMAL`` or ``FULL``); the migrations. ``threads``:
-    the connection may be used from other threads (the caller serialises them).
+    the connection may be used from other threads (the caller serialises them). ``older``: a file
+    made by an older itera (schema above 0, below the last) is refused with the message
+    ``older(found, known)`` instead of migrated, so that only an explicit command upgrades it (a new
+    file is created at the last schema either way).
 
     Whatever fails closes the connection first (a refused file is left without -wal/-shm beside
     it); InputError for the kind and the schema version, sqlite3's errors as they are."""
@@ -125,6 +129,8 @@ def connect(path: Path, kind: str, migrations: Sequence[str], *, timeout_s: floa
         found = schema_version(db)
         if found > len(migrations):
             raise InputError(newer(found, len(migrations)))
+        if older is not None and 0 < found < len(migrations):
+            raise InputError(older(found, len(migrations)))
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA foreign_keys = ON")
         db.execute(f"PRAGMA synchronous = {synchronous}")

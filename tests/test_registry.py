@@ -569,9 +569,10 @@ def test_every_event_says_who_and_why(tmp_path):
     assert _tables(db) == before
 
 
-def test_a_registry_of_schema_1_migrates_and_its_old_events_read_without_actor(tmp_path):
+def test_a_registry_of_schema_1_is_migrated_only_by_registry_migrate_and_its_old_events_read_without_actor(tmp_path):
     """A registry written before events had an actor and versions could be archived (schema 1):
-    opened by this itera it is migrated in place, and what it held reads as before."""
+    every command refuses it, unchanged, naming `itera registry migrate`; that migrates it in
+    place, and what it held reads as before."""
     db = tmp_path / "old.db"
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF weights")
@@ -589,6 +590,19 @@ def test_a_registry_of_schema_1_migrates_and_its_old_events_read_without_actor(t
     con.execute("INSERT INTO events (name, version, event, ok, detail, at) VALUES ('m', 1, 'register', 1, "
                 "'{\"path\": \"x\"}', '2025-01-01T00:00:00Z')")
     con.close()
+    before = db.read_bytes()
+    for args in (["list"], ["history", "m"], ["tag", "m@1", "stage=prod"]):
+        assert_usage_error(reg_cli(db, *args), f"registry {db} has schema version 1 and this itera uses 2: run "
+                           f"`itera registry migrate --registry {db}` once (older itera versions cannot open it "
+                           "afterwards)")
+    assert db.read_bytes() == before  # no command upgraded it as a side effect
+    migrated = reg_cli(db, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert json.loads(migrated.stdout) == {"registry": str(db), "schema_before": 1, "schema_after": 2}
+    assert migrated.stderr.strip() == f"registry {db}: schema 1 -> 2"
+    again = reg_cli(db, "migrate")
+    assert json.loads(again.stdout)["schema_before"] == 2
+    assert again.stderr.strip() == f"registry {db} is already at schema 2; nothing to do"
     listed = json.loads(reg_cli(db, "list").stdout)["versions"]
     assert [(v["version"], v["tags"], v["aliases"], v["archived"]) for v in listed] == [
         (1, {"stage": "dev"}, ["active"], None)]

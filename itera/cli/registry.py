@@ -312,6 +312,41 @@ def compare(refs: Annotated[list[str], typer.Argument(help="Two or more versions
 
 
 @app.command()
+def migrate(registry: RegistryPath = None) -> None:
+    """Upgrade a registry written by an older itera to this itera's schema, in one transaction.
+
+    No other command migrates a registry as a side effect: each refuses an older one and names this
+    command. Afterwards older itera versions cannot open the file. Prints the schema versions before
+    and after (the same when there was nothing to do).
+
+    Examples:
+
+      itera registry migrate --registry runs/registry.db
+    """
+    import sqlite3
+
+    from itera.registry import Registry
+    from itera.registry.storage import MIGRATIONS, default_path
+
+    path = Path(registry) if registry is not None else default_path()
+    before = None
+    if path.is_file():
+        try:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                (before,) = con.execute("PRAGMA user_version").fetchone()
+            finally:
+                con.close()
+        except sqlite3.DatabaseError:
+            before = None  # opening below says what is wrong with the file
+    with Registry(path, create=False, upgrade=True) as reg:
+        after = len(MIGRATIONS)
+        _say(f"registry {reg.path}: schema {before} -> {after}" if before != after
+             else f"registry {reg.path} is already at schema {after}; nothing to do")
+        _print_json({"registry": str(reg.path), "schema_before": before, "schema_after": after})
+
+
+@app.command()
 def history(name: Annotated[str, typer.Argument(help="Model name.")], registry: RegistryPath = None,
             json_: JsonFlag = False) -> None:
     """The audit log of NAME: registrations, alias and tag changes, archiving, refused promotions and

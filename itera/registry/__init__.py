@@ -67,13 +67,14 @@ class Registry:
     the record it will print) happens before the commit.
 
     ``path`` is a SQLite file (default ``$ITERA_HOME/registry.db``); ``create=False`` refuses one
-    that does not exist. ``storage`` is another backend instead (:class:`RegistryStorage`)."""
+    that does not exist; one of an older schema is refused unless ``upgrade`` (``itera registry
+    migrate``). ``storage`` is another backend instead (:class:`RegistryStorage`)."""
 
     def __init__(self, path: Path | None = None, busy_timeout_s: float | None = None, create: bool = True,
-                 storage: RegistryStorage | None = None, actor: str | None = None):
+                 storage: RegistryStorage | None = None, actor: str | None = None, upgrade: bool = False):
         self._actor = validate_text(actor, "actor") if actor is not None else None
         self.storage: RegistryStorage = storage if storage is not None else \
-            SQLiteStorage(path, busy_timeout_s=busy_timeout_s, create=create)
+            SQLiteStorage(path, busy_timeout_s=busy_timeout_s, create=create, upgrade=upgrade)
 
     @property
     def actor(self) -> str:

@@ -187,9 +187,12 @@ class RegistryStorage(Protocol):
 class SQLiteStorage:
     """The registry in one SQLite file (:mod:`itera.sqlite`: WAL where the file system allows it,
     ``BEGIN IMMEDIATE`` writes, schema migrations by ``user_version``). ``create=False`` refuses a
-    file that does not exist: the reading commands never create a registry."""
+    file that does not exist: the reading commands never create a registry. A registry of an
+    older schema is refused with the command that upgrades it, unless ``upgrade`` (``itera
+    registry migrate``): no command migrates one as a side effect."""
 
-    def __init__(self, path: Path | None = None, busy_timeout_s: float | None = None, create: bool = True):
+    def __init__(self, path: Path | None = None, busy_timeout_s: float | None = None, create: bool = True,
+                 upgrade: bool = False):
         self.path = Path(path) if path is not None else default_path()
         self.busy_timeout_s = BUSY_TIMEOUT_S if busy_timeout_s is None else busy_timeout_s
         if self.path.exists() and self.path.is_dir():
@@ -203,7 +206,11 @@ class SQLiteStorage:
                 self.path, "registry", MIGRATIONS, timeout_s=self.busy_timeout_s, synchronous="NORMAL",
                 newer=lambda found, known: f"registry {self.path} was created by a newer itera (schema version "
                                            f"{found}; this itera knows {known}); upgrade itera or pass another "
-                                           "--registry")
+                                           "--registry",
+                older=None if upgrade else (
+                    lambda found, known: f"registry {self.path} has schema version {found} and this itera uses "
+                                         f"{known}: run `itera registry migrate --registry {self.path}` once "
+                                         "(older itera versions cannot open it afterwards)"))
         except sqlite3.OperationalError as e:
             self._busy_or_corrupt(e)
         except sqlite3.DatabaseError as e:
