@@ -28,6 +28,13 @@ from itera.errors import CheckpointError, DataError, IteraError, UsageError
 from itera.options import flag, internal
 
 
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
 class Interrupted(IteraError):
     """Ctrl-C (SIGINT) during a run: exit 130, with what was kept and how to go on. Unlike other
     errors the message may hold a second line (the command to resume), kept as written."""
@@ -264,13 +271,17 @@ class Trainer:
         tmp = self.state_dir / "state.pt.tmp"
         # One file, renamed into place: a kill at any moment leaves the previous checkpoint whole,
         # and Ctrl-C (or any error) while it is written leaves no partial file behind.
+        final = self.state_dir / "state.pt"
+        before = _inode(final)
         try:
             torch.save({"step": self.step, "model": self.model.state_dict(), "optim": self.optim.state_dict(),
                         "losses": self.losses, "train_seconds": self.train_seconds,
                         "fingerprint": self.fingerprint()}, tmp)
-            os.replace(tmp, self.state_dir / "state.pt")
+            os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
+            if _inode(final) not in (None, before):  # interrupted just after the rename: this step is kept
+                self.saved_step = self.step
             raise
         self.saved_step = self.step
 

@@ -154,13 +154,22 @@ class Result:
         return json.loads(lines[0])
 
 
+# Set on a developer's or CI machine, these would change what the CLI under test does (a traceback
+# instead of one line, another actor in the history, another registry); a test passes them itself.
+CALLER_ONLY = ("ITERA_DEBUG", "ITERA_ACTOR", "ITERA_REGISTRY")
+
+
+def clean_environ() -> dict:
+    """os.environ without the settings in :data:`CALLER_ONLY`."""
+    return {k: v for k, v in os.environ.items() if k not in CALLER_ONLY}
+
+
 def run_itera(*args, stdin: bytes | str | None = None, env: dict | None = None, timeout: float = 600,
               cwd: Path | None = None) -> Result:
     """Run the real CLI in a subprocess (``python -m itera``), as a user's shell would."""
     if isinstance(stdin, str):
         stdin = stdin.encode()
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("ITERA_DEBUG", None)
+    full_env = {**clean_environ(), **(env or {})}
     p = subprocess.run([sys.executable, "-m", "itera", *map(str, args)], input=stdin if stdin is not None else b"",
                        capture_output=True, env=full_env, timeout=timeout, cwd=cwd or REPO)
     return Result(p.returncode, p.stdout.decode(), p.stderr.decode())

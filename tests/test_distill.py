@@ -258,8 +258,11 @@ def test_ctrl_c_says_what_was_kept_and_the_resume_command_resumes(distill_corpus
     p = subprocess.Popen([sys.executable, "-m", "itera", "distill", "--data", str(distill_corpus), "--out", "s",
                           *SCRATCH, "--steps", "5000", "--save-every", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
-    while not state.exists() and p.poll() is None:  # the first checkpoint, however fast this machine is
+    deadline = time.monotonic() + 600  # a run that never writes its checkpoint fails, rather than hangs
+    while not state.exists() and p.poll() is None and time.monotonic() < deadline:  # however fast this machine is
         time.sleep(0.02)
+    if not state.exists():
+        p.kill()
     assert p.poll() is None, p.communicate()[1].decode()
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=300)

@@ -455,7 +455,7 @@ def test_custom_aliases_resolve_everywhere_a_ref_is_taken(tmp_path):
     assert source.version == 2 and follow.ref == Ref("m", "staging")
     res = reg_cli(db, "unalias", "m", "staging")
     assert res.returncode == 0 and res.stderr == "removed m@staging (it pointed at version 2)\n"
-    assert_usage_error(reg_cli(db, "show", "m@staging"), "m has no 'staging' version yet")
+    assert_usage_error(reg_cli(db, "show", "m@staging"), "m has no alias 'staging' (its aliases: active, canary)")
     assert_usage_error(reg_cli(db, "unalias", "m", "staging"), "m has no alias 'staging'")
     events = [e for e in json.loads(reg_cli(db, "history", "m").stdout)["events"] if "alias" in e["event"]]
     assert [(e["event"], e["version"], e["detail"], e["reason"]) for e in events] == [
@@ -612,3 +612,16 @@ def test_a_registry_of_schema_1_is_migrated_only_by_registry_migrate_and_its_old
     assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
     con.close()
     assert reg_cli(db, "tag", "m@1", "stage=prod", "--reason", "after the upgrade").returncode == 0
+
+
+def test_a_mistyped_alias_is_named_with_the_aliases_there_are(tmp_path, artifact):
+    db = tmp_path / "r.db"
+    assert reg_cli(db, "register", "--name", "m", "--path", artifact).returncode == 0
+    assert_usage_error(reg_cli(db, "resolve", "m@staging"),
+                       "m has no alias 'staging' (it has no aliases); `itera registry alias m@V staging` sets one")
+    assert reg_cli(db, "alias", "m@1", "staging").returncode == 0
+    assert reg_cli(db, "activate", "m@1").returncode == 0
+    assert_usage_error(reg_cli(db, "show", "m@stagin"),
+                       "m has no alias 'stagin'; did you mean m@staging? (its aliases: active, staging); "
+                       "`itera registry alias m@V stagin` sets one")
+    assert_usage_error(reg_cli(db, "show", "m@last-good"), "m has no 'last-good' version yet")

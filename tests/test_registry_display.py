@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_usage_error, run_itera
+from conftest import REPO, assert_usage_error, clean_environ, run_itera
 from itera import record
 from itera.artifacts import describe
 from itera.registry.display import change, number, short_dataset, size
@@ -35,8 +35,7 @@ def run_on_terminal(*args, cols: int = 100, env: dict | None = None, timeout: fl
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, cols, 0, 0))
-    full_env = {**os.environ, "COLUMNS": str(cols), **(env or {})}
-    full_env.pop("ITERA_DEBUG", None)
+    full_env = {**clean_environ(), "COLUMNS": str(cols), **(env or {})}
     p = subprocess.Popen([sys.executable, "-m", "itera", *map(str, args)], stdin=subprocess.DEVNULL, stdout=slave,
                          stderr=subprocess.PIPE, env=full_env, cwd=REPO)
     os.close(slave)

@@ -162,12 +162,24 @@ class Registry:
         if is_alias(sel):  # active, last-good or a custom one
             v = self.alias(ref.name, sel)
             if v is None:
-                raise InputError(f"{ref.name} has no {sel!r} version yet; see `itera registry history {ref.name}`")
+                if sel in ALIASES:
+                    raise InputError(f"{ref.name} has no {sel!r} version yet; see `itera registry history {ref.name}`")
+                raise InputError(self._no_alias(ref.name, sel))
             return v
         v = int(sel)
         if self._row(ref.name, v) is None:
             raise InputError(f"{ref.name} has no version {v}; see `itera registry list --name {ref.name}`")
         return v
+
+    def _no_alias(self, name: str, alias: str) -> str:
+        """'demo has no alias 'actve'; did you mean 'active'? (its aliases: active, last-good)'."""
+        import difflib
+
+        have = sorted({a for v in self.storage.versions(name, archived=True) for a in v["aliases"]})
+        close = difflib.get_close_matches(alias, have, n=1, cutoff=0.6)
+        hint = f"; did you mean {name}@{close[0]}?" if close else ""
+        listed = f" (its aliases: {', '.join(have)})" if have else " (it has no aliases)"
+        return f"{name} has no alias {alias!r}{hint}{listed}; `itera registry alias {name}@V {alias}` sets one"
 
     def get(self, ref: Ref) -> dict:
         return self._row(ref.name, self.resolve_version(ref))
