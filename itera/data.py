@@ -70,7 +70,8 @@ def local_path(spec: str) -> Path | None:
 def canonical(spec: str, purpose: str = "eval") -> str:
     """One name per text, whatever was typed: a local file's resolved path; ``pydocs@<split>``;
     a hub dataset as ``name[:config]@split`` with aliases expanded and the default split filled
-    in. Records key their figures by it, so ``notes.txt`` and ``./notes.txt`` are one metric."""
+    in. A file's path says where it sits here, not what it is: records key figures by
+    :func:`dataset_key`."""
     spec = str(spec).strip()
     path = local_path(spec)
     if path is not None:
@@ -85,6 +86,27 @@ def canonical(spec: str, purpose: str = "eval") -> str:
         train_split, eval_split = "train", "test"
     split = split or (train_split if purpose == "train" else eval_split)
     return f"{hub}{':' + config if config else ''}@{split}"
+
+
+KEY_SEP = "#"  # a file dataset's key: its name as given, this, the first 8 hex digits of its sha256
+KEY_HASH_CHARS = 8
+
+
+def dataset_key(spec: str, purpose: str = "eval") -> str:
+    """The name records key a dataset's figures by, the same on every machine: a built-in or hub
+    name as :func:`canonical` writes it; a local file by what it is, never where it sits: its
+    file name as given plus the first 8 hex digits of the sha256 of its bytes
+    (``notes.txt#3f2a9c1b``, what ``sha256sum notes.txt | cut -c1-8`` prints). The same text
+    in two checkouts is one key; other text under the same name is another. ``#`` because a
+    metric name is a dotted path (``datasets.notes.txt#3f2a9c1b.perplexity``) and ``@`` and
+    ``:`` already mean a split and a config. Read the file (:func:`load_text`) first: a
+    missing one raises OSError here."""
+    path = local_path(spec)
+    if path is None:
+        return canonical(spec, purpose)
+    from itera.fsio import sha256_file
+
+    return f"{path.name}{KEY_SEP}{sha256_file(path)[:KEY_HASH_CHARS]}"
 
 
 def load_text(spec: str, purpose: str = "eval", field: str = "text") -> TextSource:

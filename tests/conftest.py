@@ -23,6 +23,15 @@ _VERBS = "sees finds follows helps paints carries watches greets remembers build
 _PLACES = "near the river|in the garden|under the bridge|at the castle|on the hill|by the sea".split("|")
 
 
+def file_key(path) -> str:
+    """The key a file dataset's figures have in records: its name and the first 8 hex digits of the
+    sha256 of its bytes, computed here as ``sha256sum`` would, not by itera."""
+    import hashlib
+
+    path = Path(path)
+    return f"{path.name}#{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}"
+
+
 def make_corpus(n_sentences: int, seed: int = 0) -> str:
     """Deterministic English-like text with learnable structure (grammar + word statistics)."""
     rng = random.Random(seed)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_itera
+from conftest import file_key, run_itera
 from families import FAMILIES, checkpoint
 from itera.errors import UnsupportedModelError
 from itera.jobs.evaluate import EvaluateOptions, run_evaluate
@@ -33,7 +33,7 @@ def families(tmp_path_factory):
 def _ppl(model, text_file, **kw) -> float:
     opts = EvaluateOptions(model=model, datasets=[str(text_file)],
                            protocol=EvalOptions(window=64, stride=32, max_tokens=400, bos=False), **kw)
-    return run_evaluate(opts).metrics["datasets"][str(text_file)]["perplexity"]
+    return run_evaluate(opts).metrics["datasets"][file_key(text_file)]["perplexity"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import run_itera
+from conftest import file_key, run_itera
 from itera.scoring import EvalOptions, evaluate_text, windows
 from itera.record import validate
 from itera.runtime import open_runtime
@@ -85,7 +85,7 @@ def test_cli_evaluate_record_from_stdin_parent(tiny_ckpt, corpus_file, tmp_path)
     rec = first.record
     validate(rec)
     assert json.loads((tmp_path / "m.json").read_text()) == rec
-    m = rec["metrics"]["datasets"][str(corpus_file)]
+    m = rec["metrics"]["datasets"][file_key(corpus_file)]
     assert m["tokens"] == 399 and m["perplexity"] > 1 and m["bits_per_byte"] > 0
     assert rec["params"]["window"] == 64 and rec["params"]["stride"] == 32 and rec["params"]["bos"] is True
     assert rec["artifact"]["path"] == str(tiny_ckpt) and len(rec["artifact"]["sha256"]) == 64
@@ -96,7 +96,9 @@ def test_cli_evaluate_record_from_stdin_parent(tiny_ckpt, corpus_file, tmp_path)
     validate(rec2)
     assert rec2["parent"] == rec
     assert rec2["artifact"]["path"] == str(tiny_ckpt)
-    assert set(rec2["metrics"]["datasets"]) == {str(jsonl), str(corpus_file)}
+    assert set(rec2["metrics"]["datasets"]) == {file_key(jsonl), file_key(corpus_file)}
+    assert rec2["params"]["datasets_paths"] == {file_key(jsonl): str(jsonl.resolve()),
+                                                file_key(corpus_file): str(corpus_file.resolve())}
     assert rec2["params"]["bos"] is False
     # Without BOS, the first real token is no longer scored: one token fewer.
-    assert rec2["metrics"]["datasets"][str(corpus_file)]["tokens"] == 399
+    assert rec2["metrics"]["datasets"][file_key(corpus_file)]["tokens"] == 399

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import SMALL, assert_usage_error, run_itera
+from conftest import SMALL, assert_usage_error, file_key, run_itera
 
 
 def reg(db, *args, **kw):
@@ -59,11 +59,46 @@ def test_dataset_keys_are_canonical_whatever_was_typed(tiny_ckpt, tmp_path, corp
     shutil.copy(corpus_file, tmp_path / "notes.txt")
     a = run_itera("evaluate", "--model", tiny_ckpt, "-d", "notes.txt", "--max-tokens", "100", cwd=tmp_path).record
     b = run_itera("evaluate", "--model", tiny_ckpt, "-d", "./notes.txt", "--max-tokens", "100", cwd=tmp_path).record
-    key = str((tmp_path / "notes.txt").resolve())
+    key = file_key(tmp_path / "notes.txt")
+    assert re.fullmatch(r"notes\.txt#[0-9a-f]{8}", key)
     assert list(a["metrics"]["datasets"]) == list(b["metrics"]["datasets"]) == [key]
     assert a["params"]["datasets_typed"] == {key: "notes.txt"} and b["params"]["datasets_typed"] == {key: "./notes.txt"}
+    assert a["params"]["datasets_paths"] == {key: str((tmp_path / "notes.txt").resolve())}
     c = run_itera("evaluate", "--model", tiny_ckpt, "-d", "pydocs", "--max-tokens", "50").record
     assert list(c["metrics"]["datasets"]) == ["pydocs@test"]
+
+
+def test_a_file_dataset_is_named_by_its_content_so_promote_works_from_another_checkout(gguf_versions, tmp_path):
+    """One text in two checkouts is one metric; another text under the same name is another."""
+    d, _ = gguf_versions
+    a, b, c = (tmp_path / x for x in ("ci-a", "home-b", "other-c"))
+    for x in (a, b, c):
+        x.mkdir()
+    shutil.copy(d / "notes.txt", a / "notes.txt")
+    shutil.copy(d / "notes.txt", b / "notes.txt")
+    (c / "notes.txt").write_text((d / "notes.txt").read_text()[::-1])
+    db = tmp_path / "r.db"
+    ev = {}
+    for where, gguf in ((a, "F32.gguf"), (b, "Q8_0.gguf")):
+        ev[where] = run_itera("evaluate", "--model", d / gguf, "-d", "notes.txt", "--max-tokens", "300", cwd=where)
+        reg(db, "register", "--name", "m", stdin=ev[where].stdout).record
+    key = file_key(a / "notes.txt")
+    assert list(ev[a].record["metrics"]["datasets"]) == list(ev[b].record["metrics"]["datasets"]) == [key]
+    assert str(a) not in key and ev[a].record["params"]["datasets_paths"][key] == str((a / "notes.txt").resolve())
+    assert reg(db, "activate", "m@1").returncode == 0
+    res = reg(db, "promote", "m@2", "--metric", "notes.txt.perplexity", "--max-regression", "50%")
+    assert res.returncode == 0, res.stderr
+    assert res.record["params"]["gate"]["metric"] == f"datasets.{key}.perplexity"
+    assert json.loads(reg(db, "show", "m@active").stdout)["version"] == 2
+    # other text under the same name: another key; the bare name is then ambiguous, in one line
+    other = run_itera("evaluate", "--model", d / "Q8_0.gguf", "-d", a / "notes.txt", "-d", c / "notes.txt",
+                      "--max-tokens", "300")
+    keys = list(other.record["metrics"]["datasets"])
+    assert keys == [key, file_key(c / "notes.txt")] and keys[0] != keys[1]
+    reg(db, "register", "--name", "two", stdin=other.stdout).record
+    assert_usage_error(reg(db, "promote", "two@1", "--metric", "notes.txt.perplexity"),
+                       "names 2 different contents of one file", f"datasets.{keys[1]}.perplexity")
+    assert reg(db, "promote", "two@1", "--metric", f"datasets.{keys[1]}.perplexity").returncode == 0
 
 
 def test_read_commands_never_create_a_database(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_usage_error, run_itera
+from conftest import assert_usage_error, file_key, run_itera
 from itera.model.checkpoint import load_model
 from itera.storage.layout import LayerQuant, dequantize, ggml_blocks, pack, rtn, unpack
 from itera.quant.gptq import gptq
@@ -76,7 +76,7 @@ def test_round_trip_reproduces_in_memory_logits_exactly(teacher, distill_corpus,
 def test_evaluate_runs_on_a_quantized_checkpoint(results, distill_corpus):
     q = results["dir"] / "gptq4"
     rec = run_itera("evaluate", "--model", q, "-d", distill_corpus, "--max-tokens", "500").record
-    assert rec["metrics"]["datasets"][str(distill_corpus)]["perplexity"] > 1
+    assert rec["metrics"]["datasets"][file_key(distill_corpus)]["perplexity"] > 1
     assert results["gptq4"]["artifact"]["format"] == "itera-quant"
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO, assert_usage_error, run_itera
+from conftest import REPO, assert_usage_error, file_key, make_record, run_itera
 from itera.cli.registry import parse_margin
 from itera.registry import MIGRATIONS, Ref, Registry, metric_direction
 from itera.errors import UsageError
@@ -317,8 +317,8 @@ def test_pipeline_register_stores_evaluate_metrics_and_lineage(tmp_path, tiny_ck
     rec = res.record
     assert rec["command"] == "registry register" and rec["parent"] == ev.record
     show = json.loads(reg_cli(db, "show", "demo@latest").stdout)
-    want = ev.record["metrics"]["datasets"][str(corpus_file)]["perplexity"]
-    assert show["metrics"][f"datasets.{corpus_file}.perplexity"] == want
+    want = ev.record["metrics"]["datasets"][file_key(corpus_file)]["perplexity"]
+    assert show["metrics"][f"datasets.{file_key(corpus_file)}.perplexity"] == want
     assert show["lineage"][0]["command"] == "evaluate" and show["lineage"][0]["sha256"] == ev.record["artifact"]["sha256"]
     assert show["tags"] == {"stage": "ci"} and show["path"] == str(tiny_ckpt.resolve())
     if shutil.which("git") and (REPO / ".git").exists():  # registered from a git checkout: its commit
@@ -625,3 +625,45 @@ def test_a_mistyped_alias_is_named_with_the_aliases_there_are(tmp_path, artifact
                        "m has no alias 'stagin'; did you mean m@staging? (its aliases: active, staging); "
                        "`itera registry alias m@V stagin` sets one")
     assert_usage_error(reg_cli(db, "show", "m@last-good"), "m has no 'last-good' version yet")
+
+
+def test_promote_matches_a_file_dataset_by_name_and_says_why_an_older_or_other_text_cannot(tmp_path):
+    """Evaluate records name a file by its name and content (notes.txt#<sha256[:8]>). `--metric
+    notes.txt.perplexity` finds such a figure; an active version whose figure an older itera keyed
+    by an absolute path, or that was measured on other contents of notes.txt, is refused in one
+    line that says which. Two older, path-keyed versions still compare as they always did."""
+    from itera.artifacts import describe_artifact
+
+    db = tmp_path / "r.db"
+    proto = {"window": 64, "stride": 32, "bos": False, "max_tokens": 300, "runtime": "llama.cpp"}
+
+    def version(name, i, ds, ppl):
+        f = tmp_path / f"{name}{i}.gguf"
+        f.write_bytes(f"GGUF weights {name} {i}".encode())
+        art = describe_artifact(f, "file", "gguf")
+        rec = make_record("evaluate", art, {"datasets": {ds: {"perplexity": ppl, "bits_per_byte": 1.0, "tokens": 299,
+                                                             "bytes": 1200, "tokens_per_s": 1.0}}},
+                          {**proto, "model": str(f)})
+        return reg_cli(db, "register", "--name", name, stdin=json.dumps(rec)).record["params"]["version"]
+
+    old, new, other = "/home/me/runs/notes.txt", "notes.txt#3f2a9c1b", "notes.txt#0badf00d"
+    version("m", 1, old, 10.0)
+    version("m", 2, new, 10.1)
+    version("m", 3, other, 10.0)
+    assert reg_cli(db, "activate", "m@1").returncode == 0
+    assert_usage_error(reg_cli(db, "promote", "m@2", "--metric", "notes.txt.perplexity", "--max-regression", "5%"),
+                       "the active version m@1 has no metric 'datasets.notes.txt#3f2a9c1b.perplexity'",
+                       f"'datasets.{old}.perplexity' comes from an older record that named the file by its path",
+                       "activate the candidate by hand")
+    assert reg_cli(db, "activate", "m@2").returncode == 0
+    assert_usage_error(reg_cli(db, "promote", "m@3", "--metric", "notes.txt.perplexity"),
+                       "was measured on other contents of that file", f"datasets.{new}.perplexity")
+    res = reg_cli(db, "promote", "m@3", "--metric", "perplexity")  # the short leaf finds the one figure, too
+    assert res.returncode == 2 and "other contents" in res.stderr
+    # older, path-keyed records at one path: as before, and the bare file name finds them now
+    version("o", 1, old, 10.0)
+    version("o", 2, old, 10.1)
+    assert reg_cli(db, "activate", "o@1").returncode == 0
+    res = reg_cli(db, "promote", "o@2", "--metric", "notes.txt.perplexity", "--max-regression", "5%")
+    assert res.returncode == 0, res.stderr
+    assert res.record["params"]["gate"]["metric"] == f"datasets.{old}.perplexity"

@@ -31,7 +31,9 @@ def evaluate(
     """Perplexity and bits per byte of a model on one or more datasets, with a sliding window.
 
     Every token after the first is scored once with up to WINDOW-1 tokens of context; the exact
-    protocol is written into the record's params. Results go under metrics.datasets[<dataset>].
+    protocol is written into the record's params. Results go under metrics.datasets[<dataset>]:
+    a file by its name and content (notes.txt#3f2a9c1b, the first 8 hex digits of its sha256),
+    never its path, so a record means the same in any checkout.
 
     Examples:
 

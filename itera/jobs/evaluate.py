@@ -47,9 +47,10 @@ class EvaluateOptions:
 def run_evaluate(opts: EvaluateOptions, reporter: Reporter = SILENT) -> Outcome:
     """Cheap checks of the model, then the data, then the expensive load; score every dataset.
 
-    Figures are keyed by the dataset's canonical name (:func:`itera.data.canonical`); what was
-    typed is kept in params."""
-    from itera.data import canonical, load_text
+    Figures are keyed by :func:`itera.data.dataset_key` (a file by its name and a content hash,
+    a built-in or hub name as written); what was typed, and each file's absolute path, are kept
+    in params."""
+    from itera.data import canonical, dataset_key, load_text, local_path
     from itera.model.checkpoint import load_checked_config
     from itera.artifacts import check_model_path, describe
     from itera.runtime import open_runtime, resolve_device
@@ -67,10 +68,17 @@ def run_evaluate(opts: EvaluateOptions, reporter: Reporter = SILENT) -> Outcome:
             raise UsageError(f"--device {opts.device} applies to checkpoints run in torch; itera runs .{fmt} files "
                              "on the CPU (drop --device)")
         opts.device = "cpu"
-    typed = {}
-    for spec in opts.datasets:
-        typed.setdefault(canonical(spec), spec)
-    sources = {key: load_text(spec, purpose="eval", field=opts.text_field) for key, spec in typed.items()}
+    typed, sources, where = {}, {}, {}
+    for spec in opts.datasets:  # a file is read (and checked) before its bytes name it
+        key = canonical(spec) if local_path(spec) is None else None
+        if key in sources:
+            continue
+        src = load_text(spec, purpose="eval", field=opts.text_field)
+        if key is None:
+            key = dataset_key(spec)
+            where.setdefault(key, os.path.realpath(local_path(spec)))
+        if key not in sources:
+            typed[key], sources[key] = spec, src
     results, protocol = {}, None
     if fmt == "gguf":  # llama.cpp's buffers are sized for the window, not for what the file declares
         from itera.runtime.llamacpp_backend import context_length
@@ -92,7 +100,8 @@ def run_evaluate(opts: EvaluateOptions, reporter: Reporter = SILENT) -> Outcome:
     params = {**protocol.as_params(), "bos": used_bos, "model": str(opts.model), "runtime": runtime,
               "dtype": opts.dtype if fmt == "checkpoint" else None, "device": opts.device, "threads": threads,
               "datasets": {key: src.description for key, src in sources.items()},
-              "datasets_typed": {key: typed[key] for key in sources}}
+              "datasets_typed": {key: typed[key] for key in sources},
+              "datasets_paths": {key: where[key] for key in sources if key in where}}
     return Outcome(describe(opts.model), {"datasets": results}, params, device=opts.device)
 
 

@@ -7,6 +7,7 @@ and metrics side by side. No SQL and no I/O: the facade
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,16 +41,65 @@ def metric_direction(key: str) -> str:
                      "pass --higher-is-better or --lower-is-better")
 
 
+_CONTENT_HASH = re.compile(r"#[0-9a-f]{8}$")
+
+
+def plain_metric(key: str) -> str:
+    """A metric key with each file named by its name alone, as a person types it:
+    ``datasets.notes.txt#3f2a9c1b.perplexity`` and an older record's path-keyed
+    ``datasets./home/me/notes.txt.perplexity`` are both ``datasets.notes.txt.perplexity``;
+    ``compare.a.gguf#9e1c04d2.decode_tokens_per_s`` is ``compare.a.gguf.decode_tokens_per_s``.
+    Other keys (``pydocs@test``, hub names, flat metrics) are themselves."""
+    head, _, rest = key.partition(".")
+    if head not in ("datasets", "compare") or "." not in rest:
+        return key
+    name, leaf = rest.rsplit(".", 1)
+    if name.startswith("/") or (head == "compare" and "/" in name):  # an older record: a path
+        name = name.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        name = _CONTENT_HASH.sub("", name)
+    return f"{head}.{name}.{leaf}"
+
+
+def is_path_keyed(key: str) -> bool:
+    """Whether ``key`` names a file by where it sat (records before content-named files)."""
+    head, _, rest = key.partition(".")
+    return head in ("datasets", "compare") and rest.startswith("/")
+
+
 def metric_key(metrics: dict[str, float], metric: str, where: str) -> str:
-    """The full key of ``metric`` in ``metrics``: itself, or the one key ending in ``.metric``."""
+    """The full key of ``metric`` in ``metrics``: itself, or the one key ending in ``.metric``;
+    failing those, the one key whose :func:`plain_metric` is or ends with it (``notes.txt.perplexity``
+    for ``datasets.notes.txt#3f2a9c1b.perplexity``). Two contents of one file name are refused."""
     if metric in metrics:
         return metric
     matches = sorted(k for k in metrics if k.endswith("." + metric))
+    if not matches:
+        matches = sorted(k for k in metrics
+                         if (p := plain_metric(k)) == metric or p.endswith("." + metric))
+        if len(matches) > 1 and len({plain_metric(k) for k in matches}) == 1:
+            raise UsageError(f"metric {metric!r} names {len(matches)} different contents of one file in {where}; "
+                             f"pass one in full: {', '.join(matches)}")
     if len(matches) == 1:
         return matches[0]
     if not matches:
         raise UsageError(f"{where} has no metric {metric!r}; it has: {', '.join(sorted(metrics)) or 'none'}")
     raise UsageError(f"metric {metric!r} is ambiguous in {where}; pass one of: {', '.join(matches)}")
+
+
+def missing_metric(name: str, active_version: int, active_metrics: dict[str, float], key: str) -> str:
+    """Why the active version has no figure ``key`` to compare with, in one line: the same file
+    name measured on other text, an older record that keyed it by path, or no such figure."""
+    label = f"the active version {name}@{active_version}"
+    kin = sorted(k for k in active_metrics if plain_metric(k) == plain_metric(key))
+    hashed = [k for k in kin if not is_path_keyed(k)]
+    if hashed:
+        return (f"{label} has no metric {key!r}: its {plain_metric(key)!r} was measured on other contents of that "
+                f"file ({', '.join(hashed)}); evaluate both on the same text, or activate the candidate by hand")
+    if kin:
+        return (f"{label} has no metric {key!r}: its figure {kin[0]!r} comes from an older record that named the file "
+                "by its path, not its content, so the two cannot be matched; activate the candidate by hand")
+    return f"{label} has no metric {key!r}; evaluate it the same way, or activate the candidate by hand"
 
 
 def protocol_difference(cand: dict, cur: dict, key: str) -> str | None:
@@ -104,8 +154,7 @@ def promotion_gate(name: str, version: int, candidate: dict, active_version: int
     if active_version is None:
         return Promotion(name, version, None, {**detail, "reason": "no active version to compare with"})
     if key not in active["metrics"]:
-        raise UsageError(f"the active version {name}@{active_version} has no metric {key!r}; "
-                         "evaluate it the same way, or activate the candidate by hand")
+        raise UsageError(missing_metric(name, active_version, active["metrics"], key))
     differs = protocol_difference(candidate, active, key)
     if differs:
         reason = (f"{key} of {name}@{version} and of active {name}@{active_version} were measured differently "
