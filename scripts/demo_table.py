@@ -52,9 +52,11 @@ def perplexity(rec: dict) -> float:
 
 
 def bench_of(power: dict, artifact: dict) -> dict:
-    """The benchmark result of one artifact in the ``--compare`` record (keyed by the path as given)."""
-    for path, result in (power["metrics"].get("compare") or {}).items():
-        if Path(path).name == Path(artifact["path"]).name:
+    """The benchmark result of one artifact in the ``--compare`` record: keyed by its file name and
+    sha256 (``a.gguf#9e1c04d2``, the sha256 inside), or by its path in older records."""
+    for key, result in (power["metrics"].get("compare") or {}).items():
+        if result.get("sha256") == artifact.get("sha256") or \
+                ("sha256" not in result and Path(key).name == Path(artifact["path"]).name):
             return result
     raise DemoError(f"compare-power.json has no result for {artifact['path']}")
 

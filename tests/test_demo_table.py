@@ -78,3 +78,19 @@ def test_no_speed_up_is_quoted_from_an_unstable_benchmark():
 def test_a_missing_record_says_to_run_the_demo(tmp_path, capsys):
     assert demo_table.main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().endswith("teacher.json: No such file or directory; run `make demo` first")
+
+
+def test_a_comparison_keyed_by_name_and_sha256_renders_the_same(tmp_path):
+    """`benchmark-power --compare` now keys each result by the file's name and sha256 (the path and
+    the sha256 inside); the block reads those records as it reads the older, path-keyed ones."""
+    runs = tmp_path / "runs"
+    shutil.copytree(FIXTURE, runs)
+    path = runs / "compare-power.json"
+    rec = json.loads(path.read_text())
+    shas = {Path(json.loads((runs / f).read_text())["artifact"]["path"]).name:
+            json.loads((runs / f).read_text())["artifact"]["sha256"]
+            for f in ("teacher-f16-eval.json", "student-q4-gguf-eval.json")}
+    rec["metrics"]["compare"] = {f"{Path(p).name}#{shas[Path(p).name][:8]}": {**r, "path": p, "sha256": shas[Path(p).name]}
+                                 for p, r in rec["metrics"]["compare"].items()}
+    path.write_text(json.dumps(rec))
+    assert demo_table.render(demo_table.figures(runs)) == demo_table.render(demo_table.figures(FIXTURE))

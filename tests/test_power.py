@@ -180,6 +180,11 @@ def test_real_run_over_three_runtimes_without_a_meter(artifacts):
     assert rec["params"]["threads"] == usable_cores() == len(os.sched_getaffinity(0))  # the default, as a number
     per = rec["metrics"]["compare"]
     assert [m["runtime"] for m in per.values()] == ["torch", "onnxruntime", "llama.cpp"]
+    # each result keyed by what the artifact is (its name and sha256), not where it sits; the path inside
+    assert [m["path"] for m in per.values()] == [str(artifacts[r]) for r in ("torch", "onnxruntime", "llama.cpp")]
+    assert list(per) == [f"{Path(m['path']).name}#{m['sha256'][:8]}" for m in per.values()]
+    assert next(iter(per.values()))["sha256"] == rec["artifact"]["sha256"]
+    assert not any("/" in k for k in per)
     for m in per.values():
         assert m["decode_tokens_per_s"] > 0 and m["decode_latency_ms_p50"] > 0 and m["ttft_ms_p50"] > 0
         # an odd number of runs: the median run's wall-time tokens/s is exactly 1 / its mean latency,
@@ -197,10 +202,12 @@ def test_real_run_over_three_runtimes_without_a_meter(artifacts):
         assert m["runtime_threads"] == {"decode": m["threads"], "prompt": m["threads"]}
         assert isinstance(m["stable"], bool) and (m["stable"] or m["stability_reason"])
     # a speed-up against the first only between stable runs; the table has both rates of each
-    base_path, base = next(iter(per.items()))
+    base = next(iter(per.values()))
+    base_path = base["path"]
     lines = res.stderr.splitlines()
     assert "wall tok/s" in next(line for line in lines if line.startswith("artifact"))
-    for path, m in list(per.items())[1:]:
+    for m in list(per.values())[1:]:
+        path = m["path"]
         row = next(line for line in lines if line.startswith(path + " "))
         assert f"{m['decode_tokens_per_s']:.1f}" in row and f"{m['decode_tokens_per_s_wall']:.1f}" in row
         if base["stable"] and m["stable"]:
@@ -270,6 +277,18 @@ def two_sizes(tmp_path_factory, tokenizer_dir):
     return d / "small.gguf", d / "big.gguf"
 
 
+def test_the_same_bytes_under_the_same_name_are_one_key_and_refused(two_sizes, tmp_path):
+    """Compared results are keyed by file name and sha256: one file compared with a copy of itself
+    under its own name would be one key, so it is refused before anything runs."""
+    import shutil
+
+    small, _ = two_sizes
+    (tmp_path / "x").mkdir()
+    shutil.copy(small, tmp_path / "x" / "small.gguf")
+    assert_usage_error(run_itera("benchmark-power", "--model", small, "--compare", tmp_path / "x" / "small.gguf",
+                                 *BENCH), "same bytes under the same name")
+
+
 def _cores_busy(seconds: float = 1.0) -> float:
     """How many cores' worth of CPU the whole machine used over ``seconds`` (``/proc/stat``)."""
     def sample():
@@ -319,7 +338,7 @@ def test_busy_cores_are_reported_unstable_with_each_artifacts_own_memory(under_b
     # each artifact in its own process: the bigger model's peak RSS is bigger by most of its size
     size = big.stat().st_size - small.stat().st_size
     for r in (rec, one):
-        grew = r["metrics"]["compare"][str(big)]["peak_rss_bytes"] - r["metrics"]["compare"][str(small)]["peak_rss_bytes"]
+        grew = by_path(r)[str(big)]["peak_rss_bytes"] - by_path(r)[str(small)]["peak_rss_bytes"]
         assert grew > size / 2, (grew, size)
 
 
@@ -344,7 +363,7 @@ def test_an_unstable_comparison_prints_no_ratio_and_says_why(under_busy_loops, t
     small, big = two_sizes
     _, res, one = under_busy_loops
     for r in (res.record, one):
-        compared = r["metrics"]["compare"]
+        compared = by_path(r)
         assert "speedup" not in compared[str(small)]  # the first artifact is what the others are compared with
         m = compared[str(big)]
         assert m["speedup"] is None and m["speedup_wall"] is None
@@ -354,12 +373,18 @@ def test_an_unstable_comparison_prints_no_ratio_and_says_why(under_busy_loops, t
     head = next(i for i, line in enumerate(lines) if line.startswith("artifact"))
     assert "decode tok/s" in lines[head] and "wall tok/s" in lines[head]
     rows = {line.split()[0]: line for line in lines[head + 2:head + 4]}
-    for path, m in res.record["metrics"]["compare"].items():
+    for m in res.record["metrics"]["compare"].values():
+        path = m["path"]
         assert f"{m['decode_tokens_per_s']:.1f}" in rows[path] and f"{m['decode_tokens_per_s_wall']:.1f}" in rows[path]
     assert "withheld" in rows[str(big)]
     assert not re.search(r"\d\.\d\dx", res.stderr), res.stderr  # no ratio printed anywhere
     why = [line for line in lines if line.startswith("no speed-up")]
-    assert why == [res.record["metrics"]["compare"][str(big)]["speedup_withheld_reason"]]
+    assert why == [by_path(res.record)[str(big)]["speedup_withheld_reason"]]
+
+
+def by_path(rec: dict) -> dict:
+    """A comparison's results by the path each artifact was measured at (they are keyed by name and sha256)."""
+    return {m["path"]: m for m in rec["metrics"]["compare"].values()}
 
 
 def _result(rate, wall, stable=True, reason=None):

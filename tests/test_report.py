@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_record, run_itera
+from conftest import REPO, file_key, make_record, run_itera
 from itera.record import dumps
 from itera.jobs.report import size
 
@@ -194,6 +194,26 @@ def test_compared_figures_go_to_an_artifact_described_in_a_later_record(tmp_path
         assert rows["teacher.gguf"]["decode tok/s"] == "3579.1"
 
 
+def test_dataset_headers_from_content_keys_and_older_path_keys(tmp_path):
+    """A file recorded by name and content heads its column by its name alone; two contents of one
+    name keep their keys; an older record's absolute path still shows as the file's name."""
+    recs = []
+    for d, ds in (("a", "/old/checkout/notes.txt"), ("b", "notes.txt#11111111"), ("c", "notes.txt#22222222"),
+                  ("e", "other.txt#33333333")):
+        ex = _rec("export", f"runs/{d}/model.gguf", "gguf", d, {}, {"format": "gguf", "gguf_type": "Q4_0"})
+        recs.append(_rec("evaluate", f"runs/{d}/model.gguf", "gguf", d, {"datasets": {ds: {
+            "perplexity": 10.0, "bits_per_byte": 1.0, "tokens": 500, "bytes": 2000, "tokens_per_s": 1.0}}},
+            {"window": 64, "stride": 32, "bos": False, "runtime": "llama.cpp"}, ex))
+    files = []
+    for i, r in enumerate(recs):
+        (tmp_path / f"{i}.json").write_text(dumps(r) + "\n")
+        files.append(tmp_path / f"{i}.json")
+    run_itera("report", *files, "--out", tmp_path / "rep").record
+    head = list(_md_table((tmp_path / "rep" / "report.md").read_text())[0])
+    assert [h for h in head if h.startswith("ppl ")] == [
+        "ppl notes.txt", "ppl notes.txt#11111111", "ppl notes.txt#22222222", "ppl other.txt"]
+
+
 # ------------------------------------------------------------------ readability (issue 28, item 10)
 
 
@@ -202,8 +222,9 @@ def _demo_like(tmp_path, data_file):
     Q4_0 GGUF, every one scored on one text file with one protocol (the GGUFs' tokenizer cutting
     it into fewer tokens), the two GGUFs benchmarked in one run on a busy machine and registered.
     Plus a DPO checkpoint nobody scored. Returns the record files and the records by name."""
-    key = str(data_file)  # evaluate records a file by its resolved, absolute path
-    proto = {"window": 128, "stride": 64, "bos": True, "runtime": "torch", "datasets_typed": {key: "data/notes.txt"}}
+    key = file_key(data_file)  # evaluate records a file by its name and content: notes.txt#<sha256[:8]>
+    proto = {"window": 128, "stride": 64, "bos": True, "runtime": "torch", "datasets_typed": {key: "data/notes.txt"},
+             "datasets_paths": {key: str(data_file)}}
 
     def ev(parent, ppl, tokens):
         a = parent["artifact"]
@@ -241,9 +262,13 @@ def _demo_like(tmp_path, data_file):
     t = bench(2029.0, 10.4, "decode steps were delayed: tokens over wall time (10.4/s) are 195.1x below the rate "
               "of a median step (2029.0/s)")
     s = bench(9347.5, 2.7, "load average 3.10 at the start is at or above the 2 usable cores")
-    tp, sp = r["teacher-f16"]["artifact"]["path"], r["student-q4.gguf"]["artifact"]["path"]
+    ta, sa = r["teacher-f16"]["artifact"], r["student-q4.gguf"]["artifact"]
+    tp, sp = ta["path"], sa["path"]
+    # each compared artifact keyed by its name and sha256, with its path and sha256 inside
+    compared = {f"{Path(a['path']).name}#{a['sha256'][:8]}": {**m, "path": a["path"], "sha256": a["sha256"]}
+                for a, m in ((ta, t), (sa, s))}
     r["compare-power"] = make_record("benchmark-power", r["teacher-f16"]["artifact"], {
-        **t, "stable": False, "stability_reason": f"{tp}: ... | {sp}: ...", "compare": {tp: t, sp: s}}, {},
+        **t, "stable": False, "stability_reason": f"{tp}: ... | {sp}: ...", "compare": compared}, {},
         r["teacher-f16-eval"])
     r["teacher-register"] = make_record("registry register", r["teacher-f16"]["artifact"], {},
                                         {"name": "pydocs-demo", "version": 1}, r["compare-power"])
@@ -283,7 +308,7 @@ def test_dataset_columns_are_short_and_one_per_dataset(tmp_path, data_file):
     assert rows["pydocs-demo@1 (teacher-f16.gguf)"]["ppl notes.txt"] == "107.380 †"
     assert rows["pydocs-demo@2 (student-q4.gguf)"]["bpb notes.txt"] == f"{123.46 / 50:.4f} †"
     note = next(line for line in md.splitlines() if line.startswith("- ppl/bpb notes.txt"))
-    assert note == (f"- ppl/bpb notes.txt: {data_file}, window 128, stride 64, BOS on; 20,000 tokens scored († "
+    assert note == (f"- ppl/bpb notes.txt: {file_key(data_file)}, window 128, stride 64, BOS on; 20,000 tokens scored († "
                     "pydocs-demo@1 (teacher-f16.gguf): 19,874, † pydocs-demo@2 (student-q4.gguf): 19,874; another "
                     "tokenizer cuts the same text differently, so compare bits per byte).")
 
@@ -426,10 +451,10 @@ def test_a_real_pipeline_reports_both_rates_under_the_file_name(tiny_ckpt, corpu
     table = _md_table(md)
     assert [h for h in table[0] if h.startswith("ppl ")] == [f"ppl {corpus_file.name}"]
     rows = {row["artifact"]: row for row in table}
-    for path, m in bench["metrics"]["compare"].items():
-        row = rows[Path(path).name]
+    for m in bench["metrics"]["compare"].values():
+        row = rows[Path(m["path"]).name]
         assert row["decode tok/s"].startswith(f"{m['decode_tokens_per_s']:.1f} ± ")
         assert row["wall tok/s"].startswith(f"{m['decode_tokens_per_s_wall']:.1f} ± ")
         assert row["stable"] == ("yes" if m["stable"] else "no")
         assert (f"- {row['artifact']}: benchmark not stable" in md) is (not m["stable"])
-    assert f"ppl/bpb {corpus_file.name}: {corpus_file.resolve()}, window " in md
+    assert f"ppl/bpb {corpus_file.name}: {file_key(corpus_file)}, window " in md

@@ -345,10 +345,30 @@ def speedup(base_path, base: dict, path, result: dict) -> dict:
     return out
 
 
+def compare_keys(paths: list[Path]) -> dict[str, tuple[Path, str]]:
+    """Each compared artifact's key in ``metrics.compare``, the same on every machine: its file
+    name plus the first 8 hex digits of its sha256 as the record's artifact block computes it
+    (``a.gguf#9e1c04d2``), mapped to (path, sha256). The same bytes under the same name twice
+    would be one key: refused, as comparing a file with itself."""
+    from itera.artifacts import digest
+    from itera.data import KEY_HASH_CHARS, KEY_SEP
+
+    keys: dict[str, tuple[Path, str]] = {}
+    for p in paths:
+        sha = digest(p)[1]
+        key = f"{Path(p).name}{KEY_SEP}{sha[:KEY_HASH_CHARS]}"
+        if key in keys:
+            raise UsageError(f"{keys[key][0]} and {p} are the same bytes under the same name; compare different "
+                             "artifacts")
+        keys[key] = (Path(p), sha)
+    return keys
+
+
 def run_benchmark(opts: BenchmarkOptions, reporter: Reporter = SILENT) -> Outcome:
     from itera.artifacts import describe
 
     opts.validate()
+    keys = compare_keys(opts.paths) if opts.compare else {}
     profile = PowerProfile.load(opts.estimate) if opts.estimate else None
     if profile is None:
         meter, reason = open_meter(opts.meter)
@@ -376,7 +396,9 @@ def run_benchmark(opts: BenchmarkOptions, reporter: Reporter = SILENT) -> Outcom
     if opts.compare:
         for p, r in zip(opts.compare, results[1:]):
             r.update(speedup(opts.model, results[0], p, r))
-        metrics["compare"] = {str(p): r for p, r in zip(opts.paths, results)}
+        # keyed by what each artifact is, not where it sits; the path stays inside the result
+        metrics["compare"] = {key: {**r, "path": os.path.abspath(p), "sha256": sha}
+                              for (key, (p, sha)), r in zip(keys.items(), results)}
         unstable = [f"{p}: {r['stability_reason']}" for p, r in zip(opts.paths, results) if not r["stable"]]
         # the comparison holds only if every artifact's figures do
         metrics["stable"], metrics["stability_reason"] = not unstable, " | ".join(unstable) or None

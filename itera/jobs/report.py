@@ -137,8 +137,10 @@ def collect(records: list[dict]) -> list[Row]:
                 _bench(row, m)
         elif cmd == "registry register":
             row.ref = f"{params.get('name')}@{params.get('version')}"
-    for path, figures in compared:
-        target = by_path.get(os.path.abspath(path)) or _by_suffix(path, list(rows.values()))
+    for key, figures in compared:  # keyed by name and content (a.gguf#9e1c04d2), or by path in older records
+        path = figures.get("path") or key
+        target = rows.get(figures.get("sha256") or "") or by_path.get(os.path.abspath(path)) or \
+            _by_suffix(path, list(rows.values()))
         if target is None:
             target = rows.setdefault(path, Row(path=path, format=Path(path).suffix[1:] or "?"))
             by_path[os.path.abspath(path)] = target
@@ -206,12 +208,19 @@ class Column:
     odd: set = field(default_factory=set)  # labels of rows that scored another number of tokens
 
 
+_CONTENT_KEY = re.compile(r"#[0-9a-f]{8}$")  # itera.data.dataset_key's content hash
+
+
 def _dataset_names(datasets: list[str]) -> dict[str, str]:
-    """A local file (recorded by its absolute path) by its name, or as many trailing components
-    as tell it from another file of that name; ``pydocs@test`` and hub names as they are."""
+    """A local file by its name: recorded by name and content (``notes.txt#3f2a9c1b``), its name
+    alone unless other contents share it (then the key in full); recorded by its absolute path
+    (older records), as many trailing components as tell it from another file of that name.
+    ``pydocs@test`` and hub names as they are."""
     files = [d for d in datasets if os.path.isabs(d)]
     short = _suffixes(files)
-    return {d: short.get(d, d) for d in datasets}
+    named = {d: _CONTENT_KEY.sub("", d) for d in datasets if not os.path.isabs(d) and _CONTENT_KEY.search(d)}
+    taken = Counter([*named.values(), *short.values()])
+    return {d: short.get(d) or (named[d] if d in named and taken[named[d]] == 1 else d) for d in datasets}
 
 
 def _protocol_text(proto: tuple) -> str:
