@@ -257,7 +257,10 @@ def test_ctrl_c_says_what_was_kept_and_the_resume_command_resumes(distill_corpus
     out, state = tmp_path / "s", tmp_path / "s.train-state" / "state.pt"
     p = subprocess.Popen([sys.executable, "-m", "itera", "distill", "--data", str(distill_corpus), "--out", "s",
                           *SCRATCH, "--steps", "5000", "--save-every", "2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                         # as from a terminal: a shell that ran this suite in the background (`make test &`)
+                         # ignores SIGINT, and an ignored signal stays ignored across exec
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600  # a run that never writes its checkpoint fails, rather than hangs
     while not state.exists() and p.poll() is None and time.monotonic() < deadline:  # however fast this machine is
         time.sleep(0.02)
