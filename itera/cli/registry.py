@@ -33,9 +33,11 @@ Examples:
   itera registry rollback demo
 """, no_args_is_help=True)
 
-RegistryPath = Annotated[Optional[Path], typer.Option(
-    "--registry", envvar="ITERA_REGISTRY", help="SQLite file. Default: $ITERA_HOME/registry.db (~/.itera).",
-    dir_okay=False)]
+RegistryPath = Annotated[Optional[str], typer.Option(
+    "--registry", envvar="ITERA_REGISTRY", metavar="PATH|URL",
+    help="A SQLite file (or sqlite:///PATH), or a team's PostgreSQL database: postgresql://USER@HOST:PORT/DB "
+         "(the password from the URL, PGPASSWORD or ~/.pgpass; never printed). Default: $ITERA_HOME/registry.db "
+         "(~/.itera).")]
 RefArg = Annotated[str, typer.Argument(help="NAME, NAME@N, NAME@active, NAME@last-good, NAME@latest or "
                                         "NAME@ALIAS (e.g. NAME@staging).")]
 Tags = Annotated[Optional[list[str]], typer.Option("--tag", metavar="KEY=VALUE", help="A tag; repeat for "
@@ -77,7 +79,7 @@ def parse_margin(text: str) -> float:
     return value
 
 
-def _open(path: Path | None, create: bool = True):
+def _open(path: str | None, create: bool = True):
     """The registry; reading commands pass ``create=False`` so a mistyped path is an error, not a new database."""
     from itera.registry import Registry
 
@@ -323,24 +325,11 @@ def migrate(registry: RegistryPath = None) -> None:
 
       itera registry migrate --registry runs/registry.db
     """
-    import sqlite3
-
     from itera.registry import Registry
-    from itera.registry.storage import MIGRATIONS, default_path
+    from itera.registry.storage import MIGRATIONS
 
-    path = Path(registry) if registry is not None else default_path()
-    before = None
-    if path.is_file():
-        try:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            try:
-                (before,) = con.execute("PRAGMA user_version").fetchone()
-            finally:
-                con.close()
-        except sqlite3.DatabaseError:
-            before = None  # opening below says what is wrong with the file
-    with Registry(path, create=False, upgrade=True) as reg:
-        after = len(MIGRATIONS)
+    with Registry(registry, create=False, upgrade=True) as reg:
+        before, after = reg.storage.schema_found, len(MIGRATIONS)
         _say(f"registry {reg.path}: schema {before} -> {after}" if before != after
              else f"registry {reg.path} is already at schema {after}; nothing to do")
         _print_json({"registry": str(reg.path), "schema_before": before, "schema_after": after})

@@ -12,10 +12,10 @@ from itera.cli._options import MetricsOut, execute
 def serve(
     model: Annotated[str, typer.Option("--model", "-m", help="NAME@active (a registry ref: the server follows the "
                                        "alias) or a checkpoint directory, .gguf or .onnx file.")],
-    registry: Annotated[Optional[Path], typer.Option(
-        "--registry", dir_okay=False,
-        help="Registry file for a --model NAME@active. Default: $ITERA_REGISTRY, else "
-        "$ITERA_HOME/registry.db.")] = None,
+    registry: Annotated[Optional[str], typer.Option(
+        "--registry", metavar="PATH|URL",
+        help="Registry for a --model NAME@active: a SQLite file or postgresql://USER@HOST:PORT/DB. Default: "
+        "$ITERA_REGISTRY, else $ITERA_HOME/registry.db.")] = None,
     host: Annotated[str, typer.Option(
         help="Address to listen on; other than loopback needs --api-key-file.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0: a free one, printed on stderr).")] = 8080,
@@ -61,7 +61,7 @@ def serve(
     from itera.jobs.serve.server import run_serve
 
     if registry is None and "@" in model and os.environ.get("ITERA_REGISTRY"):
-        registry = Path(os.environ["ITERA_REGISTRY"])  # the environment's registry, for a ref only
+        registry = os.environ["ITERA_REGISTRY"]  # the environment's registry, for a ref only
     opts = ServeOptions(model=model, registry=registry, host=host, port=port, api_key_file=api_key_file,
                         max_concurrency=max_concurrency, max_queue=max_queue, feedback_db=feedback_db,
                         threads=threads, chat_template=chat_template, poll_interval=poll_interval,

@@ -4,14 +4,15 @@ change that says who made it (``ITERA_ACTOR``, else the OS user) and why (``--re
 
 - :mod:`.refs` — model names and ``NAME@…`` references.
 - :mod:`.storage` — where versions, tags, aliases and events are kept: the
-  :class:`~.storage.RegistryStorage` interface and its SQLite backend (the only SQL).
+  :class:`~.storage.RegistryStorage` interface and its SQLite and PostgreSQL backends (the only
+  SQL; :mod:`itera.pg` connects to PostgreSQL).
 - :mod:`.policy` — the decisions (metric directions, the promotion gate, rollback), pure functions.
 - :mod:`.provenance` — what a record's parent chain says (metrics measured on an artifact, how).
 - :mod:`.artifacts` — the files: what to register, whether a registered one is intact.
 - :class:`Registry` here — reads rows, asks the policy, writes what it decided, logs it.
 
-Concurrency: every change is one storage transaction (SQLite: ``BEGIN IMMEDIATE``, one writer
-at a time, others wait up to ``busy_timeout``), so versions count 1, 2, 3… per name with no gaps
+Concurrency: every change is one storage transaction (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an
+advisory lock taken first; one writer at a time, others wait up to ``busy_timeout``), so versions count 1, 2, 3… per name with no gaps
 or duplicates however many processes register at once.
 
 This package imports no torch: ``itera registry list/show/resolve`` start fast.
@@ -33,12 +34,12 @@ from itera.registry.provenance import (PROTOCOL_KEYS, evaluation_protocol, flatt
                                        measured_metrics, quantization_of)
 from itera.registry.refs import (ALIASES, MAX_VERSION, NAME_RE, VERSION_RE, Ref, is_alias, validate_alias,
                                  validate_name, validate_text)
-from itera.registry.storage import (BUSY_TIMEOUT_S, MIGRATIONS, RegistryStorage, SQLiteStorage, Version,
-                                    default_path)
+from itera.registry.storage import (BUSY_TIMEOUT_S, MIGRATIONS, PostgresStorage, RegistryStorage, SQLiteStorage,
+                                    Version, default_path, open_storage)
 
 __all__ = [
     "ALIASES", "BUSY_TIMEOUT_S", "HIGHER_IS_BETTER", "KEY_METRICS", "LOWER_IS_BETTER", "MAX_VERSION", "MIGRATIONS",
-    "NAME_RE", "PROTOCOL_KEYS", "VERSION_RE", "Ref", "RefusedError", "Registry", "RegistryStorage", "SQLiteStorage",
+    "NAME_RE", "PROTOCOL_KEYS", "VERSION_RE", "Ref", "RefusedError", "Registry", "RegistryStorage", "SQLiteStorage", "PostgresStorage", "open_storage",
     "Version", "default_path", "evaluation_protocol", "flatten_metrics", "git_commit",
     "current_actor", "integrity_problem", "lineage", "measured_metrics", "metric_direction", "quantization_of",
     "registration", "validate_alias", "validate_name", "validate_text",
@@ -66,15 +67,17 @@ class Registry:
     steps with :meth:`transaction`, so that everything that can fail (building and serialising
     the record it will print) happens before the commit.
 
-    ``path`` is a SQLite file (default ``$ITERA_HOME/registry.db``); ``create=False`` refuses one
-    that does not exist; one of an older schema is refused unless ``upgrade`` (``itera registry
-    migrate``). ``storage`` is another backend instead (:class:`RegistryStorage`)."""
+    ``path`` is a SQLite file (default ``$ITERA_HOME/registry.db``) or a URL: ``sqlite:///PATH``,
+    ``postgresql://USER@HOST:PORT/DB`` (:func:`~.storage.open_storage`); ``create=False`` refuses
+    one that does not exist (or a database with no registry in it); one of an older schema is
+    refused unless ``upgrade`` (``itera registry migrate``). ``storage`` is another backend
+    instead (:class:`RegistryStorage`)."""
 
-    def __init__(self, path: Path | None = None, busy_timeout_s: float | None = None, create: bool = True,
+    def __init__(self, path: Path | str | None = None, busy_timeout_s: float | None = None, create: bool = True,
                  storage: RegistryStorage | None = None, actor: str | None = None, upgrade: bool = False):
         self._actor = validate_text(actor, "actor") if actor is not None else None
         self.storage: RegistryStorage = storage if storage is not None else \
-            SQLiteStorage(path, busy_timeout_s=busy_timeout_s, create=create, upgrade=upgrade)
+            open_storage(path, busy_timeout_s=busy_timeout_s, create=create, upgrade=upgrade)
 
     @property
     def actor(self) -> str:
@@ -85,7 +88,7 @@ class Registry:
 
     @property
     def path(self) -> Path | str:
-        """Where the registry is: the SQLite file."""
+        """Where the registry is: the SQLite file, or the PostgreSQL URL with its password masked."""
         return self.storage.path
 
     @property

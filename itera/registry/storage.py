@@ -1,5 +1,7 @@
 """Where the registry keeps its versions, tags, aliases and audit log: the interface a backend
-implements (:class:`RegistryStorage`) and the SQLite one (:class:`SQLiteStorage`).
+implements (:class:`RegistryStorage`), the SQLite one (:class:`SQLiteStorage`, a local file, the
+default) and the PostgreSQL one (:class:`PostgresStorage`, a team's database), which run the same
+SQL (:class:`_SQLStorage`); :func:`open_storage` picks one from a path or URL.
 
 A backend stores and fetches; it decides nothing (that is :mod:`itera.registry.policy`) and
 validates nothing (names and refs are checked before they get here). Values reach SQL only as
@@ -10,6 +12,9 @@ Concurrency: everything a caller does inside :meth:`RegistryStorage.transaction`
 transaction that holds the write lock from its first statement, so a version number read there
 is still the highest when the next one is inserted, and an alias read there is still where it
 was when it is moved. Nested transactions join the open one.
+
+``schema_found`` of a backend is the schema version it found when it was opened (None: a new,
+empty registry), before anything was migrated: what ``itera registry migrate`` reports.
 """
 
 from __future__ import annotations
@@ -184,7 +189,115 @@ class RegistryStorage(Protocol):
     def integrity_ok(self) -> bool: ...
 
 
-class SQLiteStorage:
+class _SQLStorage:
+    """What both backends share: the SQL of reads and writes (the same statements run on SQLite and
+    PostgreSQL; ``?`` placeholders, which :meth:`_rows` of each backend binds its own way)."""
+
+    def _rows(self, sql: str, args: tuple | list = ()) -> list[dict]:
+        raise NotImplementedError
+
+    def _one(self, sql: str, args: tuple | list = ()) -> dict | None:
+        rows = self._rows(sql, args)
+        return rows[0] if rows else None
+
+    # ------------------------------------------------------------------ reads
+
+    def _version(self, row: dict) -> Version:
+        d = dict(row)
+        at, by, why = d.pop("archived_at"), d.pop("archived_by"), d.pop("archived_reason")
+        for k in ("params", "metrics", "lineage", "record"):
+            d[k] = json.loads(d[k]) if d[k] is not None else None
+        d["tags"] = {r["key"]: r["value"] for r in self._rows(
+            "SELECT key, value FROM tags WHERE name = ? AND version = ? ORDER BY key", (d["name"], d["version"]))}
+        d["aliases"] = [r["alias"] for r in self._rows(
+            "SELECT alias FROM aliases WHERE name = ? AND version = ? ORDER BY alias", (d["name"], d["version"]))]
+        d["archived"] = {"at": at, "by": by, "reason": why} if at is not None else None
+        return d  # type: ignore[return-value]
+
+    def has_name(self, name: str) -> bool:
+        return self._one("SELECT 1 AS one FROM versions WHERE name = ? LIMIT 1", (name,)) is not None
+
+    def latest_version(self, name: str) -> int | None:
+        return self._one("SELECT MAX(version) AS v FROM versions WHERE name = ?", (name,))["v"]
+
+    def version(self, name: str, version: int) -> Version | None:
+        row = self._one("SELECT * FROM versions WHERE name = ? AND version = ?", (name, version))
+        return self._version(row) if row else None
+
+    def version_with_sha256(self, name: str, sha256: str) -> int | None:
+        return self._one("SELECT MIN(version) AS v FROM versions WHERE name = ? AND sha256 = ?", (name, sha256))["v"]
+
+    def versions(self, name: str | None = None, tags: dict[str, str] | None = None, fmt: str | None = None,
+                 quantization: str | None = None, archived: bool = False) -> list[Version]:
+        sql, args = "SELECT * FROM versions WHERE 1 = 1", []
+        if not archived:
+            sql += " AND archived_at IS NULL"
+        if name is not None:
+            sql += " AND name = ?"
+            args.append(name)
+        if fmt is not None:
+            sql += " AND format = ?"
+            args.append(fmt)
+        if quantization is not None:
+            sql += " AND quantization = ?"
+            args.append(quantization)
+        for k, v in (tags or {}).items():
+            sql += " AND EXISTS (SELECT 1 FROM tags t WHERE t.name = versions.name AND t.version = versions.version " \
+                   "AND t.key = ? AND t.value = ?)"
+            args += [k, v]
+        return [self._version(r) for r in self._rows(sql + " ORDER BY name, version", args)]
+
+    def alias(self, name: str, alias: str) -> int | None:
+        row = self._one("SELECT version FROM aliases WHERE name = ? AND alias = ?", (name, alias))
+        return row["version"] if row else None
+
+    def events(self, name: str) -> list[Event]:
+        rows = self._rows("SELECT * FROM events WHERE name = ? ORDER BY id", (name,))
+        return [{**dict(r), "ok": bool(r["ok"]), "detail": json.loads(r["detail"])} for r in rows]  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ writes (inside transaction())
+
+    def insert_version(self, row: NewVersion, tags: dict[str, str]) -> None:
+        self._rows(
+            "INSERT INTO versions (name, version, path, kind, format, bytes, sha256, quantization, params, "
+            "metrics, lineage, record, git_commit, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row["name"], row["version"], row["path"], row["kind"], row["format"], row["bytes"], row["sha256"],
+             row["quantization"], json.dumps(row["params"]), json.dumps(row["metrics"]), json.dumps(row["lineage"]),
+             json.dumps(row["record"]) if row["record"] is not None else None, row["git_commit"], row["created_at"]))
+        for k, v in tags.items():
+            self._rows("INSERT INTO tags (name, version, key, value) VALUES (?, ?, ?, ?)",
+                       (row["name"], row["version"], k, v))
+
+    def set_alias(self, name: str, alias: str, version: int, at: str) -> None:
+        self._rows(
+            "INSERT INTO aliases (name, alias, version, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+            (name, alias, version, at))
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        self._rows("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
+
+    def set_tag(self, name: str, version: int, key: str, value: str) -> None:
+        self._rows("INSERT INTO tags (name, version, key, value) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT (name, version, key) DO UPDATE SET value = excluded.value",
+                   (name, version, key, value))
+
+    def remove_tag(self, name: str, version: int, key: str) -> None:
+        self._rows("DELETE FROM tags WHERE name = ? AND version = ? AND key = ?", (name, version, key))
+
+    def set_archived(self, name: str, version: int, archived: Archived | None) -> None:
+        a = archived or {"at": None, "by": None, "reason": None}
+        self._rows("UPDATE versions SET archived_at = ?, archived_by = ?, archived_reason = ? "
+                   "WHERE name = ? AND version = ?", (a["at"], a["by"], a["reason"], name, version))
+
+    def add_event(self, name: str, version: int | None, event: str, ok: bool, detail: dict[str, Any],
+                  at: str, actor: str | None = None, reason: str | None = None) -> None:
+        self._rows("INSERT INTO events (name, version, event, ok, detail, at, actor, reason) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (name, version, event, int(ok), json.dumps(detail, sort_keys=True), at, actor, reason))
+
+
+class SQLiteStorage(_SQLStorage):
     """The registry in one SQLite file (:mod:`itera.sqlite`: WAL where the file system allows it,
     ``BEGIN IMMEDIATE`` writes, schema migrations by ``user_version``). ``create=False`` refuses a
     file that does not exist: the reading commands never create a registry. A registry of an
@@ -201,6 +314,7 @@ class SQLiteStorage:
             raise InputError(f"registry {self.path} does not exist; pass --registry PATH (or ITERA_REGISTRY) of an "
                              "existing one: only register, activate, mark-good, promote and rollback create one")
         self._depth = 0
+        self.schema_found = self._schema_on_disk()
         try:
             self.db = sqlite.connect(
                 self.path, "registry", MIGRATIONS, timeout_s=self.busy_timeout_s, synchronous="NORMAL",
@@ -216,6 +330,20 @@ class SQLiteStorage:
         except sqlite3.DatabaseError as e:
             raise InputError(f"registry {self.path} is not a usable SQLite database ({e}); "
                              "pass another --registry path") from None
+
+    def _schema_on_disk(self) -> int | None:
+        """The file's schema version before opening it migrates anything (None: no such file, or
+        not one SQLite reads; opening it says what is wrong)."""
+        if not self.path.is_file():
+            return None
+        try:
+            con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            try:
+                return con.execute("PRAGMA user_version").fetchone()[0] or None
+            finally:
+                con.close()
+        except sqlite3.DatabaseError:
+            return None
 
     def close(self) -> None:
         self.db.close()
@@ -249,103 +377,195 @@ class SQLiteStorage:
             finally:
                 self._depth = 0
 
-    # ------------------------------------------------------------------ reads
-
-    def _version(self, row: sqlite3.Row) -> Version:
-        d = dict(row)
-        at, by, why = d.pop("archived_at"), d.pop("archived_by"), d.pop("archived_reason")
-        for k in ("params", "metrics", "lineage", "record"):
-            d[k] = json.loads(d[k]) if d[k] is not None else None
-        d["tags"] = {r["key"]: r["value"] for r in self.db.execute(
-            "SELECT key, value FROM tags WHERE name = ? AND version = ? ORDER BY key", (d["name"], d["version"]))}
-        d["aliases"] = [r["alias"] for r in self.db.execute(
-            "SELECT alias FROM aliases WHERE name = ? AND version = ? ORDER BY alias", (d["name"], d["version"]))]
-        d["archived"] = {"at": at, "by": by, "reason": why} if at is not None else None
-        return d  # type: ignore[return-value]
-
-    def has_name(self, name: str) -> bool:
-        return self.db.execute("SELECT 1 FROM versions WHERE name = ? LIMIT 1", (name,)).fetchone() is not None
-
-    def latest_version(self, name: str) -> int | None:
-        return self.db.execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,)).fetchone()[0]
-
-    def version(self, name: str, version: int) -> Version | None:
-        row = self.db.execute("SELECT * FROM versions WHERE name = ? AND version = ?", (name, version)).fetchone()
-        return self._version(row) if row else None
-
-    def version_with_sha256(self, name: str, sha256: str) -> int | None:
-        return self.db.execute("SELECT MIN(version) FROM versions WHERE name = ? AND sha256 = ?",
-                               (name, sha256)).fetchone()[0]
-
-    def versions(self, name: str | None = None, tags: dict[str, str] | None = None, fmt: str | None = None,
-                 quantization: str | None = None, archived: bool = False) -> list[Version]:
-        sql, args = "SELECT * FROM versions WHERE 1 = 1", []
-        if not archived:
-            sql += " AND archived_at IS NULL"
-        if name is not None:
-            sql += " AND name = ?"
-            args.append(name)
-        if fmt is not None:
-            sql += " AND format = ?"
-            args.append(fmt)
-        if quantization is not None:
-            sql += " AND quantization = ?"
-            args.append(quantization)
-        for k, v in (tags or {}).items():
-            sql += " AND EXISTS (SELECT 1 FROM tags t WHERE t.name = versions.name AND t.version = versions.version " \
-                   "AND t.key = ? AND t.value = ?)"
-            args += [k, v]
-        rows = self.db.execute(sql + " ORDER BY name, version", args).fetchall()
-        return [self._version(r) for r in rows]
-
-    def alias(self, name: str, alias: str) -> int | None:
-        row = self.db.execute("SELECT version FROM aliases WHERE name = ? AND alias = ?", (name, alias)).fetchone()
-        return row[0] if row else None
-
-    def events(self, name: str) -> list[Event]:
-        rows = self.db.execute("SELECT * FROM events WHERE name = ? ORDER BY id", (name,)).fetchall()
-        return [{**dict(r), "ok": bool(r["ok"]), "detail": json.loads(r["detail"])} for r in rows]  # type: ignore[misc]
+    def _rows(self, sql: str, args: tuple | list = ()) -> list[dict]:
+        return self.db.execute(sql, args).fetchall()
 
     def integrity_ok(self) -> bool:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
-    # ------------------------------------------------------------------ writes (inside transaction())
 
-    def insert_version(self, row: NewVersion, tags: dict[str, str]) -> None:
-        self.db.execute(
-            "INSERT INTO versions (name, version, path, kind, format, bytes, sha256, quantization, params, "
-            "metrics, lineage, record, git_commit, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (row["name"], row["version"], row["path"], row["kind"], row["format"], row["bytes"], row["sha256"],
-             row["quantization"], json.dumps(row["params"]), json.dumps(row["metrics"]), json.dumps(row["lineage"]),
-             json.dumps(row["record"]) if row["record"] is not None else None, row["git_commit"], row["created_at"]))
-        for k, v in tags.items():
-            self.db.execute("INSERT INTO tags (name, version, key, value) VALUES (?, ?, ?, ?)",
-                            (row["name"], row["version"], k, v))
+# The same schema, version for version, in PostgreSQL's types: artifact sizes past 2 GB need BIGINT.
+PG_MIGRATIONS = [
+    # 1: the initial schema
+    """
+    CREATE TABLE versions (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        format TEXT NOT NULL,
+        bytes BIGINT NOT NULL,
+        sha256 TEXT NOT NULL,
+        quantization TEXT,
+        params TEXT NOT NULL,
+        metrics TEXT NOT NULL,
+        lineage TEXT NOT NULL,
+        record TEXT,
+        git_commit TEXT,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE TABLE tags (
+        name TEXT NOT NULL, version INTEGER NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+        PRIMARY KEY (name, version, key),
+        FOREIGN KEY (name, version) REFERENCES versions(name, version)
+    );
+    CREATE TABLE aliases (
+        name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL, updated_at TEXT NOT NULL,
+        PRIMARY KEY (name, alias),
+        FOREIGN KEY (name, version) REFERENCES versions(name, version)
+    );
+    CREATE TABLE events (
+        id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+        name TEXT NOT NULL, version INTEGER, event TEXT NOT NULL, ok INTEGER NOT NULL,
+        detail TEXT NOT NULL, at TEXT NOT NULL
+    );
+    CREATE INDEX events_by_name ON events(name, id);
+    CREATE INDEX versions_by_sha256 ON versions(name, sha256)
+    """,
+    # 2: as SQLite's 2
+    """
+    ALTER TABLE events ADD COLUMN actor TEXT;
+    ALTER TABLE events ADD COLUMN reason TEXT;
+    ALTER TABLE versions ADD COLUMN archived_at TEXT;
+    ALTER TABLE versions ADD COLUMN archived_by TEXT;
+    ALTER TABLE versions ADD COLUMN archived_reason TEXT
+    """,
+]
+assert len(PG_MIGRATIONS) == len(MIGRATIONS), "a schema version means the same on both backends"
 
-    def set_alias(self, name: str, alias: str, version: int, at: str) -> None:
-        self.db.execute(
-            "INSERT INTO aliases (name, alias, version, updated_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(name, alias) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
-            (name, alias, version, at))
 
-    def remove_alias(self, name: str, alias: str) -> None:
-        self.db.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
+class PostgresStorage(_SQLStorage):
+    """The registry in a PostgreSQL database (``postgresql://USER@HOST:PORT/DB``), its tables in the
+    schema ``itera`` (:mod:`itera.pg`). A team's CI runners and laptops share it: every write
+    transaction first takes the registry's advisory lock, so versions count 1, 2, 3… with no gaps
+    or duplicates and an alias read in a transaction is where it was when it is moved, as on SQLite.
 
-    def set_tag(self, name: str, version: int, key: str, value: str) -> None:
-        self.db.execute("INSERT INTO tags (name, version, key, value) VALUES (?, ?, ?, ?) "
-                        "ON CONFLICT(name, version, key) DO UPDATE SET value = excluded.value",
-                        (name, version, key, value))
+    ``create=False`` refuses a database with no registry in it (the reading commands); a writer
+    creates the tables in an empty database. One of an older schema is refused with the command
+    that upgrades it unless ``upgrade``. ``path`` is the URL with its password masked: what
+    messages, records and events show."""
 
-    def remove_tag(self, name: str, version: int, key: str) -> None:
-        self.db.execute("DELETE FROM tags WHERE name = ? AND version = ? AND key = ?", (name, version, key))
+    def __init__(self, url: str, busy_timeout_s: float | None = None, create: bool = True, upgrade: bool = False):
+        from itera import pg
 
-    def set_archived(self, name: str, version: int, archived: Archived | None) -> None:
-        a = archived or {"at": None, "by": None, "reason": None}
-        self.db.execute("UPDATE versions SET archived_at = ?, archived_by = ?, archived_reason = ? "
-                        "WHERE name = ? AND version = ?", (a["at"], a["by"], a["reason"], name, version))
+        self.url = url
+        self.path = pg.mask(url)
+        self.busy_timeout_s = BUSY_TIMEOUT_S if busy_timeout_s is None else busy_timeout_s
+        self._depth = 0
+        self._errors = pg.errors()
+        self.con = pg.connect(url, "registry", "registry", "--registry", self.busy_timeout_s)
+        try:
+            self.schema_found = self._guard(lambda: pg.schema_version(self.con, "registry"))
+            found, known = self.schema_found, len(PG_MIGRATIONS)
+            if found is None and not (create or upgrade):
+                raise InputError(f"registry {self.path} holds no itera registry yet; register a version there first "
+                                 f"(or run `itera registry migrate --registry URL` to create its tables)")
+            if found is not None and found > known:
+                raise InputError(f"registry {self.path} was created by a newer itera (schema version {found}; this "
+                                 f"itera knows {known}); upgrade itera or pass another --registry")
+            if found is not None and found < known and not upgrade:
+                raise InputError(f"registry {self.path} has schema version {found} and this itera uses {known}: "
+                                 "run `itera registry migrate --registry URL` once (older itera versions cannot "
+                                 "use it afterwards)")
+            if found is None or found < known:
+                self.migrate()
+        except BaseException:
+            self.con.close()
+            raise
 
-    def add_event(self, name: str, version: int | None, event: str, ok: bool, detail: dict[str, Any],
-                  at: str, actor: str | None = None, reason: str | None = None) -> None:
-        self.db.execute("INSERT INTO events (name, version, event, ok, detail, at, actor, reason) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (name, version, event, int(ok), json.dumps(detail, sort_keys=True), at, actor, reason))
+    def close(self) -> None:
+        self.con.close()
+
+    def _guard(self, fn):
+        """Run ``fn``; a broken connection or a lock wait past the busy timeout as one line."""
+        from itera import pg
+
+        operational, lock_timeout = self._errors
+        try:
+            return fn()
+        except lock_timeout:
+            raise InputError(f"registry {self.path} is busy: another writer held it for more than "
+                             f"{self.busy_timeout_s:g} s; try again") from None
+        except operational as e:
+            raise pg.lost(self.url, e, "registry") from None
+
+    def migrate(self) -> None:
+        from itera import pg
+
+        self._guard(lambda: pg.migrate(self.con, "registry", PG_MIGRATIONS))
+
+    def _rows(self, sql: str, args: tuple | list = ()) -> list[dict]:
+        def run():
+            cur = self.con.execute(sql.replace("?", "%s"), args)
+            return cur.fetchall() if cur.description is not None else []
+        return self._guard(run)
+
+    @contextlib.contextmanager
+    def transaction(self, commit_on: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+        from itera import pg
+
+        if self._depth:  # join the open transaction
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        operational, lock_timeout = self._errors
+        try:
+            with pg.write(self.con, "registry", keep=commit_on):
+                self._depth = 1
+                try:
+                    yield
+                finally:
+                    self._depth = 0
+        except lock_timeout:
+            raise InputError(f"registry {self.path} is busy: another writer held it for more than "
+                             f"{self.busy_timeout_s:g} s; try again") from None
+        except operational as e:
+            raise pg.lost(self.url, e, "registry") from None
+
+    def integrity_ok(self) -> bool:
+        """PostgreSQL keeps its own pages consistent; what is checked here is that every alias and
+        tag points at a version (the foreign keys say so too)."""
+        return self._one("SELECT COUNT(*) AS n FROM aliases a LEFT JOIN versions v ON v.name = a.name AND "
+                         "v.version = a.version WHERE v.name IS NULL")["n"] == 0
+
+
+def sqlite_path(location: str | Path | None) -> Path | None:
+    """The SQLite file ``location`` names (the default one for None), or None for a PostgreSQL URL.
+    Other schemes are left to :func:`open_storage` to refuse."""
+    from itera import pg
+
+    if location is None:
+        return default_path()
+    text = str(location)
+    scheme = pg.url_scheme(text) if isinstance(location, str) else None
+    if scheme == "sqlite":
+        return Path(text[len("sqlite://"):])
+    return None if scheme is not None else Path(text)
+
+
+def open_storage(location: str | Path | None = None, busy_timeout_s: float | None = None, create: bool = True,
+                 upgrade: bool = False) -> RegistryStorage:
+    """The backend ``location`` names: ``postgresql://…`` (or ``postgres://…``) a PostgreSQL
+    database; ``sqlite:///abs/path`` or ``sqlite://rel/path`` or a plain path a SQLite file; None
+    the default SQLite file. Any other URL scheme is refused."""
+    from itera import pg
+
+    if location is None:
+        return SQLiteStorage(None, busy_timeout_s=busy_timeout_s, create=create, upgrade=upgrade)
+    text = str(location)
+    scheme = pg.url_scheme(text) if isinstance(location, str) else None
+    if scheme in pg.SCHEMES:
+        return PostgresStorage(text, busy_timeout_s=busy_timeout_s, create=create, upgrade=upgrade)
+    if scheme == "sqlite":
+        path = text[len("sqlite://"):]
+        if not path:
+            raise InputError(f"registry URL {text!r} names no file; use sqlite:///ABSOLUTE/PATH or sqlite://RELATIVE/PATH")
+        return SQLiteStorage(Path(path), busy_timeout_s=busy_timeout_s, create=create, upgrade=upgrade)
+    if scheme is not None:
+        raise InputError(f"registry URL {pg.mask(text)} has an unknown scheme {scheme!r}; pass a file path, "
+                         "sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE")
+    return SQLiteStorage(Path(text), busy_timeout_s=busy_timeout_s, create=create, upgrade=upgrade)

@@ -93,27 +93,35 @@ def resolve_source(spec: str, registry: Path | None) -> tuple[Source, "RegistryR
         name = path.name if fmt == "checkpoint" else path.name[: -len(path.suffix)]
         return Source(path.resolve(), fmt, name or "model", None, digest, size,
                       "checkpoint" if path.is_dir() else "file"), None
-    from itera.registry import VERSION_RE, Ref, Registry, default_path
+    from itera.registry import VERSION_RE, Ref, Registry
+    from itera.registry.storage import default_path, sqlite_path
 
     ref = Ref.parse(spec)
-    reg_path = Path(registry) if registry is not None else default_path()
-    if not reg_path.is_file():
+    location = registry if registry is not None else default_path()
+    reg_path = sqlite_path(location)
+    if reg_path is not None and not reg_path.is_file():
         raise InputError(f"registry {reg_path} does not exist; pass --registry FILE (or ITERA_REGISTRY), or register "
                          "the model with `itera registry register` first")
-    with Registry(reg_path) as reg:
+    with Registry(location, create=False) as reg:
         row = reg.get(ref)
     try:
         source = verify(row)
     except SwapRefused as e:
         raise InputError(f"{spec} cannot be served: {e}") from None
-    follow = None if (ref.selector and VERSION_RE.fullmatch(ref.selector)) else RegistryRef(reg_path, ref)
+    follow = None if (ref.selector and VERSION_RE.fullmatch(ref.selector)) else RegistryRef(location, ref)
     return source, follow
 
 
 @dataclass(frozen=True)
 class RegistryRef:
-    path: Path
+    path: Path | str  # a SQLite file, or a PostgreSQL URL (with its password: never print it, print shown)
     ref: object  # itera.registry.Ref
+
+    @property
+    def shown(self) -> str:
+        from itera import pg
+
+        return pg.mask(str(self.path))
 
 
 def _eos_ids(runtime, source: Source) -> frozenset:
@@ -275,18 +283,31 @@ class Watcher:
     def _target(self) -> dict | None:
         from itera.registry import Ref, Registry
 
+        from itera.registry.storage import sqlite_path
+
         # The open connection would go on reading a registry file that was deleted or replaced:
-        # look at the path itself each time (a missing one is said once in the log, by poll).
-        st = os.stat(self.follow.path)
-        if self._registry is not None and (st.st_dev, st.st_ino) != self._registry_id:
+        # look at the path itself each time (a missing one is said once in the log, by poll). A
+        # PostgreSQL connection is kept; one that broke (the server restarted) is opened anew.
+        local = sqlite_path(self.follow.path)
+        ident = None
+        if local is not None:
+            st = os.stat(local)
+            ident = (st.st_dev, st.st_ino)
+        if self._registry is not None and ident != self._registry_id:
             self._registry.close()
             self._registry = None
         if self._registry is None:
             self._registry = Registry(self.follow.path, create=False)
-            self._registry_id = (st.st_dev, st.st_ino)
+            self._registry_id = ident
         reg, ref = self._registry, self.follow.ref
-        v = reg.resolve_version(ref)
-        return reg.get(Ref(ref.name, str(v)))
+        try:
+            v = reg.resolve_version(ref)
+            return reg.get(Ref(ref.name, str(v)))
+        except IteraError:
+            if local is None:  # reconnect at the next poll
+                self._registry.close()
+                self._registry = None
+            raise
 
     def poll(self) -> None:
         """One look at the alias; loads and swaps when it moved."""
@@ -295,7 +316,7 @@ class Watcher:
             self._registry_error = None
         except (IteraError, OSError) as e:
             if str(e) != self._registry_error:  # say it once, not every poll
-                self.log(f"serve: cannot read {self.follow.ref} from {self.follow.path}: {e}; still serving "
+                self.log(f"serve: cannot read {self.follow.ref} from {self.follow.shown}: {e}; still serving "
                          f"{self.pool.current.source.label}")
                 self._registry_error = str(e)
             return

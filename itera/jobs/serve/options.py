@@ -56,7 +56,7 @@ def read_api_key(path: Path) -> str:
     return key
 
 
-def registered_name_hint(model: str, registry: Path | None) -> str | None:
+def registered_name_hint(model: str, registry: str | None) -> str | None:
     """'did you mean NAME@active? (...)' when ``--model NAME`` is no file or directory but a model
     of that name is in the registry (``registry``, else $ITERA_REGISTRY, else the default one);
     None otherwise. Only a registry that exists is opened, and only to read."""
@@ -67,7 +67,7 @@ def registered_name_hint(model: str, registry: Path | None) -> str | None:
     if p.exists() or p.is_symlink() or not NAME_RE.fullmatch(model):
         return None
     if registry is None and os.environ.get("ITERA_REGISTRY"):
-        registry = Path(os.environ["ITERA_REGISTRY"])
+        registry = os.environ["ITERA_REGISTRY"]
     try:
         with Registry(registry, create=False) as reg:
             if not reg.storage.has_name(model):
@@ -98,7 +98,7 @@ class ServeOptions:
 
     model: str = flag("--model")
     # the CLI's default for a ref: $ITERA_REGISTRY when set
-    registry: Path | None = flag("--registry", default=None)
+    registry: str | None = flag("--registry", default=None)  # a SQLite file or a PostgreSQL URL
     host: str = flag("--host", default="127.0.0.1")
     port: int = flag("--port", default=8080)
     api_key_file: Path | None = flag("--api-key-file", default=None)
@@ -170,11 +170,19 @@ class ServeOptions:
         return self.threads or max(1, (os.cpu_count() or 1) // self.max_concurrency)
 
     def inputs(self) -> list[Path]:
+        from itera.registry.storage import sqlite_path
+
+        local = sqlite_path(self.registry) if self.registry is not None else None
         return [p for p in (None if self.is_ref else Path(self.model), self.api_key_file, self.chat_template,
-                            self.registry) if p is not None]
+                            local) if p is not None]
 
     def outputs(self) -> list:
         return []  # the feedback store is appended to, never replaced
 
     def as_params(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        from itera import pg
+
+        params = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        if params.get("registry"):
+            params["registry"] = pg.mask(params["registry"])  # a URL's password is never printed
+        return params
