@@ -136,8 +136,15 @@ def artifact_digest(path: Path, companions: list[Path] = ()) -> tuple[int, str]:
         rows = sorted((f.name, check_regular(f).st_size, sha256_file(f)) for f in files)
     else:
         rows = directory_manifest(path)
-    text = "".join(f"{digest}  {size}  {rel}\n" for rel, size, digest in rows)
-    return sum(size for _, size, _ in rows), hashlib.sha256(text.encode()).hexdigest()
+    return sum(size for _, size, _ in rows), manifest_sha256(rows)
+
+
+def manifest_sha256(rows) -> str:
+    """sha256 of a manifest's text: one ``<sha256>  <bytes>  <path>`` line per (path, bytes, sha256)
+    row, in path order. The identity of a directory or of a file with companions; the artifact store
+    recomputes it from its index, so it is written once, here."""
+    text = "".join(f"{digest}  {size}  {rel}\n" for rel, size, digest in sorted(rows))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- the output contract

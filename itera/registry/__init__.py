@@ -9,6 +9,8 @@ change that says who made it (``ITERA_ACTOR``, else the OS user) and why (``--re
 - :mod:`.policy` — the decisions (metric directions, the promotion gate, rollback), pure functions.
 - :mod:`.provenance` — what a record's parent chain says (metrics measured on an artifact, how).
 - :mod:`.artifacts` — the files: what to register, whether a registered one is intact.
+- :mod:`.store` — a content-addressed artifact store on a shared filesystem (``file://``): versions
+  registered on one machine are fetched, checked byte for byte, into a local cache on another.
 - :class:`Registry` here — reads rows, asks the policy, writes what it decided, logs it.
 
 Concurrency: every change is one storage transaction (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an
