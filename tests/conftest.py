@@ -271,3 +271,26 @@ def _required(spec: dict, root: dict) -> list[tuple[str, dict]]:
     for sub in spec.get("allOf", []):
         out += _required(sub, root)
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A throwaway PostgreSQL server for the session (tests/pg.py: initdb and pg_ctl into a temporary
+    directory, as the ``postgres`` user when the tests run as root). Skipped when PostgreSQL is not
+    installed, unless ITERA_REQUIRE_POSTGRES=1 (CI): there a suite that skips it would prove nothing."""
+    from pg import PostgresServer
+
+    ok, reason = PostgresServer.available()
+    if not ok:
+        if os.environ.get("ITERA_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"ITERA_REQUIRE_POSTGRES=1, and {reason}", pytrace=False)
+        pytest.skip(reason)
+    server = PostgresServer().start(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres) -> str:
+    """The URL (with the password) of a new, empty database on the session's PostgreSQL server."""
+    return postgres.create_database()
