@@ -270,6 +270,8 @@ REGISTRY_CHANGES = {"register", "activate", "mark-good", "alias", "unalias", "ta
                     "rollback", "promote"}
 REGISTRY_READS = {"list", "show", "compare", "history", "resolve"}
 REGISTRY_MAINTENANCE = {"migrate"}  # upgrades the schema: no version or alias changes, no event, no record
+REGISTRY_TRANSFERS = {"pull"}  # writes a copy of an artifact and its record: no registry change, no reason
+REGISTRY_BETWEEN = {"copy"}  # from one registry into another: --from and --to, no --registry
 
 
 def _registry_commands() -> dict:
@@ -278,11 +280,15 @@ def _registry_commands() -> dict:
 
 def test_every_registry_change_takes_a_reason_and_no_read_does():
     commands = _registry_commands()
-    assert set(commands) == REGISTRY_CHANGES | REGISTRY_READS | REGISTRY_MAINTENANCE
+    assert set(commands) == REGISTRY_CHANGES | REGISTRY_READS | REGISTRY_MAINTENANCE | REGISTRY_TRANSFERS | \
+        REGISTRY_BETWEEN
     for name, cmd in commands.items():
         by_opt = _params_by_opt(cmd)  # also: no option declared twice
         assert ("--reason" in by_opt) == (name in REGISTRY_CHANGES), name
-        assert ("--metrics-out" in by_opt) == (name in REGISTRY_CHANGES), name
-        assert "--registry" in by_opt and by_opt["--registry"].envvar == "ITERA_REGISTRY", name
+        assert ("--metrics-out" in by_opt) == (name in REGISTRY_CHANGES | REGISTRY_TRANSFERS), name
+        if name in REGISTRY_BETWEEN:
+            assert {"--from", "--to"} <= set(by_opt) and "--registry" not in by_opt, name
+        else:
+            assert "--registry" in by_opt and by_opt["--registry"].envvar == "ITERA_REGISTRY", name
         for p in cmd.params:  # one long spelling per option: none of them has aliases
             assert len([o for o in p.opts if o.startswith("--")]) <= 1, (name, p.opts)

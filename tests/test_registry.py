@@ -1,4 +1,5 @@
-"""The registry on real SQLite: concurrency, crash safety, aliases, gates, rollback, lineage."""
+"""The registry on real SQLite and a real PostgreSQL (the tests that take ``db`` run on both):
+concurrency, crash safety, aliases, gates, rollback, lineage."""
 
 from __future__ import annotations
 
@@ -28,12 +29,20 @@ def artifact(tmp_path):
     return f
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    """Where a test's registry is: a SQLite file, or a new database on the suite's PostgreSQL server
+    (tests/pg.py). The tests that take it hold on both backends: one suite, not a copy."""
+    if request.param == "sqlite":
+        return tmp_path / "r.db"
+    return request.getfixturevalue("pg_url")
+
+
 def reg_cli(db, *args, stdin=None):
     return run_itera("registry", *args, "--registry", db, stdin=stdin)
 
 
-def test_sixteen_concurrent_writers_get_versions_1_to_16(tmp_path):
-    db = tmp_path / "r.db"
+def test_sixteen_concurrent_writers_get_versions_1_to_16(tmp_path, db):
     env = {**os.environ, "ITERA_REGISTRY": str(db)}
     arts = []
     for i in range(16):  # sixteen different artifacts: the same bytes twice may be one version
@@ -113,10 +122,9 @@ def _failures(results) -> list[str]:
     return [err.strip().splitlines()[-1] if err.strip() else f"exit {code}" for code, _, err in results if code]
 
 
-def test_racing_registrations_read_and_insert_in_one_immediate_transaction(tmp_path):
+def test_racing_registrations_read_and_insert_in_one_immediate_transaction(tmp_path, db):
     """Six writers each read MAX(version), pause, then insert. With BEGIN IMMEDIATE they queue on
     the write lock and get 1..6; with a deferred BEGIN all six read 0 and all but one fail."""
-    db = tmp_path / "r.db"
     Registry(db).close()
     arts = []
     for i in range(6):
@@ -133,10 +141,9 @@ def test_racing_registrations_read_and_insert_in_one_immediate_transaction(tmp_p
         assert reg.integrity_ok()
 
 
-def test_racing_activate_and_promote_keep_alias_and_audit_log_consistent(tmp_path):
+def test_racing_activate_and_promote_keep_alias_and_audit_log_consistent(tmp_path, db):
     """Two promotions and two activations at once, each reading the active alias and pausing before
     it moves it: every change lands, one after another, and the log chains them with no lost update."""
-    db = tmp_path / "r.db"
     with Registry(db) as reg:
         for i in range(1, 6):
             _register_with_metric(reg, tmp_path, "race", i, {"perplexity": 10.0})
@@ -192,8 +199,7 @@ def test_sigkill_mid_write_leaves_a_consistent_database(tmp_path, artifact):
     assert versions, "the writer never committed a version; the test proved nothing"
 
 
-def test_activate_mark_good_rollback_and_audit_log(tmp_path, artifact):
-    db = tmp_path / "r.db"
+def test_activate_mark_good_rollback_and_audit_log(tmp_path, db, artifact):
     assert reg_cli(db, "register", "--name", "m", "--path", artifact).returncode == 0
     other = tmp_path / "v2.gguf"
     other.write_bytes(b"GGUF weights v2")
@@ -215,8 +221,7 @@ def _aliases(db, name="m"):
         return {a: reg.alias(name, a) for a in ("active", "last-good")}
 
 
-def test_rollback_refusals_leave_aliases_and_log_an_event(tmp_path, artifact):
-    db = tmp_path / "r.db"
+def test_rollback_refusals_leave_aliases_and_log_an_event(tmp_path, db, artifact):
     with Registry(db) as reg:
         from itera.artifacts import describe_artifact
 
@@ -281,8 +286,7 @@ def _register_with_metric(reg, tmp_path, name, i, metrics):
     ("perplexity", 10.0, 10.19, 10.21),  # lower is better: +1.9% passes, +2.1% fails
     ("tokens_per_s", 100.0, 98.1, 97.9),  # higher is better: -1.9% passes, -2.1% fails
 ])
-def test_promote_gate_on_both_sides_of_the_margin(tmp_path, metric, active, ok, bad):
-    db = tmp_path / "r.db"
+def test_promote_gate_on_both_sides_of_the_margin(tmp_path, db, metric, active, ok, bad):
     with Registry(db) as reg:
         _register_with_metric(reg, tmp_path, "g", 1, {metric: active})
         _register_with_metric(reg, tmp_path, "g", 2, {metric: bad})
@@ -397,17 +401,18 @@ def _two(tmp_path, db):
 
 
 def _tables(db) -> dict:
-    """Every row of the registry's tables (what "nothing written" is checked against)."""
-    con = sqlite3.connect(db)
+    """Every row of the registry's tables (what "nothing written" is checked against), on either backend."""
+    from itera.registry import open_storage
+
+    storage = open_storage(db, create=False)
     try:
-        return {t: con.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+        return {t: [tuple(dict(r).values()) for r in storage._rows(f"SELECT * FROM {t} ORDER BY 1, 2")]
                 for t in ("versions", "tags", "aliases", "events")}
     finally:
-        con.close()
+        storage.close()
 
 
-def test_activate_promote_and_mark_good_refuse_a_version_whose_artifact_is_gone(tmp_path):
-    db = tmp_path / "r.db"
+def test_activate_promote_and_mark_good_refuse_a_version_whose_artifact_is_gone(tmp_path, db):
     arts = _two(tmp_path, db)
     assert reg_cli(db, "activate", "m@1").returncode == 0
     gone = arts[1].resolve()
@@ -432,8 +437,7 @@ def test_activate_promote_and_mark_good_refuse_a_version_whose_artifact_is_gone(
                        "aliases unchanged")
 
 
-def test_custom_aliases_resolve_everywhere_a_ref_is_taken(tmp_path):
-    db = tmp_path / "r.db"
+def test_custom_aliases_resolve_everywhere_a_ref_is_taken(tmp_path, db):
     arts = _two(tmp_path, db)
     res = reg_cli(db, "alias", "m@1", "staging", "--reason", "canary for a day")
     assert res.returncode == 0 and res.stderr == "m@staging -> version 1\n"
@@ -480,8 +484,7 @@ def test_reserved_and_invalid_alias_names_are_refused(tmp_path):
     assert _tables(db) == before
 
 
-def test_tags_are_set_and_removed_in_one_logged_event(tmp_path):
-    db = tmp_path / "r.db"
+def test_tags_are_set_and_removed_in_one_logged_event(tmp_path, db):
     _two(tmp_path, db)
     res = reg_cli(db, "tag", "m@1", "stage=dev", "owner=ml")
     assert res.returncode == 0 and res.record["params"]["tags"] == {"owner": "ml", "stage": "dev"}
@@ -503,8 +506,7 @@ def test_tags_are_set_and_removed_in_one_logged_event(tmp_path):
         ({"set": {"stage": "prod"}, "removed": ["owner"], "previous": {"owner": "ml", "stage": "dev"}}, "shipped")]
 
 
-def test_archive_hides_a_version_keeps_its_file_and_blocks_activation_until_unarchived(tmp_path):
-    db = tmp_path / "r.db"
+def test_archive_hides_a_version_keeps_its_file_and_blocks_activation_until_unarchived(tmp_path, db):
     arts = _two(tmp_path, db)
     assert reg_cli(db, "activate", "m@1").returncode == 0
     assert reg_cli(db, "alias", "m@2", "staging").returncode == 0
@@ -543,10 +545,9 @@ def test_archive_hides_a_version_keeps_its_file_and_blocks_activation_until_unar
         ("archive", "trained on the test split"), ("unarchive", "false alarm")]
 
 
-def test_every_event_says_who_and_why(tmp_path):
+def test_every_event_says_who_and_why(tmp_path, db):
     import getpass
 
-    db = tmp_path / "r.db"
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF weights")
     env = {"ITERA_ACTOR": "ci-bot (pipeline 812)"}
@@ -592,30 +593,29 @@ def test_a_registry_of_schema_1_is_migrated_only_by_registry_migrate_and_its_old
     con.close()
     before = db.read_bytes()
     for args in (["list"], ["history", "m"], ["tag", "m@1", "stage=prod"]):
-        assert_usage_error(reg_cli(db, *args), f"registry {db} has schema version 1 and this itera uses 2: run "
+        assert_usage_error(reg_cli(db, *args), f"registry {db} has schema version 1 and this itera uses {len(MIGRATIONS)}: run "
                            f"`itera registry migrate --registry {db}` once (older itera versions cannot open it "
                            "afterwards)")
     assert db.read_bytes() == before  # no command upgraded it as a side effect
     migrated = reg_cli(db, "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert json.loads(migrated.stdout) == {"registry": str(db), "schema_before": 1, "schema_after": 2}
-    assert migrated.stderr.strip() == f"registry {db}: schema 1 -> 2"
+    assert json.loads(migrated.stdout) == {"registry": str(db), "schema_before": 1, "schema_after": 3}
+    assert migrated.stderr.strip() == f"registry {db}: schema 1 -> 3"
     again = reg_cli(db, "migrate")
-    assert json.loads(again.stdout)["schema_before"] == 2
-    assert again.stderr.strip() == f"registry {db} is already at schema 2; nothing to do"
+    assert json.loads(again.stdout)["schema_before"] == 3
+    assert again.stderr.strip() == f"registry {db} is already at schema 3; nothing to do"
     listed = json.loads(reg_cli(db, "list").stdout)["versions"]
-    assert [(v["version"], v["tags"], v["aliases"], v["archived"]) for v in listed] == [
-        (1, {"stage": "dev"}, ["active"], None)]
+    assert [(v["version"], v["tags"], v["aliases"], v["archived"], v["store"]) for v in listed] == [
+        (1, {"stage": "dev"}, ["active"], None, None)]
     events = json.loads(reg_cli(db, "history", "m").stdout)["events"]
     assert [(e["event"], e["actor"], e["reason"]) for e in events] == [("register", None, None)]
     con = sqlite3.connect(db)
-    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
     con.close()
     assert reg_cli(db, "tag", "m@1", "stage=prod", "--reason", "after the upgrade").returncode == 0
 
 
-def test_a_mistyped_alias_is_named_with_the_aliases_there_are(tmp_path, artifact):
-    db = tmp_path / "r.db"
+def test_a_mistyped_alias_is_named_with_the_aliases_there_are(tmp_path, db, artifact):
     assert reg_cli(db, "register", "--name", "m", "--path", artifact).returncode == 0
     assert_usage_error(reg_cli(db, "resolve", "m@staging"),
                        "m has no alias 'staging' (it has no aliases); `itera registry alias m@V staging` sets one")
@@ -627,14 +627,13 @@ def test_a_mistyped_alias_is_named_with_the_aliases_there_are(tmp_path, artifact
     assert_usage_error(reg_cli(db, "show", "m@last-good"), "m has no 'last-good' version yet")
 
 
-def test_promote_matches_a_file_dataset_by_name_and_says_why_an_older_or_other_text_cannot(tmp_path):
+def test_promote_matches_a_file_dataset_by_name_and_says_why_an_older_or_other_text_cannot(tmp_path, db):
     """Evaluate records name a file by its name and content (notes.txt#<sha256[:8]>). `--metric
     notes.txt.perplexity` finds such a figure; an active version whose figure an older itera keyed
     by an absolute path, or that was measured on other contents of notes.txt, is refused in one
     line that says which. Two older, path-keyed versions still compare as they always did."""
     from itera.artifacts import describe_artifact
 
-    db = tmp_path / "r.db"
     proto = {"window": 64, "stride": 32, "bos": False, "max_tokens": 300, "runtime": "llama.cpp"}
 
     def version(name, i, ds, ppl):

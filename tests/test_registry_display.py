@@ -150,7 +150,7 @@ def test_list_on_a_terminal_is_a_short_table_and_json_is_what_a_pipe_gets(three)
     assert [v["version"] for v in listed["versions"]] == [1, 2, 3] and "record" not in listed["versions"][0]
     assert set(listed["versions"][0]) == {"name", "version", "path", "kind", "format", "bytes", "sha256",
                                           "quantization", "params", "metrics", "lineage", "git_commit",
-                                          "created_at", "tags", "aliases", "archived"}
+                                          "created_at", "tags", "aliases", "archived", "store"}
     code, as_json, err = run_on_terminal("registry", "list", "--json", "--registry", three)
     assert code == 0 and as_json == piped.stdout and err == ""  # byte for byte
     code, as_json, _ = run_on_terminal("--json", "registry", "list", "--registry", three)

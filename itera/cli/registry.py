@@ -184,6 +184,11 @@ def register(
                                                   "already has one with these exact bytes (by default that "
                                                   "version is reported and nothing is added).")] = False,
     reason: Reason = None,
+    store: Annotated[Optional[str], typer.Option(
+        "--store", envvar="ITERA_STORE", metavar="URL",
+        help="Copy the artifact into this content-addressed store (file:///shared/path), so that any machine "
+             "can resolve, pull, roll back to and serve the version. Default: $ITERA_STORE; without either, "
+             "the version names the local path only.")] = None,
     registry: RegistryPath = None,
     metrics_out: MetricsOut = None,
 ) -> None:
@@ -191,7 +196,9 @@ def register(
 
     Stores the artifact's path, kind, format, size and sha256 (verified against the record), the
     record's params, the metrics measured on this artifact along the lineage, the lineage itself,
-    tags, the git commit of the working directory and the time.
+    tags, the git commit of the working directory and the time. With --store the artifact's bytes
+    are copied into the store first (by sha256; a directory file by file) and the version is
+    reachable from every machine that mounts it; without, from this machine's path only.
 
     Examples:
 
@@ -201,6 +208,9 @@ def register(
       itera registry register --name demo --record runs/q4-export.json
 
       itera registry register --name demo --path runs/q4.gguf
+
+      itera registry register --name demo --path runs/q4.gguf --store file:///mnt/team/itera-store \
+        --registry postgresql://ci@db.internal/itera
     """
     from itera import record as rec
     from itera.errors import UsageError
@@ -215,6 +225,11 @@ def register(
         parent = rec.read_record_file(record_file) if record_file is not None else rec.read_parent()
     artifact = registration(parent, path)
     commit = git_commit()
+    if store is not None:
+        from itera.registry.store import put_artifact
+
+        store = put_artifact(store, artifact)
+
     def say(v):
         if v.get("duplicate_of"):
             _say(f"{name}@{v['version']} already holds these bytes (sha256 {v['sha256'][:12]}…); nothing added "
@@ -222,12 +237,13 @@ def register(
                  + (f"; it is archived: `itera registry unarchive {name}@{v['version']}` brings it back"
                     if v.get("archived") else ""))
         else:
-            _say(f"registered {name}@{v['version']} ({v['path']})")
+            _say(f"registered {name}@{v['version']} ({v['path']}" + (f"; stored in {v['store']})" if v["store"]
+                                                                     else ")"))
 
     _change("register", registry, metrics_out,
             lambda reg: reg.register(name, artifact, parent, tags=tags, commit=commit, allow_duplicate=allow_duplicate,
-                                     reason=reason),
-            parent, extra_params=lambda v: {"tags": tags, "git_commit": v["git_commit"],
+                                     reason=reason, store=store),
+            parent, extra_params=lambda v: {"tags": tags, "git_commit": v["git_commit"], "store": v["store"],
                                             "duplicate_of": v.get("duplicate_of")}, say=say, reason=reason)
 
 
@@ -603,6 +619,10 @@ def promote(
 def resolve(ref: RefArg, registry: RegistryPath = None) -> None:
     """Print the artifact path of a version, for shell use (exit 2 when the artifact is gone).
 
+    A version registered with --store is fetched into the local cache ($ITERA_HOME/cache/artifacts)
+    first, unless the cache holds it, its bytes checked against the registered sha256; the path
+    printed is the cached copy.
+
     Examples:
 
       itera evaluate --model "$(itera registry resolve stories@active)" -d notes.txt
@@ -612,7 +632,124 @@ def resolve(ref: RefArg, registry: RegistryPath = None) -> None:
 
     with _open(registry, create=False) as reg:
         v = reg.get(Ref.parse(ref))
-    if not Path(v["path"]).exists():
+        path = reg.local_path(v)  # a stored version: fetched into the local cache, every byte checked
+    if not path.exists():
         raise InputError(f"{v['name']}@{v['version']}'s artifact {v['path']} no longer exists; register it again "
                          "or roll back to another version")
-    print(v["path"])
+    print(path)
+
+
+@app.command()
+def pull(
+    ref: RefArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the artifact: a file path for a file, "
+                                      "a directory path for a checkpoint.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    registry: RegistryPath = None,
+    metrics_out: MetricsOut = None,
+) -> None:
+    """Copy a version's artifact to --out, its bytes checked against the registered sha256.
+
+    A version registered with --store is fetched from the store into the local cache
+    ($ITERA_HOME/cache/artifacts) unless the cache already holds it, then copied; one registered
+    without a store is copied from its registered path, on this machine. An ONNX graph's
+    companion files (its KV-cache graph, external data) go beside --out, whose file name must
+    then be the registered one: the graph names them. Prints a `registry pull` record whose
+    artifact is the copy.
+
+    Examples:
+
+      itera registry pull demo@active --out deploy/model.gguf
+
+      itera registry pull demo@3 --out /tmp/demo-3 --registry postgresql://ci@db.internal/itera
+    """
+    import shutil
+
+    from itera import record
+    from itera.artifacts import companions, describe, digest
+    from itera.errors import InputError, UsageError
+    from itera.fsio import atomic_dir, atomic_file, check_output, check_writable_file
+    from itera.registry import Ref, integrity_problem
+
+    if metrics_out is not None:
+        check_writable_file(metrics_out)
+    r = Ref.parse(ref)
+    with _open(registry, create=False) as reg:
+        v = reg.get(r)
+        label = f"{v['name']}@{v['version']}"
+        check_output(out, [] if v["store"] else [Path(v["path"])], force=force,
+                     kind="file" if v["kind"] == "file" else "dir")
+        local = reg.local_path(v)  # fetched from the store (each blob checked), or the registered path
+        problem = integrity_problem(label, {**v, "path": str(local)})
+        if problem is not None:
+            raise InputError(f"{problem}; pull another version")
+        shown = str(reg.path)
+    extra = companions(local)
+    if extra and out.name != local.name:
+        raise UsageError(f"{label} is {local.name} with {len(extra)} companion file(s) that its graph names; pass "
+                         f"--out DIR/{local.name} (or a directory of its own)")
+    for c in extra:
+        check_output(out.parent / c.name, [local], force=force, kind="file")
+    if local.is_dir():
+        with atomic_dir(out) as tmp:
+            shutil.copytree(local, tmp, dirs_exist_ok=True)
+            _check_copy(tmp, [], v)
+    else:
+        for c in extra:
+            with atomic_file(out.parent / c.name) as tmp:
+                shutil.copyfile(c, tmp)
+        with atomic_file(out) as tmp:
+            shutil.copyfile(local, tmp)
+            if not extra:
+                _check_copy(tmp, [], v)
+    if extra and digest(out)[1] != v["sha256"]:  # the graph and its companions, under their own names
+        for p in (out, *(out.parent / c.name for c in extra)):
+            p.unlink(missing_ok=True)
+        raise InputError(f"the copy of {label} at {out} changed while it was written; pull it again")
+    rec = record.Run("registry pull").record(
+        describe(out), {}, {"name": v["name"], "version": v["version"], "registry": shown, "aliases": v["aliases"],
+                            "store": v["store"], "source": str(local)})
+    _say(f"pulled {label} to {out}" + (f" from {v['store']}" if v["store"] else f" (from {local})"))
+    record.emit(rec, metrics_out=metrics_out)
+
+
+def _check_copy(tmp: Path, extra: list[Path], v: dict) -> None:
+    """Refuse a copy whose bytes are not the version's (before it is renamed into place)."""
+    from itera.errors import InputError
+    from itera.fsio import artifact_digest
+
+    if artifact_digest(tmp, extra)[1] != v["sha256"]:
+        raise InputError(f"the copy of {v['name']}@{v['version']} changed while it was written; pull it again")
+
+
+@app.command()
+def copy(
+    from_: Annotated[str, typer.Option("--from", metavar="PATH|URL", help="The registry to copy from: a SQLite "
+                                       "file (or sqlite:///PATH), or postgresql://…")],
+    to: Annotated[str, typer.Option("--to", metavar="PATH|URL", help="The registry to copy into, e.g. the team's "
+                                    "postgresql://USER@HOST:PORT/DB; created where needed.")],
+) -> None:
+    """Copy a registry's versions, tags, aliases, archiving and history into another, in one transaction.
+
+    Moves a local history into the team's database: version numbers, who changed what and when
+    are kept, and each model gets a `copy` event naming the source. Refused, with nothing written,
+    when the target already has a model of the same name. Artifacts are not copied: versions
+    registered with --store stay reachable from anywhere; the others name this machine's paths.
+    Prints what was copied as one JSON object.
+
+    Examples:
+
+      itera registry copy --from sqlite:///home/me/.itera/registry.db --to postgresql://ci@db.internal/itera
+    """
+    from itera.errors import UsageError
+    from itera.registry import Registry, open_storage, sqlite_path
+
+    src_local, dst_local = sqlite_path(from_), sqlite_path(to)
+    if (src_local is not None and dst_local is not None and src_local.resolve() == dst_local.resolve()) or from_ == to:
+        raise UsageError("--from and --to are the same registry; pass another --to")
+    with Registry(storage=open_storage(from_, create=False)) as src:
+        with Registry(storage=open_storage(to, create=True)) as dst:
+            done = dst.copy_from(src)
+            _say(f"copied {done['versions']} version(s) of {len(done['names'])} model(s) and {done['events']} "
+                 f"event(s) from {src.path} to {dst.path}")
+            _print_json({"from": str(src.path), "to": str(dst.path), **done})

@@ -37,11 +37,11 @@ from itera.registry.provenance import (PROTOCOL_KEYS, evaluation_protocol, flatt
 from itera.registry.refs import (ALIASES, MAX_VERSION, NAME_RE, VERSION_RE, Ref, is_alias, validate_alias,
                                  validate_name, validate_text)
 from itera.registry.storage import (BUSY_TIMEOUT_S, MIGRATIONS, PostgresStorage, RegistryStorage, SQLiteStorage,
-                                    Version, default_path, open_storage)
+                                    Version, default_path, open_storage, sqlite_path)
 
 __all__ = [
     "ALIASES", "BUSY_TIMEOUT_S", "HIGHER_IS_BETTER", "KEY_METRICS", "LOWER_IS_BETTER", "MAX_VERSION", "MIGRATIONS",
-    "NAME_RE", "PROTOCOL_KEYS", "VERSION_RE", "Ref", "RefusedError", "Registry", "RegistryStorage", "SQLiteStorage", "PostgresStorage", "open_storage",
+    "NAME_RE", "PROTOCOL_KEYS", "VERSION_RE", "Ref", "RefusedError", "Registry", "RegistryStorage", "SQLiteStorage", "PostgresStorage", "open_storage", "sqlite_path",
     "Version", "default_path", "evaluation_protocol", "flatten_metrics", "git_commit",
     "current_actor", "integrity_problem", "lineage", "measured_metrics", "metric_direction", "quantization_of",
     "registration", "validate_alias", "validate_name", "validate_text",
@@ -132,14 +132,39 @@ class Registry:
         self.storage.set_alias(name, alias, version, utc_now())
         self._event(name, version, event, True, why=why, alias=alias, previous=before, **detail)
 
+    def local_path(self, row: Version, cache: Path | None = None) -> Path:
+        """Where this machine reads ``row``'s artifact: its registered path, or for a version kept in
+        an artifact store, its copy in the local cache (``$ITERA_HOME/cache/artifacts`` unless
+        ``cache``), fetched when the cache does not hold it, every byte checked against its sha256
+        (InputError when the store lost or altered it)."""
+        if not row.get("store"):
+            return Path(row["path"])
+        from itera.registry.store import default_cache, open_store
+
+        return open_store(row["store"]).fetch(row["sha256"], cache or default_cache())
+
+    def local(self, row: Version) -> Version:
+        """``row`` with ``path`` where this machine reads the artifact (:meth:`local_path`)."""
+        return {**row, "path": str(self.local_path(row))} if row.get("store") else row
+
+    def _integrity(self, label: str, row: Version) -> str | None:
+        """Why ``row``'s artifact cannot be used here (:func:`integrity_problem`), for a stored
+        version after fetching it from the store; None when it can."""
+        if row.get("store"):
+            try:
+                row = self.local(row)
+            except InputError as e:
+                return str(e)
+        return integrity_problem(label, row)
+
     def _usable(self, name: str, version: int, fix: str) -> Version:
         """Version ``version`` of ``name``, which an alias is about to point at: refused
         (InputError, nothing written) when it is archived or its artifact is gone or changed
-        (:func:`integrity_problem`, as rollback checks it); ``fix`` is the second half of what to do
+        (:meth:`_integrity`, as rollback checks it); ``fix`` is the second half of what to do
         about a bad artifact ('activate the new version')."""
         row = self._row(name, version)
         label = f"{name}@{version}"
-        integrity = None if row["archived"] else integrity_problem(label, row)
+        integrity = None if row["archived"] else self._integrity(label, row)
         problem = policy.use_problem(label, row, integrity, fix)
         if problem is not None:
             raise InputError(problem)
@@ -217,13 +242,22 @@ class Registry:
         return (self.storage.latest_version(name) or 0) + 1
 
     def register(self, name: str, artifact: dict, record: dict | None, tags: dict[str, str] | None = None,
-                 commit: str | None = None, allow_duplicate: bool = False, reason: str | None = None) -> dict:
+                 commit: str | None = None, allow_duplicate: bool = False, reason: str | None = None,
+                 store: str | None = None) -> dict:
         """Add the next version of ``name``. ``artifact`` must carry path, kind, format, bytes, sha256.
+        ``store``: the URL of the artifact store the caller copied it into (:func:`~.store.put_artifact`,
+        before the transaction: a copy of gigabytes must not hold the write lock); it must hold it.
 
         The same bytes registered again under the same name are that version, not a new one
         (``duplicate_of`` says which), unless ``allow_duplicate``."""
         validate_name(name)
         why = self._why(reason)
+        if store is not None:
+            from itera.registry.store import open_store
+
+            if not open_store(store).has(artifact["sha256"]):
+                raise InputError(f"store {store} does not hold {artifact['path']} (sha256 "
+                                 f"{artifact['sha256'][:12]}…); copy it in first (itera registry register --store)")
         # Absolute, so `resolve` and rollback's checks work from any directory.
         artifact = {**artifact, "path": str(Path(artifact["path"]).resolve())}
         params = (record or {}).get("params") or {}
@@ -239,8 +273,9 @@ class Registry:
                  "format": artifact["format"], "bytes": artifact["bytes"], "sha256": artifact["sha256"],
                  "quantization": quantization_of(record), "params": params, "metrics": metrics,
                  "lineage": lineage(record) if record else [], "record": record or None, "git_commit": commit,
-                 "created_at": utc_now()}, tags or {})
-            self._event(name, version, "register", True, why=why, path=artifact["path"], sha256=artifact["sha256"])
+                 "created_at": utc_now(), "store": store}, tags or {})
+            self._event(name, version, "register", True, why=why, path=artifact["path"], sha256=artifact["sha256"],
+                        **({"store": store} if store else {}))
         return self._row(name, version)
 
     def activate(self, ref: Ref, reason: str | None = None) -> dict:
@@ -346,7 +381,7 @@ class Registry:
                 raise InputError(f"{name} has no version {to} to roll back to; see `itera registry list --name {name}`")
             target = to if to is not None else self.alias(name, "last-good")
             row = self._row(name, target) if target is not None else None
-            problem = policy.rollback_problem(name, target, row, integrity_problem(f"{name}@{target}", row)
+            problem = policy.rollback_problem(name, target, row, self._integrity(f"{name}@{target}", row)
                                               if row is not None and not row["archived"] else None)
             if problem is None:
                 self._set_alias(name, "active", target, "rollback", why=why)
@@ -377,3 +412,37 @@ class Registry:
         if not decision.passed:
             raise decision.error()
         return {**self._row(ref.name, v), "gate": decision.gate()}
+
+    def copy_from(self, source: "Registry") -> dict:
+        """Copy every version of ``source`` (archived ones too) with its tags, aliases, archiving and
+        audit log into this registry, in one transaction, version numbers kept; each name copied
+        gets a ``copy`` event saying from where. Refused, with nothing written, when a name is in
+        both: the histories would mix. Returns what was copied."""
+        rows = source.storage.versions(archived=True)
+        names = sorted({r["name"] for r in rows})
+        with self.transaction():
+            clash = [n for n in names if self.storage.has_name(n)]
+            if clash:
+                raise InputError(f"registry {self.path} already has {', '.join(clash[:5])}"
+                                 f"{' …' if len(clash) > 5 else ''}; copy into a registry without those names "
+                                 "(or rename them in the source first): itera does not merge two histories")
+            n_events = 0
+            for row in rows:
+                new = {k: row[k] for k in ("name", "version", "path", "kind", "format", "bytes", "sha256",
+                                           "quantization", "params", "metrics", "lineage", "record", "git_commit",
+                                           "created_at", "store")}
+                self.storage.insert_version(new, row["tags"])  # type: ignore[arg-type]
+                if row["archived"]:
+                    self.storage.set_archived(row["name"], row["version"], row["archived"])
+            at = utc_now()
+            for row in rows:
+                for alias in row["aliases"]:
+                    self.storage.set_alias(row["name"], alias, row["version"], at)
+            for name in names:
+                for e in source.storage.events(name):
+                    self.storage.add_event(name, e["version"], e["event"], e["ok"], e["detail"], e["at"],
+                                           actor=e["actor"], reason=e["reason"])
+                    n_events += 1
+                self._event(name, None, "copy", True, source=str(source.path))
+        return {"names": names, "versions": len(rows), "events": n_events}
+

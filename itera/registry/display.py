@@ -346,6 +346,8 @@ def show_lines(v: dict, cwd: Path | None = None) -> list[str]:
            ("artifact", ", ".join(x for x in (format_text(v), size(v.get("bytes")),
                                               f"{number(m['bits_per_weight'])} bits/weight"
                                               if "bits_per_weight" in m else "") if x)),
+           ("stored", f"in {v['store']} (any machine that mounts it can pull it)" if v.get("store")
+            else "local path only (registered without --store)"),
            ("sha256", str(v.get("sha256"))),
            ("created", str(v.get("created_at"))[:19].replace("T", " ")
             + (f" (git {str(v['git_commit'])[:12]})" if v.get("git_commit") else ""))]

@@ -78,6 +78,10 @@ MIGRATIONS = [
     ALTER TABLE versions ADD COLUMN archived_by TEXT;
     ALTER TABLE versions ADD COLUMN archived_reason TEXT;
     """,
+    # 3: the artifact store a version's bytes were copied into (NULL: the registered local path only)
+    """
+    ALTER TABLE versions ADD COLUMN store TEXT;
+    """,
 ]
 
 
@@ -102,6 +106,7 @@ class NewVersion(TypedDict):
     record: dict | None
     git_commit: str | None
     created_at: str
+    store: str | None  # the artifact store (file://…) holding a copy of the bytes; None: only ``path``
 
 
 class Archived(TypedDict):
@@ -260,10 +265,12 @@ class _SQLStorage:
     def insert_version(self, row: NewVersion, tags: dict[str, str]) -> None:
         self._rows(
             "INSERT INTO versions (name, version, path, kind, format, bytes, sha256, quantization, params, "
-            "metrics, lineage, record, git_commit, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "metrics, lineage, record, git_commit, created_at, store) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (row["name"], row["version"], row["path"], row["kind"], row["format"], row["bytes"], row["sha256"],
              row["quantization"], json.dumps(row["params"]), json.dumps(row["metrics"]), json.dumps(row["lineage"]),
-             json.dumps(row["record"]) if row["record"] is not None else None, row["git_commit"], row["created_at"]))
+             json.dumps(row["record"]) if row["record"] is not None else None, row["git_commit"], row["created_at"],
+             row.get("store")))
         for k, v in tags.items():
             self._rows("INSERT INTO tags (name, version, key, value) VALUES (?, ?, ?, ?)",
                        (row["name"], row["version"], k, v))
@@ -430,6 +437,10 @@ PG_MIGRATIONS = [
     ALTER TABLE versions ADD COLUMN archived_at TEXT;
     ALTER TABLE versions ADD COLUMN archived_by TEXT;
     ALTER TABLE versions ADD COLUMN archived_reason TEXT
+    """,
+    # 3: as SQLite's 3
+    """
+    ALTER TABLE versions ADD COLUMN store TEXT
     """,
 ]
 assert len(PG_MIGRATIONS) == len(MIGRATIONS), "a schema version means the same on both backends"

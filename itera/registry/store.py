@@ -504,3 +504,16 @@ def _discard(final: Path, key: Path) -> None:
     except FileNotFoundError:  # another process discarded it first
         pass
     shutil.rmtree(old, ignore_errors=True)  # read-only files go: their directories are writable
+
+
+def put_artifact(url: str, artifact: dict) -> str:
+    """Copy a record's artifact block (path, sha256; an ONNX graph's companion files found beside
+    it) into the store at ``url``, creating the store where needed; the store's URL as the
+    registry records it. Done before the registry's write transaction: copying gigabytes must not
+    hold the lock every other writer waits on."""
+    from itera.artifacts import companions
+
+    store = open_store(url, create=True)
+    path = Path(artifact["path"])
+    store.put(path, artifact["sha256"], companions(path))
+    return store.url

@@ -103,7 +103,7 @@ def resolve_source(spec: str, registry: Path | None) -> tuple[Source, "RegistryR
         raise InputError(f"registry {reg_path} does not exist; pass --registry FILE (or ITERA_REGISTRY), or register "
                          "the model with `itera registry register` first")
     with Registry(location, create=False) as reg:
-        row = reg.get(ref)
+        row = reg.local(reg.get(ref))  # a stored version: fetched into the local cache, every byte checked
     try:
         source = verify(row)
     except SwapRefused as e:
@@ -302,7 +302,8 @@ class Watcher:
         reg, ref = self._registry, self.follow.ref
         try:
             v = reg.resolve_version(ref)
-            return reg.get(Ref(ref.name, str(v)))
+            # a version promoted elsewhere and kept in a store is fetched (and checked) before the swap
+            return reg.local(reg.get(Ref(ref.name, str(v))))
         except IteraError:
             if local is None:  # reconnect at the next poll
                 self._registry.close()
