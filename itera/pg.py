@@ -23,15 +23,17 @@ import contextlib
 import os
 import re
 from typing import Any, Iterator, Sequence
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from itera.errors import InputError
 
 SCHEMES = ("postgresql", "postgres")
 SCHEMA = "itera"
 CONNECT_TIMEOUT_S = int(os.environ.get("ITERA_PG_CONNECT_S", "10"))
-# pg_advisory_xact_lock keys, one per kind: every write transaction of that kind takes it first
-LOCK_KEYS = {"registry": 0x69745247}  # 'itRG', as the SQLite file's application_id
+# pg_advisory_xact_lock keys, one per kind (every write transaction of that kind that must see no
+# other writer takes it first), as the SQLite files' application_ids; and one that every migration takes
+LOCK_KEYS = {"registry": 0x69745247, "feedback": 0x69744642}  # 'itRG', 'itFB'
+MIGRATION_LOCK = 0x69744D47  # 'itMG' 
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -46,31 +48,40 @@ def is_url(text: object) -> bool:
     return isinstance(text, str) and url_scheme(text) in SCHEMES
 
 
+_AUTH_SECRET = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:)([^/?#]*)(@)")  # to the authority's last @
+_QUERY_SECRET = re.compile(r"([?&][^=&#]*password[^=&#]*=)([^&#]*)", re.IGNORECASE)
+
+
 def mask(url: str) -> str:
-    """``url`` with its password (in the authority or a ``password=`` parameter) as ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        auth, _, host = netloc.rpartition("@")
-        user, colon, _ = auth.partition(":")
-        netloc = f"{user}:***@{host}" if colon else netloc
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k == "password" for k, _ in pairs):
-            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """``url`` with its password (in the authority, or any ``…password…=`` parameter: ``password``,
+    ``sslpassword``) as ``***``; everything else exactly as written (``postgresql:///db`` stays so)."""
+    url = _AUTH_SECRET.sub(lambda m: m.group(1) + "***" + m.group(3), str(url))
+    return _QUERY_SECRET.sub(lambda m: m.group(1) + "***", url)
+
+
+def check_location(text: object, what: str, option: str) -> None:
+    """Refuse, in one line with the password masked, a location that is written as a URL of a
+    scheme itera does not read (``mysql://``, a mistyped ``postgresq://``), or that looks like a
+    libpq keyword string (``host=db password=…``): taken for a file path, it would be created, and
+    printed."""
+    if not isinstance(text, str):
+        return
+    scheme = url_scheme(text)
+    if scheme is not None and scheme not in (*SCHEMES, "sqlite"):
+        raise InputError(f"{what} URL {mask(text)} has an unknown scheme {scheme!r}; pass a file path, "
+                         "sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE")
+    if scheme is None and re.search(r"(^|\s)(host|dbname|user|password|service)=", text):
+        shown = re.sub(r"(password=)\S*", r"\1***", text)
+        raise InputError(f"{option} {shown!r} looks like a libpq connection string; pass it as a URL, "
+                         "postgresql://USER@HOST:PORT/DATABASE (the password from PGPASSWORD or ~/.pgpass)")
 
 
 def _password(url: str) -> str | None:
-    try:
-        parts = urlsplit(url)
-        return parts.password or dict(parse_qsl(parts.query)).get("password")
-    except ValueError:
-        return None
+    m = _AUTH_SECRET.match(url)
+    if m:
+        return m.group(2)
+    q = _QUERY_SECRET.search(url)
+    return q.group(2) if q else None
 
 
 def _first_line(e: BaseException, url: str) -> str:
@@ -116,7 +127,7 @@ def connect(url: str, kind: str, what: str, option: str, lock_timeout_s: float):
                          "use postgresql://USER@HOST:PORT/DATABASE") from None
     try:
         con.execute(f"SET search_path TO {SCHEMA}")
-        con.execute(f"SET lock_timeout = '{int(lock_timeout_s * 1000)}ms'")
+        con.execute(f"SET lock_timeout = '{max(1, int(lock_timeout_s * 1000))}ms'")  # 0 would wait forever
     except psycopg.Error as e:
         con.close()
         raise connect_error(url, e, what, option) from None
@@ -154,8 +165,9 @@ def migrate(con, kind: str, migrations: Sequence[str]) -> tuple[int | None, int]
     """Create the itera schema where needed and apply the migrations of ``kind`` this database
     has not had, in one transaction; (version before, version after)."""
     with con.transaction():
-        con.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEYS[kind],))  # first: two creators queue
-        con.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+        con.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))  # first: two creators queue
+        if con.execute("SELECT to_regnamespace(%s) AS s", (SCHEMA,)).fetchone()["s"] is None:
+            con.execute(f"CREATE SCHEMA {SCHEMA}")  # a role with CREATE on the schema only need not create it
         con.execute("CREATE TABLE IF NOT EXISTS schema_versions (kind TEXT PRIMARY KEY, version INTEGER NOT NULL)")
         before = schema_version(con, kind)
         for i in range((before or 0), len(migrations)):
@@ -180,4 +192,10 @@ def errors() -> tuple[type[BaseException], type[BaseException]]:
     from psycopg import errors as pg_errors
 
     return psycopg.OperationalError, pg_errors.LockNotAvailable
+
+
+def refused(url: str, e: BaseException, what: str) -> InputError:
+    """The database refused a statement (no privilege on the schema, a constraint): one line."""
+    return InputError(f"{what} {mask(url)} refused the change ({_first_line(e, url)}); check the role's "
+                      f"privileges on the schema {SCHEMA} (CREATE and USAGE), or ask the database's owner")
 

@@ -176,7 +176,7 @@ def test_every_job_has_one_entry_point_of_the_job_shape():
 # and those below. Every core module is placed, so a new one is placed on purpose.
 LAYERS = [
     ("itera", "itera.errors", "itera.fsio", "itera.paths", "itera.progress", "itera.memory", "itera.options",
-     "itera.sqlite", "itera.configs"),
+     "itera.sqlite", "itera.pg", "itera.configs"),
     ("itera.storage",),
     ("itera.model", "itera.tokenizer", "itera.data", "itera.chat"),
     ("itera.artifacts",),

@@ -191,10 +191,17 @@ def test_a_chat_prompt_is_tokenized_as_the_server_tokenized_it(tokenizer_dir, tm
     assert tok.eos_id not in prompts[1] and len(prompts[1]) > len(prompts[0])  # "</s>" spelled out as text
 
 
-def test_the_feedback_store_marks_chat_prompts(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def feedback_db(request, tmp_path):
+    """Where a test's feedback store is: a SQLite file, or a new database on the suite's PostgreSQL
+    server (what several `itera serve` replicas share)."""
+    return tmp_path / "fb.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
+def test_the_feedback_store_marks_chat_prompts(feedback_db):
     from itera.feedback import FeedbackError, FeedbackStore
 
-    with FeedbackStore(tmp_path / "fb.db") as store:
+    with FeedbackStore(feedback_db) as store:
         for rid, endpoint, text in (("c1", "/v1/chat/completions", "a"), ("c2", "/v1/chat/completions", "b"),
                                     ("t1", "/v1/completions", "a"), ("t2", "/v1/completions", "b")):
             store.add_response({"id": rid, "endpoint": endpoint, "model": "m", "version": None, "sha256": "0" * 64,
@@ -204,8 +211,16 @@ def test_the_feedback_store_marks_chat_prompts(tmp_path):
             store.add_feedback({"type": "ab", "a_id": a, "b_id": b, "winner": "a"})
         with pytest.raises(FeedbackError, match="a_id and b_id answer different prompts"):  # a chat against a
             store.add_feedback({"type": "ab", "a_id": "c1", "b_id": "t2", "winner": "a"})  # completion, same text
+        with pytest.raises(FeedbackError, match="response_id 'nope' is not a response this server stored") as e:
+            store.add_feedback({"type": "rating", "response_id": "nope", "rating": 3})
+        assert e.value.status == 404
+        stored = store.add_feedback({"type": "rating", "response_id": "t1", "rating": 4.5})
+        assert stored["id"] == 3 and stored["rating"] == 4.5  # the refused ones took no id
         pairs, dropped = pairs_from_events(store.events())
-    assert pairs == [Pair("<s>P", "a", "b", True), Pair("<s>P", "a", "b")] and dropped == {}
+        assert store.counts() == {"responses": 4, "feedback": 3} and store.integrity_ok()
+        assert store.response("c1")["endpoint"] == "/v1/chat/completions"
+    assert pairs == [Pair("<s>P", "a", "b", True), Pair("<s>P", "a", "b")]
+    assert dropped == {"rating: no response to compare with by the rating gap": 1}
 
 
 def test_dpo_from_feedback_end_to_end(teacher, tmp_path):

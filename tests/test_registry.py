@@ -666,3 +666,29 @@ def test_promote_matches_a_file_dataset_by_name_and_says_why_an_older_or_other_t
     res = reg_cli(db, "promote", "o@2", "--metric", "notes.txt.perplexity", "--max-regression", "5%")
     assert res.returncode == 0, res.stderr
     assert res.record["params"]["gate"]["metric"] == f"datasets.{old}.perplexity"
+
+
+def test_artifacts_are_hashed_before_the_write_transaction_not_under_its_lock(tmp_path, db, monkeypatch):
+    """activate, mark-good, alias, promote and rollback hash (and for a stored version fetch) the
+    artifact before they take the write lock: gigabytes hashed under it would make every other
+    writer wait, and on PostgreSQL time out. The verdict is taken inside, once."""
+    import itera.registry as registry_module
+
+    inside = []
+    real = registry_module.integrity_problem
+
+    def watched(label, row):
+        inside.append(reg.storage._depth > 0)
+        return real(label, row)
+
+    monkeypatch.setattr(registry_module, "integrity_problem", watched)
+    with Registry(db) as reg:
+        for i in (1, 2):
+            _register_with_metric(reg, tmp_path, "h", i, {"perplexity": 10.0})
+        reg.activate(Ref.parse("h@1"))
+        reg.mark_good(Ref.parse("h@1"))
+        reg.set_alias(Ref.parse("h@2"), "staging")
+        reg.promote(Ref.parse("h@2"), "perplexity", 0.02)
+        reg.rollback("h")
+        assert reg.alias("h", "active") == 1
+    assert inside == [False] * 5

@@ -52,7 +52,11 @@ def ggufs(tmp_path_factory, tokenizer_dir):
         res = run_itera("export", "--model", ckpt, "--format", "gguf", "--gguf-type", "F32", "--out", gguf)
         assert res.returncode == 0, res.stderr
         out.append(gguf)
+    out_ckpts.extend([d / "m3", d / "m4"])
     return out
+
+
+out_ckpts: list[Path] = []  # the checkpoints the GGUFs of ``ggufs`` were exported from
 
 
 def test_two_runners_share_versions_through_postgresql_and_a_file_store(tmp_path, pg_url, postgres, ggufs):
@@ -167,6 +171,12 @@ def test_bad_team_settings_are_one_line_and_never_echo_the_password(tmp_path, po
     no_pw = pg_url.replace(f":{pw}@", "@")
     res = run_itera("registry", "register", "--name", "m", "--path", f, "--registry", no_pw, env={"PGPASSWORD": pw})
     assert res.returncode == 0 and pw not in res.stdout + res.stderr, res.stderr
+    # ... and from a password file (~/.pgpass, here named by PGPASSFILE), which libpq reads only at mode 0600
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{postgres.port}:*:{postgres.user}:{pw}\n")
+    passfile.chmod(0o600)
+    res = run_itera("registry", "list", "--registry", no_pw, env={"PGPASSFILE": str(passfile)})
+    assert res.returncode == 0 and pw not in res.stdout + res.stderr, res.stderr
     assert_usage_error(run_itera("registry", "list", "--registry", "mysql://u:secret@h/db"),
                        "registry URL mysql://u:***@h/db has an unknown scheme 'mysql'; pass a file path, "
                        "sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE")
@@ -268,3 +278,149 @@ def test_a_postgresql_registry_of_an_older_schema_is_migrated_only_by_registry_m
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == {"registry": shown, "schema_before": 2, "schema_after": len(PG_MIGRATIONS)}
     assert json.loads(run_itera("registry", "list", "--registry", pg_url).stdout)["versions"] == []
+
+
+def test_two_replicas_write_feedback_into_one_postgresql_through_a_restart_and_dpo_train_reads_it(
+        tmp_path, pg_url, postgres, ggufs):
+    """Two servers on one PostgreSQL feedback store; the database restarts in the middle of a burst
+    of feedback: each request either was stored (201) or was told so and retried (503 with
+    Retry-After, nothing stored); no acknowledged row is lost; dpo-train reads the pairs back."""
+    import threading
+
+    import httpx
+
+    from itera.feedback import FeedbackStore
+    from test_serve import Served
+
+    replicas = [Served("--model", ggufs[0], "--feedback-db", pg_url, env={"ITERA_HOME": str(tmp_path / f"h{i}")})
+                for i in range(2)]
+    try:
+        clients = [r.client() for r in replicas]
+        prompts = [f"The {w} fox sees the owl" for w in ("small", "quiet", "brave", "green")]
+        pairs = []  # (prompt, id from replica 0, id from replica 1): two answers to one prompt, two servers
+        for p in prompts:
+            ids = [clients[i].post("/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 1.0,
+                                                            "seed": i + 1}).json()["id"] for i in (0, 1)]
+            pairs.append(ids)
+        acked, retried, stop = [], [], threading.Event()
+
+        def burst(k):
+            c = clients[k % 2]
+            n = 0
+            while not stop.is_set() and n < 30:
+                a, b = pairs[(k + n) % len(pairs)]
+                ev = {"type": "ab", "a_id": a, "b_id": b, "winner": "a"}
+                try:
+                    r = c.post("/v1/feedback", json=ev)
+                except httpx.HTTPError:
+                    continue
+                if r.status_code == 201:
+                    acked.append(r.json()["id"])
+                    n += 1
+                else:
+                    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+                    body = r.json()["error"]
+                    assert body["code"] == "store_unavailable" and "nothing was stored: retry" in body["message"]
+                    assert postgres.password not in r.text
+                    retried.append(k)
+                    time.sleep(0.05)
+
+        threads = [threading.Thread(target=burst, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        while len(acked) < 20 and time.monotonic() - t0 < 60:
+            time.sleep(0.01)
+        postgres.restart()
+        for t in threads:
+            t.join(timeout=120)
+        stop.set()
+    finally:
+        for r in replicas:
+            r.stop()
+    assert len(acked) == 120 and retried, (len(acked), retried)  # every thread got through, some after a 503
+    with FeedbackStore(pg_url, create=False) as store:
+        counts = store.counts()
+        rows = {r["id"] for r in store._read("SELECT id FROM feedback")}
+        assert store.integrity_ok()
+    assert set(acked) <= rows and counts["responses"] == 8
+    out = tmp_path / "adapter"
+    res = run_itera("dpo-train", "--model", out_ckpts[0], "--feedback-db", pg_url, "--out", out, "--steps", "2",
+                    "--batch-size", "2", "--holdout", "0", "--save-pairs", tmp_path / "pairs.jsonl")
+    assert res.returncode == 0, res.stderr
+    assert postgres.password not in res.stdout + res.stderr and "***" in res.record["params"]["feedback_db"]
+    assert res.record["metrics"]["pairs_used"] >= len(prompts)
+    got = {json.loads(line)["prompt"] for line in (tmp_path / "pairs.jsonl").read_text().splitlines()}
+    assert got == set(prompts)
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("postgresql://ci:s3cret@db:5432/itera", "postgresql://ci:***@db:5432/itera"),
+    ("postgresql://ci:p@ss@db/itera", "postgresql://ci:***@db/itera"),  # an unescaped @ in the password
+    ("postgresql://ci@db/itera?password=s3cret&sslpassword=k3y&sslmode=require",
+     "postgresql://ci@db/itera?password=***&sslpassword=***&sslmode=require"),
+    ("postgresql:///itera", "postgresql:///itera"),  # a socket URL stays a URL that can be pasted back
+    ("postgresql:///?service=team", "postgresql:///?service=team"),
+])
+def test_a_url_is_shown_as_written_with_every_password_masked(url, shown):
+    from itera import pg
+
+    assert pg.mask(url) == shown
+
+
+def test_what_is_not_a_path_nor_a_known_url_is_refused_before_it_becomes_a_file(tmp_path):
+    for option, args in (("--registry", ["registry", "list", "--registry"]),
+                         ("--feedback-db", ["dpo-train", "--model", tmp_path, "--out", tmp_path / "o",
+                                            "--feedback-db"])):
+        line = assert_usage_error(run_itera(*args, "host=db user=ci password=s3cret dbname=itera", cwd=tmp_path),
+                                  f"{option} 'host=db user=ci password=*** dbname=itera' looks like a libpq "
+                                  "connection string; pass it as a URL")
+        assert "s3cret" not in line
+        line = assert_usage_error(run_itera(*args, "postgresq://ci:s3cret@db/itera", cwd=tmp_path),
+                                  "URL postgresq://ci:***@db/itera has an unknown scheme 'postgresq'")
+    assert list(tmp_path.iterdir()) == []  # no file named after either
+
+
+def test_registering_stored_bytes_again_with_a_store_makes_the_old_version_reachable(tmp_path, pg_url):
+    store = tmp_path / "store"
+    f = _gguf(tmp_path, "m", b" weights")
+    a = _runner(tmp_path / "home-a", pg_url)
+    assert a("registry", "register", "--name", "d", "--path", f).record["params"]["store"] is None
+    res = a("registry", "register", "--name", "d", "--path", f, "--store", f"file://{store}")
+    assert res.returncode == 0 and res.record["params"]["duplicate_of"] == 1
+    assert res.record["params"]["store"] == f"file://{store}"
+    events = json.loads(a("registry", "history", "d").stdout)["events"]
+    assert [(e["event"], e["detail"].get("store")) for e in events] == [("register", None),
+                                                                        ("store", f"file://{store}")]
+    f.unlink()  # the original is gone: the store still has it
+    b = _runner(tmp_path / "home-b", pg_url)
+    assert _sha(Path(b("registry", "resolve", "d@1").stdout.strip())) == hashlib.sha256(b"GGUF weights").hexdigest()
+
+
+def test_a_cached_copy_that_no_longer_matches_is_fetched_again(tmp_path, pg_url):
+    store = tmp_path / "store"
+    a = _runner(tmp_path / "home", pg_url)
+    for name in ("one", "two"):
+        f = _gguf(tmp_path, name, f" weights {name}".encode())
+        assert a("registry", "register", "--name", "c", "--path", f, "--store", f"file://{store}").returncode == 0
+    assert a("registry", "mark-good", "c@1").returncode == 0 and a("registry", "activate", "c@2").returncode == 0
+    cached = Path(a("registry", "resolve", "c@1").stdout.strip())
+    os.chmod(cached, 0o644)
+    cached.write_bytes(b"GGUF weights onf")  # same size, other bytes: a disk error in the cache
+    res = a("registry", "rollback", "c")
+    assert res.returncode == 0, res.stderr
+    assert cached.read_bytes() == b"GGUF weights one"  # fetched from the store again, checked
+
+
+def test_feedback_with_a_nul_is_kept_on_postgresql_as_sqlite_keeps_it(pg_url):
+    from itera.feedback import FeedbackStore
+
+    with FeedbackStore(pg_url) as store:
+        for rid, text in (("r1", "a\x00b"), ("r2", "c")):
+            store.add_response({"id": rid, "endpoint": "/v1/completions", "model": "m", "version": None,
+                                "sha256": "0" * 64, "prompt": "P\x00", "response": text, "finish_reason": "stop",
+                                "prompt_tokens": 2, "completion_tokens": 1, "request": {}})
+        store.add_feedback({"type": "correction", "response_id": "r2", "corrected": "d\x00"})
+        assert [(e["prompt"], e.get("response"), e.get("corrected")) for e in store.events()] == [
+            ("P\ufffd", "c", "d\ufffd")]
+        assert store.response("r1")["response"] == "a\ufffdb"

@@ -15,9 +15,10 @@ def dpo_train(
     pairs: Annotated[Optional[Path], typer.Option(help="JSONL of {prompt, chosen, rejected}.")] = None,
     feedback: Annotated[Optional[Path], typer.Option(help="JSONL of feedback events (thumbs, ab, correction, "
                                                      "rating) to turn into pairs.")] = None,
-    feedback_db: Annotated[Optional[Path], typer.Option(
-        dir_okay=False, help="The store `itera serve` writes (responses and the feedback posted on them) to turn into "
-        "pairs; `default` reads the server's default, $ITERA_HOME/feedback.db.")] = None,
+    feedback_db: Annotated[Optional[str], typer.Option(
+        metavar="PATH|URL", help="The store `itera serve` writes (responses and the feedback posted on them) to turn "
+        "into pairs: a SQLite file, or postgresql://USER@HOST:PORT/DB where several servers write; `default` reads "
+        "the server's default, $ITERA_HOME/feedback.db.")] = None,
     beta: Annotated[float, typer.Option(help="DPO temperature on the reward margin.")] = 0.1,
     loss: Annotated[str, typer.Option(help="sigmoid (DPO) or ipo.")] = "sigmoid",
     label_smoothing: Annotated[float, typer.Option(help="Conservative DPO: assumed label noise.")] = 0.0,
@@ -65,11 +66,20 @@ def dpo_train(
     from itera.runtime import resolve_device
     from itera.train import init_distributed
 
-    path, parent = model_input(model)
     if feedback_db is not None and str(feedback_db) == "default":
         from itera.feedback import default_path
 
         feedback_db = default_path()
+    elif feedback_db is not None:
+        from itera import pg
+        from itera.errors import UsageError
+
+        pg.check_location(feedback_db, "feedback store", "--feedback-db")
+        if not pg.is_url(feedback_db):
+            if Path(feedback_db).is_dir():
+                raise UsageError(f"--feedback-db {feedback_db} is a directory; pass a file path")
+            feedback_db = Path(feedback_db)
+    path, parent = model_input(model)
     opts = DPOOptions(model=path, out=out, pairs=pairs, feedback=feedback, feedback_db=feedback_db, beta=beta,
                       loss=loss, label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, lora_targets=lora_targets, holdout=holdout,

@@ -143,13 +143,16 @@ def _summary(v: dict) -> dict:
     return {k: v[k] for k in v if k != "record"}
 
 
-def _change(sub: str, registry: Path | None, metrics_out: Path | None, change, parent: dict | None = None,
-            extra_params=lambda v: {}, say=lambda v: None, reason: str | None = None, create: bool = True) -> None:
+def _change(sub: str, registry: str | None, metrics_out: Path | None, change, parent: dict | None = None,
+            extra_params=lambda v: {}, say=lambda v: None, reason: str | None = None, create: bool = True,
+            ahead=lambda reg: None) -> None:
     """Run ``change(reg) -> version`` and build its record in one transaction, so that anything
     that can fail (a number JSON cannot hold, a record the schema refuses) fails before the
     commit; ``--metrics-out``, ``--reason`` and ``ITERA_ACTOR`` are checked first, before the
     registry is opened, and the record is written, like stdout, after the commit. ``create=False``:
-    the registry must exist (the commands that change a version already registered)."""
+    the registry must exist (the commands that change a version already registered). ``ahead(reg)``
+    runs before the transaction: :meth:`Registry.check_ahead` of the version about to be pointed at,
+    so that fetching and hashing its artifact does not hold the write lock."""
     from itera import record
     from itera.fsio import check_writable_file
     from itera.registry import current_actor, validate_text
@@ -161,6 +164,7 @@ def _change(sub: str, registry: Path | None, metrics_out: Path | None, change, p
     actor = current_actor()
     run = record.Run(f"registry {sub}", parent=parent)
     with _open(registry, create=create) as reg:
+        ahead(reg)
         with reg.transaction():
             v = change(reg)
             artifact = {k: v[k] for k in ("path", "kind", "format", "bytes", "sha256")}
@@ -209,7 +213,8 @@ def register(
 
       itera registry register --name demo --path runs/q4.gguf
 
-      itera registry register --name demo --path runs/q4.gguf --store file:///mnt/team/itera-store \
+      itera registry register --name demo --path runs/q4.gguf \\
+        --store file:///mnt/team/itera-store \\
         --registry postgresql://ci@db.internal/itera
     """
     from itera import record as rec
@@ -225,10 +230,14 @@ def register(
         parent = rec.read_record_file(record_file) if record_file is not None else rec.read_parent()
     artifact = registration(parent, path)
     commit = git_commit()
-    if store is not None:
-        from itera.registry.store import put_artifact
+    stored: dict = {}
 
-        store = put_artifact(store, artifact)
+    def put(reg):
+        """After the cheap checks, before the write transaction: copy the bytes into the store."""
+        if store is not None:
+            from itera.registry.store import put_artifact
+
+            stored["url"] = put_artifact(store, artifact)
 
     def say(v):
         if v.get("duplicate_of"):
@@ -242,9 +251,9 @@ def register(
 
     _change("register", registry, metrics_out,
             lambda reg: reg.register(name, artifact, parent, tags=tags, commit=commit, allow_duplicate=allow_duplicate,
-                                     reason=reason, store=store),
+                                     reason=reason, store=stored.get("url")),
             parent, extra_params=lambda v: {"tags": tags, "git_commit": v["git_commit"], "store": v["store"],
-                                            "duplicate_of": v.get("duplicate_of")}, say=say, reason=reason)
+                                            "duplicate_of": v.get("duplicate_of")}, say=say, reason=reason, ahead=put)
 
 
 @app.command("list")
@@ -388,7 +397,8 @@ def activate(ref: RefArg, reason: Reason = None, registry: RegistryPath = None,
     from itera.registry import Ref
 
     r = Ref.parse(ref)
-    _change("activate", registry, metrics_out, lambda reg: reg.activate(r, reason=reason), reason=reason)
+    _change("activate", registry, metrics_out, lambda reg: reg.activate(r, reason=reason), reason=reason,
+            ahead=lambda reg: reg.check_ahead(r.name, reg.resolve_version(r)))
 
 
 @app.command("mark-good")
@@ -405,7 +415,8 @@ def mark_good(ref: RefArg, reason: Reason = None, registry: RegistryPath = None,
     from itera.registry import Ref
 
     r = Ref.parse(ref)
-    _change("mark-good", registry, metrics_out, lambda reg: reg.mark_good(r, reason=reason), reason=reason)
+    _change("mark-good", registry, metrics_out, lambda reg: reg.mark_good(r, reason=reason), reason=reason,
+            ahead=lambda reg: reg.check_ahead(r.name, reg.resolve_version(r)))
 
 
 @app.command("alias")
@@ -436,7 +447,7 @@ def alias_(
     validate_alias(alias)
     _change("alias", registry, metrics_out, lambda reg: reg.set_alias(r, alias, reason=reason),
             extra_params=lambda v: {"alias": alias}, say=lambda v: _say(f"{r.name}@{alias} -> version {v['version']}"),
-            reason=reason, create=False)
+            reason=reason, create=False, ahead=lambda reg: reg.check_ahead(r.name, reg.resolve_version(r)))
 
 
 @app.command()
@@ -574,7 +585,11 @@ def rollback(
             also = " and last-good" if "last-good" in v["aliases"] else ""
             _say(f"{name}@{v['version']} is already active{also}; nothing to roll back")
 
-    _change("rollback", registry, metrics_out, change, say=say, reason=reason)
+    from itera.registry import policy
+
+    policy.check_rollback_to(to)  # before anything looks the version up
+    _change("rollback", registry, metrics_out, change, say=say, reason=reason,
+            ahead=lambda reg: reg.check_ahead(name, to if to is not None else reg.alias(name, "last-good")))
 
 
 @app.command()
@@ -612,7 +627,8 @@ def promote(
              + (f" vs {g['active']:.6g}" if "active" in g else f" ({g['reason']})"))
 
     _change("promote", registry, metrics_out, lambda reg: reg.promote(r, metric, margin, direction, reason=reason),
-            extra_params=lambda v: {"gate": v["gate"]}, say=say, reason=reason)
+            extra_params=lambda v: {"gate": v["gate"]}, say=say, reason=reason,
+            ahead=lambda reg: reg.check_ahead(r.name, reg.resolve_version(r)))
 
 
 @app.command()
@@ -661,7 +677,8 @@ def pull(
 
       itera registry pull demo@active --out deploy/model.gguf
 
-      itera registry pull demo@3 --out /tmp/demo-3 --registry postgresql://ci@db.internal/itera
+      itera registry pull demo@3 --out /tmp/demo-3 \\
+        --registry postgresql://ci@db.internal/itera
     """
     import shutil
 
@@ -725,7 +742,7 @@ def _check_copy(tmp: Path, extra: list[Path], v: dict) -> None:
 @app.command()
 def copy(
     from_: Annotated[str, typer.Option("--from", metavar="PATH|URL", help="The registry to copy from: a SQLite "
-                                       "file (or sqlite:///PATH), or postgresql://…")],
+                                       "file (or sqlite:///PATH), or postgresql://USER@HOST:PORT/DB.")],
     to: Annotated[str, typer.Option("--to", metavar="PATH|URL", help="The registry to copy into, e.g. the team's "
                                     "postgresql://USER@HOST:PORT/DB; created where needed.")],
 ) -> None:
@@ -739,7 +756,8 @@ def copy(
 
     Examples:
 
-      itera registry copy --from sqlite:///home/me/.itera/registry.db --to postgresql://ci@db.internal/itera
+      itera registry copy --from sqlite:///home/me/.itera/registry.db \\
+        --to postgresql://ci@db.internal/itera
     """
     from itera.errors import UsageError
     from itera.registry import Registry, open_storage, sqlite_path

@@ -23,8 +23,9 @@ def serve(
                                                          "/health requires (Authorization: Bearer KEY).")] = None,
     max_concurrency: Annotated[int, typer.Option(help="Generations at once (one KV cache each).")] = 2,
     max_queue: Annotated[int, typer.Option(help="Requests waiting for a slot; more get 429 with Retry-After.")] = 16,
-    feedback_db: Annotated[Optional[Path], typer.Option(dir_okay=False, help="SQLite store of responses and "
-                                                        "feedback. Default: $ITERA_HOME/feedback.db.")] = None,
+    feedback_db: Annotated[Optional[str], typer.Option(
+        metavar="PATH|URL", help="Store of responses and feedback: a SQLite file, or postgresql://USER@HOST:PORT/DB "
+        "that several servers write into. Default: $ITERA_HOME/feedback.db.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per generation (llama.cpp; default: the cores "
                                                    "divided among --max-concurrency) or for the runtime.")] = None,
     chat_template: Annotated[Optional[Path], typer.Option(dir_okay=False, help="Jinja chat template replacing the "

@@ -170,7 +170,7 @@ class DPOOptions:
     pairs: Path | None = flag("--pairs", default=None)
     feedback: Path | None = flag("--feedback", default=None)
     # itera serve's store of responses and feedback (the CLI reads `default` as the server's default store)
-    feedback_db: Path | None = flag("--feedback-db", default=None)
+    feedback_db: Path | str | None = flag("--feedback-db", default=None)  # a SQLite file or a PostgreSQL URL
     beta: float = flag("--beta", default=0.1)
     loss: str = flag("--loss", default="sigmoid")
     label_smoothing: float = flag("--label-smoothing", default=0.0)
@@ -206,7 +206,9 @@ class DPOOptions:
         if sum(x is not None for x in (self.pairs, self.feedback, self.feedback_db)) != 1:
             raise UsageError("pass exactly one of --pairs FILE or --feedback FILE (or --feedback-db FILE, the store "
                              "`itera serve` writes)")
-        if self.feedback_db is not None and not Path(self.feedback_db).is_file():
+        from itera import pg
+
+        if self.feedback_db is not None and not pg.is_url(self.feedback_db) and not Path(self.feedback_db).is_file():
             raise InputError(f"no feedback store at {self.feedback_db}; serve a model with `itera serve` and post "
                              "feedback to /v1/feedback first, or pass the server's --feedback-db")
         if not self.beta > 0:
@@ -225,7 +227,10 @@ class DPOOptions:
         return self
 
     def inputs(self) -> list[Path]:
-        return [p for p in (self.model, self.pairs, self.feedback, self.feedback_db) if p is not None]
+        from itera import pg
+
+        db = None if pg.is_url(self.feedback_db) else self.feedback_db
+        return [Path(p) for p in (self.model, self.pairs, self.feedback, db) if p is not None]
 
     def outputs(self) -> list:
         from itera.fsio import Output
@@ -242,8 +247,12 @@ class DPOOptions:
         return parse_targets(self.lora_targets)
 
     def as_params(self) -> dict:
+        from itera import pg
+
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
         d.pop("train")
+        if d.get("feedback_db"):
+            d["feedback_db"] = pg.mask(d["feedback_db"])  # a URL's password is never printed
         return d
 
 
@@ -282,12 +291,13 @@ def load_pairs(opts: DPOOptions, tok, max_len: int) -> PairData:
         if not pairs:
             raise UsageError(f"{opts.feedback} gives no usable preference pairs (dropped: {dropped})")
     else:  # itera serve's store: events with the texts of the responses they name
-        from itera.preference import pairs_from_events
         from itera.feedback import read_events
+        from itera.pg import mask as pg_mask
+        from itera.preference import pairs_from_events
 
         pairs, dropped = pairs_from_events(read_events(opts.feedback_db), opts.min_rating_gap)
         if not pairs:
-            raise UsageError(f"the feedback in {opts.feedback_db} gives no usable preference pairs "
+            raise UsageError(f"the feedback in {pg_mask(opts.feedback_db)} gives no usable preference pairs "
                              f"(dropped: {dropped})")
     train_pairs, held_pairs = split_pairs(pairs, opts.holdout, opts.train.seed)
     if opts.holdout > 0 and not held_pairs:

@@ -78,6 +78,7 @@ class Registry:
     def __init__(self, path: Path | str | None = None, busy_timeout_s: float | None = None, create: bool = True,
                  storage: RegistryStorage | None = None, actor: str | None = None, upgrade: bool = False):
         self._actor = validate_text(actor, "actor") if actor is not None else None
+        self._checked: dict[tuple, str | None] = {}  # check_ahead's verdicts, by (name, version, sha256)
         self.storage: RegistryStorage = storage if storage is not None else \
             open_storage(path, busy_timeout_s=busy_timeout_s, create=create, upgrade=upgrade)
 
@@ -147,15 +148,39 @@ class Registry:
         """``row`` with ``path`` where this machine reads the artifact (:meth:`local_path`)."""
         return {**row, "path": str(self.local_path(row))} if row.get("store") else row
 
+    def check_ahead(self, name: str, version: int | None) -> None:
+        """Fetch and hash version ``version``'s artifact now, before a write transaction, which then
+        takes this verdict while the version's row is unchanged: copying gigabytes from a store, or
+        hashing them, must not hold the write lock every other writer waits on (PostgreSQL's
+        ``lock_timeout``, SQLite's busy timeout)."""
+        row = self._row(name, version) if version is not None else None
+        if row is None or row["archived"]:
+            return
+        key = (name, version, row["sha256"])
+        if key not in self._checked:
+            self._checked[key] = self._integrity(f"{name}@{version}", row)
+
     def _integrity(self, label: str, row: Version) -> str | None:
         """Why ``row``'s artifact cannot be used here (:func:`integrity_problem`), for a stored
-        version after fetching it from the store; None when it can."""
-        if row.get("store"):
+        version after fetching it from the store; None when it can. A verdict of
+        :meth:`check_ahead` on the same row is taken (once)."""
+        key = (row["name"], row["version"], row["sha256"])
+        if key in self._checked:
+            return self._checked.pop(key)
+        if not row.get("store"):
+            return integrity_problem(label, row)
+        for attempt in (1, 2):  # a cached copy that no longer hashes right is fetched again, once
             try:
-                row = self.local(row)
+                local = self.local(row)
             except InputError as e:
                 return str(e)
-        return integrity_problem(label, row)
+            problem = integrity_problem(label, local)
+            if problem is None or attempt == 2:
+                return problem
+            from itera.registry.store import forget
+
+            forget(Path(local["path"]))
+        return problem
 
     def _usable(self, name: str, version: int, fix: str) -> Version:
         """Version ``version`` of ``name``, which an alias is about to point at: refused
@@ -266,6 +291,9 @@ class Registry:
             if not allow_duplicate:  # under the write lock: two registrations of the same bytes make one version
                 first = self.storage.version_with_sha256(name, artifact["sha256"])
                 if first is not None:
+                    if store is not None and not self._row(name, first)["store"]:  # now reachable from anywhere
+                        self.storage.set_store(name, first, store)
+                        self._event(name, first, "store", True, why=why, store=store)
                     return {**self._row(name, first), "duplicate_of": first}
             version = self._next_version(name)
             self.storage.insert_version(
@@ -278,35 +306,32 @@ class Registry:
                         **({"store": store} if store else {}))
         return self._row(name, version)
 
+    def _point(self, ref: Ref, alias: str, event: str, fix: str, reason: str | None) -> dict:
+        """Point ``alias`` of ``ref``'s model at it, logged as ``event``; refused (InputError,
+        nothing written) when the version is archived or its artifact is gone or changed
+        (:meth:`_usable`; ``fix`` is what to do then)."""
+        why = self._why(reason)
+        self.check_ahead(ref.name, self.resolve_version(ref))
+        with self.transaction():
+            v = self.resolve_version(ref)
+            self._usable(ref.name, v, fix)
+            self._set_alias(ref.name, alias, v, event, why=why)
+        return self._row(ref.name, v)
+
     def activate(self, ref: Ref, reason: str | None = None) -> dict:
         """Point ``active`` at ``ref``; refused (InputError, nothing written) when that version is
         archived or its artifact is gone or changed."""
-        why = self._why(reason)
-        with self.transaction():
-            v = self.resolve_version(ref)
-            self._usable(ref.name, v, "activate the new version")
-            self._set_alias(ref.name, "active", v, "activate", why=why)
-        return self._row(ref.name, v)
+        return self._point(ref, "active", "activate", "activate the new version", reason)
 
     def mark_good(self, ref: Ref, reason: str | None = None) -> dict:
         """Point ``last-good`` at ``ref``: refused like :meth:`activate` (rollback would refuse it)."""
-        why = self._why(reason)
-        with self.transaction():
-            v = self.resolve_version(ref)
-            self._usable(ref.name, v, "mark the new version good")
-            self._set_alias(ref.name, "last-good", v, "mark-good", why=why)
-        return self._row(ref.name, v)
+        return self._point(ref, "last-good", "mark-good", "mark the new version good", reason)
 
     def set_alias(self, ref: Ref, alias: str, reason: str | None = None) -> dict:
         """Point the custom alias ``alias`` (``staging``, ``canary``) of ``ref``'s model at it;
         refused like :meth:`activate`. ``active`` and ``last-good`` are not set here."""
         validate_alias(alias)
-        why = self._why(reason)
-        with self.transaction():
-            v = self.resolve_version(ref)
-            self._usable(ref.name, v, f"point {alias} at the new version")
-            self._set_alias(ref.name, alias, v, "alias", why=why)
-        return self._row(ref.name, v)
+        return self._point(ref, alias, "alias", f"point {alias} at the new version", reason)
 
     def remove_alias(self, name: str, alias: str, reason: str | None = None) -> dict:
         """Remove the custom alias ``alias`` of ``name``; the version it pointed at is returned."""
@@ -375,6 +400,7 @@ class Registry:
         policy.check_rollback_to(to)
         validate_name(name)
         why = self._why(reason)
+        self.check_ahead(name, to if to is not None else self.alias(name, "last-good"))
         with self.transaction():
             self._require(name)
             if to is not None and self._row(name, to) is None:
@@ -397,6 +423,7 @@ class Registry:
         (:func:`policy.promotion_gate`); a refusal is logged as ``promote-refused`` and raises RefusedError.
         An archived candidate, or one whose artifact is gone or changed, is refused like :meth:`activate`."""
         why = self._why(reason)
+        self.check_ahead(ref.name, self.resolve_version(ref))
         with self.transaction():
             v = self.resolve_version(ref)
             candidate = self._usable(ref.name, v, "promote the new version")

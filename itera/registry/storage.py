@@ -182,6 +182,9 @@ class RegistryStorage(Protocol):
 
     def remove_tag(self, name: str, version: int, key: str) -> None: ...
 
+    def set_store(self, name: str, version: int, store: str) -> None:
+        """Record the artifact store that now holds a version's bytes."""
+
     def set_archived(self, name: str, version: int, archived: Archived | None) -> None:
         """Archive a version (``archived``: when, by whom, why) or bring it back (None)."""
 
@@ -207,17 +210,31 @@ class _SQLStorage:
 
     # ------------------------------------------------------------------ reads
 
-    def _version(self, row: dict) -> Version:
-        d = dict(row)
-        at, by, why = d.pop("archived_at"), d.pop("archived_by"), d.pop("archived_reason")
-        for k in ("params", "metrics", "lineage", "record"):
-            d[k] = json.loads(d[k]) if d[k] is not None else None
-        d["tags"] = {r["key"]: r["value"] for r in self._rows(
-            "SELECT key, value FROM tags WHERE name = ? AND version = ? ORDER BY key", (d["name"], d["version"]))}
-        d["aliases"] = [r["alias"] for r in self._rows(
-            "SELECT alias FROM aliases WHERE name = ? AND version = ? ORDER BY alias", (d["name"], d["version"]))]
-        d["archived"] = {"at": at, "by": by, "reason": why} if at is not None else None
-        return d  # type: ignore[return-value]
+    def _versions(self, rows: list[dict]) -> list[Version]:
+        """Rows of ``versions`` as :class:`Version` s, their tags and aliases read in one query each
+        (not two per row: on PostgreSQL every query is a round trip)."""
+        if not rows:
+            return []
+        names = sorted({r["name"] for r in rows})
+        where, args = ("WHERE name = ?", (names[0],)) if len(names) == 1 else ("", ())
+        # sorted here, not by ORDER BY: PostgreSQL would use the database's collation, SQLite byte order
+        tags: dict[tuple, dict[str, str]] = {}
+        for t in sorted(self._rows(f"SELECT name, version, key, value FROM tags {where}", args), key=lambda t: t["key"]):
+            tags.setdefault((t["name"], t["version"]), {})[t["key"]] = t["value"]
+        aliases: dict[tuple, list[str]] = {}
+        for a in sorted(self._rows(f"SELECT name, version, alias FROM aliases {where}", args), key=lambda a: a["alias"]):
+            aliases.setdefault((a["name"], a["version"]), []).append(a["alias"])
+        out = []
+        for row in sorted(rows, key=lambda r: (r["name"], r["version"])):
+            d = dict(row)
+            at, by, why = d.pop("archived_at"), d.pop("archived_by"), d.pop("archived_reason")
+            for k in ("params", "metrics", "lineage", "record"):
+                d[k] = json.loads(d[k]) if d[k] is not None else None
+            d["tags"] = tags.get((d["name"], d["version"]), {})
+            d["aliases"] = aliases.get((d["name"], d["version"]), [])
+            d["archived"] = {"at": at, "by": by, "reason": why} if at is not None else None
+            out.append(d)
+        return out  # type: ignore[return-value]
 
     def has_name(self, name: str) -> bool:
         return self._one("SELECT 1 AS one FROM versions WHERE name = ? LIMIT 1", (name,)) is not None
@@ -226,8 +243,8 @@ class _SQLStorage:
         return self._one("SELECT MAX(version) AS v FROM versions WHERE name = ?", (name,))["v"]
 
     def version(self, name: str, version: int) -> Version | None:
-        row = self._one("SELECT * FROM versions WHERE name = ? AND version = ?", (name, version))
-        return self._version(row) if row else None
+        rows = self._rows("SELECT * FROM versions WHERE name = ? AND version = ?", (name, version))
+        return self._versions(rows)[0] if rows else None
 
     def version_with_sha256(self, name: str, sha256: str) -> int | None:
         return self._one("SELECT MIN(version) AS v FROM versions WHERE name = ? AND sha256 = ?", (name, sha256))["v"]
@@ -250,7 +267,7 @@ class _SQLStorage:
             sql += " AND EXISTS (SELECT 1 FROM tags t WHERE t.name = versions.name AND t.version = versions.version " \
                    "AND t.key = ? AND t.value = ?)"
             args += [k, v]
-        return [self._version(r) for r in self._rows(sql + " ORDER BY name, version", args)]
+        return self._versions(self._rows(sql + " ORDER BY name, version", args))
 
     def alias(self, name: str, alias: str) -> int | None:
         row = self._one("SELECT version FROM aliases WHERE name = ? AND alias = ?", (name, alias))
@@ -291,6 +308,9 @@ class _SQLStorage:
 
     def remove_tag(self, name: str, version: int, key: str) -> None:
         self._rows("DELETE FROM tags WHERE name = ? AND version = ? AND key = ?", (name, version, key))
+
+    def set_store(self, name: str, version: int, store: str) -> None:
+        self._rows("UPDATE versions SET store = ? WHERE name = ? AND version = ?", (store, name, version))
 
     def set_archived(self, name: str, version: int, archived: Archived | None) -> None:
         a = archived or {"at": None, "by": None, "reason": None}
@@ -465,6 +485,9 @@ class PostgresStorage(_SQLStorage):
         self.busy_timeout_s = BUSY_TIMEOUT_S if busy_timeout_s is None else busy_timeout_s
         self._depth = 0
         self._errors = pg.errors()
+        import psycopg
+
+        self._psycopg_error = psycopg.Error
         self.con = pg.connect(url, "registry", "registry", "--registry", self.busy_timeout_s)
         try:
             self.schema_found = self._guard(lambda: pg.schema_version(self.con, "registry"))
@@ -500,6 +523,8 @@ class PostgresStorage(_SQLStorage):
                              f"{self.busy_timeout_s:g} s; try again") from None
         except operational as e:
             raise pg.lost(self.url, e, "registry") from None
+        except self._psycopg_error as e:  # a privilege the role lacks, a constraint: one line, not a traceback
+            raise pg.refused(self.url, e, "registry") from None
 
     def migrate(self) -> None:
         from itera import pg
@@ -536,6 +561,8 @@ class PostgresStorage(_SQLStorage):
                              f"{self.busy_timeout_s:g} s; try again") from None
         except operational as e:
             raise pg.lost(self.url, e, "registry") from None
+        except self._psycopg_error as e:
+            raise pg.refused(self.url, e, "registry") from None
 
     def integrity_ok(self) -> bool:
         """PostgreSQL keeps its own pages consistent; what is checked here is that every alias and
@@ -567,6 +594,7 @@ def open_storage(location: str | Path | None = None, busy_timeout_s: float | Non
 
     if location is None:
         return SQLiteStorage(None, busy_timeout_s=busy_timeout_s, create=create, upgrade=upgrade)
+    pg.check_location(location, "registry", "--registry")
     text = str(location)
     scheme = pg.url_scheme(text) if isinstance(location, str) else None
     if scheme in pg.SCHEMES:
@@ -576,7 +604,4 @@ def open_storage(location: str | Path | None = None, busy_timeout_s: float | Non
         if not path:
             raise InputError(f"registry URL {text!r} names no file; use sqlite:///ABSOLUTE/PATH or sqlite://RELATIVE/PATH")
         return SQLiteStorage(Path(path), busy_timeout_s=busy_timeout_s, create=create, upgrade=upgrade)
-    if scheme is not None:
-        raise InputError(f"registry URL {pg.mask(text)} has an unknown scheme {scheme!r}; pass a file path, "
-                         "sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE")
     return SQLiteStorage(Path(text), busy_timeout_s=busy_timeout_s, create=create, upgrade=upgrade)

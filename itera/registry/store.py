@@ -517,3 +517,13 @@ def put_artifact(url: str, artifact: dict) -> str:
     path = Path(artifact["path"])
     store.put(path, artifact["sha256"], companions(path))
     return store.url
+
+
+def forget(artifact: Path) -> None:
+    """Drop the cache entry holding ``artifact`` (a path :meth:`FileStore.fetch` returned), so that
+    the next fetch copies it from the store again: a cached copy that no longer matches its sha256
+    (a disk error, a hand edit) is not used forever."""
+    entry = Path(artifact).parent
+    if not (entry / CACHE_INDEX).is_file():
+        return
+    _discard(entry, entry)

@@ -114,7 +114,7 @@ def resolve_source(spec: str, registry: Path | None) -> tuple[Source, "RegistryR
 
 @dataclass(frozen=True)
 class RegistryRef:
-    path: Path | str  # a SQLite file, or a PostgreSQL URL (with its password: never print it, print shown)
+    path: Path | str = field(repr=False)  # a SQLite file, or a PostgreSQL URL (with its password: print shown)
     ref: object  # itera.registry.Ref
 
     @property
@@ -302,8 +302,7 @@ class Watcher:
         reg, ref = self._registry, self.follow.ref
         try:
             v = reg.resolve_version(ref)
-            # a version promoted elsewhere and kept in a store is fetched (and checked) before the swap
-            return reg.local(reg.get(Ref(ref.name, str(v))))
+            return reg.get(Ref(ref.name, str(v)))
         except IteraError:
             if local is None:  # reconnect at the next poll
                 self._registry.close()
@@ -324,16 +323,21 @@ class Watcher:
         cur = self.pool.current.source
         if row["version"] == cur.version and row["sha256"] == cur.sha256:
             return
-        try:
-            st = os.stat(row["path"])
-            key = (row["version"], row["sha256"], st.st_size, st.st_mtime_ns)
-        except OSError:
-            key = (row["version"], row["sha256"], None, None)
+        if row.get("store"):  # tried once: a bad blob is not copied and hashed again every poll
+            key = (row["version"], row["sha256"], row["store"], None)
+        else:
+            try:
+                st = os.stat(row["path"])
+                key = (row["version"], row["sha256"], st.st_size, st.st_mtime_ns)
+            except OSError:
+                key = (row["version"], row["sha256"], None, None)
         if key in self._tried:
             return
         label = f"{row['name']}@{row['version']}"
         t0 = time.perf_counter()
         try:
+            # a version promoted elsewhere and kept in a store: fetched (every blob checked) first
+            row = self._registry.local(row) if row.get("store") else row
             source = verify(row)
             new = self.load(source)
             try:

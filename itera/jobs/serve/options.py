@@ -104,7 +104,7 @@ class ServeOptions:
     api_key_file: Path | None = flag("--api-key-file", default=None)
     max_concurrency: int = flag("--max-concurrency", default=2)
     max_queue: int = flag("--max-queue", default=16)
-    feedback_db: Path | None = flag("--feedback-db", default=None)
+    feedback_db: Path | str | None = flag("--feedback-db", default=None)  # a SQLite file or a PostgreSQL URL
     threads: int | None = flag("--threads", default=None)
     chat_template: Path | None = flag("--chat-template", default=None)
     poll_interval: float = flag("--poll-interval", default=1.0)
@@ -162,7 +162,14 @@ class ServeOptions:
             except UnicodeDecodeError as e:
                 raise InputError(f"--chat-template {self.chat_template} is not UTF-8 text (byte {e.start}); save the "
                                  "template as UTF-8") from None
-        if self.feedback_db is not None and Path(self.feedback_db).is_dir():
+        from itera import pg
+
+        pg.check_location(self.feedback_db, "feedback store", "--feedback-db")
+        if self.feedback_db is not None and pg.is_url(self.feedback_db):
+            return self
+        if self.feedback_db is not None:
+            self.feedback_db = Path(self.feedback_db)
+        if self.feedback_db is not None and self.feedback_db.is_dir():
             raise UsageError(f"--feedback-db {self.feedback_db} is a directory; pass a file path")
         return self
 
@@ -183,6 +190,7 @@ class ServeOptions:
         from itera import pg
 
         params = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-        if params.get("registry"):
-            params["registry"] = pg.mask(params["registry"])  # a URL's password is never printed
+        for key in ("registry", "feedback_db"):
+            if params.get(key):
+                params[key] = pg.mask(params[key])  # a URL's password is never printed
         return params

@@ -183,6 +183,8 @@ async def feedback(request: Request):
     try:
         stored = await anyio.to_thread.run_sync(server.store.add_feedback, event)
     except FeedbackError as e:
+        if e.status == 503:  # the PostgreSQL store is restarting or unreachable: nothing stored
+            raise ApiError(503, str(e), None, "store_unavailable", {"Retry-After": "1"}) from None
         raise ApiError(e.status, str(e), e.param,
                        "response_not_found" if e.status == 404 else "invalid_value") from None
     server.metrics.feedback.labels(event["type"]).inc()

@@ -19,7 +19,7 @@ from itera.jobs.serve.engine import Admission, LoadedModel, ModelPool, Overloade
 from itera.jobs.serve.guard import Guard
 from itera.jobs.serve.metrics import Metrics
 from itera.jobs.serve.schemas import ApiError, ChatRequest
-from itera.feedback import FeedbackStore
+from itera.feedback import FeedbackStore, StoreUnavailable
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
@@ -182,11 +182,14 @@ class Server:
         self.metrics.generated.inc(len(gen.tokens))
         self.generated_tokens += len(gen.tokens)
         if gen.finish_reason != "cancelled":
-            self.store.add_response({
-                "id": job.id, "endpoint": label, "model": m.source.name, "version": m.source.version,
-                "sha256": m.source.sha256, "prompt": p.prompt, "response": gen.text,
-                "finish_reason": gen.finish_reason, "prompt_tokens": len(p.ids),
-                "completion_tokens": len(gen.tokens), "request": job.request})
+            try:
+                self.store.add_response({
+                    "id": job.id, "endpoint": label, "model": m.source.name, "version": m.source.version,
+                    "sha256": m.source.sha256, "prompt": p.prompt, "response": gen.text,
+                    "finish_reason": gen.finish_reason, "prompt_tokens": len(p.ids),
+                    "completion_tokens": len(gen.tokens), "request": job.request})
+            except StoreUnavailable as e:  # feedback could never name this response: the client retries
+                raise ApiError(503, str(e), None, "store_unavailable", {"Retry-After": "1"}) from None
             self.responses_stored += 1
         elapsed = time.perf_counter() - job.t_request
         self.mean_request_s = 0.8 * self.mean_request_s + 0.2 * elapsed
