@@ -199,7 +199,29 @@ class RegistryStorage(Protocol):
 
 class _SQLStorage:
     """What both backends share: the SQL of reads and writes (the same statements run on SQLite and
-    PostgreSQL; ``?`` placeholders, which :meth:`_rows` of each backend binds its own way)."""
+    PostgreSQL; ``?`` placeholders, which :meth:`_rows` of each backend binds its own way), and
+    nested transactions joining the open one (:meth:`_write` is each backend's own)."""
+
+    _depth = 0
+
+    def _write(self, commit_on: tuple[type[BaseException], ...]) -> ContextManager[None]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def transaction(self, commit_on: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+        if self._depth:  # join the open transaction
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        with self._write(commit_on):
+            self._depth = 1
+            try:
+                yield
+            finally:
+                self._depth = 0
 
     def _rows(self, sql: str, args: tuple | list = ()) -> list[dict]:
         raise NotImplementedError
@@ -340,7 +362,6 @@ class SQLiteStorage(_SQLStorage):
         if not create and not self.path.exists():
             raise InputError(f"registry {self.path} does not exist; pass --registry PATH (or ITERA_REGISTRY) of an "
                              "existing one: only register, activate, mark-good, promote and rollback create one")
-        self._depth = 0
         self.schema_found = self._schema_on_disk()
         try:
             self.db = sqlite.connect(
@@ -388,21 +409,8 @@ class SQLiteStorage(_SQLStorage):
         raise InputError(f"registry {self.path} is not a usable SQLite database ({e}); "
                          "pass another --registry path") from None
 
-    @contextlib.contextmanager
-    def transaction(self, commit_on: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-        if self._depth:  # join the open transaction
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-            return
-        with sqlite.write(self.db, keep=commit_on, begin_failed=self._busy_or_corrupt):
-            self._depth = 1
-            try:
-                yield
-            finally:
-                self._depth = 0
+    def _write(self, commit_on: tuple[type[BaseException], ...]) -> ContextManager[None]:
+        return sqlite.write(self.db, keep=commit_on, begin_failed=self._busy_or_corrupt)
 
     def _rows(self, sql: str, args: tuple | list = ()) -> list[dict]:
         return self.db.execute(sql, args).fetchall()
@@ -440,7 +448,6 @@ class PostgresStorage(_SQLStorage):
         self.url = url
         self.path = pg.mask(url)
         self.busy_timeout_s = BUSY_TIMEOUT_S if busy_timeout_s is None else busy_timeout_s
-        self._depth = 0
         self._errors = pg.errors()
         import psycopg
 
@@ -468,13 +475,15 @@ class PostgresStorage(_SQLStorage):
     def close(self) -> None:
         self.con.close()
 
-    def _guard(self, fn):
-        """Run ``fn``; a broken connection or a lock wait past the busy timeout as one line."""
+    @contextlib.contextmanager
+    def _one_line(self) -> Iterator[None]:
+        """A broken connection, a lock wait past the busy timeout or a statement the database
+        refused, as one line (InputError)."""
         from itera import pg
 
         operational, lock_timeout = self._errors
         try:
-            return fn()
+            yield
         except lock_timeout:
             raise InputError(f"registry {self.path} is busy: another writer held it for more than "
                              f"{self.busy_timeout_s:g} s; try again") from None
@@ -482,6 +491,10 @@ class PostgresStorage(_SQLStorage):
             raise pg.lost(self.url, e, "registry") from None
         except self._psycopg_error as e:  # a privilege the role lacks, a constraint: one line, not a traceback
             raise pg.refused(self.url, e, "registry") from None
+
+    def _guard(self, fn):
+        with self._one_line():
+            return fn()
 
     def migrate(self) -> None:
         from itera import pg
@@ -495,31 +508,11 @@ class PostgresStorage(_SQLStorage):
         return self._guard(run)
 
     @contextlib.contextmanager
-    def transaction(self, commit_on: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    def _write(self, commit_on: tuple[type[BaseException], ...]) -> Iterator[None]:
         from itera import pg
 
-        if self._depth:  # join the open transaction
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-            return
-        operational, lock_timeout = self._errors
-        try:
-            with pg.write(self.con, "registry", keep=commit_on):
-                self._depth = 1
-                try:
-                    yield
-                finally:
-                    self._depth = 0
-        except lock_timeout:
-            raise InputError(f"registry {self.path} is busy: another writer held it for more than "
-                             f"{self.busy_timeout_s:g} s; try again") from None
-        except operational as e:
-            raise pg.lost(self.url, e, "registry") from None
-        except self._psycopg_error as e:
-            raise pg.refused(self.url, e, "registry") from None
+        with self._one_line(), pg.write(self.con, "registry", keep=commit_on):
+            yield
 
     def integrity_ok(self) -> bool:
         """PostgreSQL keeps its own pages consistent; what is checked here is that every alias and
