@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -24,10 +26,59 @@ def kl_div(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
     return (p_logp.exp() * (p_logp - q_logp)).sum(-1)
 
 
+DIVERGENCES = ("forward", "reverse", "jsd")
+
+
+def divergence(t_logp: torch.Tensor, s_logp: torch.Tensor, kind: str = "forward", beta: float = 0.5) -> torch.Tensor:
+    """Teacher-to-student divergence per position over the last axis (log-probabilities).
+
+    forward: KL(teacher || student) (Hinton et al.); reverse: KL(student || teacher), mode-seeking;
+    jsd: the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024),
+    ``beta KL(t || m) + (1 - beta) KL(s || m)`` with ``m = beta t + (1 - beta) s``: forward KL's
+    behaviour as beta -> 0 (scaled by beta), reverse KL's as beta -> 1.
+    """
+    if kind == "forward":
+        return kl_div(t_logp, s_logp)
+    if kind == "reverse":
+        return kl_div(s_logp, t_logp)
+    if kind == "jsd":
+        m = torch.logaddexp(t_logp + math.log(beta), s_logp + math.log(1 - beta))
+        return beta * kl_div(t_logp, m) + (1 - beta) * kl_div(s_logp, m)
+    raise UsageError(f"unknown --kl {kind!r}; use forward, reverse or jsd")
+
+
+def bucket_logp(t_logp: torch.Tensor, t_rest: torch.Tensor, rest_tokens: int, temperature: float) -> torch.Tensor:
+    """A teacher's sparse distribution (K log-probabilities at temperature 1 and the log of the
+    rest's mass) as K + 1 log-probabilities at ``temperature``.
+
+    The K ids are tempered exactly (``log p / T``, renormalised). The rest's tokens are not known
+    one by one, so their mass is taken as spread evenly over the ``rest_tokens`` tokens it covers:
+    its tempered share is ``n (rest / n) ** (1 / T)``. At T = 1 this is exact; above 1 it is an
+    upper bound of the true tempered rest (Jensen), exact when the rest is flat.
+    """
+    rest = t_rest.unsqueeze(-1)
+    if temperature == 1.0:
+        return torch.cat([t_logp, rest], -1)
+    n = max(rest_tokens, 1)
+    logn = math.log(n)
+    out = torch.cat([t_logp / temperature, logn + (rest - logn) / temperature], -1)
+    return torch.log_softmax(out, -1)
+
+
+def student_bucket_logp(s_logits: torch.Tensor, ids: torch.Tensor, vocab: int, temperature: float) -> torch.Tensor:
+    """The student's tempered distribution over the true vocabulary, gathered into the teacher's
+    buckets: the K ids' log-probabilities and the log of everything else's mass (exact)."""
+    s = torch.log_softmax(s_logits[..., :vocab] / temperature, dim=-1)
+    top = s.gather(-1, ids)
+    rest = s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp(min=-80.0)
+    return torch.cat([top, rest], -1)
+
+
 # --------------------------------------------------------------------------- distillation
 
 
-def _chunk_loss(s_hidden, t_hidden, targets, s_head, t_head, alpha: float, temperature: float, reverse: bool):
+def _chunk_loss(s_hidden, t_hidden, targets, s_head, t_head, alpha: float, temperature: float, kind: str,
+                beta: float = 0.5):
     """(sum CE, sum KL) over one chunk of positions. Runs under activation checkpointing."""
     s_logits = F.linear(s_hidden, s_head).float()  # (B, c, V)
     ce = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten(), reduction="sum")
@@ -37,16 +88,60 @@ def _chunk_loss(s_hidden, t_hidden, targets, s_head, t_head, alpha: float, tempe
         t_logits = F.linear(t_hidden, t_head).float()
     s_logp = F.log_softmax(s_logits / temperature, dim=-1)
     t_logp = F.log_softmax(t_logits / temperature, dim=-1)
-    # reverse: KL(student || teacher), mode-seeking; forward: KL(teacher || student), Hinton's choice
-    kl = kl_div(s_logp, t_logp) if reverse else kl_div(t_logp, s_logp)
-    return ce, kl.sum()
+    return ce, divergence(t_logp, s_logp, kind, beta).sum()
+
+
+def _sparse_chunk_loss(s_hidden, targets, ids, t_logp, t_rest, s_head, alpha: float, temperature: float, kind: str,
+                       beta: float, vocab: int):
+    """(sum CE, sum divergence) over one chunk of positions against the teacher's K + 1 buckets."""
+    s_logits = F.linear(s_hidden, s_head).float()
+    ce = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    if alpha == 0:
+        return ce, torch.zeros((), device=ce.device)
+    p = bucket_logp(t_logp, t_rest, vocab - ids.shape[-1], temperature)
+    q = student_bucket_logp(s_logits, ids, vocab, temperature)
+    return ce, divergence(p, q, kind, beta).sum()
+
+
+class SparseDistillLoss:
+    """``loss_fn`` for the Trainer over batches of window numbers (B,): the rows of ``windows``
+    (N, L + 1) they name are the tokens, and ``targets(rows, x)`` gives the teacher's top-K
+    distribution for them (``ids``, ``logp``, ``rest``: from a teacher cache, or from a live
+    teacher cut to the same K). Mean over tokens of ``alpha T^2 D + (1 - alpha) CE``, chunked
+    and checkpointed like :class:`DistillLoss`."""
+
+    def __init__(self, windows: torch.Tensor, targets, vocab: int, alpha: float, temperature: float,
+                 kind: str = "forward", beta: float = 0.5, chunk: int = 128):
+        self.windows, self.targets, self.vocab = windows, targets, vocab
+        self.alpha, self.T, self.kind, self.beta, self.chunk = alpha, temperature, kind, beta, chunk
+
+    def __call__(self, model, rows: torch.Tensor):
+        from torch.utils.checkpoint import checkpoint
+
+        batch = self.windows[rows.cpu()].to(rows.device)
+        x, y = batch[:, :-1], batch[:, 1:]
+        t = self.targets(rows, x).to(x.device)
+        s_hidden = model(x, return_hidden=True)
+        student = model.module if hasattr(model, "module") else model
+        ce_sum, kl_sum = 0.0, 0.0
+        for i in range(0, x.shape[1], self.chunk):
+            sl = slice(i, i + self.chunk)
+            ce, kl = checkpoint(_sparse_chunk_loss, s_hidden[:, sl], y[:, sl], t.ids[:, sl], t.logp[:, sl],
+                                t.rest[:, sl], student.lm_head.weight, self.alpha, self.T, self.kind, self.beta,
+                                self.vocab, use_reentrant=False)
+            ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
+        n = y.numel()
+        ce_mean, kl_mean = ce_sum / n, kl_sum / n
+        loss = self.alpha * self.T ** 2 * kl_mean + (1 - self.alpha) * ce_mean
+        return loss, {"ce": float(ce_mean.detach()), "kl": float(kl_mean.detach())}
 
 
 class DistillLoss:
     """``loss_fn`` for the Trainer: mean over tokens of alpha*T^2*KL + (1-alpha)*CE."""
 
-    def __init__(self, teacher, alpha: float, temperature: float, reverse: bool = False, chunk: int = 128):
-        self.teacher, self.alpha, self.T, self.reverse, self.chunk = teacher, alpha, temperature, reverse, chunk
+    def __init__(self, teacher, alpha: float, temperature: float, kind: str = "forward", beta: float = 0.5,
+                 chunk: int = 128):
+        self.teacher, self.alpha, self.T, self.kind, self.beta, self.chunk = teacher, alpha, temperature, kind, beta, chunk
 
     def __call__(self, model, batch: torch.Tensor):
         from torch.utils.checkpoint import checkpoint
@@ -63,7 +158,8 @@ class DistillLoss:
         for i in range(0, x.shape[1], self.chunk):
             sl = slice(i, i + self.chunk)
             ce, kl = checkpoint(_chunk_loss, s_hidden[:, sl], None if t_hidden is None else t_hidden[:, sl], y[:, sl],
-                                student.lm_head.weight, t_head, self.alpha, self.T, self.reverse, use_reentrant=False)
+                                student.lm_head.weight, t_head, self.alpha, self.T, self.kind, self.beta,
+                                use_reentrant=False)
             ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
         n = y.numel()
         ce_mean, kl_mean = ce_sum / n, kl_sum / n

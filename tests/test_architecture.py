@@ -182,7 +182,7 @@ LAYERS = [
     ("itera.artifacts",),
     ("itera.record",),
     ("itera.losses", "itera.train", "itera.lora", "itera.student", "itera.prune", "itera.preference", "itera.scoring",
-     "itera.feedback"),
+     "itera.feedback", "itera.teacher_cache"),
     ("itera.quant",),
     ("itera.runtime",),
     ("itera.export",),

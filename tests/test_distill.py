@@ -167,9 +167,9 @@ def test_kd_loss_matches_the_formula_and_chunking_changes_nothing():
     p_s = F.softmax(sl / T, -1)
     rev = (p_s * (F.log_softmax(sl / T, -1) - F.log_softmax(tl / T, -1))).sum(-1).mean()
     for chunk in (3, 10):
-        loss, _ = DistillLoss(t, alpha, T, reverse=False, chunk=chunk)(s, batch)
+        loss, _ = DistillLoss(t, alpha, T, "forward", chunk=chunk)(s, batch)
         assert loss.item() == pytest.approx((alpha * T * T * fwd + (1 - alpha) * ce).item(), rel=1e-5)
-        loss, _ = DistillLoss(t, alpha, T, reverse=True, chunk=chunk)(s, batch)
+        loss, _ = DistillLoss(t, alpha, T, "reverse", chunk=chunk)(s, batch)
         assert loss.item() == pytest.approx((alpha * T * T * rev + (1 - alpha) * ce).item(), rel=1e-5)
     loss, _ = DistillLoss(None, 0.0, T)(s, batch)
     assert loss.item() == pytest.approx(ce.item(), rel=1e-6)

@@ -28,8 +28,9 @@ def _tree():
 
     def walk(cmd, path):
         for name, sub in getattr(cmd, "commands", {}).items():
-            out[path + (name,)] = sub
-            walk(sub, path + (name,))
+            here = path + tuple(name.split())  # "distill cache": a subcommand typed as two words
+            out[here] = sub
+            walk(sub, here)
 
     walk(root, ())
     return out

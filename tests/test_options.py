@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import pytest
 import typer
 
-from itera.cli import COMMANDS, GROUPS, app
+from itera.cli import COMMANDS, GROUPS, SUBCOMMANDS, app
 from itera.options import SAME, Flag, Internal, argument, declared, flag, internal, nested
 
 # command -> its options dataclass
@@ -26,6 +26,7 @@ OPTIONS = {
     "benchmark-power": "itera.jobs.benchmark:BenchmarkOptions",
     "discover-cluster": "itera.jobs.cluster:DiscoverOptions",
     "distill": "itera.jobs.distill:DistillOptions",
+    "distill cache": "itera.jobs.distill_cache:CacheOptions",
     "dpo-train": "itera.jobs.dpo:DPOOptions",
     "env": "itera.jobs.env:EnvOptions",
     "evaluate": "itera.jobs.evaluate:EvaluateOptions",
@@ -100,7 +101,7 @@ def problems(command, cls: type) -> list[str]:
 
 
 def test_every_command_is_checked():
-    assert set(OPTIONS) | set(WITHOUT_OPTIONS) == set(COMMANDS)
+    assert set(OPTIONS) | set(WITHOUT_OPTIONS) == set(COMMANDS) | set(SUBCOMMANDS)
     assert not set(OPTIONS) & set(WITHOUT_OPTIONS)
     assert set(GROUPS) == {"registry"}  # its subcommands call the registry directly, without an options dataclass
 

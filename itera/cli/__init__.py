@@ -54,8 +54,15 @@ COMMANDS = {
 GROUPS = {
     "registry": registry.app,
 }
+# Subcommands of a command (`itera distill cache`): registered under their two-word name, hidden from
+# `itera --help` (the command's own help names them), reached through :func:`_join_subcommand`.
+SUBCOMMANDS = {
+    "distill cache": distill.cache,
+}
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)
+for _name, _fn in SUBCOMMANDS.items():
+    app.command(_name, hidden=True)(_fn)
 for _name, _group in GROUPS.items():
     app.add_typer(_group, name=_name)
 
@@ -127,9 +134,20 @@ def _on_sigterm(signum, frame) -> None:
     raise _Terminated()
 
 
+def _join_subcommand(argv: list[str]) -> list[str]:
+    """``distill cache ...`` as the one word ``distill cache`` the app registers (the command word is
+    the first argument that is not a root option; ``distill`` itself takes no positional argument)."""
+    i = next((n for n, a in enumerate(argv) if not a.startswith("-")), None)
+    if i is not None and i + 1 < len(argv) and f"{argv[i]} {argv[i + 1]}" in SUBCOMMANDS:
+        return [*argv[:i], f"{argv[i]} {argv[i + 1]}", *argv[i + 2:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and map exceptions to one line and an exit code."""
     from itera.errors import IteraError
+
+    argv = _join_subcommand(list(sys.argv[1:] if argv is None else argv))
 
     signal.signal(signal.SIGTERM, _on_sigterm)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from itera.data import describe_heldout
 from itera.errors import DataError, UsageError
-from itera.losses import DistillLoss, kl_div
+from itera.losses import DIVERGENCES, DistillLoss, SparseDistillLoss, kl_div
 from itera.model.config import ModelConfig
 from itera.model.llama import LlamaForCausalLM
 from itera.options import flag, nested
@@ -51,7 +51,13 @@ class DistillOptions:
     layer_ids: list[int] | None = flag("--layer-ids", default=None)
     alpha: float = flag("--alpha", default=0.5)
     temperature: float = flag("--temperature", default=2.0)
-    kl: str = flag("--kl", default="forward")  # forward: KL(teacher || student); reverse: KL(student || teacher)
+    # forward: KL(teacher || student); reverse: KL(student || teacher); jsd: generalized Jensen-Shannon
+    kl: str = flag("--kl", default="forward")
+    jsd_beta: float = flag("--jsd-beta", default=0.5)  # --kl jsd's mixture weight
+    # the teacher's top-K distribution per position, built once (itera distill cache) and reused
+    teacher_cache: Path | None = flag("--teacher-cache", default=None)
+    # the sparse loss over the teacher's top K (+ the rest); with a cache: at most the cache's K
+    top_k: int | None = flag("--top-k", default=None)
     # tokenizer.json path or bpe:VOCAB_SIZE (training from scratch)
     tokenizer: str | None = flag("--tokenizer", default=None)
     holdout: float = flag("--holdout", default=0.05)  # fraction of the text (its tail) held out for evaluation
@@ -77,13 +83,26 @@ class DistillOptions:
             raise UsageError(f"--alpha must be between 0 and 1 (got {self.alpha})")
         if not self.temperature > 0:
             raise UsageError(f"--temperature must be positive (got {self.temperature})")
-        if self.kl not in ("forward", "reverse"):
-            raise UsageError(f"--kl must be forward or reverse (got {self.kl!r})")
+        if self.kl not in DIVERGENCES:
+            raise UsageError(f"--kl must be forward, reverse or jsd (got {self.kl!r})")
+        if not 0 < self.jsd_beta < 1:
+            raise UsageError(f"--jsd-beta must be between 0 and 1 (got {self.jsd_beta})")
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError(f"--top-k must be at least 1 (got {self.top_k})")
+        if self.top_k is not None and self.teacher is None and self.teacher_cache is None:
+            raise UsageError("--top-k cuts a teacher's distribution; pass --teacher or --teacher-cache")
+        if self.teacher_cache is not None and self.teacher is None:
+            if self.tokenizer is not None:
+                raise UsageError("a student of a --teacher-cache uses the tokenizer stored in the cache; drop "
+                                 "--tokenizer")
+            if self.init in ("layers", "prune"):
+                raise UsageError(f"--init {self.init} starts from the teacher's weights, which a cache does not "
+                                 "hold; pass --teacher too, or --init random")
         if not 0 < self.holdout < 0.5:
             raise UsageError(f"--holdout must be between 0 and 0.5 (got {self.holdout})")
         if self.init is not None and self.init not in INITS:
             raise UsageError(f"unknown --init {self.init!r}; use random, layers or prune")
-        if self.teacher is None:
+        if self.teacher is None and self.teacher_cache is None:
             if self.alpha > 0:
                 raise UsageError("--alpha > 0 needs a --teacher; pass --alpha 0 to train from scratch")
             if self.tokenizer is None:
@@ -115,13 +134,16 @@ class DistillOptions:
         from itera.data import local_path
 
         tok = Path(self.tokenizer) if self.tokenizer and not self.tokenizer.startswith("bpe:") else None
-        return [p for p in (self.teacher, local_path(self.data), tok) if p is not None]
+        cache = self.teacher_cache if self.teacher_cache is not None and self.teacher_cache.exists() else None
+        return [p for p in (self.teacher, local_path(self.data), tok, cache) if p is not None]
 
     def outputs(self) -> list:
         from itera.fsio import Output
 
         # a resumed run replaces the student it wrote before (extending a finished run)
         outs = [Output(self.out, "dir", "--out", self.force or self.resume)]
+        if self.teacher_cache is not None and not self.teacher_cache.exists():  # built by this run
+            outs.append(Output(self.teacher_cache, "dir", "--teacher-cache", False))
         if self.train.save_every or self.resume:
             # OUT.train-state is written into (state.pt), never replaced: checked as an output all the
             # same, so that a symlink there cannot lead the state into an input (the teacher)
@@ -137,6 +159,7 @@ class DistillOptions:
         d = asdict(self)
         d.pop("train")
         d["out"], d["teacher"] = str(self.out), (str(self.teacher) if self.teacher else None)
+        d["teacher_cache"] = str(self.teacher_cache) if self.teacher_cache else None
         return d
 
 
@@ -152,6 +175,8 @@ class Plan:
     init: str
     keep: list[int]
     teacher_dtype: str | None = None  # the dtype the teacher's weights are stored in
+    cache: object | None = None  # an existing --teacher-cache (itera.teacher_cache.TeacherCache), manifest read
+    shape_cfg: ModelConfig | None = None  # a cache's teacher config: what --student presets scale without --teacher
 
 
 def save_dtype(opts: DistillOptions, p: Plan) -> tuple[str, str]:
@@ -172,13 +197,25 @@ def plan(opts: DistillOptions) -> Plan:
     from itera.model.checkpoint import stored_dtype
 
     t_cfg, t_headers = load_checked_config(opts.teacher) if opts.teacher is not None else (None, None)
+    cache, shape_cfg = None, None
+    if opts.teacher_cache is not None and opts.teacher_cache.exists():
+        from itera.teacher_cache import TeacherCache
+
+        cache = TeacherCache.open(opts.teacher_cache)
+        if t_cfg is None and (opts.teacher_cache / "config.json").is_file():
+            shape_cfg = ModelConfig.from_dict(json.loads((opts.teacher_cache / "config.json").read_text()))
+    elif opts.teacher_cache is not None and opts.teacher is None:
+        raise UsageError(f"--teacher-cache {opts.teacher_cache} does not exist; build it with `itera distill cache`, "
+                         "or pass --teacher to build it on the way")
     spec = opts.spec()
-    s_cfg = spec.resolve(t_cfg, t_cfg.vocab_size if t_cfg else 1)
+    s_cfg = spec.resolve(t_cfg or shape_cfg, (t_cfg or shape_cfg).vocab_size if (t_cfg or shape_cfg) else 1)
     init = opts.init or spec.init
     if init is None:
         init = "random" if t_cfg is None else ("layers" if same_width(t_cfg, s_cfg) else "prune")
     if t_cfg is None:
-        return Plan(None, spec, init, [])
+        if init != "random":
+            raise UsageError(f"--init {init} starts from the teacher's weights; pass --teacher")
+        return Plan(None, spec, init, [], cache=cache, shape_cfg=shape_cfg)
     t_dtype = stored_dtype(t_cfg, t_headers)
     check_student_fits(t_cfg, s_cfg, init)
     keep = opts.layer_ids or evenly_spaced(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers)
@@ -186,7 +223,7 @@ def plan(opts: DistillOptions) -> Plan:
                              or any(not 0 <= i < t_cfg.num_hidden_layers for i in keep)):
         raise UsageError(f"--layer-ids must name {s_cfg.num_hidden_layers} distinct teacher layers in "
                          f"0..{t_cfg.num_hidden_layers - 1} (got {opts.layer_ids})")
-    return Plan(t_cfg, spec, init, keep, t_dtype)
+    return Plan(t_cfg, spec, init, keep, t_dtype, cache=cache)
 
 
 @dataclass
@@ -197,6 +234,7 @@ class Data:
     train_ids: torch.Tensor
     held_ids: torch.Tensor
     heldout: dict | None = None  # which characters and tokens are held out (itera.data.heldout_split)
+    train_text: str = ""  # what a teacher cache's key hashes
 
 
 def prepare_data(opts: DistillOptions, p: Plan, reporter: Reporter = SILENT) -> Data:
@@ -212,7 +250,8 @@ def prepare_data(opts: DistillOptions, p: Plan, reporter: Reporter = SILENT) -> 
     elif t_cfg is not None and tok.vocab_size != t_cfg.vocab_size:
         raise UsageError(f"the tokenizer has {tok.vocab_size} tokens but the teacher's vocabulary has "
                          f"{t_cfg.vocab_size}; students share the teacher's tokenizer")
-    s_cfg = p.spec.resolve(t_cfg, tok.vocab_size if t_cfg is None else t_cfg.vocab_size, tok.bos_id, tok.eos_id)
+    base = t_cfg or p.shape_cfg
+    s_cfg = p.spec.resolve(base, tok.vocab_size if base is None else base.vocab_size, tok.bos_id, tok.eos_id)
     if t_cfg is not None:
         s_cfg.bos_token_id, s_cfg.eos_token_id = t_cfg.bos_token_id, t_cfg.eos_token_id
     train_ids = torch.tensor(tok.encode(train_text, add_bos=False), dtype=torch.long)
@@ -224,12 +263,14 @@ def prepare_data(opts: DistillOptions, p: Plan, reporter: Reporter = SILENT) -> 
         raise DataError(f"{opts.data} leaves {held_ids.numel()} held-out tokens; pass more text or a larger --holdout")
     heldout = heldout_split(canonical(opts.data, purpose="train"), src.text, opts.holdout, train_ids.numel(),
                             held_ids.numel(), None, "training")
-    return Data(src.description, tok, s_cfg, train_ids, held_ids, heldout)
+    return Data(src.description, tok, s_cfg, train_ids, held_ids, heldout, train_text)
 
 
 def _load_tokenizer(opts: DistillOptions, train_text: str, reporter: Reporter = SILENT):
     from itera.tokenizer import Tokenizer, train_bpe
 
+    if opts.tokenizer is None and opts.teacher is None:  # a student of a cache alone: the cache's tokenizer
+        return Tokenizer.from_dir(opts.teacher_cache / "tokenizer")
     if opts.tokenizer is None:
         return Tokenizer.from_dir(opts.teacher)
     if opts.tokenizer.startswith("bpe:"):
@@ -348,7 +389,68 @@ def interrupted(opts: DistillOptions, trainer, dist: Dist, trained: bool = False
                        f"itera: to resume from step {trainer.saved_step}: {resume}")
 
 
-def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter: Reporter):
+def cache_key(opts: DistillOptions, data: Data) -> dict:
+    """The key a --teacher-cache must have for this run (the teacher's hash only when it is given)."""
+    from itera.teacher_cache import key_for, teacher_sha256
+
+    return key_for(teacher_sha256(opts.teacher) if opts.teacher is not None else None, data.tokenizer,
+                   data.train_text, opts.holdout, opts.text_field, opts.train.seq_len)
+
+
+def check_cache(opts: DistillOptions, p: Plan, data: Data) -> dict | None:
+    """Before any model is loaded: an existing cache must match this run (refused in one line naming
+    what differs); returns the key, or None without --teacher-cache."""
+    if opts.teacher_cache is None:
+        return None
+    from itera.teacher_cache import true_vocab
+
+    key = cache_key(opts, data)
+    if p.cache is not None:
+        p.cache.check(key)
+        if p.cache.vocab != true_vocab(data.tokenizer):
+            raise UsageError(f"--teacher-cache {opts.teacher_cache} covers {p.cache.vocab} tokens and the tokenizer "
+                             f"{true_vocab(data.tokenizer)}; it was built for another tokenizer")
+        if opts.top_k is not None and opts.top_k > p.cache.k:
+            raise UsageError(f"--top-k {opts.top_k} is more than the {p.cache.k} ids per position --teacher-cache "
+                             f"{opts.teacher_cache} holds; pass --top-k {p.cache.k} or less, or build a cache with "
+                             "a larger --top-k")
+        p.cache.load()  # every shard read and checked before any model is
+    return key
+
+
+def teacher_targets(opts: DistillOptions, p: Plan, data: Data, teacher, key: dict | None, dist: Dist,
+                    reporter: Reporter):
+    """The sparse loss's teacher: (targets(rows, x), the record's ``teacher_cache`` block or None),
+    or (None, None) for the full-vocabulary online loss. A missing cache is built here (rank 0,
+    the others wait) from the loaded teacher, then loaded."""
+    from itera.teacher_cache import DEFAULT_TOP_K, Targets, TeacherCache, build_cache, summary, torch_teacher, true_vocab
+    from itera.train import barrier
+
+    if opts.teacher_cache is None and opts.top_k is None:
+        return None, None
+    if opts.teacher_cache is None:  # the live teacher cut to K: what a cache would hold
+        live = torch_teacher(teacher, opts.top_k, true_vocab(data.tokenizer))
+        return (lambda rows, x: Targets(*live(x))), None
+    hit = p.cache is not None
+    if not hit:
+        if dist.main:
+            reporter.log(f"teacher cache: building {opts.teacher_cache} (top {opts.top_k or DEFAULT_TOP_K})")
+            k = opts.top_k or DEFAULT_TOP_K
+            build_cache(opts.teacher_cache, torch_teacher(teacher, k, true_vocab(data.tokenizer)), "torch",
+                        opts.teacher, data.tokenizer, data.train_ids, key, k, opts.train.seq_len,
+                        min(opts.train.batch_size, 8), dist.device, reporter, tokenizer_dir=opts.teacher,
+                        config_from=opts.teacher)
+        barrier(dist)
+        p.cache = TeacherCache.open(opts.teacher_cache).load()
+    cache = p.cache
+    block = summary(cache.manifest, opts.teacher_cache, hit)
+    block["top_k_used"] = opts.top_k or cache.k
+    reporter.log(f"teacher cache: {'reused' if hit else 'built'} {opts.teacher_cache}: {cache.windows:,} windows, "
+                 f"top {cache.k}, {block['bytes']:,} bytes")
+    return (lambda rows, x: cache.targets(rows, opts.top_k)), block
+
+
+def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter: Reporter, targets=None):
     """Train the student (resuming when asked); returns the loop's figures, the held-out history
     and the trainer. Ctrl-C is turned into :class:`itera.train.Interrupted`, saying what was kept."""
     from itera.train import Trainer
@@ -364,11 +466,24 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
         reporter.log(f"step {step}: held-out perplexity {history[-1]['student_perplexity']:.3f}")
 
     task = reporter.task("distill", total=t.steps)
-    trainer = Trainer(student, DistillLoss(teacher, opts.alpha, opts.temperature, opts.kl == "reverse"),
-                      data.train_ids, t, dist=dist, state_dir=opts.state_dir if t.save_every or opts.resume else None,
+    batch_fn = None
+    if targets is not None:  # the sparse loss: batches are numbers of the cache's windows
+        from itera.teacher_cache import window_grid
+        from itera.train import step_generator
+
+        windows = window_grid(data.train_ids, t.seq_len)
+        loss = SparseDistillLoss(windows, targets, data.tokenizer.max_id + 1, opts.alpha, opts.temperature, opts.kl,
+                                 opts.jsd_beta)
+        batch_fn = lambda step: torch.randint(0, windows.shape[0], (t.batch_size,),  # noqa: E731
+                                              generator=step_generator(t.seed, step))
+    else:
+        loss = DistillLoss(teacher, opts.alpha, opts.temperature, opts.kl, opts.jsd_beta)
+    trainer = Trainer(student, loss, data.train_ids, t, dist=dist,
+                      state_dir=opts.state_dir if t.save_every or opts.resume else None,
                       on_step=lambda step, logs: task.update(step, loss=logs["loss"],
                                                              tokens_per_s=logs["tokens_per_s"]),
-                      on_eval=on_eval)
+                      on_eval=on_eval, batch_fn=batch_fn)
+    trainer.token_batches = True  # window numbers stand for seq_len tokens each
     try:
         if opts.resume:
             if trainer.load_state():  # run_distill already refused a state past --steps
@@ -396,6 +511,8 @@ def write(opts: DistillOptions, student: LlamaForCausalLM, tok, params: dict, pr
         extra["prune_plan.json"] = json.dumps(prune_plan) + "\n"
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = opts.teacher if opts.teacher is not None and opts.tokenizer is None else Path(tmp)
+        if opts.teacher is None and opts.teacher_cache is not None:
+            tok_dir = opts.teacher_cache / "tokenizer"
         if tok_dir == Path(tmp):
             tok.save(Path(tmp))
         save_model(student, opts.out, tokenizer_from=tok_dir, dtype=dtype, extra_files=extra)
@@ -423,26 +540,32 @@ def run_distill(opts: DistillOptions, reporter: Reporter = SILENT, dist: Dist | 
         check_resumable(opts.state_dir, run_fingerprint(opts.train, dist.world, data.student_cfg.num_parameters(),
                                                         data.train_ids.numel()), steps=opts.train.steps,
                         finished_ok=not opts.out.exists())
+    key = check_cache(opts, p, data)
     reporter.log(f"data: {data.description}: {data.train_ids.numel():,} training and "
                  f"{data.held_ids.numel():,} held-out tokens; held out: {describe_heldout(data.heldout)}")
     teacher, student, prune_plan = build_models(opts, p, data, dist.device)
     c = data.student_cfg
     shape = (f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads / "
              f"{c.num_key_value_heads} kv, ffn {c.intermediate_size}")
-    if teacher is None:  # no teacher: the model trained here is nobody's student
+    if teacher is None and opts.teacher_cache is not None:
+        reporter.log(f"student: {student.num_parameters():,} parameters ({shape}), init random, taught by "
+                     f"{opts.teacher_cache}")
+    elif teacher is None:  # no teacher: the model trained here is nobody's student
         reporter.log(f"model: {student.num_parameters():,} parameters ({shape}), trained from scratch")
     else:
         reporter.log(f"student: {student.num_parameters():,} parameters ({shape}), init {p.init}")
     dtype, dtype_reason = save_dtype(opts, p)
-    stats, history, trainer = fit(opts, teacher, student, data, dist, reporter)
+    targets, cache_block = teacher_targets(opts, p, data, teacher, key, dist, reporter)
+    stats, history, trainer = fit(opts, teacher, student, data, dist, reporter, targets)
     try:
-        return _finish(opts, p, data, teacher, student, prune_plan, stats, history, dist, dtype, dtype_reason, reporter)
+        return _finish(opts, p, data, teacher, student, prune_plan, stats, history, dist, dtype, dtype_reason, reporter,
+                       cache_block)
     except KeyboardInterrupt:
         raise interrupted(opts, trainer, dist, trained=True) from None
 
 
 def _finish(opts: DistillOptions, p: Plan, data: Data, teacher, student, prune_plan, stats: dict, history: list,
-            dist: Dist, dtype: str, dtype_reason: str, reporter: Reporter) -> Outcome:
+            dist: Dist, dtype: str, dtype_reason: str, reporter: Reporter, cache_block: dict | None = None) -> Outcome:
     """Round the student to the dtype it is saved in, measure what is saved, and (rank 0) write it."""
     from itera.model.checkpoint import round_to_dtype, weight_bytes
     from itera.train import barrier
@@ -462,6 +585,8 @@ def _finish(opts: DistillOptions, p: Plan, data: Data, teacher, student, prune_p
                      "heldout_split": heldout, "student_dtype": dtype, "student_dtype_reason": dtype_reason,
                      "perplexity_measured_on": f"the student as saved ({dtype}); eval_history's earlier steps on "
                                                "the float32 weights in training"}
+    if cache_block is not None:
+        metrics["teacher_cache"] = cache_block
     if teacher is not None:
         metrics["teacher_params"] = teacher.num_parameters()
         metrics["compression_ratio"] = metrics["teacher_params"] / metrics["student_params"]
