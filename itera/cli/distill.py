@@ -33,6 +33,9 @@ def distill(
     alpha: Annotated[float, typer.Option(help="Weight of the KL term; 0 trains on cross-entropy alone.")] = 0.5,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 2.0,
     kl: Annotated[str, typer.Option(help="forward: KL(teacher||student); reverse: KL(student||teacher).")] = "forward",
+    hidden_weight: Annotated[float, typer.Option(help="Weight of a hidden-state term: each student layer's "
+                                                 "output, through a learned linear map, vs its teacher layer's "
+                                                 "(--layer-ids), MSE relative to the teacher's. 0: off.")] = 0.0,
     tokenizer: Annotated[Optional[str], typer.Option(help="Without a teacher: a tokenizer.json, or bpe:VOCAB_SIZE "
                                                      "to train a byte-level BPE on the training text.")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
@@ -93,7 +96,8 @@ def distill(
         teacher = record.input_path(teacher, parent, "--teacher")  # a path, org/name from the HF cache, or stdin
     opts = DistillOptions(data=data, out=out, teacher=teacher, student=student, layers=layers, hidden=hidden,
                           heads=heads, kv_heads=kv_heads, ffn=ffn, init=init, layer_ids=ids, alpha=alpha,
-                          temperature=temperature, kl=kl, tokenizer=tokenizer, holdout=holdout, eval_tokens=eval_tokens,
+                          temperature=temperature, kl=kl, hidden_weight=hidden_weight, tokenizer=tokenizer,
+                          holdout=holdout, eval_tokens=eval_tokens,
                           calib_batches=calib_batches, resume=resume, train=train, force=force,
                           text_field=text_field, threads=threads, save_dtype=save_dtype).validate()
     dist = init_distributed(resolve_device(device))

@@ -52,6 +52,8 @@ class DistillOptions:
     alpha: float = flag("--alpha", default=0.5)
     temperature: float = flag("--temperature", default=2.0)
     kl: str = flag("--kl", default="forward")  # forward: KL(teacher || student); reverse: KL(student || teacher)
+    # weight of the hidden-state term (student layer i vs teacher layer layer_ids[i]); 0: off, nothing captured
+    hidden_weight: float = flag("--hidden-weight", default=0.0)
     # tokenizer.json path or bpe:VOCAB_SIZE (training from scratch)
     tokenizer: str | None = flag("--tokenizer", default=None)
     holdout: float = flag("--holdout", default=0.05)  # fraction of the text (its tail) held out for evaluation
@@ -79,6 +81,10 @@ class DistillOptions:
             raise UsageError(f"--temperature must be positive (got {self.temperature})")
         if self.kl not in ("forward", "reverse"):
             raise UsageError(f"--kl must be forward or reverse (got {self.kl!r})")
+        if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
+            raise UsageError(f"--hidden-weight must be 0 or more (got {self.hidden_weight})")
+        if self.hidden_weight > 0 and self.teacher is None:
+            raise UsageError("--hidden-weight > 0 needs a --teacher: its layers' hidden states are the targets")
         if not 0 < self.holdout < 0.5:
             raise UsageError(f"--holdout must be between 0 and 0.5 (got {self.holdout})")
         if self.init is not None and self.init not in INITS:
@@ -364,11 +370,24 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
         reporter.log(f"step {step}: held-out perplexity {history[-1]['student_perplexity']:.3f}")
 
     task = reporter.task("distill", total=t.steps)
-    trainer = Trainer(student, DistillLoss(teacher, opts.alpha, opts.temperature, opts.kl == "reverse"),
-                      data.train_ids, t, dist=dist, state_dir=opts.state_dir if t.save_every or opts.resume else None,
-                      on_step=lambda step, logs: task.update(step, loss=logs["loss"],
-                                                             tokens_per_s=logs["tokens_per_s"]),
-                      on_eval=on_eval)
+    keep = None
+    if opts.hidden_weight > 0:  # the plan's layer map: --layer-ids, else evenly spaced (as plan() has it)
+        from itera.prune import evenly_spaced
+
+        keep = opts.layer_ids or evenly_spaced(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+    loss = DistillLoss(teacher, opts.alpha, opts.temperature, opts.kl == "reverse", hidden_weight=opts.hidden_weight,
+                       student=student, keep=keep)
+    hidden_log: list[float] = []
+
+    def on_step(step: int, logs: dict) -> None:
+        if "hidden" in logs:
+            hidden_log.append(logs["hidden"])
+        task.update(step, loss=logs["loss"], tokens_per_s=logs["tokens_per_s"])
+
+    trainer = Trainer(student, loss, data.train_ids, t, dist=dist,
+                      state_dir=opts.state_dir if t.save_every or opts.resume else None, on_step=on_step,
+                      on_eval=on_eval, extra=loss.projection,
+                      extra_name="the hidden-state projection (--hidden-weight > 0)")
     try:
         if opts.resume:
             if trainer.load_state():  # run_distill already refused a state past --steps
@@ -380,6 +399,8 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
         raise interrupted(opts, trainer, dist) from None
     finally:
         task.close()
+    if hidden_log:  # the hidden-state term (unweighted), as final_loss is: mean of the last 10 steps run
+        stats["final_hidden_loss"] = sum(hidden_log[-10:]) / len(hidden_log[-10:])
     return stats, history, trainer
 
 
@@ -462,6 +483,8 @@ def _finish(opts: DistillOptions, p: Plan, data: Data, teacher, student, prune_p
                      "heldout_split": heldout, "student_dtype": dtype, "student_dtype_reason": dtype_reason,
                      "perplexity_measured_on": f"the student as saved ({dtype}); eval_history's earlier steps on "
                                                "the float32 weights in training"}
+    if "final_hidden_loss" in stats:
+        metrics["final_hidden_loss"] = stats["final_hidden_loss"]
     if teacher is not None:
         metrics["teacher_params"] = teacher.num_parameters()
         metrics["compression_ratio"] = metrics["teacher_params"] / metrics["student_params"]
