@@ -93,17 +93,19 @@ class HiddenProjection(nn.Module):
 
 
 def hidden_state_loss(student_states: list, teacher_states: list, projection: HiddenProjection) -> torch.Tensor:
-    """Mean over pairs of ``||P s - t||^2 / ||t||^2`` (each a mean over positions and channels):
-    the squared error of the projected student state relative to the teacher state's mean square,
-    so the term is about 1 for a prediction of zero whatever the model's scale. Teacher states
-    are targets (no gradient); computed in float32."""
+    """Mean over pairs and positions of ``||P s - t||^2 / ||t||^2``: each position's squared error
+    of the projected student state relative to the teacher state's square norm, so the term is 1
+    for a prediction of zero whatever the model's scale, and no token with an outsized residual
+    norm (an attention sink) outweighs the rest. Being a mean over positions, it is the same
+    whether a batch is split into micro-batches or over processes. Teacher states are targets
+    (no gradient); computed in float32."""
     if len(student_states) != len(teacher_states) or not student_states:
         raise ValueError(f"{len(student_states)} student and {len(teacher_states)} teacher states to pair")
     total = 0.0
     for s, t in zip(student_states, teacher_states):
         t = t.detach().float()
-        diff = projection(s.float()) - t
-        total = total + diff.pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
+        err = (projection(s.float()) - t).pow(2).sum(-1)
+        total = total + (err / t.pow(2).sum(-1).clamp_min(1e-12)).mean()
     return total / len(student_states)
 
 

@@ -101,11 +101,15 @@ def test_hand_checked_value():
     proj = HiddenProjection(2, 3)
     with torch.no_grad():
         proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
-    # pair 1: P s = (1, 2, 3) against t = (1, 2, 5): squared error mean 4/3, t's mean square 30/3 -> 2/15
-    # pair 2: s = 0 against t = (3, 4, 0): error is t itself -> 1
-    s = [torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[0.0, 0.0]]])]
-    t = [torch.tensor([[[1.0, 2.0, 5.0]]]), torch.tensor([[[3.0, 4.0, 0.0]]])]
-    assert hidden_state_loss(s, t, proj).item() == pytest.approx((2 / 15 + 1) / 2, rel=1e-6)
+    # pair 1, position 1: P s = (1, 2, 3) against t = (1, 2, 5): squared error 4, |t|^2 30 -> 2/15
+    #         position 2: P s = (1, 0, 1) against t = (2, 0, 1): squared error 1, |t|^2 5 -> 1/5; mean 1/6
+    # pair 2: s = 0, so the error is t itself at each position -> 1
+    s = [torch.tensor([[[1.0, 2.0], [1.0, 0.0]]]), torch.zeros(1, 2, 2)]
+    t = [torch.tensor([[[1.0, 2.0, 5.0], [2.0, 0.0, 1.0]]]), torch.tensor([[[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]]])]
+    assert hidden_state_loss(s, t, proj).item() == pytest.approx((1 / 6 + 1) / 2, rel=1e-6)
+    # a batch split in two gives the same term (a mean over positions): micro-batches and processes agree
+    halves = [hidden_state_loss([x[:, i:i + 1] for x in s], [x[:, i:i + 1] for x in t], proj) for i in (0, 1)]
+    assert (halves[0] + halves[1]).item() / 2 == pytest.approx(7 / 12, rel=1e-6)
 
 
 def test_projection_of_a_pruned_student_starts_as_the_selection_of_its_channels():
