@@ -5,7 +5,9 @@
   all use it.
 - :class:`DistillLoss`: Hinton et al. 2015, ``alpha * T^2 * KL + (1 - alpha) * CE``, computed in
   chunks of positions under activation checkpointing so a long vocabulary never materialises
-  ``(B, T, V)`` for the whole batch in the backward pass.
+  ``(B, T, V)`` for the whole batch in the backward pass; optionally plus ``hidden_weight`` times
+  an intermediate-layer term (:func:`hidden_state_loss`, Minitron-style hidden-state distillation:
+  Muralidharan et al. 2024) through a learned :class:`HiddenProjection`.
 - :func:`dpo_loss`: Rafailov et al. 2023 (sigmoid, with label smoothing) and IPO (Azar et al. 2023).
 """
 
@@ -15,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from itera.errors import UsageError
 
@@ -136,24 +139,119 @@ class SparseDistillLoss:
         return loss, {"ce": float(ce_mean.detach()), "kl": float(kl_mean.detach())}
 
 
+class HiddenProjection(nn.Module):
+    """A learned linear map from the student's residual stream to the teacher's (no bias), one
+    for all supervised layers: every layer of a transformer writes into the same residual basis,
+    so one map serves them all and its size does not grow with depth.
+
+    Initialised without data from the two token-embedding matrices, the one place where both
+    residual streams are given for the same inputs: the identity when the student's embeddings
+    are the teacher's (a layer copy), else the least-squares map ``W = argmin ||E_s W^T - E_t||``
+    over the vocabulary. For a pruned student (``E_s = E_t[:, kept]``) that is the selection of
+    the kept channels, with the dropped ones predicted from them; for a random student it is
+    the best linear guess available. Trained with the student, discarded when it is saved.
+    """
+
+    def __init__(self, student_hidden: int, teacher_hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(teacher_hidden, student_hidden))
+
+    @classmethod
+    def from_embeddings(cls, student_embed: torch.Tensor, teacher_embed: torch.Tensor,
+                        chunk: int = 8192) -> "HiddenProjection":
+        """The map initialised as the class says, on the student embeddings' device, in float32."""
+        (v, ds), (vt, dt) = student_embed.shape, teacher_embed.shape
+        if v != vt:
+            raise UsageError(f"the student's vocabulary ({v}) is not the teacher's ({vt})")
+        proj = cls(ds, dt).to(student_embed.device)
+        with torch.no_grad():
+            if ds == dt and torch.equal(student_embed, teacher_embed):
+                proj.weight.copy_(torch.eye(dt))
+                return proj
+            # Normal equations, accumulated in chunks of the vocabulary: G = E_s^T E_s, C = E_s^T E_t,
+            # W^T = (G + ridge I)^-1 C, the ridge tiny but enough for a vocabulary smaller than ds.
+            gram = torch.zeros(ds, ds, dtype=torch.float64)
+            cross = torch.zeros(ds, dt, dtype=torch.float64)
+            for i in range(0, v, chunk):
+                es = student_embed[i:i + chunk].float()
+                et = teacher_embed[i:i + chunk].to(es.device).float()
+                gram += (es.T @ es).double().cpu()
+                cross += (es.T @ et).double().cpu()
+            ridge = 1e-6 * float(gram.diagonal().mean()) + 1e-12
+            w_t = torch.linalg.solve(gram + ridge * torch.eye(ds, dtype=torch.float64), cross)
+            proj.weight.copy_(w_t.T.float())
+        return proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def hidden_state_loss(student_states: list, teacher_states: list, projection: HiddenProjection) -> torch.Tensor:
+    """Mean over pairs and positions of ``||P s - t||^2 / ||t||^2``: each position's squared error
+    of the projected student state relative to the teacher state's square norm, so the term is 1
+    for a prediction of zero whatever the model's scale, and no token with an outsized residual
+    norm (an attention sink) outweighs the rest. Being a mean over positions, it is the same
+    whether a batch is split into micro-batches or over processes. Teacher states are targets
+    (no gradient); computed in float32."""
+    if len(student_states) != len(teacher_states) or not student_states:
+        raise ValueError(f"{len(student_states)} student and {len(teacher_states)} teacher states to pair")
+    total = 0.0
+    for s, t in zip(student_states, teacher_states):
+        t = t.detach().float()
+        err = (projection(s.float()) - t).pow(2).sum(-1)
+        total = total + (err / t.pow(2).sum(-1).clamp_min(1e-12)).mean()
+    return total / len(student_states)
+
+
 class DistillLoss:
-    """``loss_fn`` for the Trainer: mean over tokens of alpha*T^2*KL + (1-alpha)*CE."""
+    """``loss_fn`` for the Trainer: mean over tokens of alpha*T^2*KL + (1-alpha)*CE, plus, with
+    ``hidden_weight > 0``, ``hidden_weight`` times :func:`hidden_state_loss` over every student
+    layer ``i`` paired with teacher layer ``keep[i]`` (all layers: a projection per step costs
+    less than one layer's MLP, and every mapped layer gets a target). ``student`` and ``keep``
+    are needed only then: the student's shape and embeddings initialise :attr:`projection`,
+    a module the caller trains with the student (the Trainer's ``extra``) and never saves as part
+    of it. With ``hidden_weight == 0`` there is no projection and nothing else is computed or captured."""
 
     def __init__(self, teacher, alpha: float, temperature: float, kind: str = "forward", beta: float = 0.5,
-                 chunk: int = 128):
-        self.teacher, self.alpha, self.T, self.kind, self.beta, self.chunk = teacher, alpha, temperature, kind, beta, chunk
+                 chunk: int = 128, hidden_weight: float = 0.0, student=None, keep: list[int] | None = None):
+        self.teacher, self.alpha, self.T, self.kind, self.beta = teacher, alpha, temperature, kind, beta
+        self.chunk = chunk
+        self.hidden_weight = hidden_weight
+        self.projection: HiddenProjection | None = None
+        self.keep: list[int] = []
+        if hidden_weight > 0:
+            if teacher is None or student is None or keep is None:
+                raise UsageError("the hidden-state loss (--hidden-weight > 0) needs a teacher")
+            n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+            if len(keep) != n_s or any(not 0 <= i < n_t for i in keep):
+                raise UsageError(f"--hidden-weight pairs each of the student's {n_s} layers with a teacher layer "
+                                 f"in 0..{n_t - 1}; --layer-ids gives {list(keep)}")
+            self.keep = list(keep)
+            self.projection = HiddenProjection.from_embeddings(student.model.embed_tokens.weight.detach(),
+                                                               teacher.model.embed_tokens.weight.detach())
 
     def __call__(self, model, batch: torch.Tensor):
         from torch.utils.checkpoint import checkpoint
 
         x, y = batch[:, :-1], batch[:, 1:]
-        s_hidden = model(x, return_hidden=True)  # (B, T, H): through the DDP wrapper when distributed
+        hidden_on = self.projection is not None
+        s_states: list | None = [] if hidden_on else None
+        if hidden_on:  # through the DDP wrapper when distributed, like the plain call
+            s_hidden = model(x, return_hidden=True, layers_out=s_states)
+        else:
+            s_hidden = model(x, return_hidden=True)  # (B, T, H)
         student = model.module if hasattr(model, "module") else model
-        t_hidden, t_head = None, None
-        if self.alpha > 0:
+        t_hidden, t_head, t_states = None, None, None
+        if self.alpha > 0 or hidden_on:
+            t_states = [] if hidden_on else None
             with torch.no_grad():
-                t_hidden = self.teacher(x, return_hidden=True)
+                if hidden_on:
+                    t_hidden = self.teacher(x, return_hidden=True, layers_out=t_states)
+                else:
+                    t_hidden = self.teacher(x, return_hidden=True)
             t_head = self.teacher.lm_head.weight
+        if self.alpha == 0:
+            t_hidden, t_head = None, None
         ce_sum, kl_sum = 0.0, 0.0
         for i in range(0, x.shape[1], self.chunk):
             sl = slice(i, i + self.chunk)
@@ -164,7 +262,12 @@ class DistillLoss:
         n = y.numel()
         ce_mean, kl_mean = ce_sum / n, kl_sum / n
         loss = self.alpha * self.T ** 2 * kl_mean + (1 - self.alpha) * ce_mean
-        return loss, {"ce": float(ce_mean.detach()), "kl": float(kl_mean.detach())}
+        logs = {"ce": float(ce_mean.detach()), "kl": float(kl_mean.detach())}
+        if hidden_on:
+            hid = hidden_state_loss(s_states, [t_states[j] for j in self.keep], self.projection)
+            loss = loss + self.hidden_weight * hid
+            logs["hidden"] = float(hid.detach())
+        return loss, logs
 
 
 # --------------------------------------------------------------------------- preferences

@@ -5,6 +5,8 @@
   resumed from a checkpoint at step ``k`` sees exactly the batches the uninterrupted run saw.
 - Resumable: every ``save_every`` steps the model, optimizer and step go to ``state_dir``
   (written to a temporary file, then renamed), and ``resume=True`` continues from there.
+- ``extra``: a module a loss learns alongside the model (distillation's hidden-state projection)
+  is optimised, clipped, all-reduced and checkpointed with it, but is never part of the model.
 - Distributed: under ``torchrun`` the model is wrapped in DistributedDataParallel (gloo on CPU,
   nccl on GPU); each rank takes its share of every global batch's rows, so N processes with
   the same global batch compute the same update as one.
@@ -228,12 +230,16 @@ class Trainer:
 
     ``loss_fn(model, batch)`` returns the mean loss over the batch's rows and a dict of floats
     to log. ``on_step(step, logs)`` and ``on_eval(step)`` are called on every process.
+    ``extra`` (named ``extra_name`` in messages): parameters the loss learns outside the model,
+    trained without weight decay, their gradients averaged over processes by hand (DDP wraps
+    the model only), kept in the training state under "extra" and never in the model.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, train_ids: torch.Tensor, opts: TrainOptions,
                  dist: Dist | None = None, state_dir: Path | None = None,
                  on_step: Callable[[int, dict], None] | None = None, on_eval: Callable[[int], None] | None = None,
-                 batch_fn: Callable[[int], torch.Tensor] | None = None):
+                 batch_fn: Callable[[int], torch.Tensor] | None = None, extra: torch.nn.Module | None = None,
+                 extra_name: str = "the loss's own parameters"):
         self.dist = dist or Dist()
         self.opts = opts.validate(self.dist.world)
         self.model, self.loss_fn, self.train_ids = model, loss_fn, train_ids
@@ -246,8 +252,12 @@ class Trainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in trainable if p.ndim >= 2]
         no_decay = [p for p in trainable if p.ndim < 2]
-        self.optim = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                                        {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
+        groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.extra, self.extra_name = extra, extra_name
+        self.extra_params = [p for p in extra.parameters() if p.requires_grad] if extra is not None else []
+        if self.extra_params:  # a third group only then: existing callers' optimizer state keeps its layout
+            groups.append({"params": self.extra_params, "weight_decay": 0.0})
+        self.optim = torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, 0.95))
         self.wrapped = model
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -274,9 +284,11 @@ class Trainer:
         final = self.state_dir / "state.pt"
         before = _inode(final)
         try:
-            torch.save({"step": self.step, "model": self.model.state_dict(), "optim": self.optim.state_dict(),
-                        "losses": self.losses, "train_seconds": self.train_seconds,
-                        "fingerprint": self.fingerprint()}, tmp)
+            state = {"step": self.step, "model": self.model.state_dict(), "optim": self.optim.state_dict(),
+                     "losses": self.losses, "train_seconds": self.train_seconds, "fingerprint": self.fingerprint()}
+            if self.extra is not None:
+                state["extra"] = self.extra.state_dict()
+            torch.save(state, tmp)
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -291,7 +303,13 @@ class Trainer:
             return False
         state = read_state(self.state_dir / "state.pt", self.dist.device)
         check_resumable(self.state_dir, self.fingerprint(), state)
+        if (self.extra is None) != ("extra" not in state):
+            saved = "with" if "extra" in state else "without"
+            raise UsageError(f"the checkpoint in {self.state_dir} was saved {saved} {self.extra_name}; resume with the "
+                             "options it was saved with, or remove that directory to start over")
         self.model.load_state_dict(state["model"])
+        if self.extra is not None:
+            self.extra.load_state_dict(state["extra"])
         self.optim.load_state_dict(state["optim"])
         self.step, self.losses, self.train_seconds = state["step"], list(state["losses"]), state["train_seconds"]
         self.saved_step = self.step
@@ -328,7 +346,9 @@ class Trainer:
                     loss, logs = self.loss_fn(self.wrapped, mb)
                     (loss / o.grad_accum).backward()
                 step_loss += loss.item() / o.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params(self.model), o.grad_clip)
+            if self.extra_params and d.world > 1:
+                _average_grads(self.extra_params, d.world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params(self.model) + self.extra_params, o.grad_clip)
             self.optim.step()
             self.train_seconds += time.perf_counter() - t0
             self.losses.append(step_loss)
@@ -358,6 +378,17 @@ class Trainer:
 
 def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def _average_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """What DDP does for the model's gradients, for parameters outside it: the mean over processes."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
 
 
 class _null:

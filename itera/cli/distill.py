@@ -43,6 +43,9 @@ def distill(
     top_k: Annotated[Int, typer.Option(help="Distill from the teacher's K most likely tokens and the rest's "
                                        "mass: with --teacher-cache at most its K (default its K; 64 when "
                                        "this run builds it); with --teacher alone the live teacher cut to K.")] = None,
+    hidden_weight: Annotated[float, typer.Option(help="Weight of a hidden-state term: each student layer's "
+                                                 "output, through a learned linear map, vs its teacher layer's "
+                                                 "(--layer-ids), MSE relative to the teacher's. 0: off.")] = 0.0,
     tokenizer: Annotated[Optional[str], typer.Option(help="Without a teacher: a tokenizer.json, or bpe:VOCAB_SIZE "
                                                      "to train a byte-level BPE on the training text.")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
@@ -113,7 +116,7 @@ def distill(
     opts = DistillOptions(data=data, out=out, teacher=teacher, student=student, layers=layers, hidden=hidden,
                           heads=heads, kv_heads=kv_heads, ffn=ffn, init=init, layer_ids=ids, alpha=alpha,
                           temperature=temperature, kl=kl, jsd_beta=jsd_beta, teacher_cache=teacher_cache, top_k=top_k,
-                          tokenizer=tokenizer, holdout=holdout, eval_tokens=eval_tokens,
+                          hidden_weight=hidden_weight, tokenizer=tokenizer, holdout=holdout, eval_tokens=eval_tokens,
                           calib_batches=calib_batches, resume=resume, train=train, force=force,
                           text_field=text_field, threads=threads, save_dtype=save_dtype).validate()
     dist = init_distributed(resolve_device(device))

@@ -54,6 +54,8 @@ class DistillOptions:
     # forward: KL(teacher || student); reverse: KL(student || teacher); jsd: generalized Jensen-Shannon
     kl: str = flag("--kl", default="forward")
     jsd_beta: float = flag("--jsd-beta", default=0.5)  # --kl jsd's mixture weight
+    # weight of the hidden-state term (student layer i vs teacher layer layer_ids[i]); 0: off, nothing captured
+    hidden_weight: float = flag("--hidden-weight", default=0.0)
     # the teacher's top-K distribution per position, built once (itera distill cache) and reused
     teacher_cache: Path | None = flag("--teacher-cache", default=None)
     # the sparse loss over the teacher's top K (+ the rest); with a cache: at most the cache's K
@@ -87,6 +89,13 @@ class DistillOptions:
             raise UsageError(f"--kl must be forward, reverse or jsd (got {self.kl!r})")
         if not 0 < self.jsd_beta < 1:
             raise UsageError(f"--jsd-beta must be between 0 and 1 (got {self.jsd_beta})")
+        if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
+            raise UsageError(f"--hidden-weight must be 0 or more (got {self.hidden_weight})")
+        if self.hidden_weight > 0 and self.teacher is None:
+            raise UsageError("--hidden-weight > 0 needs a --teacher: its layers' hidden states are the targets")
+        if self.hidden_weight > 0 and (self.teacher_cache is not None or self.top_k is not None):
+            raise UsageError("--hidden-weight > 0 needs the live teacher's hidden states every step, which a "
+                             "--teacher-cache or --top-k run does not compute; use one or the other")
         if self.top_k is not None and self.top_k < 1:
             raise UsageError(f"--top-k must be at least 1 (got {self.top_k})")
         if self.top_k is not None and self.teacher is None and self.teacher_cache is None:
@@ -466,7 +475,8 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
         reporter.log(f"step {step}: held-out perplexity {history[-1]['student_perplexity']:.3f}")
 
     task = reporter.task("distill", total=t.steps)
-    batch_fn = None
+    batch_fn, extra = None, None
+    hidden_log: list[float] = []
     if targets is not None:  # the sparse loss: batches are numbers of the cache's windows
         from itera.teacher_cache import window_grid
         from itera.train import step_generator
@@ -477,12 +487,24 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
         batch_fn = lambda step: torch.randint(0, windows.shape[0], (t.batch_size,),  # noqa: E731
                                               generator=step_generator(t.seed, step))
     else:
-        loss = DistillLoss(teacher, opts.alpha, opts.temperature, opts.kl, opts.jsd_beta)
+        keep = None
+        if opts.hidden_weight > 0:  # the plan's layer map: --layer-ids, else evenly spaced (as plan() has it)
+            from itera.prune import evenly_spaced
+
+            keep = opts.layer_ids or evenly_spaced(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+        loss = DistillLoss(teacher, opts.alpha, opts.temperature, opts.kl, opts.jsd_beta,
+                           hidden_weight=opts.hidden_weight, student=student, keep=keep)
+        extra = loss.projection
+
+    def on_step(step: int, logs: dict) -> None:
+        if "hidden" in logs:
+            hidden_log.append(logs["hidden"])
+        task.update(step, loss=logs["loss"], tokens_per_s=logs["tokens_per_s"])
+
     trainer = Trainer(student, loss, data.train_ids, t, dist=dist,
-                      state_dir=opts.state_dir if t.save_every or opts.resume else None,
-                      on_step=lambda step, logs: task.update(step, loss=logs["loss"],
-                                                             tokens_per_s=logs["tokens_per_s"]),
-                      on_eval=on_eval, batch_fn=batch_fn)
+                      state_dir=opts.state_dir if t.save_every or opts.resume else None, on_step=on_step,
+                      on_eval=on_eval, batch_fn=batch_fn, extra=extra,
+                      extra_name="the hidden-state projection (--hidden-weight > 0)")
     trainer.token_batches = True  # window numbers stand for seq_len tokens each
     try:
         if opts.resume:
@@ -495,6 +517,8 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
         raise interrupted(opts, trainer, dist) from None
     finally:
         task.close()
+    if hidden_log:  # the hidden-state term (unweighted), as final_loss is: mean of the last 10 steps run
+        stats["final_hidden_loss"] = sum(hidden_log[-10:]) / len(hidden_log[-10:])
     return stats, history, trainer
 
 
@@ -587,6 +611,8 @@ def _finish(opts: DistillOptions, p: Plan, data: Data, teacher, student, prune_p
                                                "the float32 weights in training"}
     if cache_block is not None:
         metrics["teacher_cache"] = cache_block
+    if "final_hidden_loss" in stats:
+        metrics["final_hidden_loss"] = stats["final_hidden_loss"]
     if teacher is not None:
         metrics["teacher_params"] = teacher.num_parameters()
         metrics["compression_ratio"] = metrics["teacher_params"] / metrics["student_params"]

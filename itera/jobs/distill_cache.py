@@ -149,8 +149,6 @@ def run_cache(opts: CacheOptions, reporter: Reporter = SILENT) -> Outcome:
 
         model, _ = load_model(opts.teacher, device=opts.device)
         model.requires_grad_(False)
-    reporter.log(f"data: {src.description}: {ids.numel():,} training tokens in {(ids.numel() - 1) // opts.seq_len:,} "
-                 f"windows of {opts.seq_len}; teacher through {'llama.cpp' if gguf else 'torch'}, top {opts.top_k}")
     rt = None
     try:
         if gguf:
@@ -161,6 +159,9 @@ def run_cache(opts: CacheOptions, reporter: Reporter = SILENT) -> Outcome:
             source, runtime = gguf_teacher(rt, opts.top_k, true_vocab(tok)), "llama.cpp"
         else:
             source, runtime = torch_teacher(model, opts.top_k, true_vocab(tok)), "torch"
+        reporter.log(f"data: {src.description}: {ids.numel():,} training tokens in "
+                     f"{(ids.numel() - 1) // opts.seq_len:,} windows of {opts.seq_len}; teacher through {runtime}, "
+                     f"top {opts.top_k}")
         manifest = build_cache(opts.out, source, runtime, opts.teacher, tok, ids, key, opts.top_k, opts.seq_len,
                                opts.batch_size, "cpu" if gguf else opts.device, reporter, overwrite=opts.force,
                                tokenizer_dir=tok_dir, config_from=None if gguf else Path(opts.teacher))

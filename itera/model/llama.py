@@ -193,8 +193,10 @@ class LlamaForCausalLM(nn.Module):
         return allowed
 
     def hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normed hidden states (B, T, hidden)."""
+               attention_mask: torch.Tensor | None = None, layers_out: list | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, hidden). Given a list as ``layers_out``, each decoder
+        layer's output (the residual stream after that layer, before the final norm; (B, T, hidden),
+        part of the autograd graph) is appended to it in layer order, from the same forward pass."""
         B, T = input_ids.shape
         past = cache.seq_len if cache is not None else 0
         x = self.model.embed_tokens(input_ids)
@@ -202,13 +204,17 @@ class LlamaForCausalLM(nn.Module):
         mask = self._mask(T, past, input_ids.device, attention_mask)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
+            if layers_out is not None:
+                layers_out.append(x)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, return_hidden: bool = False,
+                layers_out: list | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or with ``return_hidden`` the final hidden states (B, T, hidden)
-        so that a caller can apply ``lm_head`` in chunks (long vocabularies, distillation)."""
-        h = self.hidden(input_ids, cache, attention_mask)
+        so that a caller can apply ``lm_head`` in chunks (long vocabularies, distillation).
+        ``layers_out``: as in :meth:`hidden` (per-layer states for intermediate-layer distillation)."""
+        h = self.hidden(input_ids, cache, attention_mask, layers_out)
         return h if return_hidden else self.lm_head(h)
 
     def num_parameters(self) -> int:
