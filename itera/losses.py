@@ -68,13 +68,31 @@ def bucket_logp(t_logp: torch.Tensor, t_rest: torch.Tensor, rest_tokens: int, te
     return torch.log_softmax(out, -1)
 
 
-def student_bucket_logp(s_logits: torch.Tensor, ids: torch.Tensor, vocab: int, temperature: float) -> torch.Tensor:
+def student_bucket_logp(s_logits: torch.Tensor, ids: torch.Tensor, vocab: int, temperature: float,
+                        lse: torch.Tensor | None = None, picked: torch.Tensor | None = None) -> torch.Tensor:
     """The student's tempered distribution over the true vocabulary, gathered into the teacher's
-    buckets: the K ids' log-probabilities and the log of everything else's mass (exact)."""
-    s = torch.log_softmax(s_logits[..., :vocab] / temperature, dim=-1)
-    top = s.gather(-1, ids)
-    rest = s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True).clamp(min=-80.0)
-    return torch.cat([top, rest], -1)
+    buckets: the K ids' log-probabilities and the log of everything else's mass.
+
+    The rest is ``log(1 - sum_K p)`` from the K ids alone, so the only passes over the vocabulary
+    are one log-sum-exp (which a caller at T = 1 shares with the cross-entropy: ``lse``) and one
+    gather (``picked``: the K ids' logits, when the caller gathered them already). The rest is
+    floored at ``REST_FLOOR`` (float32 cannot tell a smaller rest from 0 through ``1 - sum``), and
+    is empty (log mass -80, as the cache floors it) when K covers the whole vocabulary."""
+    z = s_logits[..., :vocab] if s_logits.shape[-1] != vocab else s_logits
+    if lse is None or temperature != 1.0:
+        lse = torch.logsumexp(z / temperature if temperature != 1.0 else z, -1, keepdim=True)
+    if picked is None:
+        picked = z.gather(-1, ids)
+    top = picked / temperature - lse if temperature != 1.0 else picked - lse
+    if ids.shape[-1] >= vocab:  # every token has its bucket: the rest is empty
+        return torch.cat([top, torch.full_like(top[..., :1], _EMPTY_REST)], -1)
+    covered = torch.logsumexp(top, -1, keepdim=True).clamp(max=_REST_COVER)
+    return torch.cat([top, torch.log(-torch.expm1(covered))], -1)
+
+
+REST_FLOOR = 1e-6  # the smallest rest mass the student's bucket distribution keeps
+_REST_COVER = math.log1p(-REST_FLOOR)
+_EMPTY_REST = -80.0  # the teacher cache's floor for an empty rest
 
 
 # --------------------------------------------------------------------------- distillation
@@ -96,13 +114,20 @@ def _chunk_loss(s_hidden, t_hidden, targets, s_head, t_head, alpha: float, tempe
 
 def _sparse_chunk_loss(s_hidden, targets, ids, t_logp, t_rest, s_head, alpha: float, temperature: float, kind: str,
                        beta: float, vocab: int):
-    """(sum CE, sum divergence) over one chunk of positions against the teacher's K + 1 buckets."""
+    """(sum CE, sum divergence) over one chunk of positions against the teacher's K + 1 buckets.
+
+    The cross-entropy and the student's buckets share one log-sum-exp over the logits and one
+    gather (the target and the K ids together), so a step costs little more than cross-entropy's."""
     s_logits = F.linear(s_hidden, s_head).float()
-    ce = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    lse = torch.logsumexp(s_logits, -1, keepdim=True)
     if alpha == 0:
-        return ce, torch.zeros((), device=ce.device)
+        picked = s_logits.gather(-1, targets.unsqueeze(-1))
+        return (lse - picked).sum(), torch.zeros((), device=lse.device)
+    picked = s_logits.gather(-1, torch.cat([targets.unsqueeze(-1), ids], -1))
+    ce = (lse - picked[..., :1]).sum()
+    shared = lse if s_logits.shape[-1] == vocab else None  # a padded head: the true vocabulary's own
     p = bucket_logp(t_logp, t_rest, vocab - ids.shape[-1], temperature)
-    q = student_bucket_logp(s_logits, ids, vocab, temperature)
+    q = student_bucket_logp(s_logits, ids, vocab, temperature, lse=shared, picked=picked[..., 1:])
     return ce, divergence(p, q, kind, beta).sum()
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SMALL, assert_usage_error, run_itera
-from itera.losses import DistillLoss, SparseDistillLoss, bucket_logp, divergence, kl_div
+from itera.losses import REST_FLOOR, DistillLoss, SparseDistillLoss, bucket_logp, divergence, kl_div, student_bucket_logp
 from itera.model.config import ModelConfig
 from itera.model.llama import LlamaForCausalLM
 from itera.teacher_cache import Targets, top_k, torch_teacher, window_grid
@@ -72,6 +72,23 @@ def test_tempered_buckets_are_exact_when_the_rest_is_flat():
     rest = p[2:].sum().log()
     got = bucket_logp(logp[:2], rest, 4, 2.0)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_student_buckets_agree_with_the_dense_distribution(temperature):
+    """The student's rest bucket, taken as 1 - (the K ids' mass), is the dense tempered
+    distribution's mass outside the K ids (to float32's precision), never below the floor; a padded head's
+    extra rows are not part of the distribution."""
+    z = torch.randn(3, 5, 60, generator=torch.Generator().manual_seed(0)) * 3
+    ids = z[..., :50].topk(8, -1).indices
+    dense = torch.log_softmax(z[..., :50] / temperature, -1)
+    want = torch.cat([dense.gather(-1, ids), dense.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)], -1)
+    got = student_bucket_logp(z, ids, 50, temperature)
+    assert torch.allclose(got[..., :-1], want[..., :-1], atol=1e-5)
+    # the rest's mass, to float32's absolute precision on 1 - sum; never below the floor
+    assert torch.allclose(got[..., -1].exp(), want[..., -1].exp().clamp(min=REST_FLOOR), atol=2e-6)
+    assert (got[..., -1] >= math.log(REST_FLOOR) - 1e-6).all()
+    assert torch.allclose(got.exp().sum(-1), torch.ones(3, 5), atol=1e-5)
 
 
 def test_jsd_against_a_hand_computed_value():
