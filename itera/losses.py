@@ -9,6 +9,7 @@
   an intermediate-layer term (:func:`hidden_state_loss`, Minitron-style hidden-state distillation:
   Muralidharan et al. 2024) through a learned :class:`HiddenProjection`.
 - :func:`dpo_loss`: Rafailov et al. 2023 (sigmoid, with label smoothing) and IPO (Azar et al. 2023).
+- :func:`kto_loss`: Ethayarajh et al. 2024, for responses judged one at a time (thumbs up/down).
 """
 
 from __future__ import annotations
@@ -314,6 +315,21 @@ def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r:
         raise UsageError(f"unknown --loss {kind!r}; use sigmoid or ipo")
     chosen_r, rejected_r = beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
     return losses.mean(), {"chosen_rewards": chosen_r, "rejected_rewards": rejected_r}
+
+
+def kto_loss(pi: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """KTO (Ethayarajh et al. 2024) over single responses: mean of
+    ``w_D (1 - sigmoid(beta (r - z0)))`` for desirable ones and ``w_U (1 - sigmoid(beta (z0 - r)))``
+    for undesirable ones, with ``r = log pi(y|x) - log ref(y|x)`` and the reference point
+    ``z0 = max(0, kl)``, held constant (``kl``: the batch's mean ``log pi - log ref`` over
+    mismatched prompt/completion pairs, as the paper and TRL estimate it)."""
+    r = pi - ref
+    z0 = kl.detach().clamp(min=0)
+    good = desirable.bool()
+    losses = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    return losses.mean(), {"rewards": beta * r.detach(), "desirable": good, "z0": z0}
 
 
 def reward_accuracy(margins: torch.Tensor) -> float:

@@ -19,6 +19,19 @@ Feedback file (``--feedback``): JSONL events, each with a ``type``:
 Malformed JSON is still an error; events that are well-formed JSON but unusable (unknown type,
 missing fields, identical responses) and pairs that contradict each other or repeat are dropped
 and counted with their reason.
+
+Unpaired feedback (KTO, Ethayarajh et al. 2024): :func:`examples_from_events` also gives
+:class:`Single` examples, one response judged desirable or undesirable on its own. With
+``mode="kto"`` every event becomes singles (a pair's winner desirable, its loser undesirable);
+with ``mode="auto"`` the pairs are kept as pairs and only what no pair uses (a thumbs with no
+opposite vote on its prompt, a rating with none to compare by the gap) becomes a single, a rating
+by ``rating_threshold``: above it desirable, below it undesirable, at it neutral (dropped).
+
+End of turn: an event's ``finish_reason`` (``"stop"``: the model ended the response itself) and
+``end_token`` (the id that ended it, when known) say whether the response's end-of-turn token is
+scored. A response cut at ``max_tokens`` (``"length"``) is scored without one; a correction, a text a
+person wrote whole, ends. ``Pair.chosen_end``/``rejected_end`` and ``Single.end`` hold the id, or
+``EOS`` (the tokenizer's end-of-sequence id), or None.
 """
 
 from __future__ import annotations
@@ -34,15 +47,40 @@ from itera.data import is_text
 from itera.errors import DataError
 
 
+EOS = -1  # an end marker meaning "the tokenizer's end-of-sequence id"
+
+
 @dataclass(frozen=True)
 class Pair:
     prompt: str
     chosen: str
     rejected: str
     chat: bool = False  # the prompt is a rendered chat template (special-token strings are tokens)
+    chosen_end: int | None = None  # the end-of-turn id scored after the response, EOS, or None (cut)
+    rejected_end: int | None = None
 
     def as_dict(self) -> dict:
         d = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+        if self.chosen_end is not None or self.rejected_end is not None:
+            d.update(chosen_end=self.chosen_end, rejected_end=self.rejected_end)
+        return {**d, "chat": True} if self.chat else d
+
+
+@dataclass(frozen=True)
+class Single:
+    """One response judged on its own (KTO): desirable (a thumbs up, a rating above the threshold,
+    a pair's winner) or not."""
+
+    prompt: str
+    response: str
+    desirable: bool
+    chat: bool = False
+    end: int | None = None
+
+    def as_dict(self) -> dict:
+        d = {"prompt": self.prompt, "response": self.response, "desirable": self.desirable}
+        if self.end is not None:
+            d["end"] = self.end
         return {**d, "chat": True} if self.chat else d
 
 
@@ -83,15 +121,58 @@ def _lines(path: Path) -> list[tuple[int, dict]]:
 
 
 def read_pairs(path: Path) -> list[Pair]:
-    pairs = []
+    return [_pair(obj, f"{path}:{i}") for i, obj in _lines(path)]
+
+
+def _pair(obj: dict, where: str) -> Pair:
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(obj.get(key), str):
+            raise DataError(f"{where}: missing \"{key}\" (a string); each line needs prompt, chosen and rejected")
+    if obj["chosen"] == obj["rejected"]:
+        raise DataError(f"{where}: chosen and rejected are identical; a pair must prefer one response over another")
+    ends = [_end_field(obj, k, where) for k in ("chosen_end", "rejected_end")]
+    return Pair(obj["prompt"], obj["chosen"], obj["rejected"], _chat(obj, where), *ends)
+
+
+def _end_field(obj: dict, key: str, where: str) -> int | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < EOS:
+        raise DataError(f"{where}: \"{key}\" is {json.dumps(v)}; it must be a token id, -1 (the tokenizer's "
+                        "end-of-sequence) or null (the response was cut, no end token)")
+    return v
+
+
+def _end(ev: dict, prefix: str = "") -> int | None:
+    """The end marker of an event's response (``prefix`` ``a_``/``b_`` for an A/B vote's two):
+    ``finish_reason`` "stop" ends it with ``end_token`` (an id, or -1 / absent: the tokenizer's EOS;
+    present and null: a stop string ended it, no token); anything else was cut."""
+    if ev.get(f"{prefix}finish_reason") != "stop":
+        return None
+    key = f"{prefix}end_token"
+    if key in ev and ev[key] is None:
+        return None
+    tok = ev.get(key)
+    return tok if isinstance(tok, int) and not isinstance(tok, bool) and tok >= 0 else EOS
+
+
+def read_examples(path: Path) -> tuple[list[Pair], list[Single]]:
+    """A pairs file that may also hold responses judged alone (``{"prompt", "response",
+    "desirable": true|false}`` lines, as ``--save-pairs`` writes them): (pairs, singles)."""
+    pairs, singles = [], []
     for i, obj in _lines(path):
-        for key in ("prompt", "chosen", "rejected"):
-            if not isinstance(obj.get(key), str):
-                raise DataError(f"{path}:{i}: missing \"{key}\" (a string); each line needs prompt, chosen and rejected")
-        if obj["chosen"] == obj["rejected"]:
-            raise DataError(f"{path}:{i}: chosen and rejected are identical; a pair must prefer one response over another")
-        pairs.append(Pair(obj["prompt"], obj["chosen"], obj["rejected"], _chat(obj, f"{path}:{i}")))
-    return pairs
+        where = f"{path}:{i}"
+        if "desirable" in obj and "chosen" not in obj:
+            if not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("response"), str):
+                raise DataError(f"{where}: a judged response needs \"prompt\" and \"response\" (strings)")
+            if not isinstance(obj["desirable"], bool):
+                raise DataError(f"{where}: \"desirable\" is {json.dumps(obj['desirable'])}; it must be true or false")
+            singles.append(Single(obj["prompt"], obj["response"], obj["desirable"], _chat(obj, where),
+                                  _end_field(obj, "end", where)))
+            continue
+        pairs.append(_pair(obj, where))
+    return pairs, singles
 
 
 def pairs_from_feedback(path: Path, min_rating_gap: float = 1.0) -> tuple[list[Pair], dict[str, int]]:
@@ -130,9 +211,11 @@ class _Collected:
     def __init__(self):
         self.dropped: Counter = Counter()
         self.pairs: list[Pair] = []
-        # keyed by (prompt, chat): the same text as a chat template and as plain text are two prompts
+        # keyed by (prompt, chat): the same text as a chat template and as plain text are two prompts;
+        # a response is (text, end marker)
         self.votes: dict[tuple, dict[str, set]] = defaultdict(lambda: {"up": set(), "down": set()})
-        self.ratings: dict[tuple, list[tuple[float, str]]] = defaultdict(list)
+        self.ratings: dict[tuple, list[tuple[float, tuple]]] = defaultdict(list)
+        self.singles: list[Single] = []  # from votes and ratings no pair uses (mode auto) or from everything (kto)
 
     def _need(self, ev: dict, *keys: str) -> bool:
         ok = all(isinstance(ev.get(k), str) for k in keys)
@@ -150,70 +233,148 @@ class _Collected:
             if ev.get("vote") not in ("up", "down"):
                 self.dropped["thumbs: vote is not up or down"] += 1
             else:
-                self.votes[ev["prompt"], chat][ev["vote"]].add(ev["response"])
+                self.votes[ev["prompt"], chat][ev["vote"]].add((ev["response"], _end(ev)))
         elif kind == "ab" and self._need(ev, "prompt", "a", "b"):
             if ev.get("winner") not in ("a", "b"):
                 self.dropped["ab: winner is not a or b"] += 1
             else:
-                win, lose = (ev["a"], ev["b"]) if ev["winner"] == "a" else (ev["b"], ev["a"])
-                self.pairs.append(Pair(ev["prompt"], win, lose, chat))
+                a, b = (ev["a"], _end(ev, "a_")), (ev["b"], _end(ev, "b_"))
+                win, lose = (a, b) if ev["winner"] == "a" else (b, a)
+                self.pairs.append(Pair(ev["prompt"], win[0], lose[0], chat, win[1], lose[1]))
         elif kind == "correction" and self._need(ev, "prompt", "response", "corrected"):
-            self.pairs.append(Pair(ev["prompt"], ev["corrected"], ev["response"], chat))
+            # the correction is a whole answer a person wrote: it ends
+            self.pairs.append(Pair(ev["prompt"], ev["corrected"], ev["response"], chat, EOS, _end(ev)))
         elif kind == "rating" and self._need(ev, "prompt", "response"):
             r = _finite(ev.get("rating"))
             if r is None:  # not a number, NaN or Infinity (which JSON does not have), or beyond a float
                 self.dropped["rating: rating is not a number"] += 1
             else:
-                self.ratings[ev["prompt"], chat].append((r, ev["response"]))
+                self.ratings[ev["prompt"], chat].append((r, (ev["response"], _end(ev))))
         elif kind not in ("thumbs", "ab", "correction", "rating"):
             self.dropped["unknown event type"] += 1
 
-    def vote_pairs(self) -> list[Pair]:
-        """Every up-voted response beats every down-voted one to the same prompt."""
+    def vote_pairs(self, keep_unpaired: bool) -> list[Pair]:
+        """Every up-voted response beats every down-voted one to the same prompt; votes with no
+        opposite one become singles with ``keep_unpaired``, else are dropped."""
         out = []
         for (prompt, chat), v in self.votes.items():
-            both = v["up"] & v["down"]
+            texts_up, texts_down = {t for t, _ in v["up"]}, {t for t, _ in v["down"]}
+            both = texts_up & texts_down
             if both:
                 self.dropped["thumbs: same response voted up and down"] += len(both)
-            ups, downs = v["up"] - both, v["down"] - both
+            ups = sorted(r for r in v["up"] if r[0] not in both)
+            downs = sorted(r for r in v["down"] if r[0] not in both)
             if not (ups and downs):
-                self.dropped["thumbs: no opposite vote for the same prompt"] += len(ups) + len(downs)
-            out += [Pair(prompt, u, d, chat) for u in sorted(ups) for d in sorted(downs)]
+                if keep_unpaired:
+                    self.singles += [Single(prompt, t, up, chat, e) for rs, up in ((ups, True), (downs, False))
+                                     for t, e in rs]
+                else:
+                    self.dropped["thumbs: no opposite vote for the same prompt"] += len(ups) + len(downs)
+            out += [Pair(prompt, u, d, chat, ue, de) for u, ue in ups for d, de in downs]
         return out
 
-    def rating_pairs(self, min_gap: float) -> list[Pair]:
-        """Between responses to the same prompt, the higher rating wins by at least ``min_gap``."""
+    def rating_pairs(self, min_gap: float, threshold: float | None) -> list[Pair]:
+        """Between responses to the same prompt, the higher rating wins by at least ``min_gap``;
+        with a ``threshold``, a rated response no pair uses is a single (desirable above it)."""
         out = []
         for (prompt, chat), rs in self.ratings.items():
             paired = set()
             for hi_r, hi in rs:
                 for lo_r, lo in rs:
-                    if hi_r - lo_r >= min_gap and hi != lo:
-                        out.append(Pair(prompt, hi, lo, chat))
-                        paired |= {hi, lo}
-            unpaired = len({resp for _, resp in rs} - paired)
-            if unpaired:
-                self.dropped["rating: no response to compare with by the rating gap"] += unpaired
+                    if hi_r - lo_r >= min_gap and hi[0] != lo[0]:
+                        out.append(Pair(prompt, hi[0], lo[0], chat, hi[1], lo[1]))
+                        paired |= {hi[0], lo[0]}
+            unpaired = [(r, resp) for r, resp in rs if resp[0] not in paired]
+            if threshold is None:
+                if unpaired:
+                    self.dropped["rating: no response to compare with by the rating gap"] += len({x[1][0] for x in unpaired})
+                continue
+            self.singles += self.rated_singles(prompt, chat, unpaired, threshold)
         return out
+
+    def rated_singles(self, prompt: str, chat: bool, rated: list, threshold: float) -> list[Single]:
+        out = []
+        for r, (text, end) in rated:
+            if r == threshold:
+                self.dropped["rating: at the threshold (neutral)"] += 1
+            else:
+                out.append(Single(prompt, text, r > threshold, chat, end))
+        return out
+
+
+def _dedup_pairs(raw: list[Pair], dropped: Counter) -> list[Pair]:
+    """Identical responses, pairs that contradict each other, and repeats are dropped, counted."""
+    out, seen = [], set()
+    keys = Counter((p.prompt, p.chosen, p.rejected, p.chat) for p in raw)
+    for p in raw:
+        key = (p.prompt, p.chosen, p.rejected, p.chat)
+        if p.chosen == p.rejected:
+            dropped["chosen and rejected identical"] += 1
+        elif (p.prompt, p.rejected, p.chosen, p.chat) in keys:
+            dropped["contradicts another event"] += 1
+        elif key in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _dedup_singles(raw: list[Single], dropped: Counter) -> list[Single]:
+    """A response judged both desirable and undesirable is dropped (both events); repeats once."""
+    verdicts: dict[tuple, set] = defaultdict(set)
+    for s in raw:
+        verdicts[s.prompt, s.response, s.chat].add(s.desirable)
+    out, seen = [], set()
+    for s in raw:
+        key = (s.prompt, s.response, s.chat)
+        if len(verdicts[key]) > 1:
+            dropped["contradicts another event"] += 1
+        elif key in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(key)
+            out.append(s)
+    return out
 
 
 def pairs_from_events(events: Iterable[dict], min_rating_gap: float = 1.0) -> tuple[list[Pair], dict[str, int]]:
     """Pairs from feedback events (dicts as in a feedback file), and {reason: count} of what was dropped:
     identical responses, pairs that contradict each other, and repeats are dropped last."""
+    pairs, _, dropped = examples_from_events(events, "pairs", min_rating_gap)
+    return pairs, dropped
+
+
+MODES = ("pairs", "kto", "auto")
+
+
+def examples_from_events(events: Iterable[dict], mode: str = "pairs", min_rating_gap: float = 1.0,
+                         rating_threshold: float | None = None) -> tuple[list[Pair], list[Single], dict[str, int]]:
+    """(pairs, singles, {reason: count dropped}) from feedback events.
+
+    ``pairs``: DPO's pairs only (unpaired votes and ratings are dropped, counted). ``auto``: the
+    same pairs, and every vote or rating no pair uses as a single. ``kto``: no pairs; every event
+    as singles (a pair's chosen desirable, its rejected undesirable). A rating's threshold is
+    ``rating_threshold``, or the middle of the ratings seen ((lowest + highest) / 2)."""
+    if mode not in MODES:
+        raise ValueError(mode)
     c = _Collected()
+    events = list(events)
     for ev in events:
         c.add(ev)
-    raw = c.pairs + c.vote_pairs() + c.rating_pairs(min_rating_gap)
-    out, seen = [], set()
-    keys = Counter(raw)
-    for p in raw:
-        if p.chosen == p.rejected:
-            c.dropped["chosen and rejected identical"] += 1
-        elif Pair(p.prompt, p.rejected, p.chosen, p.chat) in keys:
-            c.dropped["contradicts another event"] += 1
-        elif p in seen:
-            c.dropped["duplicate"] += 1
-        else:
-            seen.add(p)
-            out.append(p)
-    return out, dict(c.dropped)
+    threshold = None
+    if mode != "pairs":
+        rated = [r for rs in c.ratings.values() for r, _ in rs]
+        threshold = rating_threshold if rating_threshold is not None else (
+            (min(rated) + max(rated)) / 2 if rated else None)
+    if mode == "kto":
+        singles = [x for p in c.pairs for x in (Single(p.prompt, p.chosen, True, p.chat, p.chosen_end),
+                                               Single(p.prompt, p.rejected, False, p.chat, p.rejected_end))]
+        for (prompt, chat), v in c.votes.items():
+            singles += [Single(prompt, t, vote == "up", chat, e) for vote in ("up", "down") for t, e in sorted(v[vote])]
+        for (prompt, chat), rs in c.ratings.items():
+            singles += c.rated_singles(prompt, chat, rs, threshold)
+        return [], _dedup_singles(singles, c.dropped), dict(c.dropped)
+    raw = c.pairs + c.vote_pairs(keep_unpaired=mode == "auto") + c.rating_pairs(min_rating_gap, threshold)
+    pairs = _dedup_pairs(raw, c.dropped)
+    return pairs, _dedup_singles(c.singles, c.dropped), dict(c.dropped)

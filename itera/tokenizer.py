@@ -230,3 +230,21 @@ def train_sentencepiece_bpe(texts: Iterable[str], vocab_size: int, add_bos: bool
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.pre_tokenizer = None
     return Tokenizer(tok, bos_id=tok.token_to_id(BOS), eos_id=tok.token_to_id(EOS), add_bos=add_bos)
+
+
+# ASCII prose, digits and code: text every correct implementation of a vocabulary (the Hugging Face
+# tokenizer, llama.cpp's of the GGUF made from it) splits alike, and two vocabularies rarely do
+FINGERPRINT_PROBE = ("The quick brown fox jumps over the lazy dog. In 1984, 42 cats (and 7 dogs) ate 3.14 pies; "
+                     "def f(x): return x * 2 + 1  # ok?\n\tA tab, two  spaces, and UPPER-case words!")
+
+
+def fingerprint(tok) -> str:
+    """A short digest of how ``tok`` (this module's Tokenizer, or a runtime's) splits a fixed probe
+    text, and its BOS/EOS ids: the same for a checkpoint and the GGUF exported from it, different
+    for another vocabulary. The feedback store keeps it per response so that ``dpo-train`` can
+    refuse feedback another tokenizer's model produced."""
+    import hashlib
+
+    ids = tok.encode(FINGERPRINT_PROBE, add_bos=False)
+    blob = json.dumps({"ids": list(ids), "bos": tok.bos_id, "eos": tok.eos_id})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -12,7 +12,7 @@ import torch
 
 from conftest import _ADJS, _NOUNS, _PLACES, _VERBS, assert_usage_error, run_itera
 from itera.losses import dpo_loss, reward_accuracy
-from itera.preference import Pair, pairs_from_events, pairs_from_feedback, read_pairs
+from itera.preference import EOS, Pair, Single, examples_from_events, pairs_from_events, pairs_from_feedback, read_pairs
 from itera.record import validate
 
 
@@ -160,7 +160,7 @@ def test_feedback_events_become_pairs_with_reasons_for_drops(tmp_path):
     f.write_text("".join(json.dumps(e) + "\n" for e in events))
     pairs, dropped = pairs_from_feedback(f, min_rating_gap=1.0)
     assert set(pairs) == {Pair("P1", "good", "bad"), Pair("P1", "good", "worse"), Pair("P4", "m", "n"),
-                          Pair("P5", "the cat", "teh cat"), Pair("P6", "r5", "r2"), Pair("P6", "r4", "r2"),
+                          Pair("P5", "the cat", "teh cat", chosen_end=EOS), Pair("P6", "r5", "r2"), Pair("P6", "r4", "r2"),
                           Pair("P10", "u", "v", chat=True)}
     assert dropped == {"thumbs: no opposite vote for the same prompt": 1, "contradicts another event": 2,
                        "duplicate": 1, "chosen and rejected identical": 1, "ab: missing field": 1,
@@ -219,7 +219,8 @@ def test_the_feedback_store_marks_chat_prompts(feedback_db):
         pairs, dropped = pairs_from_events(store.events())
         assert store.counts() == {"responses": 4, "feedback": 3} and store.integrity_ok()
         assert store.response("c1")["endpoint"] == "/v1/chat/completions"
-    assert pairs == [Pair("<s>P", "a", "b", True), Pair("<s>P", "a", "b")]
+    # stored as ended ("stop", no stop strings asked for, no end id kept): scored with EOS
+    assert pairs == [Pair("<s>P", "a", "b", True, EOS, EOS), Pair("<s>P", "a", "b", False, EOS, EOS)]
     assert dropped == {"rating: no response to compare with by the rating gap": 1}
 
 
@@ -236,8 +237,19 @@ def test_dpo_from_feedback_end_to_end(teacher, tmp_path):
                     "--save-pairs", tmp_path / "pairs.jsonl", "--holdout", "0").record
     m = rec["metrics"]
     saved = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
-    assert m["pairs_used"] == len(saved) > 0
-    assert m["dropped_reasons"].get("thumbs: no opposite vote for the same prompt", 0) > 0
+    # --loss auto (the default): the A/B votes train as pairs, the lone thumbs-up as KTO singles; nothing dropped
+    assert m["losses"] == {"pairs": "sigmoid", "singles": "kto"} and m["pairs_dropped"] == 0
+    assert m["pairs_used"] == sum("chosen" in x for x in saved) > 0
+    assert m["singles_used"] == sum("desirable" in x for x in saved) > 0
+    # the saved file trains again as it is (pairs and judged responses)
+    again = run_itera("dpo-train", "--model", teacher, "--pairs", tmp_path / "pairs.jsonl", "--out", tmp_path / "b",
+                      "--steps", "1", "--holdout", "0").record["metrics"]
+    assert (again["pairs_used"], again["singles_used"]) == (m["pairs_used"], m["singles_used"])
+    # DPO alone drops what it cannot pair, and says so
+    rec = run_itera("dpo-train", "--model", teacher, "--feedback", f, "--out", tmp_path / "c", "--steps", "1",
+                    "--holdout", "0", "--loss", "sigmoid").record
+    assert rec["metrics"]["dropped_reasons"].get("thumbs: no opposite vote for the same prompt", 0) > 0
+    assert rec["metrics"]["singles_used"] == 0
 
 
 @pytest.mark.parametrize("content,needle", [

@@ -558,13 +558,24 @@ def test_feedback_over_http_trains_dpo_and_peft_loads_the_adapter(main_server, m
     assert stored == sorted(stored) and len(set(stored)) == len(events)
     _error(c.post("/v1/feedback", json={"type": "ab", "a_id": ids[0][0], "b_id": ids[1][0], "winner": "a"}), 400,
            "b_id")  # two different prompts
+    # each stored response keeps the serving tokenizer's fingerprint (the checkpoint's: same vocabulary)
+    # and, when the model ended it (no stop strings asked for), the id of the token that did
+    from itera.tokenizer import Tokenizer, fingerprint
+
+    rows = sqlite3.connect(main_server.db).execute("SELECT finish_reason, end_token, tokenizer FROM responses").fetchall()
+    assert {fp for _, _, fp in rows} == {fingerprint(Tokenizer.from_dir(models["ckpt"]))}
+    assert all((finish == "stop") == (end is not None) for finish, end, _ in rows)
     out = tmp_path / "adapter"
     rec = run_itera("dpo-train", "--model", models["ckpt"], "--feedback-db", main_server.db, "--out", out,
                     "--steps", "4", "--batch-size", "2", "--holdout", "0", "--lr", "1e-2", "--merge",
                     "--save-pairs", tmp_path / "pairs.jsonl").record
     m = rec["metrics"]
-    assert m["pairs_used"] == 4 and m["dropped_reasons"] == {"thumbs: no opposite vote for the same prompt": 1}
-    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    # --loss auto: the lonely up-vote is a response judged alone, too few for KTO: dropped, counted
+    assert m["pairs_used"] == 4 and m["singles_used"] == 0
+    assert m["dropped_reasons"] == {"judged alone, not trained: only one (KTO's reference point needs another to "
+                                    "mismatch)": 1}
+    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")}
+             for p in map(json.loads, (tmp_path / "pairs.jsonl").read_text().splitlines())]
     assert {p["prompt"] for p in pairs} == set(prompts[:4])
     assert {"prompt": prompts[2], "chosen": " the happy owl.", "rejected": _text(main_server.db, ids[2][0])} in pairs
     assert {"prompt": prompts[1], "chosen": _text(main_server.db, ids[1][1]),

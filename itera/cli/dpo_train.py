@@ -19,8 +19,21 @@ def dpo_train(
         metavar="PATH|URL", help="The store `itera serve` writes (responses and the feedback posted on them) to turn "
         "into pairs: a SQLite file, or postgresql://USER@HOST:PORT/DB where several servers write; `default` reads "
         "the server's default, $ITERA_HOME/feedback.db.")] = None,
+    from_version: Annotated[Optional[int], typer.Option(help="With --feedback-db: only the feedback on responses "
+                                                        "registry version N served.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="With --feedback-db: only the feedback posted since this "
+                                                 "time (ISO 8601, UTC unless it says; e.g. 2026-12-01).")] = None,
     beta: Annotated[float, typer.Option(help="DPO temperature on the reward margin.")] = 0.1,
-    loss: Annotated[str, typer.Option(help="sigmoid (DPO) or ipo.")] = "sigmoid",
+    loss: Annotated[str, typer.Option(help="auto: pairs with DPO (sigmoid) and responses judged alone (a thumbs "
+                                      "with no opposite vote, a rating) with KTO, in one run; sigmoid (DPO) or ipo: "
+                                      "pairs only; kto: every example alone (a pair's winner desirable, its loser "
+                                      "not).")] = "auto",
+    desirable_weight: Annotated[float, typer.Option(help="KTO's weight on desirable responses (raise it when "
+                                                    "they are fewer).")] = 1.0,
+    undesirable_weight: Annotated[float, typer.Option(help="KTO's weight on undesirable responses.")] = 1.0,
+    rating_threshold: Annotated[Optional[float], typer.Option(help="A rating no pair uses is desirable above this, "
+                                                              "undesirable below (default: the middle of the "
+                                                              "ratings seen).")] = None,
     label_smoothing: Annotated[float, typer.Option(help="Conservative DPO: assumed label noise.")] = 0.0,
     lora_rank: Annotated[int, typer.Option()] = 8,
     lora_alpha: Annotated[float, typer.Option()] = 16.0,
@@ -28,7 +41,7 @@ def dpo_train(
     lora_targets: Annotated[str, typer.Option(help="Projections to adapt: q,k,v,o,gate,up,down (or PEFT's "
                                               "names, q_proj to down_proj).")] = "q,k,v,o,gate,up,down",
     steps: Annotated[int, typer.Option()] = 100,
-    batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Pairs (and responses judged alone) per step.")] = 8,
     lr: Annotated[float, typer.Option()] = 1e-3,
     warmup_steps: Annotated[int, typer.Option()] = 5,
     seed: Annotated[int, typer.Option()] = 0,
@@ -44,7 +57,7 @@ def dpo_train(
     force: Force = False,
     metrics_out: MetricsOut = None,
 ) -> None:
-    """Preference-tune a model with DPO (or IPO) on LoRA adapters, from pairs or user feedback.
+    """Preference-tune a model with DPO (or IPO) and KTO on LoRA adapters, from pairs or user feedback.
 
     Runs unchanged, with the same flags, under `torchrun --nproc-per-node N -m itera dpo-train`
     (pairs of each step split across processes; only rank 0 writes). The reference policy is the base model with
@@ -80,8 +93,10 @@ def dpo_train(
                 raise UsageError(f"--feedback-db {feedback_db} is a directory; pass a file path")
             feedback_db = Path(feedback_db)
     path, parent = model_input(model)
-    opts = DPOOptions(model=path, out=out, pairs=pairs, feedback=feedback, feedback_db=feedback_db, beta=beta,
-                      loss=loss, label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
+    opts = DPOOptions(model=path, out=out, pairs=pairs, feedback=feedback, feedback_db=feedback_db,
+                      from_version=from_version, since=since, beta=beta,
+                      loss=loss, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                      rating_threshold=rating_threshold, label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, lora_targets=lora_targets, holdout=holdout,
                       min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs, force=force,
                       save_dtype=save_dtype)
@@ -94,6 +109,10 @@ def dpo_train(
 
 
 def _summary(console, m: dict) -> None:
+    hs, hb = m.get("heldout_singles"), m.get("heldout_singles_before")
+    if hs and hb and hs["reward_margin"] is not None:
+        console.log(f"held-out desirable-undesirable reward margin {hb['reward_margin']:.3f} -> "
+                    f"{hs['reward_margin']:.3f} ({m['singles_heldout']} held-out responses judged alone)")
     if m["heldout"]:
         console.log(f"held-out reward accuracy {m['heldout_before']['reward_accuracy']:.3f} -> "
                     f"{m['heldout']['reward_accuracy']:.3f}, margin {m['heldout']['reward_margin']:.3f}, "

@@ -11,6 +11,17 @@ and the losses are
         -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
     ipo (Azar et al. 2023):  (h - 1 / (2 * beta))^2
 
+Responses judged one at a time (a thumbs up or down with no opposite vote on its prompt, a
+rating) train with KTO (Ethayarajh et al. 2024, ``--loss kto``; ``--loss auto``, the default,
+trains pairs with DPO and the rest with KTO in the same run, each weighted by its share of the
+examples): ``w_D (1 - sigmoid(beta (r - z0)))`` for a desirable response and
+``w_U (1 - sigmoid(beta (z0 - r)))`` for an undesirable one, ``r = log pi(y|x) - log ref(y|x)``,
+the reference point ``z0`` the batch's mean ``log pi - log ref`` over mismatched prompt/completion
+pairs (each prompt with the next example's completion), clamped at 0 and held constant.
+
+A response that ended (``finish_reason: "stop"``) is scored with the end-of-turn token that ended
+it; one cut at max_tokens is scored without one.
+
 The reference is the base model with the adapters switched off; its log-probabilities are
 computed once per pair and cached under ``$ITERA_HOME/cache/dpo-ref/`` keyed by the model's and
 the data's hashes.
@@ -21,14 +32,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from itera.errors import InputError, UsageError
-from itera.losses import DPO_LOSSES, dpo_loss, kl_div, reward_accuracy
-from itera.preference import Pair
+from itera.losses import DPO_LOSSES, dpo_loss, kl_div, kto_loss, reward_accuracy
+from itera.preference import EOS, Pair, Single
 from itera.options import flag, nested
 from itera.progress import SILENT, Reporter
 from itera.artifacts import describe_artifact
@@ -44,17 +55,42 @@ class Encoded:
     lengths: torch.Tensor  # (n, 2)
 
 
+def _prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
+    # BOS as the tokenizer says; a chat prompt as the server tokenized it (special tokens parsed)
+    return encode_rendered(tok, prompt) if chat else tok.encode(prompt)
+
+
+def _response_ids(tok, text: str, end: int | None) -> list[int]:
+    """A response's tokens, then the end-of-turn id that ended it (EOS: the tokenizer's) if it ended."""
+    ids = tok.encode(text, add_bos=False)
+    if end == EOS:
+        end = tok.eos_id
+    return ids + [end] if end is not None else ids
+
+
+def _encode_rows(rows: list[list[tuple[list[int], int]]]) -> Encoded:
+    """(n, k, T) right-padded ids, the response mask and lengths from n rows of k (ids, prompt length)."""
+    k = len(rows[0]) if rows else 2
+    T = max((len(s) for sides in rows for s, _ in sides), default=1)
+    ids = torch.zeros(len(rows), k, T, dtype=torch.long)
+    mask = torch.zeros(len(rows), k, T)
+    lengths = torch.zeros(len(rows), k, dtype=torch.long)
+    for i, sides in enumerate(rows):
+        for j, (s, n_prompt) in enumerate(sides):
+            ids[i, j, : len(s)] = torch.tensor(s)
+            mask[i, j, n_prompt: len(s)] = 1
+            lengths[i, j] = len(s)
+    return Encoded(ids, mask, lengths)
+
+
 def encode_pairs(tok, pairs: list[Pair], max_len: int) -> tuple[Encoded, list[str]]:
     """Token ids of prompt+response for both sides; responses are scored, prompts masked.
     Pairs longer than ``max_len`` are dropped (reasons returned)."""
     rows, drops = [], []
     for p in pairs:
-        # BOS as the tokenizer says; a chat prompt as the server tokenized it (special tokens parsed)
-        prompt = encode_rendered(tok, p.prompt) if p.chat else tok.encode(p.prompt)
-        sides = []
-        for resp in (p.chosen, p.rejected):
-            r = tok.encode(resp, add_bos=False)
-            sides.append((prompt + r, len(prompt)))
+        prompt = _prompt_ids(tok, p.prompt, p.chat)
+        sides = [(prompt + _response_ids(tok, resp, end), len(prompt))
+                 for resp, end in ((p.chosen, p.chosen_end), (p.rejected, p.rejected_end))]
         if max(len(s) for s, _ in sides) > max_len:
             drops.append("longer than the model's context")
             continue
@@ -62,16 +98,49 @@ def encode_pairs(tok, pairs: list[Pair], max_len: int) -> tuple[Encoded, list[st
             drops.append("empty response")
             continue
         rows.append(sides)
-    T = max((len(s) for sides in rows for s, _ in sides), default=1)
-    ids = torch.zeros(len(rows), 2, T, dtype=torch.long)
-    mask = torch.zeros(len(rows), 2, T)
-    lengths = torch.zeros(len(rows), 2, dtype=torch.long)
-    for i, sides in enumerate(rows):
-        for j, (s, n_prompt) in enumerate(sides):
-            ids[i, j, : len(s)] = torch.tensor(s)
-            mask[i, j, n_prompt: len(s)] = 1
-            lengths[i, j] = len(s)
-    return Encoded(ids, mask, lengths), drops
+    return _encode_rows(rows), drops
+
+
+@dataclass
+class EncodedSingles:
+    enc: Encoded  # (n, 1, T)
+    desirable: torch.Tensor  # (n,) bool
+    prompts: list  # token ids of each prompt, and of each response: the mismatched pairs' parts
+    responses: list
+    max_len: int
+
+    @property
+    def n(self) -> int:
+        return int(self.enc.ids.shape[0])
+
+    def mismatched(self, idx: torch.Tensor) -> Encoded:
+        """Each prompt of the batch ``idx`` with the next example's response (cut to fit the context):
+        the pairs KTO's reference point is estimated on."""
+        rows = []
+        order = idx.tolist()
+        for a, b in zip(order, order[1:] + order[:1]):
+            prompt, resp = self.prompts[a], self.responses[b]
+            resp = resp[: max(1, self.max_len - len(prompt))]
+            rows.append([((prompt + resp)[: self.max_len], len(prompt))])
+        return _encode_rows(rows)
+
+
+def encode_singles(tok, singles: list[Single], max_len: int) -> tuple[EncodedSingles, list[str]]:
+    rows, drops, prompts, responses, good = [], [], [], [], []
+    for x in singles:
+        prompt, resp = _prompt_ids(tok, x.prompt, x.chat), _response_ids(tok, x.response, x.end)
+        if len(prompt) + len(resp) > max_len:
+            drops.append("longer than the model's context")
+            continue
+        if not resp:
+            drops.append("empty response")
+            continue
+        rows.append([(prompt + resp, len(prompt))])
+        prompts.append(prompt)
+        responses.append(resp)
+        good.append(x.desirable)
+    return EncodedSingles(_encode_rows(rows), torch.tensor(good, dtype=torch.bool), prompts, responses,
+                          max_len), drops
 
 
 def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -90,8 +159,8 @@ def reference_logprobs(model, enc: Encoded, chunk: int = 16) -> torch.Tensor:
         for i in range(0, enc.ids.shape[0], chunk):
             ids = enc.ids[i:i + chunk].flatten(0, 1)
             mask = enc.mask[i:i + chunk].flatten(0, 1)
-            out.append(sequence_logprobs(model, ids, mask).view(-1, 2))
-    return torch.cat(out) if out else torch.zeros(0, 2, device=enc.ids.device)
+            out.append(sequence_logprobs(model, ids, mask).view(-1, enc.ids.shape[1]))
+    return torch.cat(out) if out else torch.zeros(0, enc.ids.shape[1], device=enc.ids.device)
 
 
 def tokenizer_digest(ckpt: Path) -> str:
@@ -147,6 +216,37 @@ def evaluate_pairs(model, enc: Encoded, ref: torch.Tensor, beta: float, kind: st
 
 
 @torch.no_grad()
+def mismatched_kl(model, singles: EncodedSingles, idx: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point before clamping: the mean ``log pi - log ref`` over the batch's
+    mismatched prompt/completion pairs (no gradient, as the paper and TRL hold it)."""
+    from itera.lora import adapters_disabled
+
+    mm = singles.mismatched(idx.cpu())
+    dev = singles.enc.ids.device
+    ids, mask = mm.ids[:, 0].to(dev), mm.mask[:, 0].to(dev)
+    pol = sequence_logprobs(model, ids, mask)
+    with adapters_disabled(model):
+        ref = sequence_logprobs(model, ids, mask)
+    return (pol - ref).mean()
+
+
+@torch.no_grad()
+def evaluate_singles(model, s: EncodedSingles, ref: torch.Tensor, beta: float, w_d: float, w_u: float) -> dict:
+    """Held-out single responses: mean reward ``beta (log pi - log ref)`` of the desirable and of the
+    undesirable ones, their margin, and the KTO loss (reference point from the whole set, rolled by one)."""
+    pol = torch.cat([sequence_logprobs(model, s.enc.ids[i:i + 16, 0], s.enc.mask[i:i + 16, 0])
+                     for i in range(0, s.n, 16)])
+    kl = mismatched_kl(model, s, torch.arange(s.n))
+    loss, f = kto_loss(pol, ref[:, 0], s.desirable, kl, beta, w_d, w_u)
+    r, good = f["rewards"], f["desirable"]
+    d = r[good].mean().item() if good.any() else None
+    u = r[~good].mean().item() if (~good).any() else None
+    return {"loss": loss.item(), "desirable_reward": d, "undesirable_reward": u,
+            "reward_margin": d - u if d is not None and u is not None else None, "kl_reference_point": f["z0"].item(),
+            "examples": s.n, "desirable": int(good.sum()), "undesirable": int((~good).sum())}
+
+
+@torch.no_grad()
 def kl_to_reference(model, enc: Encoded) -> float:
     """Mean per-token KL(policy || reference) over the chosen responses of held-out pairs."""
     from itera.lora import adapters_disabled
@@ -163,6 +263,9 @@ def kl_to_reference(model, enc: Encoded) -> float:
     return total / max(count, 1.0)
 
 
+LOSSES = ("auto", *DPO_LOSSES, "kto")
+
+
 @dataclass
 class DPOOptions:
     model: Path = flag("--model")  # the CLI's default: the artifact of the record on stdin
@@ -171,8 +274,15 @@ class DPOOptions:
     feedback: Path | None = flag("--feedback", default=None)
     # itera serve's store of responses and feedback (the CLI reads `default` as the server's default store)
     feedback_db: Path | str | None = flag("--feedback-db", default=None)  # a SQLite file or a PostgreSQL URL
+    # with --feedback-db: only the feedback on responses of registry version N, or posted since a time
+    from_version: int | None = flag("--from-version", default=None)
+    since: str | None = flag("--since", default=None)  # ISO 8601 (UTC unless it says otherwise)
     beta: float = flag("--beta", default=0.1)
-    loss: str = flag("--loss", default="sigmoid")
+    # auto: pairs with DPO (sigmoid), responses judged alone with KTO; sigmoid/ipo: pairs only; kto: every example alone
+    loss: str = flag("--loss", default="auto")
+    desirable_weight: float = flag("--desirable-weight", default=1.0)
+    undesirable_weight: float = flag("--undesirable-weight", default=1.0)
+    rating_threshold: float | None = flag("--rating-threshold", default=None)  # None: the middle of the ratings seen
     label_smoothing: float = flag("--label-smoothing", default=0.0)
     lora_rank: int = flag("--lora-rank", default=8)
     lora_alpha: float = flag("--lora-alpha", default=16.0)
@@ -211,10 +321,22 @@ class DPOOptions:
         if self.feedback_db is not None and not pg.is_url(self.feedback_db) and not Path(self.feedback_db).is_file():
             raise InputError(f"no feedback store at {self.feedback_db}; serve a model with `itera serve` and post "
                              "feedback to /v1/feedback first, or pass the server's --feedback-db")
+        if (self.from_version is not None or self.since is not None) and self.feedback_db is None:
+            raise UsageError("--from-version and --since choose feedback in the serving store; pass --feedback-db")
+        if self.since is not None:
+            parse_since(self.since)
         if not self.beta > 0:
             raise UsageError(f"--beta must be positive (got {self.beta})")
-        if self.loss not in DPO_LOSSES:
-            raise UsageError(f"unknown --loss {self.loss!r}; use sigmoid or ipo")
+        if self.loss not in LOSSES:
+            raise UsageError(f"unknown --loss {self.loss!r}; use auto, sigmoid, ipo or kto")
+        for name, w in (("--desirable-weight", self.desirable_weight), ("--undesirable-weight", self.undesirable_weight)):
+            if not (w > 0 and math.isfinite(w)):
+                raise UsageError(f"{name} must be a positive number (got {w})")
+        if self.rating_threshold is not None and not math.isfinite(self.rating_threshold):
+            raise UsageError(f"--rating-threshold must be a finite number (got {self.rating_threshold})")
+        if self.loss == "kto" and self.train.batch_size < 2:
+            raise UsageError("--loss kto needs --batch-size 2 or more: its reference point is estimated from the "
+                             "batch's mismatched prompt/completion pairs")
         if not 0 <= self.label_smoothing < 0.5:
             raise UsageError(f"--label-smoothing must be in [0, 0.5) (got {self.label_smoothing})")
         if not 0 <= self.holdout < 1:
@@ -256,12 +378,81 @@ class DPOOptions:
         return d
 
 
+def parse_since(text: str):
+    """--since as an aware UTC datetime; a time without a zone is UTC."""
+    import datetime as dt
+
+    try:
+        t = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--since {text!r} is not a time; pass ISO 8601, e.g. 2026-12-01 or "
+                         "2026-12-01T09:30:00Z") from None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def store_events(opts: DPOOptions, tok) -> tuple[list[dict], dict]:
+    """The serving store's events this run trains on, and their provenance for the record.
+
+    --from-version / --since narrow them; then every response they name must have been produced
+    with this model's tokenizer (its fingerprint, stored per response since the store's schema 2):
+    feedback on another vocabulary's tokens is refused, naming the versions it came from. Responses
+    stored before fingerprints were kept cannot be checked: counted as ``tokenizer_unchecked``."""
+    from collections import Counter
+
+    from itera.feedback import read_events
+    from itera.pg import mask as pg_mask
+    from itera.tokenizer import fingerprint
+
+    events = read_events(opts.feedback_db)
+    total = len(events)
+    if opts.from_version is not None:
+        events = [ev for ev in events if ev.get("version") == opts.from_version]
+    if opts.since is not None:
+        since = parse_since(opts.since)
+        events = [ev for ev in events if parse_since(ev["created_at"]) >= since]
+    where = pg_mask(opts.feedback_db)
+    if not events:
+        narrowed = " after --from-version/--since" if total else ""
+        raise UsageError(f"no feedback in {where}{narrowed} ({total} events in all); post feedback to the server's "
+                         "/v1/feedback, or widen --from-version/--since")
+    ours = fingerprint(tok)
+    foreign: Counter = Counter()
+    unchecked = 0
+    for ev in events:
+        prints = [ev.get("tokenizer")] + ([ev.get("b_tokenizer")] if ev.get("type") == "ab" else [])
+        if any(fp is not None and fp != ours for fp in prints):
+            foreign[(ev.get("model"), ev.get("version"))] += 1
+        elif any(fp is None for fp in prints):
+            unchecked += 1
+    if foreign:
+        (model, version), n = foreign.most_common(1)[0]
+        which = f"version {version} of {model}" if version is not None else model
+        raise InputError(f"{sum(foreign.values())} feedback events in {where} are on responses from a model with "
+                         f"another tokenizer ({n} from {which}); they cannot tune {opts.model}: pass --from-version N "
+                         "(a version served with this model's tokenizer) or another --feedback-db")
+    sources = Counter((ev.get("model"), ev.get("version"), ev.get("sha256")) for ev in events)
+    prov = {"store": where, "events": len(events), "events_in_store": total, "from_version": opts.from_version,
+            "since": opts.since, "tokenizer_unchecked": unchecked,
+            "versions": [{"model": m, "version": v, "sha256": sha, "events": n}
+                         for (m, v, sha), n in sorted(sources.items(), key=lambda x: (str(x[0][0]), x[0][1] or -1))]}
+    return events, prov
+
+
+def _held(key: str, seed: int, holdout: float) -> bool:
+    return int(hashlib.sha256(f"{seed}|{key}".encode()).hexdigest(), 16) % 1000 < holdout * 1000
+
+
 def split_pairs(pairs: list[Pair], holdout: float, seed: int) -> tuple[list[Pair], list[Pair]]:
     """A fixed held-out share, chosen by a hash of each pair (stable when pairs are added)."""
-    held = [p for p in pairs if int(hashlib.sha256(f"{seed}|{p.prompt}|{p.chosen}|{p.rejected}".encode())
-                                    .hexdigest(), 16) % 1000 < holdout * 1000]
+    held = [p for p in pairs if _held(f"{p.prompt}|{p.chosen}|{p.rejected}", seed, holdout)]
     held_set = set(held)
     return [p for p in pairs if p not in held_set], held
+
+
+def split_singles(singles: list[Single], holdout: float, seed: int) -> tuple[list[Single], list[Single]]:
+    held = [x for x in singles if _held(f"{x.prompt}|{x.response}|{x.desirable}", seed, holdout)]
+    held_set = set(held)
+    return [x for x in singles if x not in held_set], held
 
 
 # --------------------------------------------------------------------------- phases
@@ -272,85 +463,182 @@ MIN_HELD = 10  # held-out pairs below which a reward accuracy says little (one p
 
 @dataclass
 class PairData:
-    pairs: list[Pair]  # every usable pair (what --save-pairs writes)
+    pairs: list[Pair]  # every usable pair (what --save-pairs writes, with the singles)
     train: Encoded
     held: Encoded
     dropped: dict[str, int]
     heldout_note: str | None = None  # why there is no held-out evaluation, when there is none
+    singles: list[Single] = field(default_factory=list)
+    train_singles: EncodedSingles | None = None  # None: no response judged alone
+    held_singles: EncodedSingles | None = None
+    rating_threshold: float | None = None
+    feedback: dict | None = None  # with --feedback-db: which served versions the events came from
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.train.ids.shape[0])
+
+    @property
+    def n_singles(self) -> int:
+        return self.train_singles.n if self.train_singles is not None else 0
 
 
-def load_pairs(opts: DPOOptions, tok, max_len: int) -> PairData:
-    """Pairs from --pairs, a feedback file or the serving store, split and tokenized; what was dropped and why."""
-    from itera.preference import pairs_from_feedback, read_pairs
+def _rating_threshold(events: list[dict], given: float | None) -> float | None:
+    if given is not None:
+        return given
+    from itera.preference import _finite
 
-    dropped: dict[str, int] = {}
+    rated = [r for ev in events if ev.get("type") == "rating" and (r := _finite(ev.get("rating"))) is not None]
+    return (min(rated) + max(rated)) / 2 if rated else None
+
+
+def gather_examples(opts: DPOOptions, events: list[dict] | None = None) -> tuple[list[Pair], list[Single], dict, float | None]:
+    """(pairs, singles, dropped, rating threshold) from --pairs, a feedback file or the store's ``events``."""
+    from itera.preference import _lines, examples_from_events, read_examples
+
+    mode = {"auto": "auto", "kto": "kto"}.get(opts.loss, "pairs")
     if opts.pairs is not None:
-        pairs = read_pairs(opts.pairs)
-    elif opts.feedback is not None:
-        pairs, dropped = pairs_from_feedback(opts.feedback, opts.min_rating_gap)
-        if not pairs:
-            raise UsageError(f"{opts.feedback} gives no usable preference pairs (dropped: {dropped})")
-    else:  # itera serve's store: events with the texts of the responses they name
-        from itera.feedback import read_events
-        from itera.pg import mask as pg_mask
-        from itera.preference import pairs_from_events
+        pairs, singles = read_examples(opts.pairs)
+        if mode == "pairs" and singles:
+            raise UsageError(f"{opts.pairs} holds responses judged alone (\"desirable\" lines); --loss {opts.loss} "
+                             "trains pairs only: use --loss auto or kto")
+        if mode == "kto":
+            singles = [x for p in pairs for x in (Single(p.prompt, p.chosen, True, p.chat, p.chosen_end),
+                                                 Single(p.prompt, p.rejected, False, p.chat, p.rejected_end))] + singles
+            pairs = []
+        return pairs, singles, {}, None
+    if events is None:
+        events = [ev for _, ev in _lines(opts.feedback)]
+    threshold = _rating_threshold(events, opts.rating_threshold) if mode != "pairs" else None
+    pairs, singles, dropped = examples_from_events(events, mode, opts.min_rating_gap, threshold)
+    return pairs, singles, dropped, threshold
 
-        pairs, dropped = pairs_from_events(read_events(opts.feedback_db), opts.min_rating_gap)
-        if not pairs:
-            raise UsageError(f"the feedback in {pg_mask(opts.feedback_db)} gives no usable preference pairs "
-                             f"(dropped: {dropped})")
+
+def load_pairs(opts: DPOOptions, tok, max_len: int, events: list[dict] | None = None) -> PairData:
+    """Pairs (and responses judged alone) from --pairs, a feedback file or the serving store's
+    ``events``, split and tokenized; what was dropped and why."""
+    source = opts.pairs or opts.feedback
+    provenance = None
+    if source is None:
+        from itera.pg import mask as pg_mask
+
+        source = f"the feedback in {pg_mask(opts.feedback_db)}"
+        if events is None:
+            events, provenance = store_events(opts, tok)
+    pairs, singles, dropped, threshold = gather_examples(opts, events)
+    if not pairs and not singles:
+        what = "preference pairs" if opts.loss in DPO_LOSSES else "examples (pairs or judged responses)"
+        raise UsageError(f"{source} gives no usable {what} (dropped: {dropped})")
     train_pairs, held_pairs = split_pairs(pairs, opts.holdout, opts.train.seed)
-    if opts.holdout > 0 and not held_pairs:
-        dropped_note = (f"the held-out split is empty: {opts.holdout:g} of {len(pairs)} pairs rounds to none; about "
-                        f"{math.ceil(MIN_HELD / opts.holdout)} pairs give {MIN_HELD} held out, the least that says "
+    train_singles, held_singles = split_singles(singles, opts.holdout, opts.train.seed)
+    n_held = len(held_pairs) + len(held_singles)
+    if opts.holdout > 0 and not n_held:
+        total = len(pairs) + len(singles)
+        dropped_note = (f"the held-out split is empty: {opts.holdout:g} of {total} examples rounds to none; about "
+                        f"{math.ceil(MIN_HELD / opts.holdout)} give {MIN_HELD} held out, the least that says "
                         "anything")
     else:
         dropped_note = None
-    if not train_pairs:
-        raise UsageError("no pairs left for training after the held-out split; pass more pairs or --holdout 0")
+    if not train_pairs and not train_singles:
+        raise UsageError("no examples left for training after the held-out split; pass more or --holdout 0")
     enc_train, d1 = encode_pairs(tok, train_pairs, max_len)
     enc_held, d2 = encode_pairs(tok, held_pairs, max_len)
-    for reason in d1 + d2:
+    s_train, d3 = encode_singles(tok, train_singles, max_len)
+    s_held, d4 = encode_singles(tok, held_singles, max_len)
+    for reason in d1 + d2 + d3 + d4:
         dropped[reason] = dropped.get(reason, 0) + 1
-    if enc_train.ids.shape[0] == 0:
-        raise UsageError("every training pair was dropped (" + ", ".join(dropped) + ")")
-    return PairData(pairs, enc_train, enc_held, dropped, dropped_note)
+    if enc_train.ids.shape[0] == 0 and s_train.n == 0:
+        raise UsageError("every training example was dropped (" + ", ".join(dropped) + ")")
+    why = ("--batch-size 1 (KTO estimates its reference point from a batch's mismatched pairs)"
+           if opts.train.batch_size < 2 else "only one (KTO's reference point needs another to mismatch)"
+           if s_train.n == 1 else None)
+    if s_train.n and why:
+        if opts.loss == "kto" or enc_train.ids.shape[0] == 0:
+            raise UsageError(f"responses judged alone train with KTO, which cannot run on {why}; pass "
+                             "--batch-size 2 or more, or collect more feedback")
+        # --loss auto with pairs to train: the judged responses are dropped, counted, and the pairs train
+        dropped[f"judged alone, not trained: {why}"] = s_train.n + s_held.n
+        s_train, s_held = encode_singles(tok, [], max_len)[0], encode_singles(tok, [], max_len)[0]
+        singles = []
+    return PairData(pairs, enc_train, enc_held, dropped, dropped_note, singles,
+                    s_train if s_train.n else None, s_held if s_held.n else None, threshold, provenance)
 
 
-def references(model, data: PairData, ckpt: Path) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Reference log-probs of the training and held-out pairs (cached by the checkpoint's content
-    hash, its tokenizer's and the data's); and whether both were cache hits."""
+@dataclass
+class Refs:
+    """The reference model's log-probabilities: (n, 2) per pair set, (n, 1) per single set."""
+    train: torch.Tensor
+    held: torch.Tensor
+    train_singles: torch.Tensor | None
+    held_singles: torch.Tensor | None
+    hit: bool
+
+
+def references(model, data: PairData, ckpt: Path) -> Refs:
+    """Reference log-probs of the training and held-out examples (cached by the checkpoint's content
+    hash, its tokenizer's and the data's); and whether all were cache hits."""
     from itera.fsio import artifact_digest
     from itera.paths import cache_dir
 
     ref_dir = cache_dir() / "dpo-ref"
     keys = (artifact_digest(Path(ckpt))[1], tokenizer_digest(ckpt))
-    ref_train, hit_train = cached_reference(model, data.train, keys[0], ref_dir, keys[1])
-    if data.held.ids.shape[0] == 0:
-        return ref_train, torch.zeros(0, 2, device=ref_train.device), hit_train
-    ref_held, hit_held = cached_reference(model, data.held, keys[0], ref_dir, keys[1])
-    return ref_train, ref_held, hit_train and hit_held
+    hits = []
+
+    def ref(enc: Encoded | None, k: int):
+        if enc is None or enc.ids.shape[0] == 0:
+            return torch.zeros(0, k, device=model.lm_head.weight.device)
+        values, hit = cached_reference(model, enc, keys[0], ref_dir, keys[1])
+        hits.append(hit)
+        return values
+
+    out = Refs(ref(data.train, 2), ref(data.held, 2), None, None, False)
+    if data.train_singles is not None:
+        out.train_singles = ref(data.train_singles.enc, 1)
+    if data.held_singles is not None:
+        out.held_singles = ref(data.held_singles.enc, 1)
+    out.hit = all(hits)
+    return out
 
 
-def fit(opts: DPOOptions, model, data: PairData, ref_train: torch.Tensor, dist: Dist, reporter: Reporter) -> dict:
-    """Train the adapters on random pairs per step (a pure function of seed and step)."""
+def fit(opts: DPOOptions, model, data: PairData, refs: Refs, dist: Dist, reporter: Reporter) -> dict:
+    """Train the adapters on random examples per step (a pure function of seed and step): pairs
+    with DPO/IPO, responses judged alone with KTO, both (weighted by their shares) under auto."""
     from itera.train import Trainer, step_generator
 
-    n = data.train.ids.shape[0]
+    n_p, n_s = data.n_pairs, data.n_singles
+    pair_kind = opts.loss if opts.loss in DPO_LOSSES else "sigmoid"
+    share_p = n_p / (n_p + n_s)
 
     def batch_fn(step: int) -> torch.Tensor:
-        return torch.randint(0, n, (opts.train.batch_size,), generator=step_generator(opts.train.seed, step))
+        g = step_generator(opts.train.seed, step)
+        cols = [torch.randint(0, n, (opts.train.batch_size,), generator=g) for n in (n_p, n_s) if n]
+        return cols[0] if len(cols) == 1 else torch.stack(cols, 1)
 
-    def loss_fn(m, idx: torch.Tensor):
+    def pair_loss(m, idx):
         ids = data.train.ids[idx].flatten(0, 1)
         mask = data.train.mask[idx].flatten(0, 1)
         pol = sequence_logprobs(m, ids, mask).view(-1, 2)
-        ref = ref_train[idx]
-        loss, f = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], opts.beta, opts.loss, opts.label_smoothing)
+        ref = refs.train[idx]
+        loss, f = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], opts.beta, pair_kind, opts.label_smoothing)
         margin = f["chosen_rewards"] - f["rejected_rewards"]
         return loss, {"reward_accuracy": reward_accuracy(margin), "reward_margin": margin.mean().item()}
 
-    task = reporter.task("dpo", total=opts.train.steps)
+    def single_loss(m, idx):
+        s = data.train_singles
+        pol = sequence_logprobs(m, s.enc.ids[idx, 0], s.enc.mask[idx, 0])
+        kl = mismatched_kl(m, s, idx)
+        loss, f = kto_loss(pol, refs.train_singles[idx, 0], s.desirable[idx], kl, opts.beta,
+                           opts.desirable_weight, opts.undesirable_weight)
+        return loss, {"kto_loss": loss.item(), "kl_reference_point": f["z0"].item()}
+
+    def loss_fn(m, idx: torch.Tensor):
+        if n_p and n_s:
+            lp, logs = pair_loss(m, idx[:, 0])
+            ls, logs_s = single_loss(m, idx[:, 1])
+            return share_p * lp + (1 - share_p) * ls, {**logs, **logs_s}
+        return pair_loss(m, idx) if n_p else single_loss(m, idx)
+
+    task = reporter.task("dpo" if not n_s else ("kto" if not n_p else "dpo+kto"), total=opts.train.steps)
     try:
         return Trainer(model, loss_fn, None, opts.train, dist=dist, batch_fn=batch_fn,
                        on_step=lambda s, logs: task.update(s, loss=logs["loss"])).run()
@@ -382,7 +670,8 @@ def write(opts: DPOOptions, model, data: PairData, params: dict, dtype: str = "f
             round_to_dtype(model, dtype, "merged model")
             save_model(model, tmp / "merged", tokenizer_from=Path(opts.model), dtype=dtype)
     if opts.save_pairs is not None:
-        write_text_atomic(Path(opts.save_pairs), "".join(json.dumps(p.as_dict()) + "\n" for p in data.pairs))
+        lines = [json.dumps(x.as_dict()) + "\n" for x in (*data.pairs, *data.singles)]
+        write_text_atomic(Path(opts.save_pairs), "".join(lines))
 
 
 # --------------------------------------------------------------------------- the job
@@ -405,27 +694,44 @@ def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = N
     tok.check_fits(cfg.vocab_size, str(opts.model))
     data = load_pairs(opts, tok, cfg.max_position_embeddings)
     held = data.held.ids.shape[0] > 0
-    reporter.log(f"pairs: {data.train.ids.shape[0]} train, {data.held.ids.shape[0]} held out, "
+    held_s = data.held_singles is not None
+    reporter.log(f"pairs: {data.n_pairs} train, {data.held.ids.shape[0]} held out; responses judged alone: "
+                 f"{data.n_singles} train, {data.held_singles.n if held_s else 0} held out; "
                  f"dropped {sum(data.dropped.values())}")
     if data.heldout_note:
         reporter.log(data.heldout_note)
-    for enc in (data.train, data.held):  # the pairs live where the model computes
+    for enc in (data.train, data.held) + tuple(x.enc for x in (data.train_singles, data.held_singles) if x):
         enc.ids, enc.mask, enc.lengths = enc.ids.to(dist.device), enc.mask.to(dist.device), enc.lengths.to(dist.device)
+    for x in (data.train_singles, data.held_singles):
+        if x is not None:
+            x.desirable = x.desirable.to(dist.device)
     model, _ = load_model(opts.model, device=dist.device)
     add_lora(model, opts.targets, opts.lora_rank, opts.lora_alpha, opts.lora_dropout, seed=opts.train.seed)
-    ref_train, ref_held, hit = references(model, data, Path(opts.model))
+    refs = references(model, data, Path(opts.model))
     model.eval()
-    score = lambda enc, ref: evaluate_pairs(model, enc, ref, opts.beta, opts.loss, opts.label_smoothing)  # noqa: E731
-    before = score(data.held, ref_held) if held else None
-    stats = fit(opts, model, data, ref_train, dist, reporter)
+    pair_kind = opts.loss if opts.loss in DPO_LOSSES else "sigmoid"
+    score = lambda enc, ref: evaluate_pairs(model, enc, ref, opts.beta, pair_kind, opts.label_smoothing)  # noqa: E731
+    score_s = lambda s, ref: evaluate_singles(model, s, ref, opts.beta, opts.desirable_weight,  # noqa: E731
+                                              opts.undesirable_weight)
+    before = score(data.held, refs.held) if held else None
+    before_s = score_s(data.held_singles, refs.held_singles) if held_s else None
+    stats = fit(opts, model, data, refs, dist, reporter)
     model.eval()
+    kl_enc = data.held if held else (data.held_singles.enc if held_s else None)
+    losses = {"pairs": pair_kind if data.n_pairs else None, "singles": "kto" if data.n_singles else None}
     metrics = {
-        "train": score(data.train, ref_train), "heldout": score(data.held, ref_held) if held else None,
-        "heldout_before": before, "kl_to_reference": kl_to_reference(model, data.held) if held else None,
-        "pairs_used": int(data.train.ids.shape[0]), "pairs_heldout": int(data.held.ids.shape[0]),
+        "train": score(data.train, refs.train) if data.n_pairs else None,
+        "heldout": score(data.held, refs.held) if held else None,
+        "heldout_before": before, "kl_to_reference": kl_to_reference(model, kl_enc) if kl_enc is not None else None,
+        "pairs_used": data.n_pairs, "pairs_heldout": int(data.held.ids.shape[0]),
+        "singles_used": data.n_singles, "singles_heldout": data.held_singles.n if held_s else 0,
+        "train_singles": score_s(data.train_singles, refs.train_singles) if data.n_singles else None,
+        "heldout_singles": score_s(data.held_singles, refs.held_singles) if held_s else None,
+        "heldout_singles_before": before_s,
+        "losses": losses, "rating_threshold": data.rating_threshold, "feedback_provenance": data.feedback,
         "pairs_dropped": sum(data.dropped.values()), "dropped_reasons": data.dropped,
         "heldout_note": data.heldout_note,
-        "reference_cache_hit": bool(hit),
+        "reference_cache_hit": bool(refs.hit),
         "train_seconds": stats["train_seconds"], "first_loss": stats["first_loss"], "final_loss": stats["final_loss"],
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
@@ -436,7 +742,7 @@ def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = N
         if opts.merge:
             # the held-out figures above are the adapter's on the base in float32; these are merged/'s, as saved
             metrics.update(merged_dtype=dtype, merged_dtype_reason=dtype_reason,
-                           heldout_merged=score(data.held, ref_held) if held else None,
+                           heldout_merged=score(data.held, refs.held) if held else None,
                            heldout_measured_on=f"heldout, heldout_before and kl_to_reference: the adapter on the "
                                                f"base in float32; heldout_merged: merged/ as saved ({dtype})")
             reporter.log(f"merged/ saved in {dtype} ({dtype_reason})" + (

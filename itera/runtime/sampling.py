@@ -171,6 +171,7 @@ class Generation:
     text: str = ""
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    end_token: int | None = None  # the end-of-sequence id that ended it (None: cut, a stop string, cancelled)
     first_token_s: float | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -188,7 +189,7 @@ class Generation:
             if self.first_token_s is None:
                 self.first_token_s = time.perf_counter() - t0
             if tok in self.eos_ids:
-                reason = "stop"
+                reason, self.end_token = "stop", int(tok)
                 break
             self.tokens.append(tok)
             delta = stops.feed(detok.push(tok))

@@ -151,6 +151,7 @@ class LoadedModel:
                  chat_template: str | None = None):
         from itera.runtime import open_runtime
         from itera.chat import ChatTemplate, model_template, token_text
+        from itera.tokenizer import fingerprint
 
         self.source = source
         self.runtimes: list = []
@@ -169,6 +170,7 @@ class LoadedModel:
                 steppers = [first.stepper() for _ in range(lanes)]
             self.runtime_name = first.name
             self.tokenizer = first.tokenizer
+            self.tokenizer_fingerprint = fingerprint(first.tokenizer)
             self.max_context = int(first.max_context)
             self.eos_ids = _eos_ids(first, source)
             text, origin = (chat_template, "--chat-template") if chat_template else \
