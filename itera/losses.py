@@ -51,22 +51,39 @@ def divergence(t_logp: torch.Tensor, s_logp: torch.Tensor, kind: str = "forward"
     raise UsageError(f"unknown --kl {kind!r}; use forward, reverse or jsd")
 
 
-def bucket_logp(t_logp: torch.Tensor, t_rest: torch.Tensor, rest_tokens: int, temperature: float) -> torch.Tensor:
+def bucket_logp(t_logp: torch.Tensor, t_rest: torch.Tensor, rest_tokens: int, temperature: float,
+                rest_powers: torch.Tensor | None = None) -> torch.Tensor:
     """A teacher's sparse distribution (K log-probabilities at temperature 1 and the log of the
     rest's mass) as K + 1 log-probabilities at ``temperature``.
 
-    The K ids are tempered exactly (``log p / T``, renormalised). The rest's tokens are not known
-    one by one, so their mass is taken as spread evenly over the ``rest_tokens`` tokens it covers:
-    its tempered share is ``n (rest / n) ** (1 / T)``. At T = 1 this is exact; above 1 it is an
-    upper bound of the true tempered rest (Jensen), exact when the rest is flat.
+    The K ids are tempered exactly (``log p / T``, renormalised). The rest's tokens are not known one
+    by one; at temperature T their mass becomes ``sum_rest p^(1/T)`` before renormalising. With the
+    cache's power sums (``rest_powers``: ``log sum_rest p^b`` at ``b`` in
+    ``itera.teacher_cache.REST_BETAS``), that is exact at those temperatures and interpolated
+    linearly in ``b = 1/T`` between them, with ``b = 0`` (``log rest_tokens``) and ``b = 1`` (the
+    rest's mass) as exact ends: ``log sum p^b`` is convex in ``b``, so the interpolation is an upper
+    bound, tight on the grid. Without them (or below T = 1) the rest is taken as spread evenly over
+    ``rest_tokens`` tokens: ``n (rest / n) ** (1 / T)``, exact when it is flat, an upper bound
+    otherwise (far above the truth for a peaked teacher at high T). At T = 1 all of it is exact.
     """
     rest = t_rest.unsqueeze(-1)
     if temperature == 1.0:
         return torch.cat([t_logp, rest], -1)
     n = max(rest_tokens, 1)
     logn = math.log(n)
-    out = torch.cat([t_logp / temperature, logn + (rest - logn) / temperature], -1)
-    return torch.log_softmax(out, -1)
+    b = 1.0 / temperature
+    if rest_powers is not None and b < 1.0 and rest_tokens > 0:
+        from itera.teacher_cache import REST_BETAS
+
+        grid = (0.0, *REST_BETAS, 1.0)
+        j = max(i for i in range(len(grid) - 1) if grid[i] <= b)
+        col = lambda i: (torch.full_like(t_rest, logn) if i == 0 else t_rest if i == len(grid) - 1  # noqa: E731
+                         else rest_powers[..., i - 1])
+        w = (b - grid[j]) / (grid[j + 1] - grid[j])
+        tempered = ((1 - w) * col(j) + w * col(j + 1)).unsqueeze(-1)
+    else:
+        tempered = logn + (rest - logn) / temperature
+    return torch.log_softmax(torch.cat([t_logp / temperature, tempered], -1), -1)
 
 
 def student_bucket_logp(s_logits: torch.Tensor, ids: torch.Tensor, vocab: int, temperature: float,
@@ -113,8 +130,8 @@ def _chunk_loss(s_hidden, t_hidden, targets, s_head, t_head, alpha: float, tempe
     return ce, divergence(t_logp, s_logp, kind, beta).sum()
 
 
-def _sparse_chunk_loss(s_hidden, targets, ids, t_logp, t_rest, s_head, alpha: float, temperature: float, kind: str,
-                       beta: float, vocab: int):
+def _sparse_chunk_loss(s_hidden, targets, ids, t_logp, t_rest, t_powers, s_head, alpha: float, temperature: float,
+                       kind: str, beta: float, vocab: int):
     """(sum CE, sum divergence) over one chunk of positions against the teacher's K + 1 buckets.
 
     The cross-entropy and the student's buckets share one log-sum-exp over the logits and one
@@ -127,7 +144,7 @@ def _sparse_chunk_loss(s_hidden, targets, ids, t_logp, t_rest, s_head, alpha: fl
     picked = s_logits.gather(-1, torch.cat([targets.unsqueeze(-1), ids], -1))
     ce = (lse - picked[..., :1]).sum()
     shared = lse if s_logits.shape[-1] == vocab else None  # a padded head: the true vocabulary's own
-    p = bucket_logp(t_logp, t_rest, vocab - ids.shape[-1], temperature)
+    p = bucket_logp(t_logp, t_rest, vocab - ids.shape[-1], temperature, t_powers)
     q = student_bucket_logp(s_logits, ids, vocab, temperature, lse=shared, picked=picked[..., 1:])
     return ce, divergence(p, q, kind, beta).sum()
 
@@ -155,8 +172,9 @@ class SparseDistillLoss:
         ce_sum, kl_sum = 0.0, 0.0
         for i in range(0, x.shape[1], self.chunk):
             sl = slice(i, i + self.chunk)
+            powers = t.rest_powers[:, sl] if t.rest_powers is not None else None
             ce, kl = checkpoint(_sparse_chunk_loss, s_hidden[:, sl], y[:, sl], t.ids[:, sl], t.logp[:, sl],
-                                t.rest[:, sl], student.lm_head.weight, self.alpha, self.T, self.kind, self.beta,
+                                t.rest[:, sl], powers, student.lm_head.weight, self.alpha, self.T, self.kind, self.beta,
                                 self.vocab, use_reentrant=False)
             ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
         n = y.numel()

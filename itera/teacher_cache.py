@@ -9,7 +9,13 @@ teacher reads each window's first ``seq_len`` tokens and, at every position, the
   else uint32),
 - their log-probabilities at temperature 1 (float16),
 - the log of the mass of every other token (float32), so that the K ids and "the rest" are a
-  proper distribution over ``K + 1`` buckets and a sparse KL is a real divergence.
+  proper distribution over ``K + 1`` buckets and a sparse KL is a real divergence,
+- and, for tempering, the rest's power sums ``log sum_rest p^b`` at ``b`` in :data:`REST_BETAS`
+  (float32; temperatures 4, 3, 2 and 1.5): what the rest's mass becomes at temperature ``T = 1/b``
+  before renormalising. At those temperatures the sparse loss's tempering is exact; between them
+  it interpolates ``log sum_rest p^b`` linearly in ``b`` (a convex function: an upper bound that
+  the grid keeps tight), with ``b = 0`` (the rest's token count) and ``b = 1`` (its mass) as exact
+  end points. A version 1 cache, without them, takes the rest as flat.
 
 Log-probabilities are over the tokenizer's true vocabulary: rows of an embedding table padded past
 it (Qwen's 151,936 rows for 151,665 tokens) are not tokens and are left out, for teacher and
@@ -40,7 +46,9 @@ import torch
 from itera.errors import InputError, UsageError
 
 FORMAT = "itera-teacher-cache"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # version 1: no rest power sums (the rest is taken as flat when tempering)
+REST_BETAS = (0.25, 1 / 3, 0.5, 2 / 3)  # 1 / T for T = 4, 3, 2, 1.5
 SHARD_WINDOWS = 256
 DEFAULT_TOP_K = 64  # what `itera distill cache` keeps, and `distill --teacher-cache` builds, by default
 REMAINDER_FLOOR = -80.0  # log of the rest's mass when the K ids hold all of it (exp(-80) ~ 1e-35)
@@ -64,13 +72,21 @@ def window_grid(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len + 1].unfold(0, seq_len + 1, seq_len).contiguous()
 
 
-def top_k(logits: torch.Tensor, k: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, log-probabilities, log remainder) of the ``k`` most likely of the first ``vocab``
-    entries of ``logits`` (..., V) at temperature 1."""
+def top_k(logits: torch.Tensor, k: int, vocab: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, log-probabilities, log remainder, the remainder's power sums) of the ``k`` most likely
+    of the first ``vocab`` entries of ``logits`` (..., V) at temperature 1; the power sums are
+    ``log sum_rest p^b`` for ``b`` in :data:`REST_BETAS` (..., len(REST_BETAS))."""
     logp = torch.log_softmax(logits[..., :vocab].float(), dim=-1)
     top, ids = logp.topk(k, dim=-1)
-    rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1) if k < vocab else torch.full_like(top[..., 0], -math.inf)
-    return ids, top, rest.clamp(min=REMAINDER_FLOOR)
+    if k < vocab:
+        others = logp.scatter(-1, ids, float("-inf"))
+        rest = others.logsumexp(-1)
+        powers = torch.stack([(others * b).logsumexp(-1) for b in REST_BETAS], -1)
+    else:
+        rest = torch.full_like(top[..., 0], -math.inf)
+        powers = torch.full(top.shape[:-1] + (len(REST_BETAS),), -math.inf, device=top.device)
+    return ids, top, rest.clamp(min=REMAINDER_FLOOR), powers.clamp(min=REMAINDER_FLOOR)
 
 
 def id_dtype(vocab: int) -> np.dtype:
@@ -84,9 +100,11 @@ class Targets:
     ids: torch.Tensor
     logp: torch.Tensor
     rest: torch.Tensor
+    rest_powers: torch.Tensor | None = None  # (B, T, len(REST_BETAS)); None from a version 1 cache
 
     def to(self, device) -> "Targets":
-        return Targets(self.ids.to(device), self.logp.to(device), self.rest.to(device))
+        powers = self.rest_powers.to(device) if self.rest_powers is not None else None
+        return Targets(self.ids.to(device), self.logp.to(device), self.rest.to(device), powers)
 
 
 # --------------------------------------------------------------------------- reading
@@ -107,6 +125,8 @@ class TeacherCache:
         self.ids: np.ndarray | None = None
         self.logp: np.ndarray | None = None
         self.rest: np.ndarray | None = None
+        self.rest_powers: np.ndarray | None = None
+        self.version = int(manifest.get("version", VERSION))
 
     @classmethod
     def open(cls, path: Path) -> "TeacherCache":
@@ -123,13 +143,16 @@ class TeacherCache:
             raise _refuse(path, f"has an unreadable manifest.json ({type(e).__name__})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise _refuse(path, "is not a teacher cache (its manifest.json names another format)")
-        if manifest.get("version") != VERSION:
+        if manifest.get("version") not in READS:
             raise _refuse(path, f"is a teacher cache of format version {manifest.get('version')}, and this itera "
-                          f"reads version {VERSION}")
+                          f"reads versions {', '.join(map(str, READS))}")
         try:
             cache = cls(path, manifest)
             shards = manifest["shards"]
             if sum(int(s["windows"]) for s in shards) != cache.windows:
+                raise ValueError
+            if cache.version >= 2 and [round(float(b), 9) for b in manifest["rest_betas"]] != \
+                    [round(b, 9) for b in REST_BETAS]:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise _refuse(path, "has a manifest.json with missing or inconsistent fields") from None
@@ -168,6 +191,8 @@ class TeacherCache:
         ids = np.empty((self.windows, L, K), dt)
         logp = np.empty((self.windows, L, K), np.float16)
         rest = np.empty((self.windows, L), np.float32)
+        G = len(REST_BETAS) if self.version >= 2 else 0
+        powers = np.empty((self.windows, L, G), np.float32) if G else None
         at = 0
         for s in self.manifest["shards"]:
             raw = (self.path / s["file"]).read_bytes()
@@ -178,17 +203,19 @@ class TeacherCache:
                 body = zlib.decompress(raw)
             except zlib.error:
                 raise _refuse(self.path, f"has a corrupt shard {s['file']} (it does not decompress)") from None
-            sizes = (n * L * K * dt.itemsize, n * L * K * 2, n * L * 4)
+            sizes = (n * L * K * dt.itemsize, n * L * K * 2, n * L * 4, n * L * G * 4)
             if len(body) != sum(sizes):
                 raise _refuse(self.path, f"has a shard {s['file']} of the wrong size for its layout")
-            a, b = sizes[0], sizes[0] + sizes[1]
+            a, b, c = sizes[0], sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2]
             ids[at:at + n] = np.frombuffer(body[:a], dt).reshape(n, L, K)
             logp[at:at + n] = np.frombuffer(body[a:b], np.float16).reshape(n, L, K)
-            rest[at:at + n] = np.frombuffer(body[b:], np.float32).reshape(n, L)
+            rest[at:at + n] = np.frombuffer(body[b:c], np.float32).reshape(n, L)
+            if G:
+                powers[at:at + n] = np.frombuffer(body[c:], np.float32).reshape(n, L, G)
             at += n
         if int(ids.max(initial=0)) >= self.vocab:
             raise _refuse(self.path, f"holds token ids past its vocabulary of {self.vocab}")
-        self.ids, self.logp, self.rest = ids, logp, rest
+        self.ids, self.logp, self.rest, self.rest_powers = ids, logp, rest, powers
         return self
 
     def targets(self, rows: torch.Tensor, k: int | None = None) -> Targets:
@@ -198,11 +225,15 @@ class TeacherCache:
         ids = torch.from_numpy(self.ids[idx].astype(np.int64))
         logp = torch.from_numpy(self.logp[idx].astype(np.float32))
         rest = torch.from_numpy(self.rest[idx])
+        powers = torch.from_numpy(self.rest_powers[idx]) if self.rest_powers is not None else None
         if k is not None and k < self.k:
-            cut = logp[..., k:].logsumexp(-1)
-            rest = torch.logaddexp(rest, cut).clamp(min=REMAINDER_FLOOR)
+            cut = logp[..., k:]
+            rest = torch.logaddexp(rest, cut.logsumexp(-1)).clamp(min=REMAINDER_FLOOR)
+            if powers is not None:
+                cut_powers = torch.stack([(cut * b).logsumexp(-1) for b in REST_BETAS], -1)
+                powers = torch.logaddexp(powers, cut_powers).clamp(min=REMAINDER_FLOOR)
             ids, logp = ids[..., :k].contiguous(), logp[..., :k].contiguous()
-        return Targets(ids, logp, rest)
+        return Targets(ids, logp, rest, powers)
 
 
 # --------------------------------------------------------------------------- writing
@@ -213,7 +244,7 @@ def build(out: Path, windows: torch.Tensor, teacher: Callable, k: int, vocab: in
           files: Callable[[Path], None] | None = None, overwrite: bool = False) -> dict:
     """Write a cache for ``windows`` (N, L+1) into ``out`` (written beside it and renamed when complete;
     an existing ``out`` is replaced only with ``overwrite``). ``teacher(x)`` gives the :func:`top_k`
-    triple (B, L, K) for token rows ``x`` (B, L); ``files(tmp)`` adds the tokenizer and config.
+    tuple for token rows ``x`` (B, L); ``files(tmp)`` adds the tokenizer and config.
     Returns the manifest."""
     import time
 
@@ -226,14 +257,15 @@ def build(out: Path, windows: torch.Tensor, teacher: Callable, k: int, vocab: in
     t0 = time.perf_counter()
     shards: list[dict] = []
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        buf: list[tuple[np.ndarray, ...]] = []
 
         def flush() -> None:
             if not buf:
                 return
             ids = np.concatenate([b[0] for b in buf])
             body = (ids.astype(dt).tobytes() + np.concatenate([b[1] for b in buf]).astype(np.float16).tobytes()
-                    + np.concatenate([b[2] for b in buf]).astype(np.float32).tobytes())
+                    + np.concatenate([b[2] for b in buf]).astype(np.float32).tobytes()
+                    + np.concatenate([b[3] for b in buf]).astype(np.float32).tobytes())
             raw = zlib.compress(body, 1)
             name = f"shard-{len(shards):05d}.bin"
             (tmp / name).write_bytes(raw)
@@ -244,8 +276,7 @@ def build(out: Path, windows: torch.Tensor, teacher: Callable, k: int, vocab: in
         done = 0
         for i in range(0, n, batch):
             x = windows[i:i + batch, :-1]
-            ids, logp, rest = teacher(x)
-            buf.append((ids.cpu().numpy(), logp.cpu().numpy(), rest.cpu().numpy()))
+            buf.append(tuple(t.cpu().numpy() for t in teacher(x)))
             done += x.shape[0]
             if sum(b[0].shape[0] for b in buf) >= SHARD_WINDOWS:
                 flush()
@@ -254,6 +285,7 @@ def build(out: Path, windows: torch.Tensor, teacher: Callable, k: int, vocab: in
         flush()
         seconds = time.perf_counter() - t0
         manifest = {"format": FORMAT, "version": VERSION, "key": key, "top_k": k, "vocab": vocab,
+                    "rest_betas": list(REST_BETAS),
                     "layout": {"seq_len": L, "stride": L, "windows": n, "tokens": n * L},
                     "build": {**extra, "seconds": seconds, "teacher_tokens_per_s": n * L / seconds if seconds else None},
                     "shards": shards}
@@ -264,7 +296,7 @@ def build(out: Path, windows: torch.Tensor, teacher: Callable, k: int, vocab: in
 
 
 def torch_teacher(model, k: int, vocab: int, chunk: int = 128
-                  ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                  ) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
     """:func:`top_k` of a float teacher for token rows (B, L), on the teacher's device, the head applied
     in chunks of positions so that (B, L, V) logits never exist at once."""
     device = next(model.parameters()).device
@@ -273,7 +305,7 @@ def torch_teacher(model, k: int, vocab: int, chunk: int = 128
     def targets(x: torch.Tensor):
         h = model(x.to(device), return_hidden=True)
         parts = [top_k(model.lm_head(h[:, i:i + chunk]), k, vocab) for i in range(0, h.shape[1], chunk)]
-        return tuple(torch.cat([p[j] for p in parts], 1) for j in range(3))
+        return tuple(torch.cat([p[j] for p in parts], 1) for j in range(4))
 
     return targets
 

@@ -16,7 +16,7 @@ from conftest import SMALL, assert_usage_error, run_itera
 from itera.losses import REST_FLOOR, DistillLoss, SparseDistillLoss, bucket_logp, divergence, kl_div, student_bucket_logp
 from itera.model.config import ModelConfig
 from itera.model.llama import LlamaForCausalLM
-from itera.teacher_cache import Targets, top_k, torch_teacher, window_grid
+from itera.teacher_cache import REST_BETAS, Targets, top_k, torch_teacher, window_grid
 
 K = 8
 
@@ -54,12 +54,35 @@ def test_top_k_ignores_padded_rows_and_keeps_the_rest_mass():
     logits; the K ids' probabilities plus the rest's mass are 1."""
     logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
     logits[:, 8:] = 50.0  # padding rows the tokenizer never produces
-    ids, logp, rest = top_k(logits, 3, 8)
+    ids, logp, rest, powers = top_k(logits, 3, 8)
     assert int(ids.max()) < 8
     total = torch.logsumexp(torch.cat([logp, rest[:, None]], -1), -1)
     assert torch.allclose(total, torch.zeros(3), atol=1e-5)
     full = torch.log_softmax(logits[:, :8], -1)
     assert torch.allclose(logp, full.gather(-1, ids))
+    others = full.scatter(-1, ids, float("-inf"))
+    for g, b in enumerate(REST_BETAS):  # the rest's power sums, log sum_rest p^b
+        assert torch.allclose(powers[:, g], (others * b).logsumexp(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [2.0, 4.0, 1.5, 2.5, 6.0])
+def test_tempering_with_the_rest_power_sums_is_exact_on_the_grid_and_tight_between(temperature):
+    """A peaked teacher whose rest is far from flat: with the cached power sums the tempered rest
+    is exact at T = 4, 3, 2, 1.5 and between them an upper bound much closer than the flat
+    assumption's."""
+    logits = torch.randn(4, 200, generator=torch.Generator().manual_seed(3)) * 4
+    ids, logp, rest, powers = top_k(logits, 8, 200)
+    dense = torch.log_softmax(torch.log_softmax(logits, -1) / temperature, -1)
+    want = torch.cat([dense.gather(-1, ids), dense.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)], -1)
+    got = bucket_logp(logp, rest, 192, temperature, powers)
+    flat = bucket_logp(logp, rest, 192, temperature)
+    err, err_flat = (got - want)[..., -1], (flat - want)[..., -1]
+    if 1 / temperature in [pytest.approx(b) for b in REST_BETAS]:
+        assert torch.allclose(got, want, atol=1e-5)
+    else:
+        assert (err >= -1e-5).all()  # an upper bound on the rest's tempered share
+    assert (err_flat > 0.02).all() and (err.abs() < 0.5 * err_flat).all()
+    assert torch.allclose(got.exp().sum(-1), torch.ones(4), atol=1e-5)
 
 
 def test_tempered_buckets_are_exact_when_the_rest_is_flat():

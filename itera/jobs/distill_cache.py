@@ -100,7 +100,7 @@ def gguf_teacher(rt, k: int, vocab: int):
 
     def targets(x: torch.Tensor):
         parts = [top_k(torch.from_numpy(rt.logits(row.tolist())), k, vocab) for row in x]
-        return tuple(torch.stack([p[j] for p in parts]) for j in range(3))
+        return tuple(torch.stack([p[j] for p in parts]) for j in range(4))
 
     return targets
 
