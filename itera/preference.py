@@ -41,7 +41,7 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from itera.data import is_text
 from itera.errors import DataError
@@ -302,40 +302,37 @@ class _Collected:
         return out
 
 
-def _dedup_pairs(raw: list[Pair], dropped: Counter) -> list[Pair]:
-    """Identical responses, pairs that contradict each other, and repeats are dropped, counted."""
+def _dedup(raw: list, key: Callable, bad: Callable, dropped: Counter) -> list:
+    """The first of each ``key`` kept; what ``bad`` gives a reason for, and repeats, dropped and counted."""
     out, seen = [], set()
-    keys = Counter((p.prompt, p.chosen, p.rejected, p.chat) for p in raw)
-    for p in raw:
-        key = (p.prompt, p.chosen, p.rejected, p.chat)
-        if p.chosen == p.rejected:
-            dropped["chosen and rejected identical"] += 1
-        elif (p.prompt, p.rejected, p.chosen, p.chat) in keys:
-            dropped["contradicts another event"] += 1
-        elif key in seen:
+    for x in raw:
+        why = bad(x)
+        if why:
+            dropped[why] += 1
+        elif key(x) in seen:
             dropped["duplicate"] += 1
         else:
-            seen.add(key)
-            out.append(p)
+            seen.add(key(x))
+            out.append(x)
     return out
+
+
+def _dedup_pairs(raw: list[Pair], dropped: Counter) -> list[Pair]:
+    """Identical responses, pairs that contradict each other, and repeats are dropped, counted."""
+    keys = Counter((p.prompt, p.chosen, p.rejected, p.chat) for p in raw)
+    return _dedup(raw, lambda p: (p.prompt, p.chosen, p.rejected, p.chat),
+                  lambda p: "chosen and rejected identical" if p.chosen == p.rejected else
+                  "contradicts another event" if (p.prompt, p.rejected, p.chosen, p.chat) in keys else None, dropped)
 
 
 def _dedup_singles(raw: list[Single], dropped: Counter) -> list[Single]:
     """A response judged both desirable and undesirable is dropped (both events); repeats once."""
     verdicts: dict[tuple, set] = defaultdict(set)
-    for s in raw:
-        verdicts[s.prompt, s.response, s.chat].add(s.desirable)
-    out, seen = [], set()
-    for s in raw:
-        key = (s.prompt, s.response, s.chat)
-        if len(verdicts[key]) > 1:
-            dropped["contradicts another event"] += 1
-        elif key in seen:
-            dropped["duplicate"] += 1
-        else:
-            seen.add(key)
-            out.append(s)
-    return out
+    for x in raw:
+        verdicts[x.prompt, x.response, x.chat].add(x.desirable)
+    return _dedup(raw, lambda x: (x.prompt, x.response, x.chat),
+                  lambda x: "contradicts another event" if len(verdicts[x.prompt, x.response, x.chat]) > 1 else None,
+                  dropped)
 
 
 def pairs_from_events(events: Iterable[dict], min_rating_gap: float = 1.0) -> tuple[list[Pair], dict[str, int]]:
