@@ -562,7 +562,11 @@ def test_feedback_over_http_trains_dpo_and_peft_loads_the_adapter(main_server, m
     # and, when the model ended it (no stop strings asked for), the id of the token that did
     from itera.tokenizer import Tokenizer, fingerprint
 
-    rows = sqlite3.connect(main_server.db).execute("SELECT finish_reason, end_token, tokenizer FROM responses").fetchall()
+    mine = [i for pair in ids for i in pair]  # this test's responses (the module's server stored others)
+    rows = sqlite3.connect(main_server.db).execute(
+        f"SELECT finish_reason, end_token, tokenizer FROM responses WHERE id IN ({','.join('?' * len(mine))})",
+        mine).fetchall()
+    assert len(rows) == len(mine)
     assert {fp for _, _, fp in rows} == {fingerprint(Tokenizer.from_dir(models["ckpt"]))}
     assert all((finish == "stop") == (end is not None) for finish, end, _ in rows)
     out = tmp_path / "adapter"
