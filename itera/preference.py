@@ -345,6 +345,20 @@ def pairs_from_events(events: Iterable[dict], min_rating_gap: float = 1.0) -> tu
 MODES = ("pairs", "kto", "auto")
 
 
+def as_singles(p: Pair) -> tuple[Single, Single]:
+    """A pair as KTO sees it: its chosen response desirable, its rejected one not."""
+    return (Single(p.prompt, p.chosen, True, p.chat, p.chosen_end),
+            Single(p.prompt, p.rejected, False, p.chat, p.rejected_end))
+
+
+def default_threshold(events: list[dict], given: float | None = None) -> float | None:
+    """``given``, else the middle of the ratings among ``events`` ((lowest + highest) / 2), else None."""
+    if given is not None:
+        return given
+    rated = [r for ev in events if ev.get("type") == "rating" and (r := _finite(ev.get("rating"))) is not None]
+    return (min(rated) + max(rated)) / 2 if rated else None
+
+
 def examples_from_events(events: Iterable[dict], mode: str = "pairs", min_rating_gap: float = 1.0,
                          rating_threshold: float | None = None) -> tuple[list[Pair], list[Single], dict[str, int]]:
     """(pairs, singles, {reason: count dropped}) from feedback events.
@@ -359,14 +373,9 @@ def examples_from_events(events: Iterable[dict], mode: str = "pairs", min_rating
     events = list(events)
     for ev in events:
         c.add(ev)
-    threshold = None
-    if mode != "pairs":
-        rated = [r for rs in c.ratings.values() for r, _ in rs]
-        threshold = rating_threshold if rating_threshold is not None else (
-            (min(rated) + max(rated)) / 2 if rated else None)
+    threshold = default_threshold(events, rating_threshold) if mode != "pairs" else None
     if mode == "kto":
-        singles = [x for p in c.pairs for x in (Single(p.prompt, p.chosen, True, p.chat, p.chosen_end),
-                                               Single(p.prompt, p.rejected, False, p.chat, p.rejected_end))]
+        singles = [x for p in c.pairs for x in as_singles(p)]
         for (prompt, chat), v in c.votes.items():
             singles += [Single(prompt, t, vote == "up", chat, e) for vote in ("up", "down") for t, e in sorted(v[vote])]
         for (prompt, chat), rs in c.ratings.items():

@@ -483,18 +483,9 @@ class PairData:
         return self.train_singles.n if self.train_singles is not None else 0
 
 
-def _rating_threshold(events: list[dict], given: float | None) -> float | None:
-    if given is not None:
-        return given
-    from itera.preference import _finite
-
-    rated = [r for ev in events if ev.get("type") == "rating" and (r := _finite(ev.get("rating"))) is not None]
-    return (min(rated) + max(rated)) / 2 if rated else None
-
-
 def gather_examples(opts: DPOOptions, events: list[dict] | None = None) -> tuple[list[Pair], list[Single], dict, float | None]:
     """(pairs, singles, dropped, rating threshold) from --pairs, a feedback file or the store's ``events``."""
-    from itera.preference import _lines, examples_from_events, read_examples
+    from itera.preference import _lines, as_singles, default_threshold, examples_from_events, read_examples
 
     mode = {"auto": "auto", "kto": "kto"}.get(opts.loss, "pairs")
     if opts.pairs is not None:
@@ -503,13 +494,12 @@ def gather_examples(opts: DPOOptions, events: list[dict] | None = None) -> tuple
             raise UsageError(f"{opts.pairs} holds responses judged alone (\"desirable\" lines); --loss {opts.loss} "
                              "trains pairs only: use --loss auto or kto")
         if mode == "kto":
-            singles = [x for p in pairs for x in (Single(p.prompt, p.chosen, True, p.chat, p.chosen_end),
-                                                 Single(p.prompt, p.rejected, False, p.chat, p.rejected_end))] + singles
+            singles = [x for p in pairs for x in as_singles(p)] + singles
             pairs = []
         return pairs, singles, {}, None
     if events is None:
         events = [ev for _, ev in _lines(opts.feedback)]
-    threshold = _rating_threshold(events, opts.rating_threshold) if mode != "pairs" else None
+    threshold = default_threshold(events, opts.rating_threshold) if mode != "pairs" else None
     pairs, singles, dropped = examples_from_events(events, mode, opts.min_rating_gap, threshold)
     return pairs, singles, dropped, threshold
 
