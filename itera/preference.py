@@ -36,6 +36,7 @@ person wrote whole, ends. ``Pair.chosen_end``/``rejected_end`` and ``Single.end`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter, defaultdict
@@ -384,3 +385,49 @@ def examples_from_events(events: Iterable[dict], mode: str = "pairs", min_rating
     raw = c.pairs + c.vote_pairs(keep_unpaired=mode == "auto") + c.rating_pairs(min_rating_gap, threshold)
     pairs = _dedup_pairs(raw, c.dropped)
     return pairs, _dedup_singles(c.singles, c.dropped), dict(c.dropped)
+
+
+# --------------------------------------------------------------------------- held out, and tokens
+
+
+def held_out(key: str, seed: int, holdout: float) -> bool:
+    """Whether the example with this ``key`` is held out: a hash of seed and key, so the split is
+    stable when examples are added and anyone holding the seed can redo it (the preference gate does)."""
+    return int(hashlib.sha256(f"{seed}|{key}".encode()).hexdigest(), 16) % 1000 < holdout * 1000
+
+
+def pair_key(p: Pair) -> str:
+    return f"{p.prompt}|{p.chosen}|{p.rejected}"
+
+
+def single_key(x: Single) -> str:
+    return f"{x.prompt}|{x.response}|{x.desirable}"
+
+
+def split_pairs(pairs: list[Pair], holdout: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """A fixed held-out share, chosen by a hash of each pair (stable when pairs are added)."""
+    held = [p for p in pairs if held_out(pair_key(p), seed, holdout)]
+    held_set = set(held)
+    return [p for p in pairs if p not in held_set], held
+
+
+def split_singles(singles: list[Single], holdout: float, seed: int) -> tuple[list[Single], list[Single]]:
+    held = [x for x in singles if held_out(single_key(x), seed, holdout)]
+    held_set = set(held)
+    return [x for x in singles if x not in held_set], held
+
+
+def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
+    """A prompt's ids: BOS as the tokenizer says; a chat prompt as the server tokenized it (special
+    tokens parsed)."""
+    from itera.chat import encode_rendered
+
+    return encode_rendered(tok, prompt) if chat else tok.encode(prompt)
+
+
+def response_ids(tok, text: str, end: int | None) -> list[int]:
+    """A response's tokens, then the end-of-turn id that ended it (EOS: the tokenizer's) if it ended."""
+    ids = tok.encode(text, add_bos=False)
+    if end == EOS:
+        end = tok.eos_id
+    return ids + [end] if end is not None else ids

@@ -595,18 +595,33 @@ def rollback(
 @app.command()
 def promote(
     ref: RefArg,
-    metric: Annotated[str, typer.Option(help="Metric to gate on, e.g. perplexity or datasets.x.perplexity.")],
+    metric: Annotated[list[str], typer.Option(help="A gate: a metric (perplexity, datasets.x.perplexity) no "
+                                              "worse than the active version's by more than --max-regression, or "
+                                              "preference: what users preferred, on held-out feedback in "
+                                              "--feedback-db. Repeat for several gates; all must pass.")],
     max_regression: Annotated[str, typer.Option(metavar="MARGIN", help="Allowed worsening against active: 2% "
                                                 "or 0.02.")] = "0%",
     higher_is_better: Annotated[Optional[bool], typer.Option(
         "--higher-is-better/--lower-is-better", help="Direction, for metrics itera does not know.")] = None,
+    feedback_db: Annotated[Optional[str], typer.Option(
+        "--feedback-db", metavar="PATH|URL", help="With --metric preference: the store `itera serve` keeps "
+        "responses and feedback in (SQLite file or PostgreSQL URL).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for scoring with --metric preference "
+                                                   "(default: the runtime's).")] = None,
     reason: Reason = None,
     registry: RegistryPath = None,
     metrics_out: MetricsOut = None,
 ) -> None:
-    """Activate a version only if METRIC is no worse than the active version's by more than the margin.
+    """Activate a version only if it passes every gate against the active version.
 
-    Exit 3 with the reason when the gate fails: the CI step that keeps a worse model from going live.
+    A metric gate passes when METRIC is no worse than the active version's by more than the
+    margin. The preference gate scores feedback the candidate did not train on (its dpo-train
+    run's held-out share, and feedback that came later) with both versions: reward accuracy on
+    held-out pairs and the desirable-minus-undesirable margin on responses judged alone, each
+    with a 95% interval. It passes when one interval lies above chance and none below; it refuses,
+    saying how much more feedback is needed, when there is too little to decide.
+
+    Exit 3 with the reason when a gate fails: the CI step that keeps a worse model from going live.
     Exit 2, like activate, when the version is archived or its artifact is gone or changed.
 
     Examples:
@@ -614,21 +629,49 @@ def promote(
       itera registry promote demo@latest --metric perplexity --max-regression 2%
 
       itera registry promote demo@3 --metric datasets.pydocs@test.perplexity
+
+      itera registry promote demo@latest --metric preference \\
+        --feedback-db feedback.db --metric perplexity --max-regression 5%
     """
     from itera.registry import Ref
 
     margin = parse_margin(max_regression)
     direction = None if higher_is_better is None else ("higher" if higher_is_better else "lower")
     r = Ref.parse(ref)
+    if "preference" in metric and feedback_db is None:
+        raise UsageError("--metric preference judges feedback the users gave: pass --feedback-db (the store "
+                         "`itera serve --feedback-db` wrote)")
+    if feedback_db is not None and "preference" not in metric:
+        raise UsageError("--feedback-db is read by the preference gate only: add --metric preference")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1 (got {threads})")
+    measured: dict = {}
+
+    def ahead(reg):
+        v = reg.resolve_version(r)
+        reg.check_ahead(r.name, v)
+        active = reg.alias(r.name, "active")
+        if "preference" in metric and active is not None:  # scored before the write lock is taken
+            from itera.registry.preference import measure
+            from itera.registry import Ref as R
+
+            cand, act = reg.get(R(r.name, str(v))), reg.get(R(r.name, str(active)))
+            reg.check_ahead(r.name, active)
+            measured["preference"] = measure(cand, reg.local_path(cand), act, reg.local_path(act), feedback_db,
+                                             threads=threads, progress=_say)
 
     def say(v):
         g = v["gate"]
-        _say(f"promoted {v['name']}@{v['version']}: {g['metric']} {g['candidate']:.6g}"
-             + (f" vs {g['active']:.6g}" if "active" in g else f" ({g['reason']})"))
+        gates = [g, *g.get("also", [])]
+        _say(f"promoted {v['name']}@{v['version']}: " + "; ".join(
+            x["summary"] if x.get("metric") == "preference" else
+            f"{x['metric']} {x['candidate']:.6g}" + (f" vs {x['active']:.6g}" if "active" in x else f" ({x['reason']})")
+            for x in gates))
 
-    _change("promote", registry, metrics_out, lambda reg: reg.promote(r, metric, margin, direction, reason=reason),
-            extra_params=lambda v: {"gate": v["gate"]}, say=say, reason=reason,
-            ahead=lambda reg: reg.check_ahead(r.name, reg.resolve_version(r)))
+    _change("promote", registry, metrics_out,
+            lambda reg: reg.promote(r, metric, margin, direction, reason=reason,
+                                    preference=measured.get("preference")),
+            extra_params=lambda v: {"gate": v["gate"]}, say=say, reason=reason, ahead=ahead)
 
 
 @app.command()

@@ -39,12 +39,11 @@ import torch
 
 from itera.errors import InputError, UsageError
 from itera.losses import DPO_LOSSES, dpo_loss, kl_div, kto_loss, reward_accuracy
-from itera.preference import EOS, Pair, Single
+from itera.preference import Pair, Single, prompt_ids, response_ids, split_pairs, split_singles
 from itera.options import flag, nested
 from itera.progress import SILENT, Reporter
 from itera.artifacts import describe_artifact
 from itera.record import Outcome
-from itera.chat import encode_rendered
 from itera.train import Dist, TrainOptions
 
 
@@ -53,19 +52,6 @@ class Encoded:
     ids: torch.Tensor  # (n, 2, T) chosen and rejected, right-padded
     mask: torch.Tensor  # (n, 2, T) 1 where the token is a response token to score
     lengths: torch.Tensor  # (n, 2)
-
-
-def _prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
-    # BOS as the tokenizer says; a chat prompt as the server tokenized it (special tokens parsed)
-    return encode_rendered(tok, prompt) if chat else tok.encode(prompt)
-
-
-def _response_ids(tok, text: str, end: int | None) -> list[int]:
-    """A response's tokens, then the end-of-turn id that ended it (EOS: the tokenizer's) if it ended."""
-    ids = tok.encode(text, add_bos=False)
-    if end == EOS:
-        end = tok.eos_id
-    return ids + [end] if end is not None else ids
 
 
 def _encode_rows(rows: list[list[tuple[list[int], int]]]) -> Encoded:
@@ -88,8 +74,8 @@ def encode_pairs(tok, pairs: list[Pair], max_len: int) -> tuple[Encoded, list[st
     Pairs longer than ``max_len`` are dropped (reasons returned)."""
     rows, drops = [], []
     for p in pairs:
-        prompt = _prompt_ids(tok, p.prompt, p.chat)
-        sides = [(prompt + _response_ids(tok, resp, end), len(prompt))
+        prompt = prompt_ids(tok, p.prompt, p.chat)
+        sides = [(prompt + response_ids(tok, resp, end), len(prompt))
                  for resp, end in ((p.chosen, p.chosen_end), (p.rejected, p.rejected_end))]
         if max(len(s) for s, _ in sides) > max_len:
             drops.append("longer than the model's context")
@@ -128,7 +114,7 @@ class EncodedSingles:
 def encode_singles(tok, singles: list[Single], max_len: int) -> tuple[EncodedSingles, list[str]]:
     rows, drops, prompts, responses, good = [], [], [], [], []
     for x in singles:
-        prompt, resp = _prompt_ids(tok, x.prompt, x.chat), _response_ids(tok, x.response, x.end)
+        prompt, resp = prompt_ids(tok, x.prompt, x.chat), response_ids(tok, x.response, x.end)
         if len(prompt) + len(resp) > max_len:
             drops.append("longer than the model's context")
             continue
@@ -436,23 +422,6 @@ def store_events(opts: DPOOptions, tok) -> tuple[list[dict], dict]:
             "versions": [{"model": m, "version": v, "sha256": sha, "events": n}
                          for (m, v, sha), n in sorted(sources.items(), key=lambda x: (str(x[0][0]), x[0][1] or -1))]}
     return events, prov
-
-
-def _held(key: str, seed: int, holdout: float) -> bool:
-    return int(hashlib.sha256(f"{seed}|{key}".encode()).hexdigest(), 16) % 1000 < holdout * 1000
-
-
-def split_pairs(pairs: list[Pair], holdout: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """A fixed held-out share, chosen by a hash of each pair (stable when pairs are added)."""
-    held = [p for p in pairs if _held(f"{p.prompt}|{p.chosen}|{p.rejected}", seed, holdout)]
-    held_set = set(held)
-    return [p for p in pairs if p not in held_set], held
-
-
-def split_singles(singles: list[Single], holdout: float, seed: int) -> tuple[list[Single], list[Single]]:
-    held = [x for x in singles if _held(f"{x.prompt}|{x.response}|{x.desirable}", seed, holdout)]
-    held_set = set(held)
-    return [x for x in singles if x not in held_set], held
 
 
 # --------------------------------------------------------------------------- phases

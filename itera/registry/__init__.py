@@ -417,20 +417,34 @@ class Registry:
             raise policy.rollback_refused(problem)
         return self._row(name, target)
 
-    def promote(self, ref: Ref, metric: str, max_regression: float, direction: str | None = None,
-                reason: str | None = None) -> dict:
-        """Activate ``ref`` only if ``metric`` is no worse than the active version's by more than the margin
-        (:func:`policy.promotion_gate`); a refusal is logged as ``promote-refused`` and raises RefusedError.
-        An archived candidate, or one whose artifact is gone or changed, is refused like :meth:`activate`."""
+    def promote(self, ref: Ref, metric: str | list[str], max_regression: float, direction: str | None = None,
+                reason: str | None = None, preference: dict | None = None) -> dict:
+        """Activate ``ref`` only if every gate in ``metric`` (one name or several) passes: a metric no
+        worse than the active version's by more than the margin (:func:`policy.promotion_gate`), or
+        ``preference``, what users preferred on held-out feedback, as measured beforehand against the
+        active version (:func:`policy.preference_promotion`; ``preference`` holds the measurement).
+        A refusal is logged as ``promote-refused`` and raises RefusedError. An archived candidate,
+        or one whose artifact is gone or changed, is refused like :meth:`activate`."""
+        metrics = [metric] if isinstance(metric, str) else list(metric)
         why = self._why(reason)
         self.check_ahead(ref.name, self.resolve_version(ref))
         with self.transaction():
             v = self.resolve_version(ref)
             candidate = self._usable(ref.name, v, "promote the new version")
             active = self.alias(ref.name, "active")
-            decision = policy.promotion_gate(ref.name, v, candidate, active,
-                                             self._row(ref.name, active) if active is not None else None,
-                                             metric, max_regression, direction)
+            decisions = []
+            for m in metrics:
+                if m == "preference":
+                    if preference is not None and (preference["candidate_version"], preference["active_version"]) != (v, active):
+                        raise InputError(f"{ref.name}@active moved to {active} while the preference gate measured "
+                                         f"version {preference['candidate_version']} against {preference['active_version']}; "
+                                         "promote again")
+                    decisions.append(policy.preference_promotion(ref.name, v, active, preference))
+                else:
+                    decisions.append(policy.promotion_gate(ref.name, v, candidate, active,
+                                                           self._row(ref.name, active) if active is not None else None,
+                                                           m, max_regression, direction))
+            decision = policy.combined(decisions)
             if decision.passed:
                 self._set_alias(ref.name, "active", v, "promote", why=why, **decision.detail)
             else:

@@ -279,8 +279,10 @@ def event_summary(e: dict) -> str:
     if ev == "register":
         sha = str(d.get("sha256") or "")[:12]
         return f"{Path(str(d.get('path', '?'))).name}" + (f", sha256 {sha}…" if sha else "")
-    if ev in ("promote", "promote-refused") and "candidate" in d and ("active" in d or ev == "promote"):
-        return _gate_text(d)
+    if ev in ("promote", "promote-refused") and (d.get("metric") == "preference" or
+                                                 "candidate" in d and ("active" in d or ev == "promote")):
+        return "; ".join(str(x.get("summary", "")) if x.get("metric") == "preference" else _gate_text(x)
+                         for x in (d, *d.get("also", [])))
     if ev in ("promote-refused", "rollback-refused"):
         return str(d.get("reason", ""))
     if ev == "unalias":

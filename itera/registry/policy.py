@@ -171,6 +171,15 @@ def promotion_gate(name: str, version: int, candidate: dict, active_version: int
     return Promotion(name, version, active_version, detail)
 
 
+def combined(decisions: list[Promotion]) -> Promotion:
+    """Several gates as one: the first gate's detail with the others' under ``also``; refused with
+    the first refusal."""
+    first = decisions[0]
+    detail = {**first.detail, "also": [d.detail for d in decisions[1:]]} if len(decisions) > 1 else first.detail
+    refusal = next((d.refusal for d in decisions if not d.passed), None)
+    return Promotion(first.name, first.version, first.active_version, detail, refusal)
+
+
 def check_rollback_to(to: int | None) -> None:
     """``--to`` must be a version number SQLite can hold."""
     if to is not None and not 1 <= to <= MAX_VERSION:
@@ -276,3 +285,132 @@ def comparison(versions: list[dict]) -> dict:
             row[label] = entry
         table[k] = row
     return {"versions": labels, "metrics": table}
+
+
+# --------------------------------------------------------------------------- the preference gate
+#
+# ``promote --metric preference`` measures the candidate and the active version on held-out
+# feedback (:mod:`itera.registry.preference`) and decides here, from these figures alone:
+#
+# - pairs (A/B votes, corrections, opposite votes on one prompt): the candidate's implicit reward
+#   margin against the active version, (log πc − log πa)(chosen) − (log πc − log πa)(rejected);
+#   the reward accuracy is the share of pairs where it is positive (a tie counts half), with a
+#   Wilson 95% interval; chance is 0.5.
+# - responses judged alone (thumbs, ratings): d = log πc − log πa of each; the margin is the mean d
+#   of the desirable ones minus that of the undesirable ones (KTO's notion of better), with a 95%
+#   interval from the two groups' variances; chance is 0.
+#
+# A statistic with too few examples (MIN_PAIRS, MIN_JUDGED of each kind) does not vote. The
+# candidate passes when some statistic's interval lies above chance and none lies below it; it is
+# refused as worse when one lies below, and as undecided otherwise, with how many held-out
+# examples would decide at the effect seen.
+
+Z95 = 1.959963984540054
+MIN_PAIRS = 10  # held-out pairs below which reward accuracy does not vote (one pair moves it 10 points)
+MIN_JUDGED = 5  # held-out responses judged alone, of each kind, below which the margin does not vote
+
+
+def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``k / n``."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _verdict(lo: float, hi: float, chance: float, enough: bool) -> str:
+    if not enough:
+        return "too few"
+    return "better" if lo > chance else ("worse" if hi < chance else "undecided")
+
+
+def pair_statistic(margins: list[float]) -> dict[str, Any]:
+    """Reward accuracy of the candidate against the active version on held-out pairs."""
+    n = len(margins)
+    wins = sum(m > 0 for m in margins) + 0.5 * sum(m == 0 for m in margins)
+    acc = wins / n if n else None
+    lo, hi = wilson(wins, n)
+    out = {"n": n, "wins": wins, "reward_accuracy": acc, "ci95": [lo, hi],
+           "mean_margin": math.fsum(margins) / n if n else None,
+           "verdict": _verdict(lo, hi, 0.5, n >= MIN_PAIRS), "needed": None}
+    if n < MIN_PAIRS:
+        out["needed"] = MIN_PAIRS
+    elif out["verdict"] == "undecided" and acc > 0.5:  # n where z·sqrt(p(1-p)/n) < p - 0.5
+        out["needed"] = max(n + 1, math.ceil(Z95 ** 2 * acc * (1 - acc) / (acc - 0.5) ** 2))
+    return out
+
+
+def _mean_var(xs: list[float]) -> tuple[float, float]:
+    m = math.fsum(xs) / len(xs)
+    return m, (math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0)
+
+
+def judged_statistic(desirable: list[float], undesirable: list[float]) -> dict[str, Any]:
+    """The desirable-minus-undesirable margin of log πc − log πa on held-out responses judged alone."""
+    nd, nu = len(desirable), len(undesirable)
+    out: dict[str, Any] = {"desirable": nd, "undesirable": nu, "margin": None, "ci95": None,
+                           "verdict": "too few", "needed": None}
+    if nd and nu:
+        (md, vd), (mu, vu) = _mean_var(desirable), _mean_var(undesirable)
+        se = math.sqrt(vd / nd + vu / nu)
+        margin = md - mu
+        lo, hi = margin - Z95 * se, margin + Z95 * se
+        out.update(margin=margin, ci95=[lo, hi], desirable_mean=md, undesirable_mean=mu,
+                   verdict=_verdict(lo, hi, 0.0, min(nd, nu) >= MIN_JUDGED))
+        if out["verdict"] == "undecided" and margin > 0:  # the standard error shrinks as 1/sqrt(n)
+            out["needed"] = max(nd + nu + 1, math.ceil((nd + nu) * (Z95 * se / margin) ** 2))
+    if min(nd, nu) < MIN_JUDGED:
+        out["needed"] = 2 * MIN_JUDGED
+    return out
+
+
+def _pairs_text(s: dict) -> str:
+    lo, hi = s["ci95"]
+    return f"reward accuracy {s['reward_accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on {s['n']} held-out pairs"
+
+
+def _judged_text(s: dict) -> str:
+    lo, hi = s["ci95"]
+    return (f"desirable-minus-undesirable margin {s['margin']:+.3f} [{lo:+.3f}, {hi:+.3f}] nats on "
+            f"{s['desirable']}+{s['undesirable']} held-out judged responses")
+
+
+def preference_promotion(name: str, version: int, active_version: int | None, measured: dict | None) -> Promotion:
+    """May version ``version`` of ``name`` replace the active one, judged by what users preferred?
+    ``measured`` is :func:`itera.registry.preference.measure`'s result (None when no version is active)."""
+    if active_version is None or measured is None:
+        return Promotion(name, version, None, {"metric": "preference", "reason": "no active version to compare with",
+                                               "summary": "no active version to compare with"})
+    pairs, judged = measured.get("pairs"), measured.get("judged")
+    texts = [t(s) for s, t in ((pairs, _pairs_text), (judged, _judged_text)) if s and s["verdict"] != "too few"]
+    detail = {"metric": "preference", **measured, "active_version": active_version,
+              "summary": "; ".join(texts) or "too little held-out feedback"}
+    voting = [s for s in (pairs, judged) if s and s["verdict"] != "too few"]
+    cand, act = f"{name}@{version}", f"active {name}@{active_version}"
+    if not voting:
+        n_p = pairs["n"] if pairs else 0
+        nd, nu = (judged["desirable"], judged["undesirable"]) if judged else (0, 0)
+        share = measured.get("holdout") or 1.0
+        short = min(MIN_PAIRS - n_p, max(0, MIN_JUDGED - nd) + max(0, MIN_JUDGED - nu))
+        more = math.ceil(max(short, 1) / share)
+        detail.update(verdict="too few", needed_events=more)
+        return Promotion(name, version, active_version, detail,
+                         f"too little held-out feedback to decide between {cand} and {act}: {n_p} held-out pairs "
+                         f"(at least {MIN_PAIRS} needed) and {nd} desirable / {nu} undesirable responses judged alone "
+                         f"(at least {MIN_JUDGED} of each needed); collect about {more} more feedback events "
+                         f"(a {share:.0%} share of them is held out) and promote again")
+    if any(s["verdict"] == "worse" for s in voting):
+        detail["verdict"] = "worse"
+        return Promotion(name, version, active_version, detail,
+                         f"{cand} is worse than {act} at what users preferred: {detail['summary']}")
+    if any(s["verdict"] == "better" for s in voting):
+        detail["verdict"] = "better"
+        return Promotion(name, version, active_version, detail)
+    needed = [s["needed"] for s in voting if s.get("needed")]
+    detail.update(verdict="undecided", needed_examples=min(needed) if needed else None)
+    tail = (f"; about {min(needed)} held-out examples would decide at the effect seen" if needed
+            else f"; {cand} shows no gain")
+    return Promotion(name, version, active_version, detail,
+                     f"held-out feedback does not show {cand} better than {act}: {detail['summary']}{tail}")
