@@ -214,6 +214,37 @@ def test_stepper_logits_are_the_runtimes_logits_in_every_backend(models, ref):
             assert a.step(ta) == manual[1] and tb == int(np.argmax(rt.logits(ids[:3])[-1]))
 
 
+def test_a_stream_that_fails_after_its_200_counts_as_a_server_error():
+    """A stream's status is sent before its generation ends: a failure after that is sent as an
+    error event, and counted in stream_errors (and server_errors), not lost behind the 200."""
+    import asyncio
+    import threading
+    import types
+
+    from itera.jobs.serve import routes
+    from itera.jobs.serve.metrics import Metrics
+
+    logs: list[str] = []
+    server = types.SimpleNamespace(stream_errors=0, metrics=Metrics(), log=logs.append)
+    job = types.SimpleNamespace(id="cmpl-1", endpoint="completion", cancel=threading.Event())
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        fut, watcher = loop.create_future(), loop.create_future()
+        fut.set_exception(RuntimeError("the runtime broke"))
+        q: asyncio.Queue = asyncio.Queue()
+        q.put_nowait(("text", "Once"))
+        q.put_nowait(("done", fut))
+        base = {"id": job.id, "object": "text_completion", "created": 0, "model": "m"}
+        return [e async for e in routes._events(server, job, base, q, watcher, False)]
+
+    events = asyncio.run(run())
+    assert len(events) == 2 and '"Once"' in str(events[0]) and "generation failed (RuntimeError)" in str(events[1])
+    assert server.stream_errors == 1 and job.cancel.is_set()
+    assert "itera_stream_errors_total 1.0" in server.metrics.render()[0].decode()
+    assert logs == ["serve: generation cmpl-1 failed: RuntimeError: the runtime broke"]
+
+
 def test_sampler_draws_from_softmax_and_the_top_p_nucleus():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
     s = Sampler(temperature=1.0, seed=0)

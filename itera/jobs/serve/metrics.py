@@ -2,6 +2,7 @@
 in one process (tests) never share counters.
 
 - ``itera_http_requests_total{endpoint, status}``: every answered request;
+- ``itera_stream_errors_total``: streams that failed after their 200 status was sent;
 - ``itera_request_duration_seconds{endpoint}``: from the request to the last byte (a stream's end);
 - ``itera_time_to_first_token_seconds{endpoint}``: from the request to the first generated token;
 - ``itera_generated_tokens_total``, ``itera_prompt_tokens_total``;
@@ -45,6 +46,8 @@ class Metrics:
                                 registry=r)
         self.swaps = Counter("itera_model_swaps", "Registry versions swapped in or refused", ["result"], registry=r)
         self.feedback = Counter("itera_feedback_events", "Feedback events stored", ["type"], registry=r)
+        self.stream_errors = Counter("itera_stream_errors", "Streams that failed after their 200 was sent",
+                                     registry=r)
         if admission is not None:
             self.queue_depth.set_function(lambda: admission.queued)
             self.in_flight.set_function(lambda: admission.running)

@@ -150,6 +150,8 @@ async def _events(server: Server, job: Job, base: dict, q: asyncio.Queue, watche
             if value.exception() is not None:
                 e = value.exception()
                 server.log(f"serve: generation {job.id} failed: {type(e).__name__}: {e}")
+                server.stream_errors += 1  # its 200 is already sent: counted here, not by status
+                server.metrics.stream_errors.inc()
                 yield openai.sse(openai.error_body(500, f"generation failed ({type(e).__name__})"))
                 return
             r = value.result()

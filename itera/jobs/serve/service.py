@@ -67,6 +67,7 @@ class Server:
         self.started = time.time()
         self.jobs: set[Job] = set()
         self.status_counts: dict[str, int] = {}
+        self.stream_errors = 0  # streams that failed after their 200 was sent (the status cannot say so)
         self.generated_tokens = 0
         self.responses_stored = 0
         self.feedback_stored = 0
@@ -204,10 +205,11 @@ class Server:
         w = self.watcher
         # 499: the client hung up (its generation was cancelled); not an error of the server's or the request's
         errors = sum(n for s, n in self.status_counts.items() if int(s) >= 400 and s != "499")
+        server_errors = sum(n for s, n in self.status_counts.items() if int(s) >= 500) + self.stream_errors
         return {
             "requests": sum(self.status_counts.values()),
             "requests_by_status": dict(sorted(self.status_counts.items())),
-            "errors": errors, "server_errors": sum(n for s, n in self.status_counts.items() if int(s) >= 500),
+            "errors": errors + self.stream_errors, "server_errors": server_errors, "stream_errors": self.stream_errors,
             "uptime_s": round(time.time() - self.started, 3), "generated_tokens": self.generated_tokens,
             "responses_stored": self.responses_stored, "feedback_stored": self.feedback_stored,
             "versions_served": [{k: v for k, v in e.items() if k != "since"} for e in self.pool.served],
