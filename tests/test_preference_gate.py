@@ -111,3 +111,26 @@ def test_the_gate_promotes_what_users_preferred_and_refuses_the_worse_and_the_un
     events = [e["event"] for e in (hist["events"] if isinstance(hist, dict) else hist)]
     assert events.count("promote-refused") == 2
     assert run_itera("registry", "resolve", "tuned@active", "--registry", reg).stdout.strip().endswith("merged")
+
+
+def test_a_measurement_against_another_active_version_is_refused_and_nothing_moves(tmp_path, tokenizer_dir):
+    from conftest import save_tiny
+    from itera.errors import InputError
+    from itera.registry import Ref, Registry
+
+    reg = tmp_path / "registry.db"
+    for i in (1, 2):
+        ckpt = save_tiny(tmp_path / f"m{i}", tokenizer_dir, seed=i)
+        run_itera("registry", "register", "--name", "m", "--path", ckpt, "--registry", reg).record
+    run_itera("registry", "activate", "m@1", "--registry", reg).record
+    stale = {"candidate_version": 2, "active_version": None, "holdout": 1.0,
+             "pairs": pair_statistic([1.0] * 20), "judged": judged_statistic([], [])}
+    with Registry(reg) as r:
+        for measured in (stale, None):  # measured while nothing was active; or not measured at all
+            with pytest.raises(InputError, match=r"^m@active is version 1, but the preference gate measured version 2 "
+                                                 r"against no active version; nothing changed: promote again$"):
+                r.promote(Ref("m", "2"), ["preference"], 0.0, preference=measured)
+        assert r.alias("m", "active") == 1
+        assert r.promote(Ref("m", "2"), ["preference"], 0.0, preference={**stale, "active_version": 1})["gate"][
+            "verdict"] == "better"
+        assert r.alias("m", "active") == 2

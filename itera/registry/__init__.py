@@ -435,10 +435,12 @@ class Registry:
             decisions = []
             for m in metrics:
                 if m == "preference":
-                    if preference is not None and (preference["candidate_version"], preference["active_version"]) != (v, active):
-                        raise InputError(f"{ref.name}@active moved to {active} while the preference gate measured "
-                                         f"version {preference['candidate_version']} against {preference['active_version']}; "
-                                         "promote again")
+                    measured = ((preference["candidate_version"], preference["active_version"]) if preference
+                                else (v, None))
+                    if measured != (v, active):  # another writer moved an alias while the gate was scoring
+                        raise InputError(f"{ref.name}@active is version {active}, but the preference gate measured "
+                                         f"version {measured[0]} against {measured[1] or 'no active version'}; "
+                                         "nothing changed: promote again")
                     decisions.append(policy.preference_promotion(ref.name, v, active, preference))
                 else:
                     decisions.append(policy.promotion_gate(ref.name, v, candidate, active,
