@@ -653,9 +653,8 @@ def promote(
         active = reg.alias(r.name, "active")
         if "preference" in metric and active is not None:  # scored before the write lock is taken
             from itera.registry.preference import measure
-            from itera.registry import Ref as R
 
-            cand, act = reg.get(R(r.name, str(v))), reg.get(R(r.name, str(active)))
+            cand, act = reg.get(Ref(r.name, str(v))), reg.get(Ref(r.name, str(active)))
             reg.check_ahead(r.name, active)
             measured["preference"] = measure(cand, reg.local_path(cand), act, reg.local_path(act), feedback_db,
                                              threads=threads, progress=_say)

@@ -385,9 +385,9 @@ def preference_promotion(name: str, version: int, active_version: int | None, me
                                                "summary": "no active version to compare with"})
     pairs, judged = measured.get("pairs"), measured.get("judged")
     texts = [t(s) for s, t in ((pairs, _pairs_text), (judged, _judged_text)) if s and s["verdict"] != "too few"]
+    voting = [s for s in (pairs, judged) if s and s["verdict"] != "too few"]
     detail = {"metric": "preference", **measured, "active_version": active_version,
               "summary": "; ".join(texts) or "too little held-out feedback"}
-    voting = [s for s in (pairs, judged) if s and s["verdict"] != "too few"]
     cand, act = f"{name}@{version}", f"active {name}@{active_version}"
     if not voting:
         n_p = pairs["n"] if pairs else 0

@@ -64,15 +64,27 @@ def _logps(runtime, seqs: list[tuple[list[int], int]]) -> list[float]:
     return [-math.fsum(runtime.nll(ids, n)) for ids, n in seqs]
 
 
+def _sequences(tok, pairs, singles) -> list[tuple[list[int], int]]:
+    """(prompt + response ids, response length) of each pair's chosen and rejected response, then of
+    each response judged alone."""
+    from itera.preference import prompt_ids, response_ids
+
+    sides = [(x.prompt, x.chat, r, e) for x in pairs for r, e in ((x.chosen, x.chosen_end),
+                                                                  (x.rejected, x.rejected_end))]
+    sides += [(x.prompt, x.chat, x.response, x.end) for x in singles]
+    out = []
+    for prompt, chat, response, end in sides:
+        r = response_ids(tok, response, end)
+        out.append((prompt_ids(tok, prompt, chat) + r, len(r)))
+    return out
+
+
 def measure(candidate: dict, candidate_path: Path, active: dict, active_path: Path, feedback_db,
             threads: int | None = None, progress=lambda msg: None) -> dict:
     """Score held-out feedback with both versions (rows of the registry, their local paths);
     returns the figures :func:`itera.registry.policy.preference_promotion` decides on."""
-    from collections import Counter
-
     from itera.feedback import read_events
     from itera.pg import mask
-    from itera.preference import prompt_ids, response_ids
     from itera.registry.policy import judged_statistic, pair_statistic
     from itera.runtime import open_runtime
     from itera.tokenizer import fingerprint
@@ -80,44 +92,34 @@ def measure(candidate: dict, candidate_path: Path, active: dict, active_path: Pa
     where = mask(feedback_db)
     events = read_events(feedback_db)
     run = training_run(candidate.get("record"))
+    params = (run or {}).get("params") or {}
     label_c, label_a = f"{candidate['name']}@{candidate['version']}", f"{active['name']}@{active['version']}"
-    scored: dict[str, list[float]] = {}
-    seqs: list[tuple[list[int], int]] = []
-    info: dict = {}
-    for which, path in (("candidate", candidate_path), ("active", active_path)):
-        with open_runtime(Path(path), threads=threads) as rt:
-            fp = fingerprint(rt.tokenizer)
-            if which == "candidate":
-                ours = [ev for ev in events if all(f in (None, fp) for f in
-                                                   (ev.get("tokenizer"), ev.get("b_tokenizer")))]
-                pairs, singles, dropped = heldout_examples(ours, run)
-                # the sequences to score: each pair's chosen and rejected, then each single
-                for prompt, chat, response, end in (
-                        [(x.prompt, x.chat, r, e) for x in pairs for r, e in ((x.chosen, x.chosen_end),
-                                                                               (x.rejected, x.rejected_end))]
-                        + [(x.prompt, x.chat, x.response, x.end) for x in singles]):
-                    p, r = prompt_ids(rt.tokenizer, prompt, chat), response_ids(rt.tokenizer, response, end)
-                    seqs.append((p + r, len(r)))
-                too_long = sum(len(ids) > rt.max_context for ids, _ in seqs)
-                info = {"store": where, "events": len(events), "events_other_tokenizer": len(events) - len(ours),
-                        "examples_dropped": dict(dropped), "tokenizer": fp}
-                if too_long:
-                    raise InputError(f"{too_long} held-out feedback examples in {where} are longer than "
-                                     f"{label_c}'s context ({rt.max_context} tokens); they cannot be scored")
-            elif fp != info["tokenizer"]:
-                raise InputError(f"{label_a} and {label_c} tokenize text differently; the preference gate compares "
-                                 "two versions of one model: promote with --metric perplexity instead")
-            progress(f"preference gate: scoring {len(seqs)} held-out responses with {which} "
-                     f"{label_c if which == 'candidate' else label_a}")
-            scored[which] = _logps(rt, seqs)
-    d = [c - a for c, a in zip(scored["candidate"], scored["active"])]
+    with open_runtime(Path(candidate_path), threads=threads) as rt:
+        fp = fingerprint(rt.tokenizer)
+        ours = [ev for ev in events if all(f in (None, fp) for f in (ev.get("tokenizer"), ev.get("b_tokenizer")))]
+        pairs, singles, dropped = heldout_examples(ours, run)
+        seqs = _sequences(rt.tokenizer, pairs, singles)
+        too_long = sum(len(ids) > rt.max_context for ids, _ in seqs)
+        if too_long:
+            raise InputError(f"{too_long} held-out feedback examples in {where} are longer than "
+                             f"{label_c}'s context ({rt.max_context} tokens); they cannot be scored")
+        progress(f"preference gate: scoring {len(seqs)} held-out responses with candidate {label_c}")
+        cand = _logps(rt, seqs)
+    with open_runtime(Path(active_path), threads=threads) as rt:
+        if fingerprint(rt.tokenizer) != fp:
+            raise InputError(f"{label_a} and {label_c} tokenize text differently; the preference gate compares "
+                             "two versions of one model: promote with --metric perplexity instead")
+        progress(f"preference gate: scoring {len(seqs)} held-out responses with active {label_a}")
+        act = _logps(rt, seqs)
+    d = [c - a for c, a in zip(cand, act)]
     margins = [d[2 * i] - d[2 * i + 1] for i in range(len(pairs))]
     rest = d[2 * len(pairs):]
     desirable = [x for x, s in zip(rest, singles) if s.desirable]
     undesirable = [x for x, s in zip(rest, singles) if not s.desirable]
-    return {**info, "candidate_version": candidate["version"], "active_version": active["version"],
-            "trained_by": {"holdout": (run.get("params") or {}).get("holdout"),
-                           "seed": ((run.get("params") or {}).get("train") or {}).get("seed"),
-                           "loss": (run.get("params") or {}).get("loss")} if run else None,
-            "holdout": (run.get("params") or {}).get("holdout") if run else 1.0,
+    return {"store": where, "events": len(events), "events_other_tokenizer": len(events) - len(ours),
+            "examples_dropped": dict(dropped), "tokenizer": fp,
+            "candidate_version": candidate["version"], "active_version": active["version"],
+            "trained_by": {"holdout": params.get("holdout"), "seed": (params.get("train") or {}).get("seed"),
+                           "loss": params.get("loss")} if run else None,
+            "holdout": params.get("holdout") if run else 1.0,
             "pairs": pair_statistic(margins), "judged": judged_statistic(desirable, undesirable)}
