@@ -329,3 +329,35 @@ def test_merged_model_keeps_the_base_dtype(tokenizer_dir, tmp_path):
                      env={"ITERA_HOME": str(tmp_path / "home")}).record
     assert {i["dtype"] for _, i in read_headers(tmp_path / "dpo32" / "merged").values()} == {"F32"}
     assert full["metrics"]["merged_dtype"] == "float32"
+
+
+def test_lm_data_holds_the_perplexity_of_the_text_while_the_preference_moves(teacher, distill_corpus, tmp_path):
+    """PPO-ptx: with --lm-data the text's NLL stays put while the preference is learned; without
+    it (a weight too small to matter, so the same windows are measured) the preference costs NLL."""
+    from conftest import file_key
+
+    pairs = _pairs_file(tmp_path / "pairs.jsonl", n=120)
+    args = ["dpo-train", "--model", teacher, "--pairs", pairs, "--steps", "25", "--lr", "1e-2", "--beta", "0.5",
+            "--lm-data", distill_corpus, "--lm-seq-len", "32"]
+    free = run_itera(*args, "--lm-weight", "1e-9", "--out", tmp_path / "free").record["metrics"]
+    held = run_itera(*args, "--lm-weight", "2", "--out", tmp_path / "held").record
+    validate(held)
+    m = held["metrics"]
+    a, b = free["lm_anchor"], m["lm_anchor"]
+    assert b["data"] == file_key(distill_corpus) and b["seq_len"] == 32 and b["weight"] == 2
+    assert a["nll_before"] == pytest.approx(b["nll_before"], abs=1e-6)  # the same windows, the same base
+    drift_free, drift_held = a["nll_after"] - a["nll_before"], b["nll_after"] - b["nll_before"]
+    assert drift_free > 0.05, a  # the preference alone moves the text's NLL up
+    assert drift_held < drift_free / 3, (a, b)
+    assert m["heldout"]["reward_accuracy"] > 0.9  # and the preference is learned all the same
+
+
+def test_lm_data_bad_input(teacher, tmp_path):
+    pairs = _pairs_file(tmp_path / "p.jsonl", n=8)
+    base = ["dpo-train", "--model", teacher, "--pairs", pairs, "--out", tmp_path / "a", "--steps", "1"]
+    assert_usage_error(run_itera(*base, "--lm-data", "pydocs@train", "--lm-weight", "0"),
+                       "--lm-weight must be a positive number (got 0.0)")
+    short = tmp_path / "short.txt"
+    short.write_text("The owl.")
+    assert_usage_error(run_itera(*base, "--lm-data", short), f"--lm-data {short} gives", "smaller --lm-seq-len")
+    assert not (tmp_path / "a").exists()

@@ -35,6 +35,11 @@ def dpo_train(
                                                               "undesirable below (default: the middle of the "
                                                               "ratings seen).")] = None,
     label_smoothing: Annotated[float, typer.Option(help="Conservative DPO: assumed label noise.")] = 0.0,
+    lm_data: Annotated[Optional[str], typer.Option(
+        metavar="DATA", help="Mix language modelling on this text into every step (a file, pydocs@train, or a hub "
+        "name): the text the model was trained on keeps its perplexity while the preferences move it.")] = None,
+    lm_weight: Annotated[float, typer.Option(help="With --lm-data: the weight of its next-token loss.")] = 1.0,
+    lm_seq_len: Annotated[int, typer.Option(help="With --lm-data: tokens per window of its text.")] = 128,
     lora_rank: Annotated[int, typer.Option()] = 8,
     lora_alpha: Annotated[float, typer.Option()] = 16.0,
     lora_dropout: Annotated[float, typer.Option()] = 0.0,
@@ -74,6 +79,10 @@ def dpo_train(
 
       # from what `itera serve` collected
       itera dpo-train --model runs/teacher --feedback-db default --out runs/dpo
+
+      # keep the perplexity of the text it was trained on
+      itera dpo-train --model runs/teacher --feedback-db default \\
+        --lm-data pydocs@train --out runs/dpo
     """
     from itera.jobs.dpo import DPOOptions, run_dpo
     from itera.runtime import resolve_device
@@ -96,7 +105,8 @@ def dpo_train(
     opts = DPOOptions(model=path, out=out, pairs=pairs, feedback=feedback, feedback_db=feedback_db,
                       from_version=from_version, since=since, beta=beta,
                       loss=loss, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                      rating_threshold=rating_threshold, label_smoothing=label_smoothing, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                      rating_threshold=rating_threshold, label_smoothing=label_smoothing, lm_data=lm_data,
+                      lm_weight=lm_weight, lm_seq_len=lm_seq_len, lora_rank=lora_rank, lora_alpha=lora_alpha,
                       lora_dropout=lora_dropout, lora_targets=lora_targets, holdout=holdout,
                       min_rating_gap=min_rating_gap, merge=merge, save_pairs=save_pairs, force=force,
                       save_dtype=save_dtype)
@@ -113,6 +123,10 @@ def _summary(console, m: dict) -> None:
     if hs and hb and hs["reward_margin"] is not None:
         console.log(f"held-out desirable-undesirable reward margin {hb['reward_margin']:.3f} -> "
                     f"{hs['reward_margin']:.3f} ({m['singles_heldout']} held-out responses judged alone)")
+    lm = m.get("lm_anchor")
+    if lm:
+        console.log(f"--lm-data {lm['data']}: NLL {lm['nll_before']:.4f} -> {lm['nll_after']:.4f} nats/token "
+                    f"({lm['measured_on']})")
     if m["heldout"]:
         console.log(f"held-out reward accuracy {m['heldout_before']['reward_accuracy']:.3f} -> "
                     f"{m['heldout']['reward_accuracy']:.3f}, margin {m['heldout']['reward_margin']:.3f}, "

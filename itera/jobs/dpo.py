@@ -25,6 +25,11 @@ it; one cut at max_tokens is scored without one.
 The reference is the base model with the adapters switched off; its log-probabilities are
 computed once per pair and cached under ``$ITERA_HOME/cache/dpo-ref/`` keyed by the model's and
 the data's hashes.
+
+``--lm-data TEXT`` mixes plain language modelling into every step (InstructGPT's "PPO-ptx",
+Ouyang et al. 2022): the loss adds ``--lm-weight`` times the mean next-token NLL of
+``--batch-size`` windows of ``--lm-seq-len`` tokens drawn from TEXT (the text the model was
+trained on), which holds perplexity on that text while preferences move what the model says.
 """
 
 from __future__ import annotations
@@ -270,6 +275,10 @@ class DPOOptions:
     undesirable_weight: float = flag("--undesirable-weight", default=1.0)
     rating_threshold: float | None = flag("--rating-threshold", default=None)  # None: the middle of the ratings seen
     label_smoothing: float = flag("--label-smoothing", default=0.0)
+    # language modelling mixed into every step (PPO-ptx): a data spec (file, pydocs@train, hub name)
+    lm_data: str | None = flag("--lm-data", default=None)
+    lm_weight: float = flag("--lm-weight", default=1.0)
+    lm_seq_len: int = flag("--lm-seq-len", default=128)
     lora_rank: int = flag("--lora-rank", default=8)
     lora_alpha: float = flag("--lora-alpha", default=16.0)
     lora_dropout: float = flag("--lora-dropout", default=0.0)
@@ -323,6 +332,10 @@ class DPOOptions:
         if self.loss == "kto" and self.train.batch_size < 2:
             raise UsageError("--loss kto needs --batch-size 2 or more: its reference point is estimated from the "
                              "batch's mismatched prompt/completion pairs")
+        if not (self.lm_weight > 0 and math.isfinite(self.lm_weight)):
+            raise UsageError(f"--lm-weight must be a positive number (got {self.lm_weight})")
+        if self.lm_seq_len < 2:
+            raise UsageError(f"--lm-seq-len must be at least 2 (got {self.lm_seq_len})")
         if not 0 <= self.label_smoothing < 0.5:
             raise UsageError(f"--label-smoothing must be in [0, 0.5) (got {self.label_smoothing})")
         if not 0 <= self.holdout < 1:
@@ -337,8 +350,11 @@ class DPOOptions:
     def inputs(self) -> list[Path]:
         from itera import pg
 
+        from itera.data import local_path
+
         db = None if pg.is_url(self.feedback_db) else self.feedback_db
-        return [Path(p) for p in (self.model, self.pairs, self.feedback, db) if p is not None]
+        lm = local_path(self.lm_data) if self.lm_data is not None else None
+        return [Path(p) for p in (self.model, self.pairs, self.feedback, db, lm) if p is not None]
 
     def outputs(self) -> list:
         from itera.fsio import Output
@@ -559,9 +575,52 @@ def references(model, data: PairData, ckpt: Path) -> Refs:
     return out
 
 
-def fit(opts: DPOOptions, model, data: PairData, refs: Refs, dist: Dist, reporter: Reporter) -> dict:
+@dataclass
+class Anchor:
+    """--lm-data: the text's tokens, the window length, its key in records, and the fixed windows
+    the record's NLL before and after training is measured on."""
+    ids: torch.Tensor
+    seq_len: int
+    key: str
+    probe: torch.Tensor  # (PROBE_WINDOWS, seq_len + 1)
+
+
+PROBE_WINDOWS = 16
+
+
+def load_anchor(opts: DPOOptions, tok, max_positions: int) -> Anchor | None:
+    from itera.data import dataset_key, load_text
+    from itera.errors import DataError
+    from itera.train import calibration_ids
+
+    if opts.lm_data is None:
+        return None
+    text = load_text(opts.lm_data, purpose="train").text
+    ids = torch.tensor(tok.encode(text, add_bos=False), dtype=torch.long)
+    seq_len = min(opts.lm_seq_len, max_positions - 1)
+    if ids.numel() < seq_len + 2:
+        raise DataError(f"--lm-data {opts.lm_data} gives {ids.numel()} tokens; at least --lm-seq-len + 2 = "
+                        f"{seq_len + 2} are needed (pass more text or a smaller --lm-seq-len)")
+    probe = calibration_ids(ids, PROBE_WINDOWS, seq_len + 1, opts.train.seed)
+    return Anchor(ids, seq_len, dataset_key(opts.lm_data, "train"), probe)
+
+
+def lm_nll(model, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL (nats) over (B, T + 1) token windows."""
+    logits = model(windows[:, :-1]).float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+
+
+@torch.no_grad()
+def probe_nll(model, anchor: Anchor) -> float:
+    return lm_nll(model, anchor.probe.to(model.lm_head.weight.device)).item()
+
+
+def fit(opts: DPOOptions, model, data: PairData, refs: Refs, dist: Dist, reporter: Reporter,
+        anchor: Anchor | None = None) -> dict:
     """Train the adapters on random examples per step (a pure function of seed and step): pairs
-    with DPO/IPO, responses judged alone with KTO, both (weighted by their shares) under auto."""
+    with DPO/IPO, responses judged alone with KTO, both (weighted by their shares) under auto; with
+    an ``anchor`` (--lm-data), plus --lm-weight times the NLL of windows of its text."""
     from itera.train import Trainer, step_generator
 
     n_p, n_s = data.n_pairs, data.n_singles
@@ -569,8 +628,11 @@ def fit(opts: DPOOptions, model, data: PairData, refs: Refs, dist: Dist, reporte
     share_p = n_p / (n_p + n_s)
 
     def batch_fn(step: int) -> torch.Tensor:
+        """Columns: pair index, single index (each when there are any), the anchor window's start."""
         g = step_generator(opts.train.seed, step)
         cols = [torch.randint(0, n, (opts.train.batch_size,), generator=g) for n in (n_p, n_s) if n]
+        if anchor is not None:
+            cols.append(torch.randint(0, anchor.ids.numel() - anchor.seq_len, (opts.train.batch_size,), generator=g))
         return cols[0] if len(cols) == 1 else torch.stack(cols, 1)
 
     def pair_loss(m, idx):
@@ -590,12 +652,21 @@ def fit(opts: DPOOptions, model, data: PairData, refs: Refs, dist: Dist, reporte
                            opts.desirable_weight, opts.undesirable_weight)
         return loss, {"kto_loss": loss.item(), "kl_reference_point": f["z0"].item()}
 
-    def loss_fn(m, idx: torch.Tensor):
+    def preference_loss(m, idx: torch.Tensor):
         if n_p and n_s:
             lp, logs = pair_loss(m, idx[:, 0])
             ls, logs_s = single_loss(m, idx[:, 1])
             return share_p * lp + (1 - share_p) * ls, {**logs, **logs_s}
         return pair_loss(m, idx) if n_p else single_loss(m, idx)
+
+    def loss_fn(m, idx: torch.Tensor):
+        if anchor is None:
+            return preference_loss(m, idx)
+        pref = idx[:, 0] if idx.shape[1] == 2 else idx[:, :-1]
+        loss, logs = preference_loss(m, pref)
+        windows = torch.stack([anchor.ids[o: o + anchor.seq_len + 1] for o in idx[:, -1].tolist()])
+        nll = lm_nll(m, windows.to(idx.device))
+        return loss + opts.lm_weight * nll, {**logs, "lm_nll": nll.item()}
 
     task = reporter.task("dpo" if not n_s else ("kto" if not n_p else "dpo+kto"), total=opts.train.steps)
     try:
@@ -651,6 +722,7 @@ def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = N
         raise UsageError(f"{opts.model} is quantized; train adapters on the float checkpoint")
     tok = Tokenizer.from_dir(opts.model)
     tok.check_fits(cfg.vocab_size, str(opts.model))
+    anchor = load_anchor(opts, tok, cfg.max_position_embeddings)  # a bad --lm-data fails before the work
     data = load_pairs(opts, tok, cfg.max_position_embeddings)
     held = data.held.ids.shape[0] > 0
     held_s = data.held_singles is not None
@@ -668,13 +740,14 @@ def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = N
     add_lora(model, opts.targets, opts.lora_rank, opts.lora_alpha, opts.lora_dropout, seed=opts.train.seed)
     refs = references(model, data, Path(opts.model))
     model.eval()
+    lm_before = probe_nll(model, anchor) if anchor is not None else None
     pair_kind = opts.loss if opts.loss in DPO_LOSSES else "sigmoid"
     score = lambda enc, ref: evaluate_pairs(model, enc, ref, opts.beta, pair_kind, opts.label_smoothing)  # noqa: E731
     score_s = lambda s, ref: evaluate_singles(model, s, ref, opts.beta, opts.desirable_weight,  # noqa: E731
                                               opts.undesirable_weight)
     before = score(data.held, refs.held) if held else None
     before_s = score_s(data.held_singles, refs.held_singles) if held_s else None
-    stats = fit(opts, model, data, refs, dist, reporter)
+    stats = fit(opts, model, data, refs, dist, reporter, anchor)
     model.eval()
     kl_enc = data.held if held else (data.held_singles.enc if held_s else None)
     losses = {"pairs": pair_kind if data.n_pairs else None, "singles": "kto" if data.n_singles else None}
@@ -693,6 +766,11 @@ def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = N
         "reference_cache_hit": bool(refs.hit),
         "train_seconds": stats["train_seconds"], "first_loss": stats["first_loss"], "final_loss": stats["final_loss"],
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "lm_anchor": None if anchor is None else {
+            "data": anchor.key, "tokens": int(anchor.ids.numel()), "weight": opts.lm_weight,
+            "seq_len": anchor.seq_len, "nll_before": lm_before, "nll_after": probe_nll(model, anchor),
+            "measured_on": f"{PROBE_WINDOWS} windows of {anchor.seq_len + 1} tokens drawn once from the text (the "
+                           "same before and after training)"},
     }
     params = {**opts.as_params(), "train": opts.train.as_params(), "processes": dist.world}
     artifact = None
