@@ -692,3 +692,31 @@ def test_artifacts_are_hashed_before_the_write_transaction_not_under_its_lock(tm
         reg.rollback("h")
         assert reg.alias("h", "active") == 1
     assert inside == [False] * 5
+
+
+def test_promote_against_a_baseline_stops_regressions_adding_up(tmp_path, db):
+    """Each version 4% worse than the one before passes a 5% gate against active, and the
+    regressions add up; with --baseline g@1 the second step (8.2% over v1) is refused."""
+    with Registry(db) as reg:
+        for i, ppl in enumerate((10.0, 10.4, 10.816), start=1):
+            _register_with_metric(reg, tmp_path, "g", i, {"perplexity": ppl})
+    gate = ["--metric", "perplexity", "--max-regression", "5%"]
+    assert reg_cli(db, "promote", "g@1", *gate).returncode == 0
+    res = reg_cli(db, "promote", "g@2", *gate, "--baseline", "g@1")
+    assert res.returncode == 0, res.stderr
+    g = res.record["params"]["gate"]
+    assert (g["baseline_version"], g["baseline"], g["regression"]) == (1, 10.0, pytest.approx(0.04))
+    assert "active" not in g
+    from itera.registry.display import event_summary
+
+    with Registry(db) as reg:
+        assert "perplexity 10.40 vs 10.00 of baseline v1 (4% worse, max 5%)" in event_summary(reg.history("g")[-1])
+    res = reg_cli(db, "promote", "g@3", *gate, "--baseline", "g@1")
+    assert res.returncode == 3 and res.stdout == ""
+    assert ("perplexity of g@3 is 10.816 against 10 for baseline g@1: +8.16% worse, more than the allowed 5.00%; "
+            "g@active stays at version 2") in res.stderr
+    assert _aliases(db, "g")["active"] == 2
+    assert reg_cli(db, "promote", "g@3", *gate).returncode == 0  # against active (v2): +4%
+    assert_usage_error(reg_cli(db, "promote", "g@3", "--metric", "preference", "--feedback-db", tmp_path / "f.db",
+                               "--baseline", "g@1"), "--baseline is read by metric gates only")
+    assert_usage_error(reg_cli(db, "promote", "g@3", *gate, "--baseline", "h@1"), "--baseline h@1 is not a version of g")

@@ -608,6 +608,9 @@ def promote(
         "responses and feedback in (SQLite file or PostgreSQL URL).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for scoring with --metric preference "
                                                    "(default: the runtime's).")] = None,
+    baseline: Annotated[Optional[str], typer.Option(
+        metavar="REF", help="Metric gates compare with this version (NAME@1, NAME@last-good) instead of the "
+        "active one, so that regressions within the margin do not add up over promotions.")] = None,
     reason: Reason = None,
     registry: RegistryPath = None,
     metrics_out: MetricsOut = None,
@@ -632,6 +635,10 @@ def promote(
 
       itera registry promote demo@latest --metric preference \\
         --feedback-db feedback.db --metric perplexity --max-regression 5%
+
+      # never more than 5% worse than version 1, however many promotions on
+      itera registry promote demo@latest --metric perplexity \\
+        --max-regression 5% --baseline demo@1
     """
     from itera.registry import Ref
 
@@ -645,6 +652,10 @@ def promote(
         raise UsageError("--feedback-db is read by the preference gate only: add --metric preference")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1 (got {threads})")
+    if baseline is not None and all(m == "preference" for m in metric):
+        raise UsageError("--baseline is read by metric gates only (the preference gate compares with the active "
+                         "version): add --metric perplexity or another metric")
+    base = Ref.parse(baseline) if baseline is not None else None
     measured: dict = {}
 
     def ahead(reg):
@@ -664,12 +675,14 @@ def promote(
         gates = [g, *g.get("also", [])]
         _say(f"promoted {v['name']}@{v['version']}: " + "; ".join(
             x["summary"] if x.get("metric") == "preference" else
-            f"{x['metric']} {x['candidate']:.6g}" + (f" vs {x['active']:.6g}" if "active" in x else f" ({x['reason']})")
+            f"{x['metric']} {x['candidate']:.6g}" + next(
+                (f" vs {x[k]:.6g} ({k} @{x[k + '_version']})" for k in ("baseline", "active") if k in x),
+                f" ({x.get('reason')})")
             for x in gates))
 
     _change("promote", registry, metrics_out,
             lambda reg: reg.promote(r, metric, margin, direction, reason=reason,
-                                    preference=measured.get("preference")),
+                                    preference=measured.get("preference"), baseline=base),
             extra_params=lambda v: {"gate": v["gate"]}, say=say, reason=reason, ahead=ahead)
 
 

@@ -418,20 +418,27 @@ class Registry:
         return self._row(name, target)
 
     def promote(self, ref: Ref, metric: str | list[str], max_regression: float, direction: str | None = None,
-                reason: str | None = None, preference: dict | None = None) -> dict:
+                reason: str | None = None, preference: dict | None = None, baseline: Ref | None = None) -> dict:
         """Activate ``ref`` only if every gate in ``metric`` (one name or several) passes: a metric no
         worse than the active version's by more than the margin (:func:`policy.promotion_gate`), or
         ``preference``, what users preferred on held-out feedback, as measured beforehand against the
         active version (:func:`policy.preference_promotion`; ``preference`` holds the measurement).
         A refusal is logged as ``promote-refused`` and raises RefusedError. An archived candidate,
-        or one whose artifact is gone or changed, is refused like :meth:`activate`."""
+        or one whose artifact is gone or changed, is refused like :meth:`activate`. ``baseline``:
+        the metric gates compare with that version of the same name instead of the active one."""
         metrics = [metric] if isinstance(metric, str) else list(metric)
+        if baseline is not None and baseline.name != ref.name:
+            raise UsageError(f"--baseline {baseline} is not a version of {ref.name}; pass {ref.name}@N")
         why = self._why(reason)
         self.check_ahead(ref.name, self.resolve_version(ref))
         with self.transaction():
             v = self.resolve_version(ref)
             candidate = self._usable(ref.name, v, "promote the new version")
             active = self.alias(ref.name, "active")
+            base = None
+            if baseline is not None:
+                bv = self.resolve_version(baseline)
+                base = (bv, self._row(ref.name, bv))
             decisions = []
             for m in metrics:
                 if m == "preference":
@@ -445,7 +452,7 @@ class Registry:
                 else:
                     decisions.append(policy.promotion_gate(ref.name, v, candidate, active,
                                                            self._row(ref.name, active) if active is not None else None,
-                                                           m, max_regression, direction))
+                                                           m, max_regression, direction, base))
             decision = policy.combined(decisions)
             if decision.passed:
                 self._set_alias(ref.name, "active", v, "promote", why=why, **decision.detail)

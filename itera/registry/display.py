@@ -259,7 +259,9 @@ def _pct(x: float) -> str:
 def _gate_text(d: dict) -> str:
     """A promotion gate's verdict: 'ppl pydocs@test 128.2 vs 113.4 (13.1% worse, max 2%)'."""
     metric = metric_label(str(d.get("metric", "?")))
-    cand, active = d.get("candidate"), d.get("active")
+    cand = d.get("candidate")
+    role = "baseline" if "baseline" in d else "active"
+    active = d.get(role)
     if active is None:
         return f"{metric} {number(cand)}" + (f"; {d['reason']}" if d.get("reason") else "")
     reg, allowed = d.get("regression"), d.get("max_regression")
@@ -268,7 +270,8 @@ def _gate_text(d: dict) -> str:
     else:
         verdict = "worse without bound" if isinstance(reg, float) and math.isinf(reg) else "no worse"
     margin = f", max {_pct(allowed)}" if isinstance(allowed, (int, float)) else ""
-    return f"{metric} {number(cand)} vs {number(active)} ({verdict}{margin})"
+    against = f" of baseline v{d.get('baseline_version')}" if role == "baseline" else ""
+    return f"{metric} {number(cand)} vs {number(active)}{against} ({verdict}{margin})"
 
 
 def event_summary(e: dict) -> str:

@@ -139,11 +139,14 @@ class Promotion:
 
 
 def promotion_gate(name: str, version: int, candidate: dict, active_version: int | None, active: dict | None,
-                   metric: str, max_regression: float, direction: str | None = None) -> Promotion:
+                   metric: str, max_regression: float, direction: str | None = None,
+                   baseline: tuple[int, dict] | None = None) -> Promotion:
     """May ``candidate`` (version ``version`` of ``name``) replace ``active`` (version ``active_version``,
     None when no version is active)? Only if its ``metric`` is no worse than the active one's by
     more than ``max_regression`` (a fraction), both figures measured the same way. ``direction``
-    ('lower' or 'higher' is better) defaults to what the metric's name says.
+    ('lower' or 'higher' is better) defaults to what the metric's name says. ``baseline``
+    (version, row): compare with that version instead of the active one (``--baseline``), so that
+    regressions within the margin do not compound over promotions.
 
     Raises UsageError when the two cannot be compared: no such metric, or an ambiguous one, a
     direction itera does not know, an active version without the metric."""
@@ -151,21 +154,22 @@ def promotion_gate(name: str, version: int, candidate: dict, active_version: int
     direction = direction or metric_direction(key)
     detail: dict[str, Any] = {"metric": key, "direction": direction, "max_regression": max_regression,
                               "candidate": candidate["metrics"][key]}
-    if active_version is None:
+    role, other_version, other = ("baseline", *baseline) if baseline is not None else ("active", active_version, active)
+    if other_version is None:
         return Promotion(name, version, None, {**detail, "reason": "no active version to compare with"})
-    if key not in active["metrics"]:
-        raise UsageError(missing_metric(name, active_version, active["metrics"], key))
-    differs = protocol_difference(candidate, active, key)
+    if key not in other["metrics"]:
+        raise UsageError(missing_metric(name, other_version, other["metrics"], key))
+    differs = protocol_difference(candidate, other, key)
     if differs:
-        reason = (f"{key} of {name}@{version} and of active {name}@{active_version} were measured differently "
+        reason = (f"{key} of {name}@{version} and of {role} {name}@{other_version} were measured differently "
                   f"({differs}); evaluate both the same way")
         return Promotion(name, version, active_version, detail, reason)
-    a, c = active["metrics"][key], candidate["metrics"][key]
+    a, c = other["metrics"][key], candidate["metrics"][key]
     worse = (c - a) if direction == "lower" else (a - c)
     regression = worse / abs(a) if a != 0 else (0.0 if worse <= 0 else math.inf)
-    detail.update(active=a, active_version=active_version, regression=regression)
+    detail.update({role: a, f"{role}_version": other_version, "regression": regression})
     if regression > max_regression:
-        reason = (f"{key} of {name}@{version} is {c:.6g} against {a:.6g} for active {name}@{active_version}: "
+        reason = (f"{key} of {name}@{version} is {c:.6g} against {a:.6g} for {role} {name}@{other_version}: "
                   f"{regression:+.2%} worse, more than the allowed {max_regression:.2%}")
         return Promotion(name, version, active_version, detail, reason)
     return Promotion(name, version, active_version, detail)
