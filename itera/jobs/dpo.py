@@ -349,7 +349,6 @@ class DPOOptions:
 
     def inputs(self) -> list[Path]:
         from itera import pg
-
         from itera.data import local_path
 
         db = None if pg.is_url(self.feedback_db) else self.feedback_db
