@@ -303,16 +303,6 @@ class Server:
 # --------------------------------------------------------------------------- statistics
 
 
-def wilson(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for a share ``p`` of ``n`` (ties counted half keep it a share)."""
-    if n == 0:
-        return (0.0, 1.0)
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, mid - half), min(1.0, mid + half))
-
-
 def judge(user: User, base: list[str], cand: list[str], seed: int) -> dict:
     """The blind comparison of ``cand`` (the version judged) against ``base`` (v1), prompt by prompt."""
     rng = random.Random(seed)
@@ -327,9 +317,11 @@ def judge(user: User, base: list[str], cand: list[str], seed: int) -> dict:
             wins += 1
         else:
             losses += 1
+    from itera.registry.policy import wilson  # a tie counts half, as the preference gate counts it
+
     n = wins + ties + losses
     rate = (wins + ties / 2) / n
-    lo, hi = wilson(rate, n)
+    lo, hi = wilson(wins + ties / 2, n)
     return {"prompts": n, "wins": wins, "ties": ties, "losses": losses, "win_rate": round(rate, 4),
             "ci95": [round(lo, 4), round(hi, 4)], "win_rate_ties_excluded": round(wins / (wins + losses), 4)
             if wins + losses else None}
@@ -587,6 +579,7 @@ def run_arm(loss: str, a, user: User, base: Path, v1: dict, train_prompts: list[
     events_posted = sum(r["feedback_posted"]["total"] for r in rounds)
     # distinct events: a version's feedback is read again by each later run on that version (a
     # refused round), the last run reading all of it; so per version, the last run's drops count
+    # (with --train-on all every run reads every event: the last run's, keyed None, count)
     last_run: dict[int, dict] = {}
     for r in rounds:
         if "dpo" in r:
