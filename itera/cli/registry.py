@@ -676,7 +676,7 @@ def promote(
         _say(f"promoted {v['name']}@{v['version']}: " + "; ".join(
             x["summary"] if x.get("metric") == "preference" else
             f"{x['metric']} {x['candidate']:.6g}" + next(
-                (f" vs {x[k]:.6g} ({k} @{x[k + '_version']})" for k in ("baseline", "active") if k in x),
+                (f" vs {x[k]:.6g} ({k} v{x[k + '_version']})" for k in ("baseline", "active") if k in x),
                 f" ({x.get('reason')})")
             for x in gates))
 

@@ -261,8 +261,8 @@ def _gate_text(d: dict) -> str:
     metric = metric_label(str(d.get("metric", "?")))
     cand = d.get("candidate")
     role = "baseline" if "baseline" in d else "active"
-    active = d.get(role)
-    if active is None:
+    other = d.get(role)
+    if other is None:
         return f"{metric} {number(cand)}" + (f"; {d['reason']}" if d.get("reason") else "")
     reg, allowed = d.get("regression"), d.get("max_regression")
     if isinstance(reg, (int, float)) and math.isfinite(reg) and reg != 0:
@@ -271,7 +271,7 @@ def _gate_text(d: dict) -> str:
         verdict = "worse without bound" if isinstance(reg, float) and math.isinf(reg) else "no worse"
     margin = f", max {_pct(allowed)}" if isinstance(allowed, (int, float)) else ""
     against = f" of baseline v{d.get('baseline_version')}" if role == "baseline" else ""
-    return f"{metric} {number(cand)} vs {number(active)}{against} ({verdict}{margin})"
+    return f"{metric} {number(cand)} vs {number(other)}{against} ({verdict}{margin})"
 
 
 def event_summary(e: dict) -> str:

@@ -388,8 +388,8 @@ def preference_promotion(name: str, version: int, active_version: int | None, me
         return Promotion(name, version, None, {"metric": "preference", "reason": "no active version to compare with",
                                                "summary": "no active version to compare with"})
     pairs, judged = measured.get("pairs"), measured.get("judged")
-    texts = [t(s) for s, t in ((pairs, _pairs_text), (judged, _judged_text)) if s and s["verdict"] != "too few"]
-    voting = [s for s in (pairs, judged) if s and s["verdict"] != "too few"]
+    shown = [(s, t) for s, t in ((pairs, _pairs_text), (judged, _judged_text)) if s and s["verdict"] != "too few"]
+    voting, texts = [s for s, _ in shown], [t(s) for s, t in shown]
     detail = {"metric": "preference", **measured, "active_version": active_version,
               "summary": "; ".join(texts) or "too little held-out feedback"}
     cand, act = f"{name}@{version}", f"active {name}@{active_version}"
