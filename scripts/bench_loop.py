@@ -55,7 +55,16 @@ Design choices (stated, fixed for a run):
   perplexity); weight 1, 60 steps: 0.605; weight 0.5, 60 steps: 0.670; 0.5, 80: 0.620; 0.5, 90
   from base on all: 0.698; 0.4, 60 on all: 0.685; 0.3, 60: 0.720 (from the active version or
   from base); 0.35, 60 from base on all: 0.728, the defaults. The figures reported are on prompts
-  0-199.
+  0-199. Later trials on prompts 200-399 (win vs v1, perplexity vs v1; every final version was
+  round 1's, the later candidates refused): ``--dpo-scale epochs`` (60, 120, 180 steps) 0.735 at
+  +11.0% and 0.698 at +6.8% in rounds 2-3; ``--beta 0.3`` 0.690-0.705 at +1.5% to +4.8%;
+  ``--lora-rank 32`` 0.645-0.705; beta 0.3 from the active version: 0.728 at +9.9%, 0.790 at
+  +12.0% (on all feedback) or 0.730 at +7.0%, 0.725 at +5.8% (on its own); the same with
+  ``--lm-weight`` 0.7: 0.725 at +5.5%, 0.723 at +5.0%. Across them the user's mean score of the
+  judged answers (v1 0.669) tracks perplexity: about 0.75 at +4.5%, 0.79 at +12%; the win rate
+  follows the mean score within the 200 prompts' noise. ``--lm-seq-len 512`` lowers perplexity by
+  10-17%, but by training positions 128-511, which v1 never saw, not by keeping what the
+  preference costs: in 128-token windows the same candidates are 6-7% worse than v1. Not used.
 - Gate: ``itera registry promote NAME@V`` with one ``--metric`` per ``--gate`` entry
   (comma-separated; ``preference,perplexity`` by default: the preference gate scores the arm's
   held-out feedback with candidate and active, ``--feedback-db`` the arm's store, and perplexity may
@@ -71,8 +80,11 @@ Design choices (stated, fixed for a run):
   too. Every round's candidate is judged (promoted or not); the final figure is the version active
   after the last round.
 - Perplexity: each candidate's GGUF on pydocs@test (``--eval-tokens`` 20000, the gate's figure),
-  relative to v1's; ``--extra-eval FILE`` adds a second text (e.g. a book under /work/shared/data),
-  reported, not gated.
+  relative to v1's, in evaluate's default 512-token windows; reported, not gated: the same text in
+  ``--short-window`` (128) token windows, the length v1 was trained on (in 512-token windows every
+  token scored sits past position 256, where v1 never trained: v1's perplexity is 109 there and
+  78 in 128-token windows, and a preference's cost differs between the two), and ``--extra-eval
+  FILE``, a second text (e.g. a book under /work/shared/data).
 - The two arms: ``auto`` (dpo-train's default: A/B pairs with DPO, unpaired thumbs with KTO) and
   ``sigmoid`` (DPO only: unpaired thumbs are dropped, counted in the record's dropped_reasons). Each
   arm starts again from v1 in its own registry and feedback store and re-collects with its own
@@ -391,10 +403,12 @@ def ppl_of(rec: dict, dataset: str) -> float:
     return rec["metrics"]["datasets"][dataset]["perplexity"]
 
 
-def export_eval(src: Path | dict, gguf: Path, a, logdir: Path) -> tuple[str, dict, dict | None]:
-    """GGUF F16 export | evaluate on pydocs@test (the record register takes), plus --extra-eval's record.
-    ``src``: a checkpoint, or the record that made it (dpo-train's, piped in so that the version's
-    lineage holds the training run the preference gate redoes the split of)."""
+def export_eval(src: Path | dict, gguf: Path, a, logdir: Path) -> tuple[str, dict, dict[str, float]]:
+    """GGUF F16 export | evaluate on pydocs@test (the record register takes), plus the perplexities
+    reported, not gated: ``short_window_perplexity`` (the same text in --short-window windows) and
+    ``extra_perplexity`` (--extra-eval's text). ``src``: a checkpoint, or the record that made it
+    (dpo-train's, piped in so that the version's lineage holds the training run the preference gate
+    redoes the split of)."""
     cmd = ["export", "--format", "gguf", "--gguf-type", "F16", "--out", gguf, "--threads", THREADS]
     if isinstance(src, dict):
         _, exp, _ = itera(cmd, stdin=json.dumps(src) + "\n", logdir=logdir)
@@ -402,12 +416,14 @@ def export_eval(src: Path | dict, gguf: Path, a, logdir: Path) -> tuple[str, dic
         _, exp, _ = itera(cmd + ["--model", src], logdir=logdir)
     _, ev, _ = itera(["evaluate", "--dataset", a.eval_dataset, "--max-tokens", a.eval_tokens, "--threads", THREADS],
                      stdin=json.dumps(exp) + "\n", logdir=logdir)
-    extra = None
-    if a.extra_eval:
-        _, extra, _ = itera(["evaluate", "--model", gguf, "--dataset", a.extra_eval, "--max-tokens", a.eval_tokens,
-                             "--threads", THREADS],
-                            logdir=logdir)
-    return json.dumps(ev) + "\n", ev, extra
+    reported = {}
+    for key, dataset, extra_args in (("short_window_perplexity", a.eval_dataset, ["--window", a.short_window]),
+                                     ("extra_perplexity", a.extra_eval, [])):
+        if dataset and (key != "short_window_perplexity" or a.short_window):
+            _, rec, _ = itera(["evaluate", "--model", gguf, "--dataset", dataset, "--max-tokens", a.eval_tokens,
+                               *extra_args, "--threads", THREADS], logdir=logdir)
+            reported[key] = ppl_of(rec, dataset)
+    return json.dumps(ev) + "\n", ev, reported
 
 
 def copy_sqlite(src: Path, dst: Path) -> None:
@@ -494,14 +510,18 @@ def run_arm(loss: str, a, user: User, base: Path, v1: dict, train_prompts: list[
             out = arm_dir / f"round{rnd}"
             narrow = ["--from-version", active] if a.train_on == "active" else []
             start = ckpt[1] if a.train_from == "base" else ckpt[active]
+            # --dpo-epochs fixed: the steps grow with the events trained on, so each event is seen as
+            # often in round 3 (every event so far) as in round 1
+            n_rounds_read = rnd if a.train_on == "all" else 1
+            steps = a.dpo_steps * (n_rounds_read if a.dpo_scale == "epochs" else 1)
             cmd = ["dpo-train", "--model", start, "--feedback-db", fb, *narrow,
-                   "--loss", loss, "--merge", "--out", out / "dpo", "--holdout", a.holdout, "--steps", a.dpo_steps,
+                   "--loss", loss, "--merge", "--out", out / "dpo", "--holdout", a.holdout, "--steps", steps,
                    "--batch-size", a.batch_size, "--lr", a.lr, "--beta", a.beta, "--lora-rank", a.lora_rank,
                    "--desirable-weight", f"{w_d:.4f}", "--undesirable-weight", a.undesirable_weight,
                    "--seed", a.seed, "--device", "cpu"]
             if a.lm_data != "none":
-                cmd += ["--lm-data", a.lm_data, "--lm-weight", a.lm_weight]
-            log(f"[{loss}] round {rnd}: dpo-train on v{active}'s feedback ({a.dpo_steps} steps, desirable weight "
+                cmd += ["--lm-data", a.lm_data, "--lm-weight", a.lm_weight, "--lm-seq-len", a.lm_seq_len]
+            log(f"[{loss}] round {rnd}: dpo-train on v{active}'s feedback ({steps} steps, desirable weight "
                 f"{w_d:.2f})")
             t1 = time.perf_counter()
             out.mkdir()
@@ -532,7 +552,7 @@ def run_arm(loss: str, a, user: User, base: Path, v1: dict, train_prompts: list[
             merged = Path(dpo["artifact"]["path"])
 
             log(f"[{loss}] round {rnd}: export, evaluate, register")
-            ev_line, ev, extra = export_eval(dpo, out / "model-f16.gguf", a, logdir)
+            ev_line, ev, reported = export_eval(dpo, out / "model-f16.gguf", a, logdir)
             _, reg_rec, _ = itera(["registry", "register", "--name", NAME, "--tag", f"arm={loss}", "--tag",
                                    f"round={rnd}", "--registry", reg], stdin=ev_line, logdir=logdir)
             version = reg_rec["params"]["version"]
@@ -540,10 +560,9 @@ def run_arm(loss: str, a, user: User, base: Path, v1: dict, train_prompts: list[
             r["candidate"] = {"version": version, "perplexity": round(ppl, 4),
                               "perplexity_vs_v1": round(ppl / v1["perplexity"] - 1, 4),
                               "perplexity_vs_active": round(ppl / active_fig["perplexity"] - 1, 4)}
-            if extra:
-                e_ppl = ppl_of(extra, a.extra_eval)
-                r["candidate"]["extra_perplexity"] = round(e_ppl, 4)
-                r["candidate"]["extra_perplexity_vs_v1"] = round(e_ppl / v1["extra_perplexity"] - 1, 4)
+            for key, value in reported.items():
+                r["candidate"][key] = round(value, 4)
+                r["candidate"][f"{key}_vs_v1"] = round(value / v1[key] - 1, 4)
 
             log(f"[{loss}] round {rnd}: judging v{version} against v1 on {len(held)} held-out prompts")
             texts, fins = sample_file(out / "model-f16.gguf", held, a, out, f"v{version}")
@@ -564,14 +583,15 @@ def run_arm(loss: str, a, user: User, base: Path, v1: dict, train_prompts: list[
                 active = version
                 active_fig = {"version": version, "win_rate": r["candidate"]["vs_v1"],
                               "perplexity": round(ppl, 4), "perplexity_vs_v1": r["candidate"]["perplexity_vs_v1"]}
-                if extra:
-                    active_fig["extra_perplexity_vs_v1"] = r["candidate"]["extra_perplexity_vs_v1"]
+                active_fig |= {f"{key}_vs_v1": r["candidate"][f"{key}_vs_v1"] for key in reported}
             r["active_after"] = active_fig
             r["seconds"] = round(time.perf_counter() - t0, 1)
             vs = r["candidate"]["vs_v1"]
             log(f"[{loss}] round {rnd}: v{version} wins {vs['win_rate']:.3f} "
                 f"[{vs['ci95'][0]:.3f}, {vs['ci95'][1]:.3f}] "
-                f"against v1, perplexity {ppl:.2f} ({100 * r['candidate']['perplexity_vs_v1']:+.2f}%), "
+                f"against v1, perplexity {ppl:.2f} ({100 * r['candidate']['perplexity_vs_v1']:+.2f}%"
+                + (f"; in {a.short_window}-token windows {100 * r['candidate']['short_window_perplexity_vs_v1']:+.2f}%"
+                   if "short_window_perplexity" in reported else "") + "), "
                 f"{'promoted' if rc == 0 else 'refused'}; dropped {m['pairs_dropped']} {m['dropped_reasons'] or ''}")
             rounds.append(r)
     finally:
@@ -691,6 +711,8 @@ def main() -> None:
     ap.add_argument("--judge-seed", type=int, default=7_000_000, help="first sampling seed of the judged answers")
     ap.add_argument("--arms", default="auto,sigmoid", help="dpo-train --loss of each arm, comma-separated")
     ap.add_argument("--dpo-steps", type=int, default=60)
+    ap.add_argument("--dpo-scale", choices=("steps", "epochs"), default="steps",
+                    help="steps: --dpo-steps every round; epochs: --dpo-steps per round of events trained on")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--beta", type=float, default=0.1)
@@ -700,6 +722,7 @@ def main() -> None:
     ap.add_argument("--lm-data", default="pydocs@train",
                     help="dpo-train --lm-data: the base's training text mixed into every step; none to leave it out")
     ap.add_argument("--lm-weight", type=float, default=0.35)
+    ap.add_argument("--lm-seq-len", type=int, default=128, help="tokens per --lm-data window")
     ap.add_argument("--train-on", choices=("active", "all"), default="all",
                     help="feedback each round trains on: the active version's (--from-version), or all collected")
     ap.add_argument("--train-from", choices=("active", "base"), default="base",
@@ -714,6 +737,8 @@ def main() -> None:
                          "active version (regressions can add up over rounds)")
     ap.add_argument("--eval-dataset", default="pydocs@test")
     ap.add_argument("--eval-tokens", type=int, default=20000)
+    ap.add_argument("--short-window", type=int, default=128,
+                    help="also report perplexity in windows this long (the base's training --seq-len); 0: not")
     ap.add_argument("--extra-eval", default=None, help="a second held-out text (a path), reported, not gated")
     ap.add_argument("--goal-ppl", default="0.05", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
@@ -754,15 +779,15 @@ def main() -> None:
     log("v1: export GGUF F16, evaluate, register, activate")
     t0 = time.perf_counter()
     v1_gguf = work / "v1-f16.gguf"
-    ev_line, ev, extra = export_eval(base, v1_gguf, a, work)
+    ev_line, ev, reported = export_eval(base, v1_gguf, a, work)
     reg = work / "registry.db"
     itera(["registry", "register", "--name", NAME, "--tag", "role=base", "--registry", reg], stdin=ev_line, logdir=work)
     itera(["registry", "activate", f"{NAME}@1", "--registry", reg], logdir=work)
     itera(["registry", "mark-good", f"{NAME}@1", "--registry", reg], logdir=work)
-    v1 = {"version": 1, "perplexity": ppl_of(ev, a.eval_dataset)}
-    if extra:
-        v1["extra_perplexity"] = ppl_of(extra, a.extra_eval)
-    log(f"v1: perplexity {v1['perplexity']:.2f} on {a.eval_dataset}; sampling its held-out answers")
+    v1 = {"version": 1, "perplexity": ppl_of(ev, a.eval_dataset)} | reported
+    log(f"v1: perplexity {v1['perplexity']:.2f} on {a.eval_dataset}"
+        + (f" ({v1['short_window_perplexity']:.2f} in {a.short_window}-token windows)" if a.short_window else "")
+        + "; sampling its held-out answers")
     base_answers, base_fins = sample_file(v1_gguf, held, a, work, "v1")
     v1["answers"] = answers_stats(user, base_answers, base_fins)
     timings["v1_seconds"] = round(time.perf_counter() - t0, 1)
