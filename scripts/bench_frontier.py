@@ -18,6 +18,11 @@ noise" (outside, by less than two: this much text cannot tell).
 The sensitivities behind the plans do not depend on the budget: the first ``auto`` run measures
 them, and the other budgets reuse them through ``--plan`` (what a user does to try several sizes).
 
+``--calib-seeds N`` makes every point again from calibration seeds 1 .. N-1 (itera with the same
+plan, llama.cpp with that seed's importance data) and reports each method's NLL change over the
+draws, mean and spread (``calib_draws``): a file's NLL change on held-out text, especially of
+another domain, moves with the calibration windows far more than the windows' standard error says.
+
 Prints one JSON object and writes it, and the frontier as PNG, under --out (default
 runs/bench/frontier-<model's parent>-<model>/, or runs/bench/frontier-large/). Files already
 there are reused: remove the directory after changing the quantizers.
@@ -142,7 +147,8 @@ def llama_files(f32: Path, out: Path, types, importance, threads) -> dict[str, P
     return files
 
 
-def itera_file(model: Path, out: Path, name: str, calib: str, budget: int, plan: Path | None, threads) -> tuple:
+def itera_file(model: Path, out: Path, name: str, calib: str, budget: int, plan: Path | None, threads,
+               seed: int = 0) -> tuple:
     """itera auto at ``budget`` bytes (measuring, or with ``plan``), exported; (gguf, quantize record)."""
     from itera.jobs.export import ExportOptions, run_export
     from itera.jobs.quantize import QuantizeOptions, run_quantize
@@ -150,7 +156,7 @@ def itera_file(model: Path, out: Path, name: str, calib: str, budget: int, plan:
     ckpt, gguf = out / f"itera-{name}", out / f"itera-{name}.gguf"
     rec_path = out / f"itera-{name}.quantize.json"
     if not gguf.exists():
-        q = QuantizeOptions(model=model, out=ckpt, method="auto", calib=calib, force=True,
+        q = QuantizeOptions(model=model, out=ckpt, method="auto", calib=calib, force=True, seed=seed,
                             **({"plan": plan} if plan else {"target_bytes": budget}))
         rec_path.write_text(json.dumps({"metrics": run_quantize(q).metrics}))
         run_export(ExportOptions(model=ckpt, out=gguf, format="gguf", threads=threads, force=True))
@@ -195,6 +201,9 @@ def run(args) -> dict:
     m, cfg = load_model(model)
     calib_ids = torch.tensor(tok.encode(load_text(args.calib, purpose="train").text, add_bos=False))
     importance = gguf_importance(input_mean_squares(m, calibration_ids(calib_ids, 32, 256, 0)), cfg)
+    # --calib-seeds: the importance data of other calibration windows, for llama.cpp's draws
+    seed_importance = {s: gguf_importance(input_mean_squares(m, calibration_ids(calib_ids, 32, 256, s)), cfg)
+                       for s in range(1, args.calib_seeds)}
     del m
     files = llama_files(f32, out, args.types, importance, args.threads)
     scorer = Scorer(tok, load_text(args.text, purpose="eval").text, args.tokens, args.window, args.stride,
@@ -231,6 +240,9 @@ def run(args) -> dict:
         row["goal_margin"] = {"perplexity": margin, "se": se}
         row["verdict"] = ("met" if row["goal_met"] else "not met" if not fits or margin < -2 * se else
                           "within noise")
+        if args.calib_seeds > 1:
+            row["calib_draws"] = calib_draws(args, model, out, t, budget, files[f"{t}/imatrix"], gguf,
+                                             seed_importance, scorer, f32, f32_nll=math.log(base["perplexity"]))
         log(f"{t}: llama.cpp {row['llama_plain']['bytes']:,} B dppl {row['llama_plain']['delta_perplexity']:+.3f} "
             f"(imatrix {row['llama_imatrix']['delta_perplexity']:+.3f}); itera {row['itera']['bytes']:,} B "
             f"dppl {row['itera']['delta_perplexity']:+.3f} (se {row['itera']['delta_perplexity_se']:.3f}) -> "
@@ -243,6 +255,36 @@ def run(args) -> dict:
     (out / "frontier.json").write_text(json.dumps(result, indent=2))
     draw(result, out / "frontier.png")
     result["png"] = str(out / "frontier.png")
+    return result
+
+
+def calib_draws(args, model: Path, out: Path, t: str, budget: int, imatrix_file: Path, itera_gguf: Path,
+                seed_importance: dict, scorer: Scorer, f32: Path, f32_nll: float) -> dict:
+    """The same point again from other calibration windows (seeds 1 .. --calib-seeds - 1): itera with
+    the same plan (only GPTQ's Hessians change) and llama.cpp with that seed's importance data.
+    A file's NLL change on other text is largely a first-order draw that moves with which windows
+    calibrated it, far more than the windows' standard error says; the spread over draws shows it."""
+    from itera.export.gguf import llama_quantize
+
+    plan = out / f"itera-{t}" / "quant_plan.json"  # the plan the first draw applied
+    draws: dict[str, list] = {"itera": [itera_gguf], "llama_imatrix": [imatrix_file]}
+    for s in range(1, args.calib_seeds):
+        g, _ = itera_file(model, out, f"{t}-seed{s}", args.calib, budget, plan, args.threads, seed=s)
+        draws["itera"].append(g)
+        dst = out / f"llama-{t}-imatrix-seed{s}.gguf"
+        if not dst.exists():
+            llama_quantize(f32, dst.with_name(dst.name + ".tmp"), t, args.threads, seed_importance[s])
+            os.replace(dst.with_name(dst.name + ".tmp"), dst)
+        draws["llama_imatrix"].append(dst)
+    result = {}
+    for key, paths in draws.items():
+        figs = [scorer.score(p) for p in paths]
+        dnll = [math.log(f["perplexity"]) - f32_nll for f in figs]
+        result[key] = {"delta_nll": dnll, "kl": [f["kl"] for f in figs],
+                       "delta_nll_mean": float(np.mean(dnll)), "delta_nll_sd": float(np.std(dnll, ddof=1)),
+                       "kl_mean": float(np.mean([f["kl"] for f in figs]))}
+        log(f"{t}: {key} over {len(paths)} calibration draws: NLL change {result[key]['delta_nll_mean']:+.5f} "
+            f"sd {result[key]['delta_nll_sd']:.5f} nats/token, KL {result[key]['kl_mean']:.5f}")
     return result
 
 
@@ -286,7 +328,12 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--calib-seeds", type=int, default=1,
+                    help="also make each point from this many calibration draws in all (seeds 0..N-1) and "
+                         "report the spread of the NLL change")
     args = ap.parse_args()
+    if args.calib_seeds < 1:
+        ap.error("--calib-seeds must be at least 1")
     args.types = [t.strip().upper() for t in args.types.split(",")]
     print(json.dumps(run(args), indent=2))
 
