@@ -133,18 +133,19 @@ class Scorer:
 
 
 def llama_files(f32: Path, out: Path, types, importance, threads) -> dict[str, Path]:
+    return {f"{t}/{tag}": llama_file(f32, out / f"llama-{t}-{tag}.gguf", t, imp, threads)
+            for t in types for tag, imp in (("plain", None), ("imatrix", importance))}
+
+
+def llama_file(f32: Path, dst: Path, gguf_type: str, importance, threads) -> Path:
+    """llama.cpp's quantizer from ``f32`` to ``dst`` (through a temporary name), unless already there."""
     from itera.export.gguf import llama_quantize
 
-    files = {}
-    for t in types:
-        for tag, imp in (("plain", None), ("imatrix", importance)):
-            dst = out / f"llama-{t}-{tag}.gguf"
-            if not dst.exists():
-                tmp = dst.with_name(dst.name + ".tmp")
-                llama_quantize(f32, tmp, t, threads, imp)
-                os.replace(tmp, dst)
-            files[f"{t}/{tag}"] = dst
-    return files
+    if not dst.exists():
+        tmp = dst.with_name(dst.name + ".tmp")
+        llama_quantize(f32, tmp, gguf_type, threads, importance)
+        os.replace(tmp, dst)
+    return dst
 
 
 def itera_file(model: Path, out: Path, name: str, calib: str, budget: int, plan: Path | None, threads,
@@ -264,25 +265,19 @@ def calib_draws(args, model: Path, out: Path, t: str, budget: int, imatrix_file:
     the same plan (only GPTQ's Hessians change) and llama.cpp with that seed's importance data.
     A file's NLL change on other text is largely a first-order draw that moves with which windows
     calibrated it, far more than the windows' standard error says; the spread over draws shows it."""
-    from itera.export.gguf import llama_quantize
-
     plan = out / f"itera-{t}" / "quant_plan.json"  # the plan the first draw applied
     draws: dict[str, list] = {"itera": [itera_gguf], "llama_imatrix": [imatrix_file]}
     for s in range(1, args.calib_seeds):
         g, _ = itera_file(model, out, f"{t}-seed{s}", args.calib, budget, plan, args.threads, seed=s)
         draws["itera"].append(g)
-        dst = out / f"llama-{t}-imatrix-seed{s}.gguf"
-        if not dst.exists():
-            llama_quantize(f32, dst.with_name(dst.name + ".tmp"), t, args.threads, seed_importance[s])
-            os.replace(dst.with_name(dst.name + ".tmp"), dst)
-        draws["llama_imatrix"].append(dst)
+        draws["llama_imatrix"].append(llama_file(f32, out / f"llama-{t}-imatrix-seed{s}.gguf", t,
+                                                 seed_importance[s], args.threads))
     result = {}
     for key, paths in draws.items():
         figs = [scorer.score(p) for p in paths]
-        dnll = [math.log(f["perplexity"]) - f32_nll for f in figs]
-        result[key] = {"delta_nll": dnll, "kl": [f["kl"] for f in figs],
-                       "delta_nll_mean": float(np.mean(dnll)), "delta_nll_sd": float(np.std(dnll, ddof=1)),
-                       "kl_mean": float(np.mean([f["kl"] for f in figs]))}
+        dnll, kl = [math.log(f["perplexity"]) - f32_nll for f in figs], [f["kl"] for f in figs]
+        result[key] = {"delta_nll": dnll, "kl": kl, "delta_nll_mean": float(np.mean(dnll)),
+                       "delta_nll_sd": float(np.std(dnll, ddof=1)), "kl_mean": float(np.mean(kl))}
         log(f"{t}: {key} over {len(paths)} calibration draws: NLL change {result[key]['delta_nll_mean']:+.5f} "
             f"sd {result[key]['delta_nll_sd']:.5f} nats/token, KL {result[key]['kl_mean']:.5f}")
     return result

@@ -122,6 +122,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from itera.data import dataset_key  # records key a file by its name and content hash, not its path
+from itera.registry.policy import wilson  # a tie counts half, as the preference gate counts it
+
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT_YAML = ROOT / "itera" / "configs" / "students" / "demo-teacher.yaml"
 KEYWORDS = re.compile(r"\b(returns?|values?|default|none|true|false)\b", re.I)
@@ -329,8 +332,6 @@ def judge(user: User, base: list[str], cand: list[str], seed: int) -> dict:
             wins += 1
         else:
             losses += 1
-    from itera.registry.policy import wilson  # a tie counts half, as the preference gate counts it
-
     n = wins + ties + losses
     rate = (wins + ties / 2) / n
     lo, hi = wilson(wins + ties / 2, n)
@@ -400,7 +401,7 @@ def base_model(a) -> tuple[Path, dict]:
 
 
 def ppl_of(rec: dict, dataset: str) -> float:
-    return rec["metrics"]["datasets"][dataset]["perplexity"]
+    return rec["metrics"]["datasets"][dataset_key(dataset)]["perplexity"]
 
 
 def export_eval(src: Path | dict, gguf: Path, a, logdir: Path) -> tuple[str, dict, dict[str, float]]:
@@ -416,13 +417,16 @@ def export_eval(src: Path | dict, gguf: Path, a, logdir: Path) -> tuple[str, dic
         _, exp, _ = itera(cmd + ["--model", src], logdir=logdir)
     _, ev, _ = itera(["evaluate", "--dataset", a.eval_dataset, "--max-tokens", a.eval_tokens, "--threads", THREADS],
                      stdin=json.dumps(exp) + "\n", logdir=logdir)
+    checks = []
+    if a.short_window:
+        checks.append(("short_window_perplexity", a.eval_dataset, ["--window", a.short_window]))
+    if a.extra_eval:
+        checks.append(("extra_perplexity", a.extra_eval, []))
     reported = {}
-    for key, dataset, extra_args in (("short_window_perplexity", a.eval_dataset, ["--window", a.short_window]),
-                                     ("extra_perplexity", a.extra_eval, [])):
-        if dataset and (key != "short_window_perplexity" or a.short_window):
-            _, rec, _ = itera(["evaluate", "--model", gguf, "--dataset", dataset, "--max-tokens", a.eval_tokens,
-                               *extra_args, "--threads", THREADS], logdir=logdir)
-            reported[key] = ppl_of(rec, dataset)
+    for key, dataset, window in checks:
+        _, rec, _ = itera(["evaluate", "--model", gguf, "--dataset", dataset, "--max-tokens", a.eval_tokens,
+                           *window, "--threads", THREADS], logdir=logdir)
+        reported[key] = ppl_of(rec, dataset)
     return json.dumps(ev) + "\n", ev, reported
 
 
@@ -510,10 +514,9 @@ def run_arm(loss: str, a, user: User, base: Path, v1: dict, train_prompts: list[
             out = arm_dir / f"round{rnd}"
             narrow = ["--from-version", active] if a.train_on == "active" else []
             start = ckpt[1] if a.train_from == "base" else ckpt[active]
-            # --dpo-epochs fixed: the steps grow with the events trained on, so each event is seen as
-            # often in round 3 (every event so far) as in round 1
-            n_rounds_read = rnd if a.train_on == "all" else 1
-            steps = a.dpo_steps * (n_rounds_read if a.dpo_scale == "epochs" else 1)
+            # --dpo-scale epochs: the steps grow with the rounds of events trained on, so each event
+            # is seen as often in round 3 (every event so far, with --train-on all) as in round 1
+            steps = a.dpo_steps * (rnd if a.dpo_scale == "epochs" and a.train_on == "all" else 1)
             cmd = ["dpo-train", "--model", start, "--feedback-db", fb, *narrow,
                    "--loss", loss, "--merge", "--out", out / "dpo", "--holdout", a.holdout, "--steps", steps,
                    "--batch-size", a.batch_size, "--lr", a.lr, "--beta", a.beta, "--lora-rank", a.lora_rank,
