@@ -125,6 +125,17 @@ def test_a_plan_is_reused_exactly(auto, lm, tmp_path):
     assert a["sensitivity_kl"] is None  # nothing measured
 
 
+def test_a_plan_that_keeps_matrices_in_float16_is_reused(lm, tmp_path):
+    """quant_plan.json names every matrix, the F16 ones too, so that --plan takes it back."""
+    q = ["quantize", "--model", lm, "--method", "auto", "--auto-types", "Q8_0", "--calib", "pydocs@train"]
+    first = run_itera(*q, "--target-bpw", "12", "--out", tmp_path / "first").record
+    plan = json.loads((tmp_path / "first" / "quant_plan.json").read_text())["types"]
+    assert plan == first["metrics"]["plan_types"] and {"F16", "Q8_0"} <= set(plan.values())
+    again = run_itera(*q, "--plan", tmp_path / "first" / "quant_plan.json", "--out", tmp_path / "again").record
+    assert again["metrics"]["plan_types"] == plan
+    assert again["metrics"]["gguf_bytes"] == first["metrics"]["gguf_bytes"]
+
+
 def test_budgets_outside_what_the_types_allow_are_refused_with_the_range(lm, tmp_path):
     q = ["quantize", "--model", lm, "--method", "auto", "--calib", "pydocs@train", "--out", tmp_path / "q"]
     low = assert_usage_error(run_itera(*q, "--target-bpw", "1"), "--target-bpw 1.0 is outside what this model's "

@@ -327,7 +327,9 @@ def round_unquantized(src: Source, plan: dict) -> dict[str, torch.Tensor]:
 
 
 def write(opts: QuantizeOptions, src: Source, plan: dict, tensors: dict) -> None:
-    """The quantized checkpoint, through the one checkpoint writer, with its plan and options."""
+    """The quantized checkpoint, through the one checkpoint writer, with its plan and options.
+    ``plan``: every matrix's type; auto's quant_plan.json names them all, F16 ones too, so that
+    ``--plan`` takes it back."""
     from itera.model.checkpoint import write_checkpoint
 
     config = src.cfg.to_dict()
@@ -399,7 +401,7 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
     stored = {n: q for n, q in plan.items() if q.quantized}
     keep = round_unquantized(src, stored)
     after = _heldout_perplexity(src, held, opts)
-    write(opts, src, stored, {**keep, **tensors})
+    write(opts, src, plan, {**keep, **tensors})
     metrics = _metrics(opts, src, plan, tensors, figures, before, after)
     metrics.update(quantize_seconds=quant_seconds, fallbacks=fallbacks)
     if sens is not None or src.fixed_plan is not None:
