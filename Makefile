@@ -6,10 +6,14 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 ITERA   := $(BIN)/itera
-STAMP   := $(VENV)/.installed
+# llama-cpp-python is built for the CPU it runs on (scripts/install_native.py): a wheel built
+# elsewhere may use instructions this CPU lacks. The stamp names this CPU, so moving the checkout
+# (or its .venv) to another CPU reinstalls.
+CPU_KEY := $(shell $(PY) scripts/install_native.py --key)
+STAMP   := $(VENV)/.installed-$(CPU_KEY)
 RUNS    := runs/demo
 # Every dependency, test tools included, at the exact version (and sha256) in the lock file: what CI
-# tests is what make install gives. torch is the CPU build pip takes from local disk (2.13.0+cpu);
+# tests is what make install gives (llama-cpp-python from the sdist the lock pins, built per CPU). torch is the CPU build pip takes from local disk (2.13.0+cpu);
 # an unpinned torch pulls a CUDA build. `make lock` refreshes the lock (see docs/development.md).
 LOCK    := requirements/lock.txt
 PIP     := pip==26.3
@@ -18,10 +22,10 @@ PIP     := pip==26.3
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) scripts/install_native.py
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet "$(PIP)"
-	$(PYTHON) -m pip install --require-hashes -r $(LOCK)
+	$(PYTHON) scripts/install_native.py --lock $(LOCK) --python $(PYTHON)
 	$(PYTHON) -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

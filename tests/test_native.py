@@ -174,3 +174,43 @@ def test_the_environment_holds_exactly_the_locked_versions():
     assert installed.pop("pip") == pip_pin
     installed.pop("itera")
     assert installed == locked
+
+
+def _install_native():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("install_native", REPO / "scripts" / "install_native.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_llama_cpp_is_built_per_cpu_and_the_rest_installs_from_the_lock(tmp_path):
+    """pip's wheel cache is keyed by the sdist, not the CPU: make install builds llama-cpp-python
+    under this CPU's key, from the entry the lock pins (with its hash), and the rest of the lock
+    still installs with hashes required."""
+    mod = _install_native()
+    lock = REPO / "requirements" / "lock.txt"
+    rest, entry, version = mod.split_lock(lock)
+    pinned = re.search(r"^llama-cpp-python==(\S+) \\$", lock.read_text(), re.M).group(1)
+    assert version == pinned
+    assert entry.startswith(f"llama-cpp-python=={pinned} \\\n") and "--hash=sha256:" in entry
+    assert not re.search(r"^llama-cpp-python==", rest, re.M)
+    locked = lambda text: re.findall(r"^([A-Za-z0-9_.-]+)==", text, re.M)  # noqa: E731
+    assert sorted(locked(rest) + ["llama-cpp-python"]) == sorted(locked(lock.read_text()))
+    assert rest.count("--hash=sha256:") + entry.count("--hash=sha256:") == lock.read_text().count("--hash=sha256:")
+    # the key follows the CPU's model and flags, and make's stamp carries it
+    key = mod.cpu_key()
+    assert re.fullmatch(r"[0-9a-f]{16}", key) and key == mod.cpu_key()
+    other = "x86_64|" + mod.cpu_identity().split("|")[1] + "|avx2 fma"
+    assert mod.hashlib.sha256(other.encode()).hexdigest()[:16] != key
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "install_native.py"), "--key"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == key
+    makefile = (REPO / "Makefile").read_text()
+    assert "STAMP   := $(VENV)/.installed-$(CPU_KEY)" in makefile
+    assert "scripts/install_native.py --lock $(LOCK)" in makefile
+    bad = tmp_path / "lock.txt"
+    bad.write_text("numpy==2.0.0 \\\n    --hash=sha256:00\n")
+    with pytest.raises(SystemExit, match="does not pin llama-cpp-python"):
+        mod.split_lock(bad)
