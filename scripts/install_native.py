@@ -123,4 +123,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except subprocess.CalledProcessError as e:  # pip said why above
+        raise SystemExit(f"install_native: {' '.join(map(str, e.cmd))} failed with exit status {e.returncode}")
