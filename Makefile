@@ -13,8 +13,9 @@ CPU_KEY := $(shell $(PY) scripts/install_native.py --key)
 STAMP   := $(VENV)/.installed-$(CPU_KEY)
 RUNS    := runs/demo
 # Every dependency, test tools included, at the exact version (and sha256) in the lock file: what CI
-# tests is what make install gives (llama-cpp-python from the sdist the lock pins, built per CPU). torch is the CPU build pip takes from local disk (2.13.0+cpu);
-# an unpinned torch pulls a CUDA build. `make lock` refreshes the lock (see docs/development.md).
+# tests is what make install gives (llama-cpp-python from the sdist the lock pins, built per CPU).
+# torch is the CPU build pip takes from local disk (2.13.0+cpu); an unpinned torch pulls a CUDA build.
+# `make lock` refreshes the lock (see docs/development.md).
 LOCK    := requirements/lock.txt
 PIP     := pip==26.3
 

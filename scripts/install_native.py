@@ -62,14 +62,14 @@ def split_lock(lock: Path) -> tuple[str, str, str]:
     """(the lock without llama-cpp-python, llama-cpp-python's entry with its hashes, its version)."""
     rest: list[str] = []
     entry: list[str] = []
-    inside = False
+    inside, version = False, None
     for line in lock.read_text().splitlines():
         if m := re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line):
             inside = re.sub(r"[-_.]+", "-", m.group(1)).lower() == NATIVE
+            version = m.group(2) if inside else version
         (entry if inside and not line.lstrip().startswith("#") else rest).append(line)
     if not entry:
         raise SystemExit(f"install_native: {lock} does not pin {NATIVE}")
-    version = re.match(r"^[A-Za-z0-9_.-]+==(\S+)", entry[0]).group(1)
     return "\n".join(rest) + "\n", "\n".join(entry) + "\n", version
 
 
