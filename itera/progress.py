@@ -7,7 +7,8 @@ stderr (``itera.cli._console``); tests and scripts pass nothing and get :data:`S
 
 from __future__ import annotations
 
-from typing import Protocol
+from contextlib import contextmanager
+from typing import Iterator, Protocol
 
 
 class Task(Protocol):
@@ -43,3 +44,13 @@ class _Silent:
 
 
 SILENT: Reporter = _Silent()
+
+
+@contextmanager
+def running(reporter: Reporter, description: str, total: int | None = None, unit: str = "steps") -> Iterator[Task]:
+    """``reporter.task(...)`` closed however the block ends."""
+    task = reporter.task(description, total=total, unit=unit)
+    try:
+        yield task
+    finally:
+        task.close()

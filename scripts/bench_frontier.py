@@ -149,7 +149,7 @@ def llama_file(f32: Path, dst: Path, gguf_type: str, importance, threads) -> Pat
 
 
 def itera_file(model: Path, out: Path, name: str, calib: str, budget: int, plan: Path | None, threads,
-               seed: int = 0) -> tuple:
+               seed: int = 0, planner: str = "predicted") -> tuple:
     """itera auto at ``budget`` bytes (measuring, or with ``plan``), exported; (gguf, quantize record)."""
     from itera.jobs.export import ExportOptions, run_export
     from itera.jobs.quantize import QuantizeOptions, run_quantize
@@ -157,7 +157,7 @@ def itera_file(model: Path, out: Path, name: str, calib: str, budget: int, plan:
     ckpt, gguf = out / f"itera-{name}", out / f"itera-{name}.gguf"
     rec_path = out / f"itera-{name}.quantize.json"
     if not gguf.exists():
-        q = QuantizeOptions(model=model, out=ckpt, method="auto", calib=calib, force=True, seed=seed,
+        q = QuantizeOptions(model=model, out=ckpt, method="auto", calib=calib, force=True, seed=seed, planner=planner,
                             **({"plan": plan} if plan else {"target_bytes": budget}))
         rec_path.write_text(json.dumps({"metrics": run_quantize(q).metrics}))
         run_export(ExportOptions(model=ckpt, out=gguf, format="gguf", threads=threads, force=True))
@@ -218,12 +218,14 @@ def run(args) -> dict:
             f = files[f"{t}/{tag}"]
             row[f"llama_{tag}"] = {"bytes": f.stat().st_size, **scorer.score(f)}
         budget = min(row["llama_plain"]["bytes"], row["llama_imatrix"]["bytes"])
-        plan = plan_for(model, sens, budget, out / f"plan-{t}.json") if sens else None
+        name = t if args.planner == "predicted" else f"{t}-{args.planner}"
+        plan = plan_for(model, sens, budget, out / f"plan-{name}.json") if sens else None
         t0 = time.perf_counter()
-        gguf, rec = itera_file(model, out, t, args.calib, budget, plan, args.threads)
+        gguf, rec = itera_file(model, out, name, args.calib, budget, plan, args.threads, planner=args.planner)
         sens = sens or rec["metrics"]["sensitivity_kl"]
         row["itera"] = {"bytes": gguf.stat().st_size, **scorer.score(gguf), "budget": budget,
-                        "types": _count(rec["metrics"]["plan_types"]), "seconds": time.perf_counter() - t0}
+                        "types": _count(rec["metrics"]["plan_types"]), "seconds": time.perf_counter() - t0,
+                        "stage_seconds": rec["metrics"].get("stage_seconds")}
         paths = {"llama_plain": files[f"{t}/plain"], "llama_imatrix": files[f"{t}/imatrix"], "itera": gguf}
         ppl = {k: row[k]["perplexity"] for k in paths}
         for k, f in paths.items():
@@ -242,14 +244,14 @@ def run(args) -> dict:
         row["verdict"] = ("met" if row["goal_met"] else "not met" if not fits or margin < -2 * se else
                           "within noise")
         if args.calib_seeds > 1:
-            row["calib_draws"] = calib_draws(args, model, out, t, budget, files[f"{t}/imatrix"], gguf,
+            row["calib_draws"] = calib_draws(args, model, out, t, name, budget, files[f"{t}/imatrix"], gguf,
                                              seed_importance, scorer, f32, f32_nll=math.log(base["perplexity"]))
         log(f"{t}: llama.cpp {row['llama_plain']['bytes']:,} B dppl {row['llama_plain']['delta_perplexity']:+.3f} "
             f"(imatrix {row['llama_imatrix']['delta_perplexity']:+.3f}); itera {row['itera']['bytes']:,} B "
             f"dppl {row['itera']['delta_perplexity']:+.3f} (se {row['itera']['delta_perplexity_se']:.3f}) -> "
             f"{row['verdict']}, margin {margin:+.3f} +- {se:.3f}")
         rows.append(row)
-    result = {"bench": "frontier", "model": str(model), "text": args.text, "calib": args.calib,
+    result = {"bench": "frontier", "model": str(model), "text": args.text, "calib": args.calib, "planner": args.planner,
               "protocol": {"tokens": len(scorer.ids), "window": args.window, "stride": args.stride,
                            "scored": base["tokens"]},
               "f32": base, "points": rows, "goal_met_everywhere": all(r["goal_met"] for r in rows)}
@@ -259,16 +261,16 @@ def run(args) -> dict:
     return result
 
 
-def calib_draws(args, model: Path, out: Path, t: str, budget: int, imatrix_file: Path, itera_gguf: Path,
+def calib_draws(args, model: Path, out: Path, t: str, name: str, budget: int, imatrix_file: Path, itera_gguf: Path,
                 seed_importance: dict, scorer: Scorer, f32: Path, f32_nll: float) -> dict:
     """The same point again from other calibration windows (seeds 1 .. --calib-seeds - 1): itera with
     the same plan (only GPTQ's Hessians change) and llama.cpp with that seed's importance data.
     A file's NLL change on other text is largely a first-order draw that moves with which windows
     calibrated it, far more than the windows' standard error says; the spread over draws shows it."""
-    plan = out / f"itera-{t}" / "quant_plan.json"  # the plan the first draw applied
+    plan = out / f"itera-{name}" / "quant_plan.json"  # the plan the first draw applied
     draws: dict[str, list] = {"itera": [itera_gguf], "llama_imatrix": [imatrix_file]}
     for s in range(1, args.calib_seeds):
-        g, _ = itera_file(model, out, f"{t}-seed{s}", args.calib, budget, plan, args.threads, seed=s)
+        g, _ = itera_file(model, out, f"{name}-seed{s}", args.calib, budget, plan, args.threads, seed=s)
         draws["itera"].append(g)
         draws["llama_imatrix"].append(llama_file(f32, out / f"llama-{t}-imatrix-seed{s}.gguf", t,
                                                  seed_importance[s], args.threads))
@@ -323,6 +325,8 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--planner", default="predicted", choices=("predicted", "measured"),
+                    help="itera quantize --planner for the itera files (each planner's files are kept apart)")
     ap.add_argument("--calib-seeds", type=int, default=1,
                     help="also make each point from this many calibration draws in all (seeds 0..N-1) and "
                          "report the spread of the NLL change")

@@ -4,8 +4,8 @@
 
 Builds float32 checkpoints with the shapes of SmolLM2-135M and TinyLlama-1.1B (config only, no
 download; a byte-level BPE trained on the built-in corpus, the embedding table padded to the
-model's vocabulary), then runs evaluate, quantize (rtn, gptq), export (GGUF F16 and Q4_0, ONNX)
-and benchmark-power, each in its own process, and prints JSON: per step the wall time, the
+model's vocabulary), then runs evaluate, quantize (rtn, gptq, auto at 4.5 bits per weight), export
+(GGUF F16 and Q4_0, ONNX) and benchmark-power, each in its own process, and prints JSON: per step the wall time, the
 step's peak RSS (os.wait4's rusage of that process) and peak RSS / checkpoint bytes
 (docs/benchmarks.md quotes a run: GGUF export of the 1.1B shape peaks at 1.21x).
 """
@@ -79,7 +79,8 @@ def step(name: str, argv: list[str], ckpt_bytes: int, log: Path) -> dict:
     if row["ok"]:
         metrics = json.loads(out.decode().splitlines()[-1])["metrics"]
         row["figures"] = {k: metrics[k] for k in ("verified", "max_abs_logit_diff", "kl_to_source", "bits_per_weight",
-                                                   "perplexity_after", "decode_tokens_per_s") if k in metrics}
+                                                   "gguf_bits_per_weight", "perplexity_after", "decode_tokens_per_s",
+                                                   "stage_seconds") if k in metrics}
         if metrics.get("runtime_vs_file"):
             row["figures"]["runtime_vs_file_rel_rms"] = metrics["runtime_vs_file"]["rel_rms"]
     return row
@@ -115,6 +116,9 @@ def main() -> None:
             "quantize-gptq": ["quantize", "--model", ckpt, "--method", "gptq", "--bits", "4", "--group-size", "32",
                               "--calib", "pydocs@test", "--calib-samples", "8", "--calib-seqlen", "256",
                               "--eval-tokens", "1024", "--out", w / "gptq", "--force"],
+            # the byte-budget planner (--planner predicted, the default) and GPTQ applying its plan
+            "quantize-auto": ["quantize", "--model", ckpt, "--method", "auto", "--target-bpw", "4.5",
+                              "--calib", "pydocs@test", "--eval-tokens", "1024", "--out", w / "auto", "--force"],
             "export-gguf-f16": ["export", "--model", ckpt, "--format", "gguf", "--gguf-type", "F16",
                                 "--out", w / "m-f16.gguf", "--force"],
             # Random weights give nearly flat logits, so a block type's runtime-vs-file difference,

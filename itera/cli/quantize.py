@@ -11,7 +11,7 @@ from itera.cli._options import Device, Force, MetricsOut, ModelPath, TextField, 
 def quantize(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the quantized checkpoint.")],
     model: ModelPath = None,
-    method: Annotated[str, typer.Option(help="rtn | gptq | auto (a GGUF type per tensor from measured "
+    method: Annotated[str, typer.Option(help="rtn | gptq | auto (a GGUF type per tensor from its "
                                         "sensitivity, under a budget in GGUF file bytes).")] = "gptq",
     bits: Annotated[int, typer.Option(help="8, 4, 3 or 2 (rtn, gptq).")] = 4,
     gguf_type: Annotated[Optional[str], typer.Option(help="rtn, gptq: store every layer as this GGUF block "
@@ -35,6 +35,8 @@ def quantize(
     auto_types: Annotated[str, typer.Option(help="auto: candidate GGUF types, comma-separated, or all "
                                             "(F16 is always one).")] = "all",
     auto_base: Annotated[str, typer.Option(metavar="METHOD", help="auto: apply the chosen plan with rtn or gptq.")] = "gptq",
+    planner: Annotated[str, typer.Option(help="auto: predicted (each type's KL from one backward pass; "
+                                         "minutes at 1B) or measured (a forward pass per tensor and type).")] = "predicted",
     plan: Annotated[Optional[Path], typer.Option(help="auto: reuse a quant_plan.json instead of measuring.")] = None,
     quantize_embeddings: Annotated[bool, typer.Option("--quantize-embeddings", help="Also quantize the "
                                                       "embeddings and output head (16-bit by default).")] = False,
@@ -71,7 +73,7 @@ def quantize(
     opts = QuantizeOptions(model=path, out=out, method=method, bits=bits, group_size=group_size, sym=sym,
                            calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, damp=damp,
                            act_order=act_order, gguf_type=gguf_type, target_bpw=target_bpw,
-                           target_bytes=target_bytes, auto_types=auto_types, auto_base=auto_base,
+                           target_bytes=target_bytes, auto_types=auto_types, auto_base=auto_base, planner=planner,
                            plan=plan, quantize_embeddings=quantize_embeddings, eval_tokens=eval_tokens, seed=seed,
                            device=device, threads=threads, text_field=text_field, force=force)
     execute("quantize", run_quantize, opts.validate(), parent, metrics_out, summary=_summary)

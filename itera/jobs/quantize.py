@@ -20,19 +20,22 @@ import torch
 
 from itera.errors import InputError, UsageError
 from itera.options import flag, internal
-from itera.progress import SILENT, Reporter
+from itera.progress import SILENT, Reporter, running
 from itera.storage.layout import FORMAT_VERSION, LINEAR_SUFFIXES, QUANT_METHOD, SUPPORTED_BITS, LayerQuant
 from itera.quant.budget import Budget, make_budget, read_plan
 from itera.storage.ggml import TYPES
 from itera.storage import by_name
 from itera.storage.types import F16
 from itera.quant.layerwise import quantize_model
-from itera.quant.plan import choose_plan, sensitivities
+from itera.quant.fisher import fisher_stats, probes_for
+from itera.quant.plan import choose_plan, predicted_sensitivities, sensitivities
 from itera.artifacts import describe_artifact
 from itera.record import Outcome
 
 METHODS = ("rtn", "gptq", "auto")
-SENSITIVITY_WINDOWS, SENSITIVITY_TOKENS = 4, 128  # auto: calibration text each option's KL is measured on
+PLANNERS = ("predicted", "measured")
+SENSITIVITY_WINDOWS, SENSITIVITY_TOKENS = 4, 128  # auto, measured: calibration text each option's KL is measured on
+FISHER_WINDOWS, FISHER_DRAWS = 8, 2  # auto, predicted: calibration sequences, label draws (see choose_layers)
 AUTO_TYPES = (*TYPES, F16.name)
 # llama.cpp's choice when a row is not a multiple of a type's block (llama-quant.cpp's fallback)
 ROW_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -62,6 +65,8 @@ class QuantizeOptions:
     auto_types: tuple[str, ...] | str = flag("--auto-types", default=AUTO_TYPES, cli_default="all",
                                              why="validate() reads 'all' as every type, AUTO_TYPES")
     auto_base: str = flag("--auto-base", default="gptq")  # auto: how the chosen plan is applied (rtn or gptq)
+    # auto: each option's KL predicted from one backward pass, or measured by a forward pass per option
+    planner: str = flag("--planner", default="predicted")
     plan: Path | None = flag("--plan", default=None)  # a plan (module -> type) written by an earlier `auto` run
     quantize_embeddings: bool = flag("--quantize-embeddings", default=False)
     eval_tokens: int = flag("--eval-tokens", default=4096)
@@ -118,6 +123,8 @@ class QuantizeOptions:
                              f"(got {','.join(self.auto_types)!r})")
         if self.auto_base not in ("rtn", "gptq"):
             raise UsageError("--auto-base must be rtn or gptq")
+        if self.planner not in PLANNERS:
+            raise UsageError(f"--planner must be predicted or measured (got {self.planner!r})")
         if self.plan is not None:
             from itera.fsio import check_input_file
 
@@ -287,9 +294,15 @@ def module_importance(src: Source, calib: torch.Tensor | None) -> dict[str, torc
 
 
 def choose_layers(opts: QuantizeOptions, src: Source, calib: torch.Tensor | None, importance: dict,
-                  reporter: Reporter) -> tuple[dict, dict | None, list[dict]]:
-    """How each matrix is stored (a LayerQuant, a GGML type, or F16), the sensitivities behind a
-    measured ``auto`` plan, and the fallbacks that row lengths forced."""
+                  reporter: Reporter, stages: dict | None = None) -> tuple[dict, dict | None, list[dict]]:
+    """How each matrix is stored (a LayerQuant, a GGML type, or F16), the sensitivities behind an
+    ``auto`` plan, and the fallbacks that row lengths forced. ``stages``: seconds per stage, added to.
+
+    ``--planner predicted`` runs one forward and backward pass over the first FISHER_WINDOWS
+    calibration sequences (2,048 tokens at the default length: the predicted KL's spread between
+    seeds was a few percent there) and quantizes each tensor once per type; ``measured`` runs the
+    model from the tensor's layer on for every tensor and type (exact, and hours at 1B parameters)."""
+    stages = {} if stages is None else stages
     if opts.method != "auto":
         if opts.gguf_type is not None:
             chosen = {n: fit_type(n, m.weight.shape[1], opts.gguf_type) for n, m in src.mods.items()}
@@ -300,15 +313,27 @@ def choose_layers(opts: QuantizeOptions, src: Source, calib: torch.Tensor | None
     sens, types = None, src.fixed_plan
     if types is None:
         costs = src.budget.costs
-        reporter.log(f"measuring the sensitivity of {len(src.mods)} tensors to {len(opts.auto_types)} types")
-        task = reporter.task("sensitivity", total=len(src.mods), unit="tensors")
-        try:
-            sens = sensitivities(src.model, src.mods, calib[:SENSITIVITY_WINDOWS, :SENSITIVITY_TOKENS],
-                                 {n: {t: by_name(t) for t in costs[n]} for n in src.mods}, importance,
-                                 task.update)
-        finally:
-            task.close()
+        options = {n: {t: by_name(t) for t in costs[n]} for n in src.mods}
+        t0 = time.perf_counter()
+        if opts.planner == "measured":
+            reporter.log(f"measuring the sensitivity of {len(src.mods)} tensors to {len(opts.auto_types)} types")
+            with running(reporter, "sensitivity", len(src.mods), "tensors") as task:
+                sens = sensitivities(src.model, src.mods, calib[:SENSITIVITY_WINDOWS, :SENSITIVITY_TOKENS],
+                                     options, importance, task.update)
+            stages["sensitivities"] = time.perf_counter() - t0
+        else:
+            windows = calib[:FISHER_WINDOWS]
+            with running(reporter, "fisher", windows.shape[0], "sequences") as task:
+                stats = fisher_stats(src.model, windows, seed=opts.seed, draws=FISHER_DRAWS,
+                                     probes=probes_for(src.model, src.mods, options, importance), progress=task.update)
+            stages["sensitivities"] = time.perf_counter() - t0
+            reporter.log(f"predicting the sensitivity of {len(src.mods)} tensors to {len(opts.auto_types)} types")
+            with running(reporter, "sensitivity", len(src.mods), "tensors") as task:
+                sens = predicted_sensitivities(src.model, src.mods, stats, options, importance, task.update)
+            stages["predictions"] = time.perf_counter() - t0 - stages["sensitivities"]
+        t0 = time.perf_counter()
         types = choose_plan(costs, sens, src.budget.available)
+        stages["plan"] = time.perf_counter() - t0
     return {n: by_name(t) for n, t in types.items()}, sens, []
 
 
@@ -379,12 +404,25 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     opts.threads = torch.get_num_threads()  # the record says what was used
+    stages = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stages[stage] = stages.get(stage, 0.0) + now - clock
+        clock = now
+
     src = load_source(opts)
+    lap("load")
     calib, held = calibrate(opts, src)
     before = _heldout_perplexity(src, held, opts)
+    lap("perplexity_before")
     t0 = time.perf_counter()
     importance = module_importance(src, calib) if opts.method == "auto" or opts.gguf_type else {}
-    plan, sens, fallbacks = choose_layers(opts, src, calib, importance, reporter)
+    lap("calibration_pass")
+    plan, sens, fallbacks = choose_layers(opts, src, calib, importance, reporter, stages)
+    clock = time.perf_counter()
     if fallbacks:  # one line however many tensors fell back; the record lists every one
         from itera.export.gguf import fallback_summary
 
@@ -398,12 +436,16 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
     finally:
         task.close()
     quant_seconds = time.perf_counter() - t0
+    lap("quantize")
     stored = {n: q for n, q in plan.items() if q.quantized}
     keep = round_unquantized(src, stored)
     after = _heldout_perplexity(src, held, opts)
+    lap("perplexity_after")
     write(opts, src, plan, {**keep, **tensors})
+    lap("write")
     metrics = _metrics(opts, src, plan, tensors, figures, before, after)
-    metrics.update(quantize_seconds=quant_seconds, fallbacks=fallbacks)
+    metrics.update(quantize_seconds=quant_seconds, fallbacks=fallbacks,
+                   stage_seconds={k: round(v, 3) for k, v in stages.items()})
     if sens is not None or src.fixed_plan is not None:
         metrics["plan_types"] = {n: q.label() for n, q in plan.items()}
         metrics["sensitivity_kl"] = sens

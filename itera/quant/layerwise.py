@@ -16,15 +16,23 @@ from itera.storage.types import StorageType
 
 @torch.no_grad()
 def layer_inputs_hessians(layer, x: torch.Tensor, cos, sin, names: dict[str, torch.nn.Module], chunk: int = 8):
-    """Run one decoder layer over the calibration hidden states; return H = X^T X / n per linear."""
-    hs = {n: torch.zeros(m.weight.shape[1], m.weight.shape[1], device=x.device) for n, m in names.items()}
+    """Run one decoder layer over the calibration hidden states; return H = X^T X / n per linear.
+    Linears that read the same input (q, k and v; gate and up) share one Hessian."""
+    hs: dict[str, torch.Tensor] = {}
     counts = {n: 0 for n in names}
+    owner: dict[tuple, tuple] = {}  # an input of this chunk -> (the first linear that read it, the input)
+    shared: dict[str, str] = {}
     hooks = []
 
     def hook_for(n):
         def hook(_m, inp):
+            key = (inp[0].data_ptr(), tuple(inp[0].shape))
+            first, _ = owner.setdefault(key, (n, inp[0]))  # held: its memory is not reused in this chunk
+            if first != n:
+                shared[n] = first
+                return
             a = inp[0].float().flatten(0, -2)  # (tokens, in)
-            hs[n].add_(a.T @ a)
+            hs[n] = hs[n].addmm_(a.T, a) if n in hs else a.T @ a
             counts[n] += a.shape[0]
         return hook
 
@@ -32,11 +40,13 @@ def layer_inputs_hessians(layer, x: torch.Tensor, cos, sin, names: dict[str, tor
         hooks.append(m.register_forward_pre_hook(hook_for(n)))
     try:
         for i in range(0, x.shape[0], chunk):
+            owner.clear()
             layer(x[i:i + chunk], cos, sin, None, None)
     finally:
         for h in hooks:
             h.remove()
-    return {n: hs[n] / max(counts[n], 1) for n in names}
+    out = {n: hs[n] / max(counts[n], 1) for n in hs}
+    return {n: out[shared.get(n, n)] for n in names}
 
 
 def _errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> dict:

@@ -86,6 +86,27 @@ def sensitivities(model, mods: dict, calib: torch.Tensor, options: dict[str, dic
     return out
 
 
+@torch.no_grad()
+def predicted_sensitivities(model, mods: dict, stats, options: dict[str, dict], importance: dict | None = None,
+                            progress=None) -> dict[str, dict]:
+    """What :func:`sensitivities` measures, predicted from one calibration pass's statistics
+    (:func:`itera.quant.fisher.fisher_stats` with :func:`~itera.quant.fisher.probes_for`'s probes):
+    each tensor is quantized once per option, and no forward pass is run."""
+    from itera.quant.fisher import predicted_kls
+
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    out: dict[str, dict] = {}
+    for k, (name, m) in enumerate(mods.items()):
+        w = m.weight.data.float()
+        imp = (importance or {}).get(name)
+        lookup = name == "model.embed_tokens"
+        product = name if isinstance(m, torch.nn.Linear) else ("lm_head" if lookup and tied else None)
+        out[name] = predicted_kls(name, w, options[name], imp, stats, product, lookup)
+        if progress:
+            progress(k + 1)
+    return out
+
+
 def choose_plan(costs: dict[str, dict], losses: dict[str, dict], budget_bytes: int, units: int = 50000) -> dict:
     """The option per tensor minimising the summed measured loss with total bytes <= budget.
 

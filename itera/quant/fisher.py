@@ -1,0 +1,260 @@
+"""What one calibration pass says about every tensor's sensitivity: the planner's predicted KL.
+
+The KL divergence of the next-token distribution from the float model's, for a small change
+``dtheta`` to the weights, is to second order ``1/2 E[(G . dtheta)^2]`` per token, with ``G`` the
+gradient of the log-likelihood of labels *sampled from the model itself* (not the text's next
+tokens): the expectation of ``G G^T`` over such labels is the Fisher information. The gradients
+of different positions' terms are uncorrelated, so one backward pass over a sequence's summed
+loss gives an unbiased estimate of the sum over its positions. For one matrix ``G . dtheta`` is
+``sum over positions of (gradient at its output) . (the output's change)``, so a change can be
+*probed* without keeping any weight gradient: its output change is computed in the forward pass
+and met by the gradient in the backward pass.
+
+Probing every tensor at every candidate type would keep a copy of the model per type. Instead:
+
+- each tensor's change at two reference types (a 4-bit one and its cheapest), and the change each
+  input rounding makes (llama.cpp's CPU backend rounds a product's input to 8 bits in blocks of 32
+  or 256, or to float16, by the weight's type), are probed exactly;
+- every type's weight change is scored by the diagonal formula
+  ``1/2 * sum_o f_o * sum_i E[x_i^2] * dW_oi^2`` (``f_o``: the mean squared output gradient;
+  ``E[x_i^2]``: the importance data), which is cheap but ignores how a change at one position
+  reaches later ones through attention (off by up to 10x on value and query matrices);
+- the formula is rescaled per tensor so that it equals the probed KL at the reference types (the
+  scale interpolated between them), and the probed KL of the type's input rounding is added.
+
+So one forward pass and a few backward passes over the calibration windows, and one quantization
+per tensor and type, give every candidate's cost: no forward pass per candidate. An embedding row
+is a lookup: its diagonal formula is the Fisher of the embedding output summed over the positions
+holding that token, and rows of tokens the calibration text lacks are given the mean position's
+Fisher, weighted as one occurrence, rather than nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from itera.storage.ggml import Q8_0_INPUT, Q8_K_INPUT, input_as_llama_cpp
+
+def input_scheme(weight_type: str) -> str | None:
+    """Which input rounding a product with a ``weight_type`` weight gets (None: the input as it is)."""
+    if weight_type == "F16":
+        return "F16"
+    if weight_type in Q8_0_INPUT:
+        return "Q8_0"
+    if weight_type in Q8_K_INPUT:
+        return "Q8_K"
+    return None
+
+
+class FisherStats:
+    """Per matrix product: ``out_fisher`` (out,), the mean over positions of the squared gradient
+    at each output; ``input_ms`` (in,), the input's mean square. For the token embedding: ``embed``
+    (vocab, hidden), the Fisher of each row. ``probed``: tensor -> key -> the KL of a probed change
+    (see :func:`fisher_stats`). ``tokens``: positions measured; ``draws``: label draws per position."""
+
+    def __init__(self):
+        self.out_fisher: dict[str, torch.Tensor] = {}
+        self.input_ms: dict[str, torch.Tensor] = {}
+        self.embed: torch.Tensor | None = None
+        self.probed: dict[str, dict[str, float]] = {}
+        self.tokens = 0
+        self.draws = 1
+
+
+def fisher_stats(model, calib: torch.Tensor, seed: int = 0, chunk: int = 1, draws: int = 1,
+                 probes: dict | None = None, progress=None) -> FisherStats:
+    """One forward pass over ``calib`` (samples, seqlen), ``chunk`` sequences at a time (memory: one
+    chunk's activations and no weight gradients), and ``draws`` backward passes per chunk, each with
+    labels sampled from the model's own distribution.
+
+    ``probes``: tensor name -> key -> (a change to the weight, or None and the type whose input
+    rounding is probed): :func:`probes_for`. Each is scored as the module's note says: the mean of
+    ``(G . dtheta)^2 / 2`` per token, without the diagonal formula's approximation."""
+    import torch.nn.functional as F
+
+    st = FisherStats()
+    st.draws = draws
+    probes = probes or {}
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    emb = model.model.embed_tokens
+    tied = model.lm_head.weight is emb.weight
+    probe_of = {n: ("model.embed_tokens" if n == "lm_head" and tied else n) for n in linears}
+    sums_g: dict[str, torch.Tensor] = {}
+    sums_x: dict[str, torch.Tensor] = {}
+    dots: dict[tuple, float] = {}  # (tensor, key) -> G . dtheta of the draw being run
+    squares: dict[tuple, float] = {}
+    hooks = []
+
+    def add(d: dict, k, v):
+        d[k] = d[k] + v if k in d else v
+
+    def dot_hook(key, dy):
+        dy = dy.bfloat16()  # kept until the chunk's last backward pass: half the memory
+
+        def hook(g):
+            dots[key] = dots.get(key, 0.0) + float((g.detach().float() * dy.float()).sum())
+        return hook
+
+    def pre_hook(name):
+        def hook(_m, args):
+            x = args[0].detach().float().flatten(0, -2)
+            add(sums_x, name, (x * x).sum(0))
+        return hook
+
+    def out_hook(name):
+        def hook(_m, args, out):
+            if not out.requires_grad:
+                return
+            out.register_hook(lambda g: add(sums_g, name, (g.detach().float() ** 2).flatten(0, -2).sum(0)))
+            x = args[0].detach().float()
+            for key, (dw, wtype) in probes.get(probe_of[name], {}).items():
+                if dw is None:  # the input's rounding alone
+                    dy = F.linear(input_as_llama_cpp(x, wtype) - x, _m.weight.float())
+                else:  # the weight's change alone
+                    dy = F.linear(x, dw.expand())
+                out.register_hook(dot_hook((probe_of[name], key), dy))
+        return hook
+
+    vocab, hidden = emb.weight.shape
+    embed_fisher = torch.zeros(vocab, hidden)
+    current: list[torch.Tensor] = []
+
+    def emb_hook(_m, _args, out):
+        ids = current[0]
+        out = out.detach().requires_grad_()  # the graph starts here: no weight gradients are kept
+
+        def grad(g):
+            flat = ids.reshape(-1).cpu()
+            embed_fisher.index_add_(0, flat, (g.detach().float() ** 2).reshape(flat.numel(), -1).cpu())
+        out.register_hook(grad)
+        for key, (dw, _t) in probes.get("model.embed_tokens", {}).items():
+            if dw is not None:  # a lookup rounds no input
+                out.register_hook(dot_hook(("model.embed_tokens", key), dw.expand()[ids]))
+        return out
+
+    for n, m in linears.items():
+        hooks.append(m.register_forward_pre_hook(pre_hook(n)))
+        hooks.append(m.register_forward_hook(out_hook(n)))
+    hooks.append(emb.register_forward_hook(emb_hook))
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for i in range(0, calib.shape[0], chunk):
+            ids = calib[i:i + chunk]
+            current[:] = [ids]
+            with torch.enable_grad():
+                logits = model(ids).float()
+                probs = torch.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1]).cpu()
+                logp = torch.log_softmax(logits, -1).reshape(-1, logits.shape[-1])
+                for d in range(draws):
+                    labels = torch.multinomial(probs, 1, generator=gen).to(logits.device)
+                    dots.clear()
+                    logp.gather(1, labels).sum().backward(retain_graph=d < draws - 1)
+                    for k, v in dots.items():
+                        squares[k] = squares.get(k, 0.0) + v * v
+            st.tokens += ids.numel()
+            if progress:
+                progress(min(i + chunk, calib.shape[0]))
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    n = max(st.tokens, 1) * draws  # every sum above ran over each position once per draw
+    st.out_fisher = {k: (v / n).cpu() for k, v in sums_g.items()}
+    st.input_ms = {k: (v / (n / draws)).cpu() for k, v in sums_x.items()}
+    for (name, key), v in squares.items():
+        st.probed.setdefault(name, {})[key] = 0.5 * v / n
+    seen = embed_fisher.abs().sum(1) > 0
+    mean_position = embed_fisher[seen].sum(0) / n if seen.any() else embed_fisher[0]
+    embed_fisher /= n
+    embed_fisher[~seen] = mean_position / (n / draws)  # an unseen row: as if it occurred once (the module's note)
+    st.embed = embed_fisher
+    return st
+
+
+def reference_types(candidates) -> list[str]:
+    """The types whose weight change is probed exactly for a tensor: a mid-range one and its
+    cheapest K-quant or 4-bit candidate (low types' errors reach the output more coherently than the
+    diagonal formula says: Q2_K's KL is 3x what the formula scaled at Q4_K predicts)."""
+    mid = next((t for t in ("Q4_K", "Q4_0", "Q5_0", "Q8_0") if t in candidates), None)
+    low = next((t for t in ("Q2_K", "Q3_K", "IQ4_XS", "Q4_0", "IQ4_NL") if t in candidates), None)
+    return [t for t in dict.fromkeys((mid, low)) if t is not None]
+
+
+class Change:
+    """A weight change kept in 8 bits per weight with a float32 scale per row (a quarter of the
+    float32 tensor; within half a step of 1/127 of each row's largest change)."""
+
+    def __init__(self, dw: torch.Tensor):
+        self.scale = dw.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127
+        self.codes = torch.round(dw / self.scale).to(torch.int8)
+
+    def expand(self) -> torch.Tensor:
+        return self.codes.float() * self.scale
+
+
+@torch.no_grad()
+def probes_for(model, mods: dict, options: dict[str, dict], importance: dict) -> dict:
+    """What :func:`fisher_stats` probes per tensor: the weight change of each of its reference types
+    (:class:`Change`, a quarter of the tensor's float32 bytes each) and each input rounding its
+    candidates imply."""
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    out = {}
+    for name, m in mods.items():
+        d = {}
+        w = m.weight.data.float()
+        for ref in reference_types(options[name]):
+            q = options[name][ref]
+            d[("weight", ref)] = (Change(q.expand(*q.quantize(w, importance.get(name))) - w), None)
+        if isinstance(m, torch.nn.Linear) or tied:
+            schemes = {input_scheme(t): t for t in options[name]}  # float16 inputs: too small to matter
+            d.update({("input", s): (None, t) for s, t in schemes.items() if s not in (None, "F16")})
+        out[name] = d
+    return out
+
+
+def diagonal_kl(dw2: torch.Tensor, st: FisherStats, product: str | None, lookup: bool) -> float:
+    """The weights' term of the module note's formula: 1/2 sum_o f_o sum_i E[x_i^2] dW_oi^2 (and for
+    an embedding, each row's Fisher times its squared change)."""
+    kl = 0.0
+    if product is not None:
+        kl += 0.5 * float(st.out_fisher[product] @ (dw2 @ st.input_ms[product]))
+    if lookup:
+        kl += 0.5 * float((st.embed * dw2).sum())
+    return kl
+
+
+def predicted_kls(name: str, w: torch.Tensor, options: dict, importance, st: FisherStats, product: str | None,
+                  lookup: bool) -> dict[str, float]:
+    """Type -> predicted KL (nats per token) of storing ``w`` as each of ``options`` (type -> scheme).
+
+    The weights' term is the diagonal formula's, scaled so that at the reference types it equals the
+    exactly probed KL of their changes, the scale interpolated between them in log-log and held
+    beyond (the diagonal misses how a change at one position reaches later ones through attention:
+    up to 10x either way on value and query matrices); the input's rounding is its own probed KL.
+    The two are independent roundings and add."""
+    w = w.float()
+    diag = {t: diagonal_kl((w - q.expand(*q.quantize(w, importance))) ** 2, st, product, lookup)
+            for t, q in options.items()}  # one type's copy at a time
+    probed = st.probed.get(name, {})
+    # (log diagonal KL, log scale) at each reference type, by decreasing KL
+    refs = sorted((math.log(diag[k[1]]), math.log(v / diag[k[1]])) for k, v in probed.items()
+                  if k[0] == "weight" and diag[k[1]] > 0 and v > 0)
+
+    def scale(d: float) -> float:
+        if not refs or d <= 0:
+            return 1.0
+        x = math.log(d)
+        if x <= refs[0][0] or len(refs) == 1:
+            return math.exp(refs[0][1] if x <= refs[0][0] else refs[-1][1])
+        if x >= refs[-1][0]:
+            return math.exp(refs[-1][1])
+        (x0, y0), (x1, y1) = refs[0], refs[-1]
+        return math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+    return {t: scale(diag[t]) * diag[t] + probed.get(("input", input_scheme(t)), 0.0) for t in options}
