@@ -198,3 +198,23 @@ def test_fallbacks_in_one_line_and_the_held_out_tokens_named(tiny_ckpt, corpus_f
     assert h["source"] == canonical(str(corpus_file)) and h["fraction"] == 0.1 and h["excluded_from"] == "calibration"
     assert h["chars"] == [len(head), len(text)] and h["tokens_scored"] == m["eval_tokens"] == 199
     assert f"on the last 10% of {h['source']} (characters {len(head):,}–{len(text):,}" in res.stderr
+
+
+def test_a_calibration_text_too_short_for_its_windows_is_said_once(tiny_ckpt, corpus_file, tmp_path):
+    """Windows longer end to end than the text overlap: one warning line naming both figures."""
+    from itera.data import split_heldout
+    from itera.tokenizer import Tokenizer
+
+    short = tmp_path / "short.txt"
+    short.write_text(corpus_file.read_text()[:3000])
+    n = len(Tokenizer.from_dir(tiny_ckpt).encode(split_heldout(short.read_text(), 0.1)[0], add_bos=False))
+    args = ["quantize", "--model", tiny_ckpt, "--method", "gptq", "--calib", short, "--calib-seqlen", "32",
+            "--eval-tokens", "50"]
+    res = run_itera(*args, "--calib-samples", str(n // 32 + 1), "--out", tmp_path / "q")
+    assert res.returncode == 0, res.stderr
+    warned = [line for line in res.stderr.splitlines() if "calibration text gives" in line]
+    assert warned == [f"warning: the calibration text gives {n:,} tokens, fewer than --calib-samples {n // 32 + 1} "
+                      f"x --calib-seqlen 32 = {(n // 32 + 1) * 32:,}: the windows overlap; pass more text or fewer "
+                      "samples"], res.stderr
+    res = run_itera(*args, "--calib-samples", str(n // 32), "--out", tmp_path / "q2")
+    assert "calibration text gives" not in res.stderr and res.record["metrics"]["perplexity_after"] > 1

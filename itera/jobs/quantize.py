@@ -263,8 +263,10 @@ def load_source(opts: QuantizeOptions) -> Source:
     return Source(cfg, tok, model, mods, budget, fixed_plan, lay)
 
 
-def calibrate(opts: QuantizeOptions, src: Source) -> tuple[torch.Tensor | None, str | None]:
-    """Calibration windows from the head of --calib and its held-out tail (None, None without --calib)."""
+def calibrate(opts: QuantizeOptions, src: Source, reporter: Reporter = SILENT) -> tuple[torch.Tensor | None, str | None]:
+    """Calibration windows from the head of --calib and its held-out tail (None, None without --calib).
+    Windows are drawn at random places; a text shorter than all of them end to end gives windows
+    that overlap, and says so (the same tokens counted twice are not more calibration)."""
     from itera.data import canonical, heldout_split, load_text, split_heldout
     from itera.train import calibration_ids
 
@@ -276,6 +278,10 @@ def calibrate(opts: QuantizeOptions, src: Source) -> tuple[torch.Tensor | None, 
     src.heldout = heldout_split(canonical(opts.calib, purpose="train"), text, opts.holdout, tokens.numel(),
                                 len(src.tokenizer.encode(held, add_bos=False)), None, "calibration")
     seqlen = min(opts.calib_seqlen, src.cfg.max_position_embeddings)
+    if tokens.numel() < opts.calib_samples * seqlen:
+        reporter.log(f"warning: the calibration text gives {tokens.numel():,} tokens, fewer than --calib-samples "
+                     f"{opts.calib_samples} x --calib-seqlen {seqlen} = {opts.calib_samples * seqlen:,}: the windows "
+                     "overlap; pass more text or fewer samples")
     return calibration_ids(tokens, opts.calib_samples, seqlen, opts.seed).to(opts.device), held
 
 
@@ -415,7 +421,7 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
 
     src = load_source(opts)
     lap("load")
-    calib, held = calibrate(opts, src)
+    calib, held = calibrate(opts, src, reporter)
     before = _heldout_perplexity(src, held, opts)
     lap("perplexity_before")
     t0 = time.perf_counter()

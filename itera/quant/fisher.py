@@ -218,15 +218,34 @@ def probes_for(model, mods: dict, options: dict[str, dict], importance: dict) ->
     return out
 
 
-def diagonal_kl(dw2: torch.Tensor, st: FisherStats, product: str | None, lookup: bool) -> float:
-    """The weights' term of the module note's formula: 1/2 sum_o f_o sum_i E[x_i^2] dW_oi^2 (and for
-    an embedding, each row's Fisher times its squared change)."""
-    kl = 0.0
+SAMPLED_ROWS = 256  # rows of a larger matrix that the diagonal formula quantizes per type (see predicted_kls)
+
+
+def row_terms(dw2: torch.Tensor, st: FisherStats, product: str | None, lookup: bool,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The weights' term of the module note's formula per row ``o`` of ``rows`` (all when None):
+    1/2 f_o sum_i E[x_i^2] dW_oi^2, and for an embedding 1/2 sum_i F_oi dW_oi^2 (its row Fisher)."""
+    out = torch.zeros(dw2.shape[0])
     if product is not None:
-        kl += 0.5 * float(st.out_fisher[product] @ (dw2 @ st.input_ms[product]))
+        f = st.out_fisher[product]
+        out += 0.5 * (f if rows is None else f[rows]) * (dw2 @ st.input_ms[product])
     if lookup:
-        kl += 0.5 * float((st.embed * dw2).sum())
-    return kl
+        out += 0.5 * ((st.embed if rows is None else st.embed[rows]) * dw2).sum(1)
+    return out
+
+
+def sample_rows(n_rows: int, st: FisherStats, product: str | None, lookup: bool, seed: int = 0):
+    """(rows, weights): SAMPLED_ROWS rows drawn with replacement, half in proportion to the row's
+    Fisher and half uniformly (a floor on every row's chance), and each row's 1 / (draws x chance),
+    so that ``(row_terms(..., rows) * weights).sum()`` is an unbiased estimate of the whole sum."""
+    share = torch.zeros(n_rows)
+    if product is not None:
+        share += st.out_fisher[product] * float(st.input_ms[product].sum())
+    if lookup:
+        share += st.embed.sum(1)
+    p = 0.5 / n_rows + (0.5 * share / share.sum() if float(share.sum()) > 0 else 0.5 / n_rows)
+    rows = torch.multinomial(p, SAMPLED_ROWS, replacement=True, generator=torch.Generator().manual_seed(seed))
+    return rows, 1.0 / (SAMPLED_ROWS * p[rows])
 
 
 def predicted_kls(name: str, w: torch.Tensor, options: dict, importance, st: FisherStats, product: str | None,
@@ -237,24 +256,29 @@ def predicted_kls(name: str, w: torch.Tensor, options: dict, importance, st: Fis
     exactly probed KL of their changes, the scale interpolated between them in log-log and held
     beyond (the diagonal misses how a change at one position reaches later ones through attention:
     up to 10x either way on value and query matrices); the input's rounding is its own probed KL.
-    The two are independent roundings and add."""
+    The two are independent roundings and add.
+
+    A matrix of more than SAMPLED_ROWS rows is quantized only on a sample of its rows (every type
+    quantizes a row on its own): the formula's sum is estimated from them, the same rows for every
+    type, so that the types compare on equal terms; one quantization of a 1B model's weights per
+    type would take minutes each."""
     w = w.float()
-    diag = {t: diagonal_kl((w - q.expand(*q.quantize(w, importance))) ** 2, st, product, lookup)
-            for t, q in options.items()}  # one type's copy at a time
+    rows, weights = (None, None) if w.shape[0] <= SAMPLED_ROWS else sample_rows(w.shape[0], st, product, lookup)
+    part = w if rows is None else w[rows]
+    diag = {}
+    for t, q in options.items():  # one type's copy at a time
+        terms = row_terms((part - q.expand(*q.quantize(part, importance))) ** 2, st, product, lookup, rows)
+        diag[t] = float(terms.sum() if weights is None else (terms * weights).sum())
     probed = st.probed.get(name, {})
-    # (log diagonal KL, log scale) at each reference type, by decreasing KL
+    # (log diagonal KL, log of probed / diagonal) at each reference type, by increasing diagonal KL
     refs = sorted((math.log(diag[k[1]]), math.log(v / diag[k[1]])) for k, v in probed.items()
                   if k[0] == "weight" and diag[k[1]] > 0 and v > 0)
 
     def scale(d: float) -> float:
         if not refs or d <= 0:
             return 1.0
-        x = math.log(d)
-        if x <= refs[0][0] or len(refs) == 1:
-            return math.exp(refs[0][1] if x <= refs[0][0] else refs[-1][1])
-        if x >= refs[-1][0]:
-            return math.exp(refs[-1][1])
         (x0, y0), (x1, y1) = refs[0], refs[-1]
-        return math.exp(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+        x = min(max(math.log(d), x0), x1)  # held beyond the references
+        return math.exp(y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
     return {t: scale(diag[t]) * diag[t] + probed.get(("input", input_scheme(t)), 0.0) for t in options}
