@@ -304,10 +304,12 @@ def choose_layers(opts: QuantizeOptions, src: Source, calib: torch.Tensor | None
     """How each matrix is stored (a LayerQuant, a GGML type, or F16), the sensitivities behind an
     ``auto`` plan, and the fallbacks that row lengths forced. ``stages``: seconds per stage, added to.
 
-    ``--planner predicted`` runs one forward and backward pass over the first FISHER_WINDOWS
-    calibration sequences (2,048 tokens at the default length: the predicted KL's spread between
-    seeds was a few percent there) and quantizes each tensor once per type; ``measured`` runs the
-    model from the tensor's layer on for every tensor and type (exact, and hours at 1B parameters)."""
+    ``--planner predicted`` quantizes each tensor at its two reference types (the probes), runs one
+    forward and FISHER_DRAWS backward passes over the first FISHER_WINDOWS calibration sequences
+    (2,048 tokens at the default length; on an 8M-parameter model two label seeds gave median
+    predicted / measured ratios of 0.90 and 0.93) and quantizes a sample of each tensor's rows once
+    per type (stages ``sensitivities`` and ``predictions``); ``measured`` runs the model from the
+    tensor's layer on for every tensor and type (stage ``sensitivities``: hours at 1B parameters)."""
     stages = {} if stages is None else stages
     if opts.method != "auto":
         if opts.gguf_type is not None:
@@ -329,9 +331,12 @@ def choose_layers(opts: QuantizeOptions, src: Source, calib: torch.Tensor | None
             stages["sensitivities"] = time.perf_counter() - t0
         else:
             windows = calib[:FISHER_WINDOWS]
+            with running(reporter, "probes", len(src.mods), "tensors") as task:  # apart: each ETA its own
+                probes = probes_for(src.model, src.mods, options, importance, task.update)
             with running(reporter, "fisher", windows.shape[0], "sequences") as task:
-                stats = fisher_stats(src.model, windows, seed=opts.seed, draws=FISHER_DRAWS,
-                                     probes=probes_for(src.model, src.mods, options, importance), progress=task.update)
+                stats = fisher_stats(src.model, windows, seed=opts.seed, draws=FISHER_DRAWS, probes=probes,
+                                     progress=task.update)
+            del probes
             stages["sensitivities"] = time.perf_counter() - t0
             reporter.log(f"predicting the sensitivity of {len(src.mods)} tensors to {len(opts.auto_types)} types")
             with running(reporter, "sensitivity", len(src.mods), "tensors") as task:
@@ -435,12 +440,9 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
         reporter.log(fallback_summary(fallbacks))
     apply_method = opts.auto_base if opts.method == "auto" else opts.method
     reporter.log(f"quantizing {len(src.mods)} tensors with {apply_method}")
-    task = reporter.task("quantize", total=src.cfg.num_hidden_layers, unit="layers")
-    try:
+    with running(reporter, "quantize", src.cfg.num_hidden_layers, "layers") as task:
         tensors, figures = quantize_model(src.model, src.mods, plan, apply_method, calib, opts.damp, opts.act_order,
                                           task.update, importance)
-    finally:
-        task.close()
     quant_seconds = time.perf_counter() - t0
     lap("quantize")
     stored = {n: q for n, q in plan.items() if q.quantized}

@@ -199,7 +199,7 @@ class Change:
 
 
 @torch.no_grad()
-def probes_for(model, mods: dict, options: dict[str, dict], importance: dict) -> dict:
+def probes_for(model, mods: dict, options: dict[str, dict], importance: dict, progress=None) -> dict:
     """What :func:`fisher_stats` probes per tensor: the weight change of each of its reference types
     (:class:`Change`, a quarter of the tensor's float32 bytes each) and each input rounding its
     candidates imply."""
@@ -215,6 +215,8 @@ def probes_for(model, mods: dict, options: dict[str, dict], importance: dict) ->
             schemes = {input_scheme(t): t for t in options[name]}  # float16 inputs: too small to matter
             d.update({("input", s): (None, t) for s, t in schemes.items() if s not in (None, "F16")})
         out[name] = d
+        if progress:
+            progress(len(out))
     return out
 
 
