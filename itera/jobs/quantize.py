@@ -278,11 +278,12 @@ def calibrate(opts: QuantizeOptions, src: Source, reporter: Reporter = SILENT) -
     src.heldout = heldout_split(canonical(opts.calib, purpose="train"), text, opts.holdout, tokens.numel(),
                                 len(src.tokenizer.encode(held, add_bos=False)), None, "calibration")
     seqlen = min(opts.calib_seqlen, src.cfg.max_position_embeddings)
+    windows = calibration_ids(tokens, opts.calib_samples, seqlen, opts.seed)  # refuses less than one window
     if tokens.numel() < opts.calib_samples * seqlen:
         reporter.log(f"warning: the calibration text gives {tokens.numel():,} tokens, fewer than --calib-samples "
                      f"{opts.calib_samples} x --calib-seqlen {seqlen} = {opts.calib_samples * seqlen:,}: the windows "
                      "overlap; pass more text or fewer samples")
-    return calibration_ids(tokens, opts.calib_samples, seqlen, opts.seed).to(opts.device), held
+    return windows.to(opts.device), held
 
 
 def module_importance(src: Source, calib: torch.Tensor | None) -> dict[str, torch.Tensor]:
