@@ -325,7 +325,9 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--planner", default="predicted", choices=("predicted", "measured"),
+    from itera.jobs.quantize import PLANNERS
+
+    ap.add_argument("--planner", default=PLANNERS[0], choices=PLANNERS,
                     help="itera quantize --planner for the itera files (each planner's files are kept apart)")
     ap.add_argument("--calib-seeds", type=int, default=1,
                     help="also make each point from this many calibration draws in all (seeds 0..N-1) and "

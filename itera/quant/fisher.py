@@ -52,7 +52,7 @@ class FisherStats:
     """Per matrix product: ``out_fisher`` (out,), the mean over positions of the squared gradient
     at each output; ``input_ms`` (in,), the input's mean square. For the token embedding: ``embed``
     (vocab, hidden), the Fisher of each row. ``probed``: tensor -> key -> the KL of a probed change
-    (see :func:`fisher_stats`). ``tokens``: positions measured; ``draws``: label draws per position."""
+    (see :func:`fisher_stats`). ``tokens``: positions measured."""
 
     def __init__(self):
         self.out_fisher: dict[str, torch.Tensor] = {}
@@ -60,7 +60,6 @@ class FisherStats:
         self.embed: torch.Tensor | None = None
         self.probed: dict[str, dict[str, float]] = {}
         self.tokens = 0
-        self.draws = 1
 
 
 def fisher_stats(model, calib: torch.Tensor, seed: int = 0, chunk: int = 1, draws: int = 1,
@@ -75,7 +74,6 @@ def fisher_stats(model, calib: torch.Tensor, seed: int = 0, chunk: int = 1, draw
     import torch.nn.functional as F
 
     st = FisherStats()
-    st.draws = draws
     probes = probes or {}
     gen = torch.Generator(device="cpu").manual_seed(seed)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
