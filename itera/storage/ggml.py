@@ -34,6 +34,7 @@ import torch
 
 from itera.storage.types import StorageType
 
+SEARCH_WEIGHTS = 1 << 18  # weights per piece of a parameter search (GGMLType.params)
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
@@ -47,11 +48,16 @@ class GGMLType(StorageType):
     nbytes: int  # bytes per block
     scale_bits: int | None = None  # K types: bits of the integer sub-block scales; None: float16 a, b
     _grid: torch.Tensor = field(init=False, repr=False, compare=False)
+    _table: torch.Tensor = field(init=False, repr=False, compare=False)
 
     kind = "ggml"
 
     def __post_init__(self):
         object.__setattr__(self, "_grid", torch.tensor(self.grid, dtype=torch.float32))
+        # non-uniform grids: the code of every x rounded up to a half-integer (each midpoint between
+        # two integer grid values is one), from 2 * grid[0] - 1 to 2 * grid[-1] + 1
+        halves = torch.arange(2 * self.grid[0] - 1, 2 * self.grid[-1] + 2, dtype=torch.float32) / 2
+        object.__setattr__(self, "_table", torch.bucketize(halves, (self._grid[1:] + self._grid[:-1]) / 2))
 
     @property
     def gguf_type(self) -> str:
@@ -105,26 +111,33 @@ class GGMLType(StorageType):
     def params(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b), each (rows, n / sub), for ``w`` (rows, n) with n a multiple of the block, as the
         type stores them. ``importance`` (n,) weighs each column's squared error (llama.cpp's
-        importance matrix: the mean square of that input); None weighs all alike."""
+        importance matrix: the mean square of that input); None weighs all alike.
+
+        Rows are searched SEARCH_WEIGHTS weights at a time (every row on its own, so the result is
+        the same): the search's temporaries then stay in cache instead of faulting in fresh pages
+        for every candidate, three times faster on a 5632 x 2048 matrix."""
         rows, n = w.shape
-        x = w.float().reshape(rows, n // self.sub, self.sub)
         wt = torch.ones(n, device=w.device) if importance is None else importance.float().to(w.device)
         wt = (wt + 1e-8 * wt.mean().clamp(min=1e-30)).reshape(1, n // self.sub, self.sub)
-        a, b = self._search_affine(x, wt) if self.affine else self._search_sym(x, wt)
+        search = self._search_affine if self.affine else self._search_sym
+        step = max(1, SEARCH_WEIGHTS // n)
+        parts = [search(w[r:r + step].float().reshape(-1, n // self.sub, self.sub), wt) for r in range(0, rows, step)]
+        a, b = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if self.scale_bits is None:
             return a.half().float(), b.half().float()
         return self._two_level(a, b)
 
     def codes(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest grid value to ``(w - b) / a`` (float tensor of indices)."""
-        grid = self._grid.to(w.device)
+        """Index of the nearest grid value to ``(w - b) / a`` (float tensor of indices; the lower
+        one at a tie)."""
         safe = torch.where(a == 0, torch.ones_like(a), a)
         x = (w.float() - b) / safe
         if self.uniform:
             u = torch.clamp(torch.round(x) - self.grid[0], 0, len(self.grid) - 1)
-        else:
-            u = (x.unsqueeze(-1) - grid).abs().argmin(-1)
-        zero = torch.argmin(grid.abs())  # a == 0: every code gives b; take the one nearest zero
+        else:  # a table lookup: x rounded up to a half-integer has x's code (a table 2.5x faster than a search)
+            lo = 2 * self.grid[0] - 1
+            u = self._table.to(w.device)[(torch.ceil(x * 2).clamp(lo, 2 * self.grid[-1] + 1) - lo).long()]
+        zero = int(torch.argmin(self._grid.abs()))  # a == 0: every code gives b; take the one nearest zero
         return torch.where(a == 0, zero, u).float()
 
     def dequant(self, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -148,22 +161,27 @@ class GGMLType(StorageType):
 
     def _search_sym(self, x: torch.Tensor, wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """b = 0; candidates map the sub-block's value of largest magnitude (sign kept) near the
-        grid's most negative value; each is refitted by weighted least squares on its codes."""
+        grid's most negative value; each is refitted by weighted least squares on its codes, which
+        leaves the error sum(wt x^2) - (sum wt g x)^2 / sum(wt g^2): the best candidate has the
+        largest second term."""
         grid = self._grid.to(x.device)
         idx = x.abs().argmax(-1, keepdim=True)
         m = torch.gather(x, -1, idx)  # (rows, S, 1)
-        best_a, best_err = None, None
+        wx = wt * x
+        best_a, best_gain = None, None
         for t in torch.linspace(0.85, 1.15, 13).tolist():
             a0 = m / (grid[0] * t)
-            g = grid[self.codes(x, a0, 0).long()]
-            den = (wt * g * g).sum(-1, keepdim=True)
-            a = torch.where(den > 0, (wt * g * x).sum(-1, keepdim=True) / den.clamp(min=1e-30), a0)
-            err = (wt * (x - a * g) ** 2).sum(-1, keepdim=True)
+            u = self.codes(x, a0, 0)
+            g = u + grid[0] if self.uniform else grid[u.long()]
+            gx, den = (wx * g).sum(-1, keepdim=True), (wt * g * g).sum(-1, keepdim=True)
+            ok = den > 0
+            a = torch.where(ok, gx / den.clamp(min=1e-30), a0)
+            gain = torch.where(ok, gx * gx / den.clamp(min=1e-30), torch.zeros_like(den))
             if best_a is None:
-                best_a, best_err = a, err
+                best_a, best_gain = a, gain
             else:
-                better = err < best_err
-                best_a, best_err = torch.where(better, a, best_a), torch.where(better, err, best_err)
+                better = gain > best_gain
+                best_a, best_gain = torch.where(better, a, best_a), torch.where(better, gain, best_gain)
         return best_a[..., 0], torch.zeros_like(best_a[..., 0])
 
     def _search_affine(self, x: torch.Tensor, wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,12 +192,13 @@ class GGMLType(StorageType):
         if self.scale_bits is not None:
             lo = lo.clamp(max=0)
         span = (hi - lo).clamp(min=1e-30)
-        sw = wt.sum(-1, keepdim=True)
+        sw, wx = wt.sum(-1, keepdim=True), wt * x
+        sx = wx.sum(-1, keepdim=True)
         best, best_err = None, None
         for t in torch.linspace(0.9, 1.2, 13).tolist():
             u = torch.clamp(torch.round((x - lo) * (top * t / span)), 0, top)
-            su, suu = (wt * u).sum(-1, keepdim=True), (wt * u * u).sum(-1, keepdim=True)
-            sx, sux = (wt * x).sum(-1, keepdim=True), (wt * u * x).sum(-1, keepdim=True)
+            wu = wt * u
+            su, suu, sux = wu.sum(-1, keepdim=True), (wu * u).sum(-1, keepdim=True), (wx * u).sum(-1, keepdim=True)
             det = sw * suu - su * su
             ok = det > 1e-30 * sw * suu
             a = torch.where(ok, (sw * sux - su * sx) / torch.where(ok, det, 1), span / top)
@@ -189,7 +208,9 @@ class GGMLType(StorageType):
                 a = torch.where(pos, sux / suu.clamp(min=1e-30), a)
                 b = torch.where(pos, torch.zeros_like(b), b)
                 a = a.clamp(min=0)
-            err = (wt * (x - a * u - b) ** 2).sum(-1, keepdim=True)
+            # the weighted squared error less sum(wt x^2), the same for every candidate, from the sums
+            a64, b64 = a.double(), b.double()
+            err = a64 * a64 * suu + 2 * a64 * b64 * su + b64 * b64 * sw - 2 * a64 * sux - 2 * b64 * sx
             if best is None:
                 best, best_err = (a, b), err
             else:
