@@ -6,9 +6,9 @@ gradient of the log-likelihood of labels *sampled from the model itself* (not th
 tokens): the expectation of ``G G^T`` over such labels is the Fisher information. The gradients
 of different positions' terms are uncorrelated, so one backward pass over a sequence's summed
 loss gives an unbiased estimate of the sum over its positions. For one matrix ``G . dtheta`` is
-``sum over positions of (gradient at its output) . (the output's change)``, so a change can be
-*probed* without keeping any weight gradient: its output change is computed in the forward pass
-and met by the gradient in the backward pass.
+``sum(dW * g^T x)`` (``g``: the gradient at its output, ``x``: its input, over the positions), so
+a change can be *probed* in the backward pass, one matrix's gradient at a time, and no weight
+gradient is kept; an input's rounding ``dx`` is met the same way, ``sum((g W) * dx)``.
 
 Probing every tensor at every candidate type would keep a copy of the model per type. Instead:
 
@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from itera.memory import release_free_memory
 from itera.storage.ggml import Q8_0_INPUT, Q8_K_INPUT, input_as_llama_cpp
 
 def input_scheme(weight_type: str) -> str | None:
@@ -71,8 +72,6 @@ def fisher_stats(model, calib: torch.Tensor, seed: int = 0, chunk: int = 1, draw
     ``probes``: tensor name -> key -> (a change to the weight, or None and the type whose input
     rounding is probed): :func:`probes_for`. Each is scored as the module's note says: the mean of
     ``(G . dtheta)^2 / 2`` per token, without the diagonal formula's approximation."""
-    import torch.nn.functional as F
-
     st = FisherStats()
     probes = probes or {}
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -89,13 +88,6 @@ def fisher_stats(model, calib: torch.Tensor, seed: int = 0, chunk: int = 1, draw
     def add(d: dict, k, v):
         d[k] = d[k] + v if k in d else v
 
-    def dot_hook(key, dy):
-        dy = dy.bfloat16()  # kept until the chunk's last backward pass: half the memory
-
-        def hook(g):
-            dots[key] = dots.get(key, 0.0) + float((g.detach().float() * dy.float()).sum())
-        return hook
-
     def pre_hook(name):
         def hook(_m, args):
             x = args[0].detach().float().flatten(0, -2)
@@ -103,21 +95,35 @@ def fisher_stats(model, calib: torch.Tensor, seed: int = 0, chunk: int = 1, draw
         return hook
 
     def out_hook(name):
-        def hook(_m, args, out):
+        def hook(m, args, out):
             if not out.requires_grad:
                 return
-            out.register_hook(lambda g: add(sums_g, name, (g.detach().float() ** 2).flatten(0, -2).sum(0)))
-            x = args[0].detach().float()
-            for key, (dw, wtype) in probes.get(probe_of[name], {}).items():
-                if dw is None:  # the input's rounding alone
-                    dy = F.linear(input_as_llama_cpp(x, wtype) - x, _m.weight.float())
-                else:  # the weight's change alone
-                    dy = F.linear(x, dw.expand())
-                out.register_hook(dot_hook((probe_of[name], key), dy))
+            x = args[0].detach()  # the tensor autograd keeps for this product's backward: no copy
+            mine = probes.get(probe_of[name], {})
+
+            def grad(g):
+                g = g.detach().float().flatten(0, -2)
+                add(sums_g, name, (g * g).sum(0))
+                if not mine:
+                    return
+                xf = x.float().flatten(0, -2)
+                grad_x = None
+                for key, (dw, wtype) in mine.items():
+                    if dw is None:  # the input's rounding alone: the output's change is (x~ - x) W^T
+                        grad_x = g @ m.weight.float() if grad_x is None else grad_x
+                        v = float((grad_x * (input_as_llama_cpp(xf, wtype) - xf)).sum())
+                    else:  # the weight's change alone: G . dW = sum(dW * g^T x)
+                        v = dw.dot_outer(g, xf)
+                    k = (probe_of[name], key)
+                    dots[k] = dots.get(k, 0.0) + v
+            out.register_hook(grad)
         return hook
 
     vocab, hidden = emb.weight.shape
-    embed_fisher = torch.zeros(vocab, hidden)
+    seen = torch.unique(calib.cpu())  # the embedding rows the pass reads: their Fisher is kept
+    row_of = torch.full((vocab,), -1, dtype=torch.long)
+    row_of[seen] = torch.arange(seen.numel())
+    seen_fisher = torch.zeros(seen.numel(), hidden)
     current: list[torch.Tensor] = []
 
     def emb_hook(_m, _args, out):
@@ -125,12 +131,14 @@ def fisher_stats(model, calib: torch.Tensor, seed: int = 0, chunk: int = 1, draw
         out = out.detach().requires_grad_()  # the graph starts here: no weight gradients are kept
 
         def grad(g):
+            g = g.detach().float()
             flat = ids.reshape(-1).cpu()
-            embed_fisher.index_add_(0, flat, (g.detach().float() ** 2).reshape(flat.numel(), -1).cpu())
+            seen_fisher.index_add_(0, row_of[flat], (g * g).reshape(flat.numel(), -1).cpu())
+            for key, (dw, _t) in probes.get("model.embed_tokens", {}).items():
+                if dw is not None:  # a lookup rounds no input; the rows it read changed by dW[ids]
+                    k = ("model.embed_tokens", key)
+                    dots[k] = dots.get(k, 0.0) + float((dw.expand(ids) * g).sum())
         out.register_hook(grad)
-        for key, (dw, _t) in probes.get("model.embed_tokens", {}).items():
-            if dw is not None:  # a lookup rounds no input
-                out.register_hook(dot_hook(("model.embed_tokens", key), dw.expand()[ids]))
         return out
 
     for n, m in linears.items():
@@ -155,6 +163,7 @@ def fisher_stats(model, calib: torch.Tensor, seed: int = 0, chunk: int = 1, draw
                     for k, v in dots.items():
                         squares[k] = squares.get(k, 0.0) + v * v
             st.tokens += ids.numel()
+            release_free_memory()  # this sequence's activations: freed, and handed back (see itera.memory)
             if progress:
                 progress(min(i + chunk, calib.shape[0]))
     finally:
@@ -167,11 +176,9 @@ def fisher_stats(model, calib: torch.Tensor, seed: int = 0, chunk: int = 1, draw
     st.input_ms = {k: (v / (n / draws)).cpu() for k, v in sums_x.items()}
     for (name, key), v in squares.items():
         st.probed.setdefault(name, {})[key] = 0.5 * v / n
-    seen = embed_fisher.abs().sum(1) > 0
-    mean_position = embed_fisher[seen].sum(0) / n if seen.any() else embed_fisher[0]
-    embed_fisher /= n
-    embed_fisher[~seen] = mean_position / (n / draws)  # an unseen row: as if it occurred once (the module's note)
-    st.embed = embed_fisher
+    # an unseen row: the mean position's Fisher, as if it occurred once (the module's note)
+    st.embed = (seen_fisher.sum(0) / n / (n / draws)).expand(vocab, hidden).clone()
+    st.embed[seen] = seen_fisher / n
     return st
 
 
@@ -185,21 +192,50 @@ def reference_types(candidates) -> list[str]:
 
 
 class Change:
-    """A weight change kept in 8 bits per weight with a float32 scale per row (a quarter of the
-    float32 tensor; within half a step of 1/127 of each row's largest change)."""
+    """A weight change kept in 4 bits per weight with a float32 scale per 32 weights of a row (0.625
+    bytes per weight, a sixth of the float32 tensor; each weight within 1/14 of its block's largest
+    change, which adds about 0.5% to a probed KL: the rounding's own square, uncorrelated with
+    the change)."""
+
+    BLOCK = 32
 
     def __init__(self, dw: torch.Tensor):
-        self.scale = dw.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127
-        self.codes = torch.round(dw / self.scale).to(torch.int8)
+        import torch.nn.functional as F
 
-    def expand(self) -> torch.Tensor:
-        return self.codes.float() * self.scale
+        rows, self.cols = dw.shape
+        b = F.pad(dw.float(), (0, -self.cols % self.BLOCK)).reshape(rows, -1, self.BLOCK)
+        self.scale = b.abs().amax(-1, keepdim=True) / 7
+        c = (torch.round(b / self.scale.clamp_min(1e-30)).clamp(-7, 7) + 8).to(torch.uint8)
+        self.codes = c[..., 0::2] | (c[..., 1::2] << 4)  # (rows, blocks, 16): two codes a byte
+
+    @classmethod
+    def of(cls, q, w: torch.Tensor, importance, rows: int = 4096) -> "Change":
+        """The change that storing ``w`` as ``q`` makes, ``rows`` rows at a time (each row is
+        quantized on its own: the same change, without full-size float temporaries)."""
+        parts = [cls(q.expand(*q.quantize(w[r:r + rows], importance)) - w[r:r + rows])
+                 for r in range(0, w.shape[0], rows)]
+        out = cls.__new__(cls)
+        out.cols = w.shape[1]
+        out.scale, out.codes = torch.cat([p.scale for p in parts]), torch.cat([p.codes for p in parts])
+        return out
+
+    def expand(self, rows=None) -> torch.Tensor:
+        """The change as float32, of ``rows`` (indices of any shape, or a slice) only when given."""
+        codes, scale = (self.codes, self.scale) if rows is None else (self.codes[rows], self.scale[rows])
+        c = torch.stack([codes & 15, codes >> 4], -1).reshape(*codes.shape[:-1], self.BLOCK)
+        return ((c.float() - 8) * scale).flatten(-2)[..., :self.cols]
+
+    def dot_outer(self, g: torch.Tensor, x: torch.Tensor, rows: int = 4096) -> float:
+        """sum(change * g^T x) for ``g`` (n, out) and ``x`` (n, in), ``rows`` rows of the change at a
+        time (an output head's g^T x whole would be its size in float32 again)."""
+        return sum(float((self.expand(slice(r, r + rows)) * (g[:, r:r + rows].T @ x)).sum())
+                   for r in range(0, g.shape[1], rows))
 
 
 @torch.no_grad()
 def probes_for(model, mods: dict, options: dict[str, dict], importance: dict, progress=None) -> dict:
     """What :func:`fisher_stats` probes per tensor: the weight change of each of its reference types
-    (:class:`Change`, a quarter of the tensor's float32 bytes each) and each input rounding its
+    (:class:`Change`, a sixth of the tensor's float32 bytes each) and each input rounding its
     candidates imply."""
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     out = {}
@@ -208,7 +244,7 @@ def probes_for(model, mods: dict, options: dict[str, dict], importance: dict, pr
         w = m.weight.data.float()
         for ref in reference_types(options[name]):
             q = options[name][ref]
-            d[("weight", ref)] = (Change(q.expand(*q.quantize(w, importance.get(name))) - w), None)
+            d[("weight", ref)] = (Change.of(q, w, importance.get(name)), None)
         if isinstance(m, torch.nn.Linear) or tied:
             schemes = {input_scheme(t): t for t in options[name]}  # float16 inputs: too small to matter
             d.update({("input", s): (None, t) for s, t in schemes.items() if s not in (None, "F16")})

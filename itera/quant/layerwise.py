@@ -55,10 +55,14 @@ def _errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> dic
     dw = (w - w_hat).float()
     out = {"weight_error": (dw.norm() / w.float().norm()).item()}
     if h is not None:
-        num = torch.einsum("oi,ij,oj->", dw, h, dw)
-        den = torch.einsum("oi,ij,oj->", w.float(), h, w.float())
-        out["output_error"] = math.sqrt(max(num.item(), 0.0) / den.item()) if den > 0 else None
+        num, den = _quadratic(dw, h), _quadratic(w.float(), h)
+        out["output_error"] = math.sqrt(max(num, 0.0) / den) if den > 0 else None
     return out
+
+
+def _quadratic(m: torch.Tensor, h: torch.Tensor, rows: int = 4096) -> float:
+    """tr(M H M^T), ``rows`` rows of M at a time (an output head's M H alone would be its size again)."""
+    return sum(float(((m[r:r + rows] @ h) * m[r:r + rows]).sum()) for r in range(0, m.shape[0], rows))
 
 
 def _figures(q: StorageType, w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> dict:

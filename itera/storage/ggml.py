@@ -146,9 +146,14 @@ class GGMLType(StorageType):
     # ------------------------------------------------------------------ whole tensors
 
     def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None):
-        """Round-to-nearest with searched parameters: (codes (rows, n), a, b (rows, n / sub))."""
+        """Round-to-nearest with searched parameters: (codes (rows, n), a, b (rows, n / sub)).
+        Codes are found a piece of rows at a time: no full-size temporaries beside the codes."""
         a, b = self.params(w, importance)
-        return self.codes(w, *self.expand_params(a, b)), a, b
+        step = max(1, SEARCH_WEIGHTS // w.shape[1])
+        u = torch.empty(w.shape, device=w.device)
+        for r in range(0, w.shape[0], step):
+            u[r:r + step] = self.codes(w[r:r + step], *self.expand_params(a[r:r + step], b[r:r + step]))
+        return u, a, b
 
     def expand_params(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return a.repeat_interleave(self.sub, 1), b.repeat_interleave(self.sub, 1)
@@ -265,14 +270,18 @@ class GGMLType(StorageType):
         return out
 
     def encode(self, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-        """The type's blocks, (rows, n / block * nbytes) uint8, from codes and parameters."""
+        """The type's blocks, (rows, n / block * nbytes) uint8, from codes and parameters (a piece
+        of rows at a time: the encoders' integer temporaries are several times the codes)."""
         rows, n = u.shape
         nb = n // self.block
-        c = u.to(torch.int64).numpy().reshape(rows, nb, self.block)
-        p = self.block_ints(a, b)
-        parts = _ENCODERS[self.name](self, c, {k: v.reshape(rows, nb, -1) for k, v in p.items()})
-        out = np.concatenate([np.ascontiguousarray(x).reshape(rows, nb, -1).view(np.uint8) for x in parts], -1)
-        assert out.shape[-1] == self.nbytes, (self.name, out.shape)
+        out = np.empty((rows, nb, self.nbytes), dtype=np.uint8)
+        step = max(1, SEARCH_WEIGHTS // n)
+        for r in range(0, rows, step):
+            k = min(step, rows - r)
+            c = u[r:r + k].to(torch.int64).numpy().reshape(k, nb, self.block)
+            p = self.block_ints(a[r:r + k], b[r:r + k])
+            parts = _ENCODERS[self.name](self, c, {key: v.reshape(k, nb, -1) for key, v in p.items()})
+            out[r:r + k] = np.concatenate([np.ascontiguousarray(x).reshape(k, nb, -1).view(np.uint8) for x in parts], -1)
         return out.reshape(rows, nb * self.nbytes)
 
     def decode(self, blocks: np.ndarray, rows: int, cols: int) -> torch.Tensor:
