@@ -64,6 +64,32 @@ def test_importance_lowers_the_weighted_error():
         assert weighted(imp) < weighted(None), name
 
 
+@pytest.mark.parametrize("name", ["IQ4_NL", "Q4_0", "Q6_K"])
+def test_codes_are_the_nearest_grid_value_the_lower_at_a_tie(name):
+    """codes() (a table for non-uniform grids, rounding for uniform ones) against a search of
+    the grid, on values spread past both ends and on every midpoint exactly."""
+    t = TYPES[name]
+    grid = torch.tensor(t.grid, dtype=torch.float32)
+    x = torch.cat([torch.linspace(grid[0] - 20, grid[-1] + 20, 20001), (grid[1:] + grid[:-1]) / 2])
+    want = (x[:, None] - grid).abs().argmin(1)  # argmin takes the first (lower) of equal distances
+    got = t.codes(x[None, :], torch.ones(1, 1), torch.zeros(1, 1))[0]
+    if t.uniform:  # rounding goes half to even, so only off the midpoints is the grid's answer asked of it
+        keep = (x - x.floor()) != 0.5
+        want, got = want[keep], got[keep]
+    assert torch.equal(got.long(), want)
+
+
+def test_a_matrix_quantizes_the_same_whole_and_in_pieces_of_rows():
+    """The parameter search works through rows a piece at a time; a row's result is its own."""
+    w = torch.randn(300, 2048, generator=torch.Generator().manual_seed(5)) * 0.05
+    for name in ("Q4_K", "IQ4_XS", "Q8_0"):
+        t = TYPES[name]
+        whole = t.quantize(w)
+        parts = [t.quantize(w[r:r + 37]) for r in range(0, 300, 37)]
+        for i in range(3):
+            assert torch.equal(whole[i], torch.cat([p[i] for p in parts])), name
+
+
 @pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "IQ4_NL", "Q4_K", "Q6_K"])
 def test_gptq_with_a_ggml_type_beats_its_rounding_on_a_known_hessian(name):
     g = torch.Generator().manual_seed(4)

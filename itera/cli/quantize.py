@@ -36,7 +36,7 @@ def quantize(
                                             "(F16 is always one).")] = "all",
     auto_base: Annotated[str, typer.Option(metavar="METHOD", help="auto: apply the chosen plan with rtn or gptq.")] = "gptq",
     planner: Annotated[str, typer.Option(help="auto: predicted (each type's KL from one calibration pass; "
-                                         "about 15 minutes at 1B parameters on 2 cores) or measured (a "
+                                         "about 7 minutes at 1B parameters on 2 cores) or measured (a "
                                          "forward pass per tensor and type).")] = "predicted",
     plan: Annotated[Optional[Path], typer.Option(help="auto: reuse a quant_plan.json instead of measuring.")] = None,
     quantize_embeddings: Annotated[bool, typer.Option("--quantize-embeddings", help="Also quantize the "
