@@ -114,8 +114,7 @@ def fisher_stats(model, calib: torch.Tensor, seed: int = 0, chunk: int = 1, draw
                         v = float((grad_x * (input_as_llama_cpp(xf, wtype) - xf)).sum())
                     else:  # the weight's change alone: G . dW = sum(dW * g^T x)
                         v = dw.dot_outer(g, xf)
-                    k = (probe_of[name], key)
-                    dots[k] = dots.get(k, 0.0) + v
+                    add(dots, (probe_of[name], key), v)
             out.register_hook(grad)
         return hook
 
@@ -136,8 +135,7 @@ def fisher_stats(model, calib: torch.Tensor, seed: int = 0, chunk: int = 1, draw
             seen_fisher.index_add_(0, row_of[flat], (g * g).reshape(flat.numel(), -1).cpu())
             for key, (dw, _t) in probes.get("model.embed_tokens", {}).items():
                 if dw is not None:  # a lookup rounds no input; the rows it read changed by dW[ids]
-                    k = ("model.embed_tokens", key)
-                    dots[k] = dots.get(k, 0.0) + float((dw.expand(ids) * g).sum())
+                    add(dots, ("model.embed_tokens", key), float((dw.expand(ids) * g).sum()))
         out.register_hook(grad)
         return out
 

@@ -120,8 +120,7 @@ class GGMLType(StorageType):
         wt = torch.ones(n, device=w.device) if importance is None else importance.float().to(w.device)
         wt = (wt + 1e-8 * wt.mean().clamp(min=1e-30)).reshape(1, n // self.sub, self.sub)
         search = self._search_affine if self.affine else self._search_sym
-        step = max(1, SEARCH_WEIGHTS // n)
-        parts = [search(w[r:r + step].float().reshape(-1, n // self.sub, self.sub), wt) for r in range(0, rows, step)]
+        parts = [search(w[r].float().reshape(-1, n // self.sub, self.sub), wt) for r in _pieces(rows, n)]
         a, b = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if self.scale_bits is None:
             return a.half().float(), b.half().float()
@@ -149,10 +148,9 @@ class GGMLType(StorageType):
         """Round-to-nearest with searched parameters: (codes (rows, n), a, b (rows, n / sub)).
         Codes are found a piece of rows at a time: no full-size temporaries beside the codes."""
         a, b = self.params(w, importance)
-        step = max(1, SEARCH_WEIGHTS // w.shape[1])
         u = torch.empty(w.shape, device=w.device)
-        for r in range(0, w.shape[0], step):
-            u[r:r + step] = self.codes(w[r:r + step], *self.expand_params(a[r:r + step], b[r:r + step]))
+        for r in _pieces(*w.shape):
+            u[r] = self.codes(w[r], *self.expand_params(a[r], b[r]))
         return u, a, b
 
     def expand_params(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,13 +273,12 @@ class GGMLType(StorageType):
         rows, n = u.shape
         nb = n // self.block
         out = np.empty((rows, nb, self.nbytes), dtype=np.uint8)
-        step = max(1, SEARCH_WEIGHTS // n)
-        for r in range(0, rows, step):
-            k = min(step, rows - r)
-            c = u[r:r + k].to(torch.int64).numpy().reshape(k, nb, self.block)
-            p = self.block_ints(a[r:r + k], b[r:r + k])
+        for r in _pieces(rows, n):
+            k = r.stop - r.start
+            c = u[r].to(torch.int64).numpy().reshape(k, nb, self.block)
+            p = self.block_ints(a[r], b[r])
             parts = _ENCODERS[self.name](self, c, {key: v.reshape(k, nb, -1) for key, v in p.items()})
-            out[r:r + k] = np.concatenate([np.ascontiguousarray(x).reshape(k, nb, -1).view(np.uint8) for x in parts], -1)
+            out[r] = np.concatenate([np.ascontiguousarray(x).reshape(k, nb, -1).view(np.uint8) for x in parts], -1)
         return out.reshape(rows, nb * self.nbytes)
 
     def decode(self, blocks: np.ndarray, rows: int, cols: int) -> torch.Tensor:
@@ -291,6 +288,12 @@ class GGMLType(StorageType):
         x = gguf.quants.dequantize(np.ascontiguousarray(blocks).reshape(rows, -1),
                                    getattr(gguf.GGMLQuantizationType, self.name))
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(rows, cols)
+
+
+def _pieces(rows: int, cols: int) -> list[slice]:
+    """Row slices of about SEARCH_WEIGHTS weights each (at least one row), covering ``rows``."""
+    step = max(1, SEARCH_WEIGHTS // cols)
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 def _round_levels(v: torch.Tensor, ext: int, lo: int, hi: int) -> torch.Tensor:
