@@ -2,7 +2,8 @@
 
 For each of llama.cpp's types (Q2_K, Q3_K_M, Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0 by default) the F32
 export of --model is quantized by llama.cpp's own quantizer, without and with importance data
-(itera's, from --calib, as llama-imatrix collects it); then ``itera quantize --method auto`` is
+(itera's, from the --calib windows that ``itera quantize`` calibrates on by default, as
+llama-imatrix collects it); then ``itera quantize --method auto`` is
 given the smaller of those two files' sizes as ``--target-bytes`` and its checkpoint is exported
 with ``itera export --format gguf`` (verified as usual). Every file is scored by llama.cpp on the
 same windows of held-out --text: perplexity, and mean KL(F32 || file) per token from llama.cpp's
@@ -184,6 +185,7 @@ def run(args) -> dict:
 
     from itera.data import load_text
     from itera.export.gguf import write_gguf
+    from itera.jobs.quantize import QuantizeOptions
     from itera.model.checkpoint import load_model
     from itera.quant.importance import gguf_importance, input_mean_squares
     from itera.tokenizer import Tokenizer
@@ -201,9 +203,12 @@ def run(args) -> dict:
     log("importance data from the calibration text")
     m, cfg = load_model(model)
     calib_ids = torch.tensor(tok.encode(load_text(args.calib, purpose="train").text, add_bos=False))
-    importance = gguf_importance(input_mean_squares(m, calibration_ids(calib_ids, 32, 256, 0)), cfg)
+    # the windows itera's quantize calibrates on by default, for llama.cpp's importance data too
+    windows = {s: calibration_ids(calib_ids, QuantizeOptions.calib_samples, QuantizeOptions.calib_seqlen, s)
+               for s in range(max(1, args.calib_seeds))}
+    importance = gguf_importance(input_mean_squares(m, windows[0]), cfg)
     # --calib-seeds: the importance data of other calibration windows, for llama.cpp's draws
-    seed_importance = {s: gguf_importance(input_mean_squares(m, calibration_ids(calib_ids, 32, 256, s)), cfg)
+    seed_importance = {s: gguf_importance(input_mean_squares(m, windows[s]), cfg)
                        for s in range(1, args.calib_seeds)}
     del m
     files = llama_files(f32, out, args.types, importance, args.threads)

@@ -36,6 +36,10 @@ METHODS = ("rtn", "gptq", "auto")
 PLANNERS = ("predicted", "measured")
 SENSITIVITY_WINDOWS, SENSITIVITY_TOKENS = 4, 128  # auto, measured: calibration text each option's KL is measured on
 FISHER_WINDOWS, FISHER_DRAWS = 8, 2  # auto, predicted: calibration sequences, label draws (see choose_layers)
+# Importance data (each input's mean square, a diagonal) from the first 32 calibration sequences: on the demo
+# teacher 32 sequences' differ from all 128's by 2.4% (median over matrices; 10.6% at most), while GPTQ's
+# full Hessians take every sequence. At 1.1B parameters the other 96 would cost 3 more minutes.
+IMPORTANCE_WINDOWS = 32
 AUTO_TYPES = (*TYPES, F16.name)
 # llama.cpp's choice when a row is not a multiple of a type's block (llama-quant.cpp's fallback)
 ROW_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -52,7 +56,7 @@ class QuantizeOptions:
     group_size: int | None = flag("--group-size", default=None)  # None: one scale per output channel
     sym: bool = flag("--sym", default=True)
     calib: str | None = flag("--calib", default=None)
-    calib_samples: int = flag("--calib-samples", default=32)
+    calib_samples: int = flag("--calib-samples", default=128)
     calib_seqlen: int = flag("--calib-seqlen", default=256)
     damp: float = flag("--damp", default=0.01)
     act_order: bool = flag("--act-order", default=False)
@@ -287,13 +291,14 @@ def calibrate(opts: QuantizeOptions, src: Source, reporter: Reporter = SILENT) -
 
 
 def module_importance(src: Source, calib: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Importance data (mean square of each input) per module to quantize; the tied embedding
-    matrix takes the output head's, the role in which llama.cpp multiplies by it."""
+    """Importance data (mean square of each input, over the first IMPORTANCE_WINDOWS calibration
+    sequences) per module to quantize; the tied embedding matrix takes the output head's, the role
+    in which llama.cpp multiplies by it."""
     from itera.quant.importance import input_mean_squares
 
     if calib is None:
         return {}
-    imp = input_mean_squares(src.model, calib)
+    imp = input_mean_squares(src.model, calib[:IMPORTANCE_WINDOWS])
     out = {n: imp[n] for n in src.mods if n in imp}
     if src.cfg.tie_word_embeddings and "model.embed_tokens" in src.mods:
         out["model.embed_tokens"] = imp["lm_head"]
