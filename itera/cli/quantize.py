@@ -24,7 +24,8 @@ def quantize(
     calib: Annotated[Optional[str], typer.Option("--calib", "--data", "--dataset", "-d", metavar="TEXT",
                                                  help="Calibration text (file or dataset); its tail is held "
                                                  "out for the before/after perplexity.")] = None,
-    calib_samples: Annotated[int, typer.Option(help="Calibration sequences (128 at 256 tokens: GPTQ fitted to fewer overfits them).")] = 128,
+    calib_samples: Annotated[int, typer.Option(help="Calibration sequences: GPTQ's Hessians use every "
+                                               "one, importance data the first 32.")] = 128,
     calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
     damp: Annotated[float, typer.Option(help="GPTQ Hessian dampening, a fraction of its mean diagonal.")] = 0.01,
     act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize columns by decreasing "
