@@ -203,13 +203,12 @@ def run(args) -> dict:
     log("importance data from the calibration text")
     m, cfg = load_model(model)
     calib_ids = torch.tensor(tok.encode(load_text(args.calib, purpose="train").text, add_bos=False))
-    # the windows itera's quantize calibrates on by default, for llama.cpp's importance data too
-    windows = {s: calibration_ids(calib_ids, QuantizeOptions.calib_samples, QuantizeOptions.calib_seqlen, s)
-               for s in range(max(1, args.calib_seeds))}
-    importance = gguf_importance(input_mean_squares(m, windows[0]), cfg)
-    # --calib-seeds: the importance data of other calibration windows, for llama.cpp's draws
-    seed_importance = {s: gguf_importance(input_mean_squares(m, windows[s]), cfg)
-                       for s in range(1, args.calib_seeds)}
+    # llama.cpp's importance data per calibration seed (--calib-seeds draws the others), from the
+    # windows itera's quantize calibrates on by default
+    seed_importance = {s: gguf_importance(input_mean_squares(m, calibration_ids(
+        calib_ids, QuantizeOptions.calib_samples, QuantizeOptions.calib_seqlen, s)), cfg)
+        for s in range(max(1, args.calib_seeds))}
+    importance = seed_importance[0]
     del m
     files = llama_files(f32, out, args.types, importance, args.threads)
     scorer = Scorer(tok, load_text(args.text, purpose="eval").text, args.tokens, args.window, args.stride,
