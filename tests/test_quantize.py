@@ -218,3 +218,13 @@ def test_a_calibration_text_too_short_for_its_windows_is_said_once(tiny_ckpt, co
                       "samples"], res.stderr
     res = run_itera(*args, "--calib-samples", str(n // 32), "--out", tmp_path / "q2")
     assert "calibration text gives" not in res.stderr and res.record["metrics"]["perplexity_after"] > 1
+
+
+def test_the_fisher_pass_takes_more_sequences_on_smaller_models():
+    """The predicted planner's noise falls with its sequences (itera/jobs/quantize.py); their cost,
+    parameters x sequences, stays at most 1e9 or 8 sequences' worth, and never past what there is."""
+    from itera.jobs.quantize import fisher_windows
+
+    assert [fisher_windows(p, 128) for p in (2_000_000, 31_250_000, 62_500_000, 100_000_000, 135_000_000,
+                                                 1_100_000_000)] == [32, 32, 16, 10, 8, 8]
+    assert fisher_windows(2_000_000, 5) == 5
