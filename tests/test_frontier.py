@@ -82,6 +82,10 @@ def test_auto_at_llama_cpp_q4_0_size_is_better_in_llama_cpp(auto, llama_q4_0, lm
     assert size == q["gguf_bytes"] == e["file_bytes"]  # the planned size is the real one
     assert e["bits_per_weight"] == pytest.approx(q["gguf_bits_per_weight"], rel=1e-9)
     plan = q["plan_types"]
+    # a model this small gets the Fisher pass's most sequences (itera.jobs.quantize.fisher_windows)
+    planner = q["planner"]
+    assert (planner["planner"], planner["calibration_sequences"], planner["label_draws"]) == ("predicted", 32, 2)
+    assert planner["calibration_tokens"] % 32 == 0 and 32 * 64 <= planner["calibration_tokens"] <= 32 * 256
     assert len(set(plan.values())) > 2 and "model.embed_tokens" in plan  # a real mix, embeddings included
     assert json.loads((auto["dir"] / "auto" / "quant_plan.json").read_text())["types"] == plan
     written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(auto["dir"] / "auto.gguf")).tensors}
@@ -122,7 +126,7 @@ def test_a_plan_is_reused_exactly(auto, lm, tmp_path):
     a, b = rec["metrics"], auto["quantize"]["metrics"]
     assert a["plan_types"] == b["plan_types"] and a["gguf_bytes"] == b["gguf_bytes"]
     assert a["perplexity_after"] == pytest.approx(b["perplexity_after"], rel=1e-9)
-    assert a["sensitivity_kl"] is None  # nothing measured
+    assert a["sensitivity_kl"] is None and "planner" not in a  # nothing measured
 
 
 def test_a_plan_that_keeps_matrices_in_float16_is_reused(lm, tmp_path):

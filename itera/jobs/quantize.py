@@ -237,6 +237,7 @@ class Source:
     fixed_plan: dict[str, str] | None = None  # auto with --plan: module -> type
     layout: object = None  # the GGUF file's layout (None: the model has no GGUF export)
     heldout: dict | None = None  # which characters and tokens of --calib are held out (itera.data.heldout_split)
+    planner: dict | None = None  # auto: what the sensitivities were found from (the record's "planner")
 
 
 def check_source(opts: QuantizeOptions):
@@ -343,12 +344,13 @@ def choose_layers(opts: QuantizeOptions, src: Source, calib: torch.Tensor | None
         if opts.planner == "measured":
             reporter.log(f"measuring the sensitivity of {len(src.mods)} tensors to {len(opts.auto_types)} types")
             with running(reporter, "sensitivity", len(src.mods), "tensors") as task:
-                sens = sensitivities(src.model, src.mods, calib[:SENSITIVITY_WINDOWS, :SENSITIVITY_TOKENS],
-                                     options, importance, task.update)
+                windows = calib[:SENSITIVITY_WINDOWS, :SENSITIVITY_TOKENS]
+                sens = sensitivities(src.model, src.mods, windows, options, importance, task.update)
             stages["sensitivities"] = time.perf_counter() - t0
         else:
             windows = calib[:fisher_windows(sum(p.numel() for p in src.model.parameters()), calib.shape[0])]
-            reporter.log(f"the Fisher pass: {windows.shape[0]} calibration sequences, {FISHER_DRAWS} label draws each")
+            reporter.log(f"the Fisher pass: {windows.shape[0]} calibration sequences, {FISHER_DRAWS} label draws "
+                         "each")
             with running(reporter, "probes", len(src.mods), "tensors") as task:  # apart: each ETA its own
                 probes = probes_for(src.model, src.mods, options, importance, task.update)
             with running(reporter, "fisher", windows.shape[0], "sequences") as task:
@@ -360,6 +362,9 @@ def choose_layers(opts: QuantizeOptions, src: Source, calib: torch.Tensor | None
             with running(reporter, "sensitivity", len(src.mods), "tensors") as task:
                 sens = predicted_sensitivities(src.model, src.mods, stats, options, importance, task.update)
             stages["predictions"] = time.perf_counter() - t0 - stages["sensitivities"]
+        src.planner = {"planner": opts.planner, "calibration_sequences": windows.shape[0],
+                       "calibration_tokens": windows.numel(),
+                       "label_draws": FISHER_DRAWS if opts.planner == "predicted" else None}
         t0 = time.perf_counter()
         types = choose_plan(costs, sens, src.budget.available)
         stages["plan"] = time.perf_counter() - t0
@@ -482,6 +487,8 @@ def quantize_in_memory(opts: QuantizeOptions, reporter: Reporter = SILENT) -> tu
     if sens is not None or src.fixed_plan is not None:
         metrics["plan_types"] = {n: q.label() for n, q in plan.items()}
         metrics["sensitivity_kl"] = sens
+        if src.planner is not None:
+            metrics["planner"] = src.planner
     if src.budget is not None:
         metrics["budget"] = src.budget.figures()
     outcome = Outcome(describe_artifact(opts.out, "checkpoint", "itera-quant"), metrics,
