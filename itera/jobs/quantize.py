@@ -42,11 +42,6 @@ FISHER_DRAWS = 2  # auto, predicted: label draws per calibration sequence (see c
 # pairs was 0.30 with 8 sequences, 0.22 with 16, 0.18 with 32, while at 1.1B parameters 8 already take 393 s
 FISHER_WINDOWS, FISHER_MAX_WINDOWS, FISHER_PARAM_WINDOWS = 8, 32, 1e9
 
-
-def fisher_windows(params: int, available: int) -> int:
-    """Calibration sequences for the predicted planner's Fisher pass: 32 up to 31M parameters, fewer
-    above, down to 8 from 125M parameters on (never more than there are)."""
-    return min(available, max(FISHER_WINDOWS, min(FISHER_MAX_WINDOWS, int(FISHER_PARAM_WINDOWS // max(params, 1)))))
 # Importance data (each input's mean square, a diagonal) from the first 32 calibration sequences: on the demo
 # teacher 32 sequences' differ from all 128's by 2.4% (median over matrices; 10.6% at most), while GPTQ's
 # full Hessians take every sequence. At 1.1B parameters the other 96 would cost 3 more minutes.
@@ -54,6 +49,12 @@ IMPORTANCE_WINDOWS = 32
 AUTO_TYPES = (*TYPES, F16.name)
 # llama.cpp's choice when a row is not a multiple of a type's block (llama-quant.cpp's fallback)
 ROW_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def fisher_windows(params: int, available: int) -> int:
+    """Calibration sequences for the predicted planner's Fisher pass: 32 up to 31M parameters, fewer
+    above, down to 8 from 125M parameters on (never more than there are)."""
+    return min(available, max(FISHER_WINDOWS, min(FISHER_MAX_WINDOWS, int(FISHER_PARAM_WINDOWS // max(params, 1)))))
 
 
 @dataclass
