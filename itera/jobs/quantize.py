@@ -349,9 +349,8 @@ def choose_layers(opts: QuantizeOptions, src: Source, calib: torch.Tensor | None
                 sens = sensitivities(src.model, src.mods, windows, options, importance, task.update)
             stages["sensitivities"] = time.perf_counter() - t0
         else:
-            windows = calib[:fisher_windows(sum(p.numel() for p in src.model.parameters()), calib.shape[0])]
-            reporter.log(f"the Fisher pass: {windows.shape[0]} calibration sequences, {FISHER_DRAWS} label draws "
-                         "each")
+            windows = calib[:fisher_windows(src.model.num_parameters(), calib.shape[0])]
+            reporter.log(f"the Fisher pass: {windows.shape[0]} calibration sequences, {FISHER_DRAWS} label draws each")
             with running(reporter, "probes", len(src.mods), "tensors") as task:  # apart: each ETA its own
                 probes = probes_for(src.model, src.mods, options, importance, task.update)
             with running(reporter, "fisher", windows.shape[0], "sequences") as task:
