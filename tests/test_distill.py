@@ -44,9 +44,12 @@ def test_distilled_student_beats_cross_entropy_only_student(teacher, distill_cor
     common = ["--student", "quarter", "--init", "prune", "--steps", "60"]
     for seed in ("0", "1"):
         kd = _distill(teacher, distill_corpus, tmp_path / f"kd{seed}", "--alpha", "0.7", "--seed", seed,
-                      *common)["metrics"]
+                      "--eval-every", "20", *common)["metrics"]
         ce = _distill(teacher, distill_corpus, tmp_path / f"ce{seed}", "--alpha", "0", "--seed", seed, *common)["metrics"]
         assert kd["tokens_seen"] == ce["tokens_seen"]
+        # held-out perplexity along the way, timed apart from training; none asked of the CE run
+        assert [h["step"] for h in kd["eval_history"]] == [0, 20, 40, 60] and kd["eval_seconds"] > 0
+        assert [h["step"] for h in ce["eval_history"]] == [0, 60] and ce["eval_seconds"] == 0
         assert kd["student_perplexity"] < ce["student_perplexity"] * (1 - PPL_MARGIN), \
             (seed, kd["student_perplexity"], ce["student_perplexity"])
         assert kd["kl_to_teacher"] < ce["kl_to_teacher"] / 2, (seed, kd["kl_to_teacher"], ce["kl_to_teacher"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -470,8 +471,12 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
     student.eval()
     history = [{"step": 0, "student_perplexity": measure()}]
 
+    evals = {"seconds": 0.0}  # the periodic evaluations' time (--eval-every), apart from train_seconds
+
     def on_eval(step: int) -> None:
+        t0 = time.perf_counter()
         history.append({"step": step, "student_perplexity": measure()})
+        evals["seconds"] += time.perf_counter() - t0
         reporter.log(f"step {step}: held-out perplexity {history[-1]['student_perplexity']:.3f}")
 
     task = reporter.task("distill", total=t.steps)
@@ -519,6 +524,7 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
         task.close()
     if hidden_log:  # the hidden-state term (unweighted), as final_loss is: mean of the last 10 steps run
         stats["final_hidden_loss"] = sum(hidden_log[-10:]) / len(hidden_log[-10:])
+    stats["eval_seconds"] = evals["seconds"]
     return stats, history, trainer
 
 
@@ -604,6 +610,7 @@ def _finish(opts: DistillOptions, p: Plan, data: Data, teacher, student, prune_p
               "student_config": {k: v for k, v in c.to_dict().items() if k != "architectures"}}
     metrics: dict = {"student_params": student.num_parameters(), "tokens_seen": stats["tokens_seen"],
                      "tokens_per_s": stats["tokens_per_s"], "train_seconds": stats["train_seconds"],
+                     "eval_seconds": stats["eval_seconds"],
                      "first_loss": stats["first_loss"], "final_loss": stats["final_loss"],
                      "init_student_perplexity": history[0]["student_perplexity"], **final, "eval_history": history,
                      "heldout_split": heldout, "student_dtype": dtype, "student_dtype_reason": dtype_reason,
