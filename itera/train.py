@@ -267,6 +267,7 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the checkpoint in state_dir, once one is there
         self.losses: list[float] = []
         self.train_seconds = 0.0
+        self.eval_seconds = 0.0  # this run's on_eval calls (--eval-every), apart from train_seconds
 
     # ------------------------------------------------------------------ state
 
@@ -360,7 +361,9 @@ class Trainer:
                 self.on_step(self.step, logs)
             if o.eval_every and self.step % o.eval_every == 0 and self.step < o.steps and self.on_eval:
                 self.model.eval()
+                t0 = time.perf_counter()
                 self.on_eval(self.step)
+                self.eval_seconds += time.perf_counter() - t0
                 self.model.train()
             if o.save_every and self.step % o.save_every == 0 and self.step < o.steps:
                 self.save_state()
@@ -371,7 +374,7 @@ class Trainer:
         self.model.eval()
         tokens = o.steps * o.batch_size * o.seq_len  # for token-window batches
         tail = self.losses[-10:]
-        return {"tokens_seen": tokens, "train_seconds": self.train_seconds,
+        return {"tokens_seen": tokens, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
                 "tokens_per_s": tokens / self.train_seconds if self.train_seconds else None,
                 "first_loss": self.losses[0], "final_loss": sum(tail) / len(tail)}
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -471,12 +470,8 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
     student.eval()
     history = [{"step": 0, "student_perplexity": measure()}]
 
-    evals = {"seconds": 0.0}  # the periodic evaluations' time (--eval-every), apart from train_seconds
-
     def on_eval(step: int) -> None:
-        t0 = time.perf_counter()
         history.append({"step": step, "student_perplexity": measure()})
-        evals["seconds"] += time.perf_counter() - t0
         reporter.log(f"step {step}: held-out perplexity {history[-1]['student_perplexity']:.3f}")
 
     task = reporter.task("distill", total=t.steps)
@@ -524,7 +519,6 @@ def fit(opts: DistillOptions, teacher, student, data: Data, dist: Dist, reporter
         task.close()
     if hidden_log:  # the hidden-state term (unweighted), as final_loss is: mean of the last 10 steps run
         stats["final_hidden_loss"] = sum(hidden_log[-10:]) / len(hidden_log[-10:])
-    stats["eval_seconds"] = evals["seconds"]
     return stats, history, trainer
 
 
