@@ -196,6 +196,29 @@ def assert_usage_error(res: Result, *needles: str) -> str:
     return lines[0]
 
 
+def llama_logp(path, ids: list[int], window: int = 256):
+    """llama.cpp's log-probabilities (a float64 array, positions x vocabulary) at every position of
+    consecutive windows of ``ids``."""
+    import numpy as np
+
+    from itera.runtime.llamacpp_backend import LlamaCppRuntime
+
+    out = []
+    with LlamaCppRuntime(path, threads=2) as rt:
+        for i in range(0, len(ids) - window + 1, window):
+            x = rt.logits(ids[i:i + window]).astype(np.float64)
+            x -= x.max(-1, keepdims=True)
+            out.append(x - np.log(np.exp(x).sum(-1, keepdims=True)))
+    return np.concatenate(out)
+
+
+def mean_kl(ref, logp) -> float:
+    """Mean KL(ref || logp) over positions, from two :func:`llama_logp` arrays."""
+    import numpy as np
+
+    return float((np.exp(ref) * (ref - logp)).sum(-1).mean())
+
+
 @pytest.fixture(scope="session")
 def stories(tmp_path_factory):
     """A trained model shaped like llama2.c's stories260K (hidden 64, 8 heads / 4 kv heads, tied,

@@ -69,24 +69,31 @@ def test_heldout_reward_accuracy_rises_and_generations_move(trained, teacher):
     assert m["heldout"]["reward_accuracy"] > 0.9 and m["heldout"]["reward_margin"] > 0
     assert m["heldout"]["chosen_reward"] > m["heldout"]["rejected_reward"]
     assert m["kl_to_reference"] > 0 and m["pairs_used"] + m["pairs_heldout"] == 240
-    # greedy continuations of held-out style prompts: the merged model says "happy" more than the base
+    # on new prompts of the same style, the merged model gives the preferred answer's start more
+    # probability against the rejected one's than the base does: log P(" The happy") - log P(" The
+    # lonely") rises by over 1 nat on every prompt (about 0.16 -> 3.3 measured). A count of words in
+    # greedy continuations said nothing where neither model's continuation named either.
     from itera.model.checkpoint import load_model
     from itera.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(teacher)
+    rng = random.Random(123)
+    prompts = [f"The {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the {rng.choice(_ADJS)} "
+               f"{rng.choice(_NOUNS)} {rng.choice(_PLACES)}." for _ in range(8)]
 
-    def happy_count(path):
+    def log_ratios(path):
         model, _ = load_model(path)
-        count = 0
-        for prompt in ("The old fox sees the red owl near the river.", "The quiet ship finds the tall lamp at the castle."):
-            ids = tok.encode(prompt)
-            with torch.no_grad():
-                for _ in range(12):
-                    ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-            count += tok.decode(ids).count("happy") - tok.decode(ids).count("lonely")
-        return count
 
-    assert happy_count(trained["dir"] / "adapter" / "merged") > happy_count(teacher)
+        def logp(prompt, cont):
+            p, c = tok.encode(prompt), tok.encode(cont, add_bos=False)
+            with torch.no_grad():
+                lp = model(torch.tensor([p + c]))[0].log_softmax(-1)
+            return sum(float(lp[len(p) - 1 + i, t]) for i, t in enumerate(c))
+
+        return [logp(q, " The happy") - logp(q, " The lonely") for q in prompts]
+
+    before, after = log_ratios(teacher), log_ratios(trained["dir"] / "adapter" / "merged")
+    assert all(a > b + 1.0 for a, b in zip(after, before)), (before, after)
 
 
 def test_reference_log_probs_are_cached(trained):

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import assert_usage_error, run_itera
+from conftest import assert_usage_error, llama_logp as _llama_logp, mean_kl as _kl, run_itera
 from itera.record import validate
 
 HELD_OUT = "pydocs@test"  # the models train on pydocs@train; calibration is pydocs@train too
@@ -25,23 +25,6 @@ class _Keep:
 
     def expand(self, w):
         return w
-
-
-def _llama_logp(path, ids: list[int], window: int = 256) -> np.ndarray:
-    """llama.cpp's log-probabilities at every position of consecutive windows of ``ids``."""
-    from itera.runtime.llamacpp_backend import LlamaCppRuntime
-
-    out = []
-    with LlamaCppRuntime(path, threads=2) as rt:
-        for i in range(0, len(ids) - window + 1, window):
-            x = rt.logits(ids[i:i + window]).astype(np.float64)
-            x -= x.max(-1, keepdims=True)
-            out.append(x - np.log(np.exp(x).sum(-1, keepdims=True)))
-    return np.concatenate(out)
-
-
-def _kl(ref: np.ndarray, logp: np.ndarray) -> float:
-    return float((np.exp(ref) * (ref - logp)).sum(-1).mean())
 
 
 @pytest.fixture(scope="module")
