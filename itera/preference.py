@@ -29,9 +29,11 @@ by ``rating_threshold``: above it desirable, below it undesirable, at it neutral
 
 End of turn: an event's ``finish_reason`` (``"stop"``: the model ended the response itself) and
 ``end_token`` (the id that ended it, when known) say whether the response's end-of-turn token is
-scored. A response cut at ``max_tokens`` (``"length"``) is scored without one; a correction, a text a
-person wrote whole, ends. ``Pair.chosen_end``/``rejected_end`` and ``Single.end`` hold the id, or
-``EOS`` (the tokenizer's end-of-sequence id), or None.
+scored. A response that a stop string ended (``end_text``, the string) is scored with that string's
+tokens after it: ending there is what the model did, and a preference for answers that end where
+they should is learnt from it. A response cut at ``max_tokens`` (``"length"``) is scored without an
+end; a correction, a text a person wrote whole, ends. ``Pair.chosen_end``/``rejected_end`` and
+``Single.end`` hold the id, ``EOS`` (the tokenizer's end-of-sequence id), the stop string, or None.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ class Pair:
     chosen: str
     rejected: str
     chat: bool = False  # the prompt is a rendered chat template (special-token strings are tokens)
-    chosen_end: int | None = None  # the end-of-turn id scored after the response, EOS, or None (cut)
-    rejected_end: int | None = None
+    chosen_end: int | str | None = None  # the end scored after the response: an id, EOS, a stop string; None: cut
+    rejected_end: int | str | None = None
 
     def as_dict(self) -> dict:
         d = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
@@ -76,7 +78,7 @@ class Single:
     response: str
     desirable: bool
     chat: bool = False
-    end: int | None = None
+    end: int | str | None = None
 
     def as_dict(self) -> dict:
         d = {"prompt": self.prompt, "response": self.response, "desirable": self.desirable}
@@ -135,25 +137,27 @@ def _pair(obj: dict, where: str) -> Pair:
     return Pair(obj["prompt"], obj["chosen"], obj["rejected"], _chat(obj, where), *ends)
 
 
-def _end_field(obj: dict, key: str, where: str) -> int | None:
+def _end_field(obj: dict, key: str, where: str) -> int | str | None:
     v = obj.get(key)
-    if v is None:
-        return None
+    if v is None or (isinstance(v, str) and v):
+        return v
     if isinstance(v, bool) or not isinstance(v, int) or v < EOS:
         raise DataError(f"{where}: \"{key}\" is {json.dumps(v)}; it must be a token id, -1 (the tokenizer's "
-                        "end-of-sequence) or null (the response was cut, no end token)")
+                        "end-of-sequence), the stop string that ended the response, or null (it was cut)")
     return v
 
 
-def _end(ev: dict, prefix: str = "") -> int | None:
+def _end(ev: dict, prefix: str = "") -> int | str | None:
     """The end marker of an event's response (``prefix`` ``a_``/``b_`` for an A/B vote's two):
     ``finish_reason`` "stop" ends it with ``end_token`` (an id, or -1 / absent: the tokenizer's EOS;
-    present and null: a stop string ended it, no token); anything else was cut."""
+    present and null: a stop string ended it: ``end_text``, that string, or no end when it is not
+    known); anything else was cut."""
     if ev.get(f"{prefix}finish_reason") != "stop":
         return None
     key = f"{prefix}end_token"
     if key in ev and ev[key] is None:
-        return None
+        text = ev.get(f"{prefix}end_text")
+        return text if isinstance(text, str) and text else None
     tok = ev.get(key)
     return tok if isinstance(tok, int) and not isinstance(tok, bool) and tok >= 0 else EOS
 
@@ -425,8 +429,11 @@ def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
     return encode_rendered(tok, prompt) if chat else tok.encode(prompt)
 
 
-def response_ids(tok, text: str, end: int | None) -> list[int]:
-    """A response's tokens, then the end-of-turn id that ended it (EOS: the tokenizer's) if it ended."""
+def response_ids(tok, text: str, end: int | str | None) -> list[int]:
+    """A response's tokens, then the end-of-turn id that ended it (EOS: the tokenizer's) if it ended;
+    a response a stop string ended is tokenized with that string after it, as one text."""
+    if isinstance(end, str):
+        return tok.encode(text + end, add_bos=False)
     ids = tok.encode(text, add_bos=False)
     if end == EOS:
         end = tok.eos_id

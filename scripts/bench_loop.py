@@ -22,7 +22,13 @@ Design choices (stated, fixed for a run):
   least 5 times there) / the answer's words; under 4 words scores 0 (an empty answer is no answer;
   counting distinct words keeps "the the the" from scoring). A thumbs is up when the score is at
   least ``--threshold`` (0.75), down otherwise. ``keywords``: loop.sh's user, score = occurrences
-  of return(s)/value(s)/default/none/true/false; up when at least one.
+  of return(s)/value(s)/default/none/true/false; up when at least one. ``ends``: prefers short
+  answers that end cleanly (the issue's second example). Every request asks for ``--stop`` (a blank
+  line by default: v1's text has no EOS, its docstrings end their paragraphs with one); an answer
+  that ended on its own (``finish_reason`` stop) with at least 4 words scores 1 + 4 / its words, any
+  other 0, so a thumbs is up when it ended. This user's verdicts depend on where the model stops,
+  which dpo-train learns only because a response a stop string ended is scored with that string
+  after it (the feedback store keeps which string it was).
   Between two answers (A/B votes and the blind judging) the higher score wins; equal scores are a
   tie.
 - Prompts: the first ``--prompt-words`` (3) words of a docstring. Training prompts come from
@@ -193,21 +199,32 @@ class User:
             self.describe = (f"prefers answers using return(s)/value(s)/default/none/true/false (loop.sh's user): "
                              f"score = occurrences; thumbs up when score >= {self.threshold:g}; of two answers the "
                              f"higher score wins, equal scores tie")
+        elif kind == "ends":
+            self.vocab = frozenset()
+            self.threshold = 1.0 if threshold is None else threshold
+            self.describe = (f"prefers short answers that end cleanly: an answer that ended on its own (finish_reason "
+                             f"stop: the model wrote the stop string or EOS) with at least 4 words scores 1 + 4 / its "
+                             f"words (shorter is better), any other (cut at max_tokens, under 4 words) 0; thumbs up "
+                             f"when score >= {self.threshold:g}; of two answers the higher score wins, equal scores tie")
         else:
             raise SystemExit(f"unknown --preference {kind!r}")
 
-    def score(self, text: str) -> float:
+    def score(self, ans: dict) -> float:
+        """``ans``: an answer as the server gave it, ``{"text", "finish_reason"}``."""
+        text = ans["text"]
         if self.kind == "keywords":
             return float(len(KEYWORDS.findall(text)))
         words = [w.lower() for w in WORD.findall(text)]
         if len(words) < 4:
             return 0.0
+        if self.kind == "ends":
+            return 1 + 4 / len(words) if ans["finish_reason"] == "stop" else 0.0
         return len({w for w in words if w in self.vocab}) / len(words)
 
-    def thumbs_up(self, text: str) -> bool:
-        return self.score(text) >= self.threshold
+    def thumbs_up(self, ans: dict) -> bool:
+        return self.score(ans) >= self.threshold
 
-    def pick(self, x: str, y: str) -> int:
+    def pick(self, x: dict, y: dict) -> int:
         """Blind: 0 if ``x`` is preferred, 1 if ``y``, -1 for a tie."""
         sx, sy = self.score(x), self.score(y)
         return -1 if sx == sy else (0 if sx > sy else 1)
@@ -284,8 +301,10 @@ class Server:
         return self._req("/health", timeout=10)
 
     def complete(self, prompt: str, seed: int, a) -> dict:
-        r = self._req("/v1/completions", {"prompt": prompt, "max_tokens": a.max_tokens,
-                                          "temperature": a.temperature, "seed": seed})
+        body = {"prompt": prompt, "max_tokens": a.max_tokens, "temperature": a.temperature, "seed": seed}
+        if a.stop:
+            body["stop"] = a.stop
+        r = self._req("/v1/completions", body)
         c = r["choices"][0]
         return {"id": r["id"], "text": c["text"], "finish_reason": c["finish_reason"],
                 "fingerprint": r.get("system_fingerprint")}
@@ -318,7 +337,7 @@ class Server:
 # --------------------------------------------------------------------------- statistics
 
 
-def judge(user: User, base: list[str], cand: list[str], seed: int) -> dict:
+def judge(user: User, base: list[dict], cand: list[dict], seed: int) -> dict:
     """The blind comparison of ``cand`` (the version judged) against ``base`` (v1), prompt by prompt."""
     rng = random.Random(seed)
     wins = ties = losses = 0
@@ -340,15 +359,16 @@ def judge(user: User, base: list[str], cand: list[str], seed: int) -> dict:
             if wins + losses else None}
 
 
-def answers_stats(user: User, texts: list[str], finishes: list[str]) -> dict:
-    s = [user.score(t) for t in texts]
-    return {"mean_score": round(sum(s) / len(s), 4), "thumbs_up_share": round(sum(user.thumbs_up(t) for t in texts)
-                                                                              / len(texts), 4),
-            "mean_chars": round(sum(map(len, texts)) / len(texts), 1),
-            "finish_stop_share": round(sum(f == "stop" for f in finishes) / len(finishes), 4)}
+def answers_stats(user: User, answers: list[dict]) -> dict:
+    s = [user.score(x) for x in answers]
+    n = len(answers)
+    return {"mean_score": round(sum(s) / n, 4), "thumbs_up_share": round(sum(map(user.thumbs_up, answers)) / n, 4),
+            "mean_chars": round(sum(len(x["text"]) for x in answers) / n, 1),
+            "mean_words": round(sum(len(WORD.findall(x["text"])) for x in answers) / n, 2),
+            "finish_stop_share": round(sum(x["finish_reason"] == "stop" for x in answers) / n, 4)}
 
 
-def sample_file(model: Path, prompts: list[str], a, workdir: Path, tag: str) -> tuple[list[str], list[str]]:
+def sample_file(model: Path, prompts: list[str], a, workdir: Path, tag: str) -> list[dict]:
     """One answer per held-out prompt from a GGUF file through its own ``itera serve``."""
     fb = workdir / f"judge-{tag}.db"
     srv = Server(str(model), fb, workdir / f"judge-{tag}.log")
@@ -359,7 +379,7 @@ def sample_file(model: Path, prompts: list[str], a, workdir: Path, tag: str) -> 
     fb.unlink(missing_ok=True)
     for suffix in ("-wal", "-shm"):
         Path(str(fb) + suffix).unlink(missing_ok=True)
-    return [o["text"] for o in outs], [o["finish_reason"] for o in outs]
+    return [{"text": o["text"], "finish_reason": o["finish_reason"]} for o in outs]
 
 
 # --------------------------------------------------------------------------- the base model and v1
@@ -452,7 +472,7 @@ def collect(srv: Server, user: User, prompts: list[str], rnd: int, a) -> dict:
         x = srv.complete(prompt, seed, a)
         if i in ab_at:
             y = srv.complete(prompt, seed + 1, a)
-            choice = user.pick(x["text"], y["text"])
+            choice = user.pick(x, y)
             if choice != -1:
                 body = {"type": "ab", "a_id": x["id"], "b_id": y["id"], "winner": "ab"[choice]}
                 srv.feedback(body)
@@ -460,7 +480,7 @@ def collect(srv: Server, user: User, prompts: list[str], rnd: int, a) -> dict:
                 events.append(["ab", prompt, x["text"], y["text"], body["winner"]])
                 continue
             posted["ab_tie_posted_as_thumbs"] += 1
-        vote = "up" if user.thumbs_up(x["text"]) else "down"
+        vote = "up" if user.thumbs_up(x) else "down"
         srv.feedback({"type": "thumbs", "response_id": x["id"], "vote": vote})
         posted[f"thumbs_{vote}"] += 1
         events.append(["thumbs", prompt, x["text"], vote])
@@ -546,6 +566,7 @@ def run_arm(loss: str, a, user: User, base: Path, v1: dict, train_prompts: list[
                 "pairs_heldout": m["pairs_heldout"],
                 "singles_used": m["singles_used"], "singles_heldout": m["singles_heldout"],
                 "dropped": m["pairs_dropped"], "dropped_reasons": m["dropped_reasons"], "losses": m["losses"],
+                "response_ends": m.get("response_ends"),
                 "desirable_weight": round(w_d, 4),
                 "heldout_reward_accuracy": (m["heldout"] or {}).get("reward_accuracy"),
                 "heldout_reward_accuracy_before": (m["heldout_before"] or {}).get("reward_accuracy"),
@@ -568,9 +589,9 @@ def run_arm(loss: str, a, user: User, base: Path, v1: dict, train_prompts: list[
                 r["candidate"][f"{key}_vs_v1"] = round(value / v1[key] - 1, 4)
 
             log(f"[{loss}] round {rnd}: judging v{version} against v1 on {len(held)} held-out prompts")
-            texts, fins = sample_file(out / "model-f16.gguf", held, a, out, f"v{version}")
-            r["candidate"]["vs_v1"] = judge(user, base_answers, texts, a.seed + version)
-            r["candidate"]["answers"] = answers_stats(user, texts, fins)
+            answers = sample_file(out / "model-f16.gguf", held, a, out, f"v{version}")
+            r["candidate"]["vs_v1"] = judge(user, base_answers, answers, a.seed + version)
+            r["candidate"]["answers"] = answers_stats(user, answers)
 
             rc, prom, err = itera(["registry", "promote", f"{NAME}@{version}", *gate_args(a, fb), "--registry", reg],
                                   ok=(0, 3), logdir=logdir)
@@ -703,7 +724,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--events", type=int, default=200, help="feedback events per round")
     ap.add_argument("--ab-share", type=float, default=0.2, help="share of the events that are A/B votes")
-    ap.add_argument("--preference", choices=("vocab", "keywords"), default="vocab")
+    ap.add_argument("--preference", choices=("vocab", "keywords", "ends"), default="vocab")
+    ap.add_argument("--stop", action="append", default=None,
+                    help="a stop string every request asks for (repeatable; default: none, or a blank line with "
+                         "--preference ends)")
     ap.add_argument("--threshold", type=float, default=None, help="thumbs-up score (vocab 0.75, keywords 1)")
     ap.add_argument("--prompt-words", type=int, default=3)
     ap.add_argument("--heldout", type=int, default=200, help="held-out prompts judged")
@@ -766,6 +790,8 @@ def main() -> None:
         shutil.rmtree(work)
     work.mkdir(parents=True)
 
+    if a.stop is None and a.preference == "ends":
+        a.stop = ["\n\n"]  # the blank line that ends a docstring's paragraph (v1 learnt no EOS: its text has none)
     user = User(a.preference, a.threshold)
     train_prompts, held_all = prompt_sets(a.prompt_words, a.seed)
     need = a.rounds * a.events
@@ -791,8 +817,8 @@ def main() -> None:
     log(f"v1: perplexity {v1['perplexity']:.2f} on {a.eval_dataset}"
         + (f" ({v1['short_window_perplexity']:.2f} in {a.short_window}-token windows)" if a.short_window else "")
         + "; sampling its held-out answers")
-    base_answers, base_fins = sample_file(v1_gguf, held, a, work, "v1")
-    v1["answers"] = answers_stats(user, base_answers, base_fins)
+    base_answers = sample_file(v1_gguf, held, a, work, "v1")
+    v1["answers"] = answers_stats(user, base_answers)
     timings["v1_seconds"] = round(time.perf_counter() - t0, 1)
 
     out: dict = {

@@ -104,6 +104,13 @@ def test_an_ended_response_is_scored_with_its_end_token_and_a_cut_one_is_not(tok
     # the mismatched pairs KTO's reference point uses: each prompt with the next example's response
     mm = s.mismatched(torch.tensor([0, 1]))
     assert scored(mm.ids[0, 0], mm.mask[0, 0]) == body and scored(mm.ids[1, 0], mm.mask[1, 0]) == body + [7]
+    # a response a stop string ended is scored with the string after it, tokenized as one text with it
+    ended = tok.encode(" the fox sees the owl.\n\n", add_bos=False)
+    assert len(ended) > len(tok.encode(" the fox sees the owl.", add_bos=False))
+    s2, _ = encode_singles(tok, [Single("The owl", " the fox sees the owl.", True, end="\n\n"),
+                                 Single("The owl", " the fox sees the owl.", False)], 256)
+    assert scored(s2.enc.ids[0, 0], s2.enc.mask[0, 0]) == ended
+    assert scored(s2.enc.ids[1, 0], s2.enc.mask[1, 0]) == tok.encode(" the fox sees the owl.", add_bos=False)
 
 
 def _response(rid, finish, request=None, **kw):
@@ -130,18 +137,23 @@ def test_an_older_store_migrates_and_its_ended_responses_keep_their_end(tmp_path
     db.commit()
     db.close()
     with FeedbackStore(path) as store:
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
         store.add_response(_response("r4", "stop", end_token=2, tokenizer="abc"))
-        store.add_response(_response("r5", "stop", tokenizer="abc"))  # a stop string ended it
-        for rid in ("r4", "r5"):
+        store.add_response(_response("r5", "stop", tokenizer="abc"))  # a stop string ended it, not known which
+        store.add_response(_response("r6", "stop", end_text="\n\n", tokenizer="abc",
+                                     request={"stop": ["\n\n", "END"]}))  # this one
+        # stored with a fingerprint before the stop string was kept: the request asked for only one
+        store.add_response(_response("r7", "stop", tokenizer="abc", request={"stop": ["END"]}))
+        for rid in ("r4", "r5", "r6", "r7"):
             store.add_feedback({"type": "thumbs", "response_id": rid, "vote": "up"})
         events = store.events()
-    assert [(e["response"], e["end_token"]) for e in events] == [("r1", -1), ("r2", None), ("r3", None), ("r4", 2),
-                                                                 ("r5", None)]
+    assert [(e["response"], e["end_token"], e["end_text"]) for e in events] == [
+        ("r1", -1, None), ("r2", None, None), ("r3", None, None), ("r4", 2, None), ("r5", None, None),
+        ("r6", None, "\n\n"), ("r7", None, "END")]
     _, singles, _ = examples_from_events(events, "kto")
     assert [(x.response, x.end) for x in singles] == [("r1", EOS), ("r2", None), ("r3", None), ("r4", 2),
-                                                      ("r5", None)]
-    assert [e["tokenizer"] for e in events] == [None, None, None, "abc", "abc"]
+                                                      ("r5", None), ("r6", "\n\n"), ("r7", "END")]
+    assert [e["tokenizer"] for e in events] == [None, None, None, "abc", "abc", "abc", "abc"]
     # the file is a valid SQLite store after the migration
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 

@@ -274,10 +274,13 @@ def test_stop_strings_cut_and_hold_back_partial_matches():
     assert s.feed("N") == ""  # "EN" still may
     assert s.feed("X more") == "ENX more"
     assert s.feed(" fin\n") == " fin"
-    assert s.feed("\nignored") == "" and s.hit
+    assert s.feed("\nignored") == "" and s.hit and s.matched == "\n\n"
     assert s.feed("more") == "" and s.flush() == ""
     t = StopStrings(["END"])
-    assert t.feed("tail E") == "tail " and t.flush() == "E"
+    assert t.feed("tail E") == "tail " and t.flush() == "E" and t.matched is None
+    # two stop strings in one delta: the earlier one ends the text; at one place, the longer
+    u = StopStrings([".", "\n\n", "\n"])
+    assert u.feed("one\n\ntwo. three") == "one" and u.matched == "\n\n"
 
 
 @pytest.mark.parametrize("backend", ["tokenizers", "llama.cpp"])
@@ -387,8 +390,13 @@ def test_sampling_is_seeded_and_stop_strings_cut(main_server, models, ref):
     assert a["choices"][0]["text"] == "".join(g)
     want, _ = ref.greedy(models["gguf"], rt.tokenizer.encode(PROMPT), 24)
     stop = want[8:11]
-    r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop": [stop]}).json()
+    r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0,
+                                         "stop": ["never in it", stop]}).json()
     assert r["choices"][0]["text"] == want[: want.index(stop)] and r["choices"][0]["finish_reason"] == "stop"
+    # the store keeps which stop string ended it (dpo-train scores it after the response), no end token
+    row = sqlite3.connect(main_server.db).execute("SELECT end_token, end_text FROM responses WHERE id = ?",
+                                                  (r["id"],)).fetchone()
+    assert row == (None, stop)
     with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0,
                                                    "stop": stop, "stream": True}) as s:
         events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]

@@ -20,7 +20,7 @@ the reference point ``z0`` the batch's mean ``log pi - log ref`` over mismatched
 pairs (each prompt with the next example's completion), clamped at 0 and held constant.
 
 A response that ended (``finish_reason: "stop"``) is scored with the end-of-turn token that ended
-it; one cut at max_tokens is scored without one.
+it, or the stop string that did; one cut at max_tokens is scored without one.
 
 The reference is the base model with the adapters switched off; its log-probabilities are
 computed once per pair and cached under ``$ITERA_HOME/cache/dpo-ref/`` keyed by the model's and
@@ -467,6 +467,14 @@ class PairData:
         return self.train_singles.n if self.train_singles is not None else 0
 
 
+def response_ends(data: PairData) -> dict[str, int]:
+    """How the responses used (both sides of every pair, every single; training and held out) end:
+    on an end-of-turn token, on a stop string (scored with it), or cut (nothing scored after)."""
+    ends = [e for p in data.pairs for e in (p.chosen_end, p.rejected_end)] + [x.end for x in data.singles]
+    return {"end_token": sum(isinstance(e, int) for e in ends), "stop_string": sum(isinstance(e, str) for e in ends),
+            "cut": sum(e is None for e in ends)}
+
+
 def gather_examples(opts: DPOOptions, events: list[dict] | None = None) -> tuple[list[Pair], list[Single], dict, float | None]:
     """(pairs, singles, dropped, rating threshold) from --pairs, a feedback file or the store's ``events``."""
     from itera.preference import _lines, as_singles, default_threshold, examples_from_events, read_examples
@@ -761,6 +769,7 @@ def run_dpo(opts: DPOOptions, reporter: Reporter = SILENT, dist: Dist | None = N
         "heldout_singles_before": before_s,
         "losses": losses, "rating_threshold": data.rating_threshold, "feedback_provenance": data.feedback,
         "pairs_dropped": sum(data.dropped.values()), "dropped_reasons": data.dropped,
+        "response_ends": response_ends(data),
         "heldout_note": data.heldout_note,
         "reference_cache_hit": bool(refs.hit),
         "train_seconds": stats["train_seconds"], "first_loss": stats["first_loss"], "final_loss": stats["final_loss"],

@@ -129,15 +129,17 @@ class StopStrings:
         self.stops = [s for s in stops if s]
         self.held = ""
         self.hit = False
+        self.matched: str | None = None  # the stop string that ended the text (the earliest in it)
 
     def feed(self, text: str) -> str:
         if self.hit:
             return ""
         buf = self.held + text
-        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        found = [(i, -len(s), s) for s in self.stops for i in (buf.find(s),) if i >= 0]
         if found:
+            at, _, self.matched = min(found)  # the earliest; of two there, the longer
             self.hit, self.held = True, ""
-            return buf[:min(found)]
+            return buf[:at]
         keep = 0
         for s in self.stops:
             for n in range(min(len(s) - 1, len(buf)), keep, -1):
@@ -172,6 +174,7 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     end_token: int | None = None  # the end-of-sequence id that ended it (None: cut, a stop string, cancelled)
+    end_text: str | None = None  # the stop string that ended it (None: cut, an end-of-sequence id, cancelled)
     first_token_s: float | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -208,7 +211,7 @@ class Generation:
         tail = stops.feed(detok.flush())
         tail += stops.flush()
         if stops.hit:
-            reason = "stop"
+            reason, self.end_text = "stop", stops.matched
         self.finish_reason = reason
         if tail:
             self.text += tail

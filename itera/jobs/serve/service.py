@@ -189,7 +189,7 @@ class Server:
                     "sha256": m.source.sha256, "prompt": p.prompt, "response": gen.text,
                     "finish_reason": gen.finish_reason, "prompt_tokens": len(p.ids),
                     "completion_tokens": len(gen.tokens), "request": job.request, "end_token": gen.end_token,
-                    "tokenizer": m.tokenizer_fingerprint})
+                    "end_text": gen.end_text, "tokenizer": m.tokenizer_fingerprint})
             except StoreUnavailable as e:  # feedback could never name this response: the client retries
                 raise ApiError(503, str(e), None, "store_unavailable", {"Retry-After": "1"}) from None
             self.responses_stored += 1
