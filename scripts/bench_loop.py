@@ -537,7 +537,14 @@ def run_arm(loss: str, a, user: User, base: Path, v1: dict, train_prompts: list[
             # --dpo-scale epochs: the steps grow with the rounds of events trained on, so each event
             # is seen as often in round 3 (every event so far, with --train-on all) as in round 1
             steps = a.dpo_steps * (rnd if a.dpo_scale == "epochs" and a.train_on == "all" else 1)
-            cmd = ["dpo-train", "--model", start, "--feedback-db", fb, *narrow,
+            train_fb = fb
+            if a.ablate_end_scoring:  # dpo-train reads a copy where no stop string is known: nothing scored after
+                train_fb = out / "feedback-no-ends.db"
+                out.mkdir()
+                copy_sqlite(fb, train_fb)
+                with sqlite3.connect(train_fb) as db:
+                    db.execute("UPDATE responses SET end_text = NULL, request = '{}' WHERE end_text IS NOT NULL")
+            cmd = ["dpo-train", "--model", start, "--feedback-db", train_fb, *narrow,
                    "--loss", loss, "--merge", "--out", out / "dpo", "--holdout", a.holdout, "--steps", steps,
                    "--batch-size", a.batch_size, "--lr", a.lr, "--beta", a.beta, "--lora-rank", a.lora_rank,
                    "--desirable-weight", f"{w_d:.4f}", "--undesirable-weight", a.undesirable_weight,
@@ -547,7 +554,7 @@ def run_arm(loss: str, a, user: User, base: Path, v1: dict, train_prompts: list[
             log(f"[{loss}] round {rnd}: dpo-train on v{active}'s feedback ({steps} steps, desirable weight "
                 f"{w_d:.2f})")
             t1 = time.perf_counter()
-            out.mkdir()
+            out.mkdir(exist_ok=True)
             try:
                 _, dpo, _ = itera(cmd, logdir=logdir)
             except CommandFailed as e:
@@ -728,6 +735,10 @@ def main() -> None:
     ap.add_argument("--stop", action="append", default=None,
                     help="a stop string every request asks for (repeatable; default: none, or a blank line with "
                          "--preference ends)")
+    ap.add_argument("--ablate-end-scoring", action="store_true",
+                    help="train on a copy of the feedback where no response's stop string is known, so none is "
+                         "scored after its response (the behaviour before stop strings were kept); the gate still "
+                         "reads the arm's store")
     ap.add_argument("--threshold", type=float, default=None, help="thumbs-up score (vocab 0.75, keywords 1)")
     ap.add_argument("--prompt-words", type=int, default=3)
     ap.add_argument("--heldout", type=int, default=200, help="held-out prompts judged")
