@@ -291,9 +291,9 @@ class FeedbackStore:
         """Every feedback event, oldest first, as ``pairs_from_events`` takes them: ``prompt`` is
         the text the model was given (a chat's rendered template, marked ``"chat": true``) and
         responses are texts, each with its ``finish_reason``, ``end_token`` and ``end_text`` (the
-        stop string that ended it; ``a_``/``b_`` for an A/B vote's two). Provenance rides along: ``created_at``, and the response's (the A
-        side's) ``version``, ``sha256``, ``model`` and ``tokenizer`` fingerprint (None before it
-        was stored), and ``b_tokenizer`` for an A/B vote."""
+        stop string that ended it; ``a_``/``b_`` for an A/B vote's two). Provenance rides along:
+        ``created_at``, and the response's (the A side's) ``version``, ``sha256``, ``model`` and
+        ``tokenizer`` fingerprint (None before it was stored), and ``b_tokenizer`` for an A/B vote."""
         rows = self._read(
             "SELECT f.type, f.vote, f.rating, f.winner, f.corrected, f.created_at, a.prompt, a.endpoint, "
             "a.response AS a_text, a.finish_reason AS a_finish, a.end_token AS a_end, a.end_text AS a_end_text, "

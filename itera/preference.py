@@ -149,17 +149,18 @@ def _end_field(obj: dict, key: str, where: str) -> int | str | None:
 
 def _end(ev: dict, prefix: str = "") -> int | str | None:
     """The end marker of an event's response (``prefix`` ``a_``/``b_`` for an A/B vote's two):
-    ``finish_reason`` "stop" ends it with ``end_token`` (an id, or -1 / absent: the tokenizer's EOS;
-    present and null: a stop string ended it: ``end_text``, that string, or no end when it is not
-    known); anything else was cut."""
+    ``finish_reason`` "stop" ends it with ``end_token`` when that is an id; else with ``end_text``,
+    the stop string that ended it, when there is one; else with nothing when ``end_token`` is
+    present and null (a stop string ended it, not known which), or with the tokenizer's EOS
+    (``end_token`` -1 or absent). Anything else was cut."""
     if ev.get(f"{prefix}finish_reason") != "stop":
         return None
-    key = f"{prefix}end_token"
-    if key in ev and ev[key] is None:
-        text = ev.get(f"{prefix}end_text")
-        return text if isinstance(text, str) and text else None
-    tok = ev.get(key)
-    return tok if isinstance(tok, int) and not isinstance(tok, bool) and tok >= 0 else EOS
+    key, tok, text = f"{prefix}end_token", ev.get(f"{prefix}end_token"), ev.get(f"{prefix}end_text")
+    if isinstance(tok, int) and not isinstance(tok, bool) and tok >= 0:
+        return tok
+    if isinstance(text, str) and text:
+        return text
+    return None if key in ev and tok is None else EOS
 
 
 def read_examples(path: Path) -> tuple[list[Pair], list[Single]]:

@@ -154,6 +154,14 @@ def test_an_older_store_migrates_and_its_ended_responses_keep_their_end(tmp_path
     assert [(x.response, x.end) for x in singles] == [("r1", EOS), ("r2", None), ("r3", None), ("r4", 2),
                                                       ("r5", None), ("r6", "\n\n"), ("r7", "END")]
     assert [e["tokenizer"] for e in events] == [None, None, None, "abc", "abc", "abc", "abc"]
+    # a --feedback file's event may name its stop string with or without "end_token": null
+    _, s2, _ = examples_from_events([{"type": "thumbs", "prompt": "Q", "response": " a", "vote": "up",
+                                      "finish_reason": "stop", "end_text": "\n\n"},
+                                     {"type": "thumbs", "prompt": "Q2", "response": " b", "vote": "down",
+                                      "finish_reason": "stop", "end_token": None, "end_text": "END"},
+                                     {"type": "thumbs", "prompt": "Q3", "response": " c", "vote": "down",
+                                      "finish_reason": "stop"}], "kto")
+    assert [x.end for x in s2] == ["\n\n", "END", EOS]
     # the file is a valid SQLite store after the migration
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
