@@ -303,20 +303,17 @@ class FeedbackStore:
             "LEFT JOIN responses b ON b.id = f.other_id ORDER BY f.id")
         out = []
         for r in rows:
-            a_end = _end_token(r["a_finish"], r["a_end"], r["tokenizer"], r["a_request"])
-            a_text = _end_text(r["a_finish"], r["a_end"], r["a_end_text"], r["tokenizer"], r["a_request"])
+            a_end, a_text = _ends(r["a_finish"], r["a_end"], r["a_end_text"], r["tokenizer"], r["a_request"])
             own = {"finish_reason": r["a_finish"], "end_token": a_end, "end_text": a_text}
             if r["type"] == "thumbs":
                 ev = {"type": "thumbs", "prompt": r["prompt"], "response": r["a_text"], "vote": r["vote"], **own}
             elif r["type"] == "rating":
                 ev = {"type": "rating", "prompt": r["prompt"], "response": r["a_text"], "rating": r["rating"], **own}
             elif r["type"] == "ab":
+                b_end, b_text = _ends(r["b_finish"], r["b_end"], r["b_end_text"], r["b_tokenizer"], r["b_request"])
                 ev = {"type": "ab", "prompt": r["prompt"], "a": r["a_text"], "b": r["b_text"], "winner": r["winner"],
-                      "a_finish_reason": r["a_finish"], "a_end_token": a_end, "b_finish_reason": r["b_finish"],
-                      "b_end_token": _end_token(r["b_finish"], r["b_end"], r["b_tokenizer"], r["b_request"]),
-                      "a_end_text": a_text,
-                      "b_end_text": _end_text(r["b_finish"], r["b_end"], r["b_end_text"], r["b_tokenizer"],
-                                              r["b_request"]),
+                      "a_finish_reason": r["a_finish"], "a_end_token": a_end, "a_end_text": a_text,
+                      "b_finish_reason": r["b_finish"], "b_end_token": b_end, "b_end_text": b_text,
                       "b_tokenizer": r["b_tokenizer"]}
             else:
                 ev = {"type": "correction", "prompt": r["prompt"], "response": r["a_text"], "corrected": r["corrected"],
@@ -340,37 +337,27 @@ class FeedbackStore:
         return self._read("PRAGMA integrity_check")[0][0] == "ok"
 
 
-def _end_token(finish: str | None, end: int | None, tokenizer: str | None, request: str | None) -> int | None:
-    """The token that ended a stored response: its id; -1 (the tokenizer's EOS) for a response
-    stored before ids were (an older store) that stopped with no stop strings asked for; None when
-    it was cut (length), ended by a stop string, or cannot be told."""
+def _ends(finish: str | None, end: int | None, text: str | None, tokenizer: str | None,
+          request: str | None) -> tuple[int | None, str | None]:
+    """(end_token, end_text) of a stored response: the id that ended it, or -1 (the tokenizer's EOS)
+    for a response of an older store (no fingerprint) that stopped with no stop strings asked for;
+    the stop string that ended it, as stored, or for one stored with a fingerprint before stop
+    strings were (no end id, so a stop string ended it) the request's when it asked for only one.
+    None for what was cut (length) or cannot be told."""
     if finish != "stop":
-        return None
+        return None, None
     if end is not None:
-        return int(end)
-    if tokenizer is not None:  # stored with provenance and no end id: a stop string ended it
-        return None
+        return int(end), None
+    if text is not None and tokenizer is not None:
+        return None, text
     try:
         asked = json.loads(request or "{}").get("stop")
     except (ValueError, AttributeError):
-        return None
-    return None if asked else -1
-
-
-def _end_text(finish: str | None, end: int | None, text: str | None, tokenizer: str | None,
-              request: str | None) -> str | None:
-    """The stop string that ended a stored response: as stored; for one stored with provenance before
-    stop strings were (it has a tokenizer and no end id, so a stop string ended it), the request's
-    stop string when it asked for only one; None when it was cut, ended on an id, or cannot be told."""
-    if finish != "stop" or end is not None:
-        return None
-    if text is not None or tokenizer is None:
-        return text
-    try:
-        asked = json.loads(request or "{}").get("stop")
-    except (ValueError, AttributeError):
-        return None
-    return asked[0] if isinstance(asked, list) and len(asked) == 1 and isinstance(asked[0], str) and asked[0] else None
+        return None, text
+    if tokenizer is None:  # an older store's row: EOS ended it unless stop strings were asked for
+        return (None if asked else -1), text
+    one = isinstance(asked, list) and len(asked) == 1 and isinstance(asked[0], str) and asked[0]
+    return None, (asked[0] if one else None)
 
 
 class _Placeholders:
